@@ -1,0 +1,286 @@
+"""The appliance's one settings model.
+
+Loaded from a TOML file (``appliance run --config FILE`` or env ``APPLIANCE_CONFIG``) with
+environment overrides such as ``APPLIANCE_CAMERA__SOURCE=/dev/video0``. Every field documents
+itself: ``appliance config show`` prints the effective values (secrets masked) and
+``appliance config describe`` prints this reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from cloud_sync.settings import TomlSettings, load_settings
+from models import DEFAULT_MODEL_DIR
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceConfig(Section):
+    device_id: str = Field(
+        default="dev-appliance",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        title="Device id",
+        description="Unique id of this appliance, as registered at the aggregator.",
+    )
+    room_id: str = Field(
+        default="LAB-301",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        title="Room id",
+        description="Room this appliance is mounted in; selects the roster.",
+    )
+    site: str = Field(
+        default="main",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        title="Site",
+        description="School or campus id, used in MQTT topic names.",
+    )
+    timezone: str = Field(
+        default="UTC",
+        title="Time zone",
+        description="IANA time zone of the room's schedule (e.g. Europe/Berlin).",
+    )
+
+
+class PathsConfig(Section):
+    data_dir: Path = Field(
+        default=Path("data/appliance"),
+        title="Data directory",
+        description="Where the SQLite outbox and roster cache live (/var/lib/... on a device).",
+    )
+    model_dir: Path = Field(
+        default=DEFAULT_MODEL_DIR,
+        title="Model directory",
+        description="Where `appliance models fetch` puts the verified model files.",
+    )
+
+
+class CameraConfig(Section):
+    source: str = Field(
+        default="0",
+        min_length=1,
+        title="Camera source",
+        description="'picamera2', a USB index ('0'), a device ('/dev/video0'), an RTSP/HTTP "
+        "URL, or a video file path.",
+    )
+    width: int = Field(
+        default=1280, ge=160, le=4096, title="Width", description="Requested frame width in pixels."
+    )
+    height: int = Field(
+        default=720,
+        ge=120,
+        le=3072,
+        title="Height",
+        description="Requested frame height in pixels.",
+    )
+    fps: float = Field(
+        default=15.0, gt=0, le=120, title="Frame rate", description="Requested capture frame rate."
+    )
+    loop_file: bool = Field(
+        default=False,
+        title="Loop video files",
+        description="Restart a video-file source at its end instead of stopping (demos).",
+    )
+    reopen_backoff_max_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=600,
+        title="Reopen backoff ceiling",
+        description="Longest wait between attempts to reopen a failed camera, in seconds.",
+    )
+
+
+class DetectorConfig(Section):
+    model: Literal["full_range", "short_range"] = Field(
+        default="full_range",
+        title="BlazeFace model",
+        description="full_range for a classroom door view (faces up to ~5 m); "
+        "short_range for faces within ~2 m.",
+    )
+    score_threshold: float = Field(
+        default=0.6,
+        ge=0.05,
+        le=0.99,
+        title="Detection score threshold",
+        description="Minimum detector confidence for a face.",
+    )
+    nms_iou: float = Field(
+        default=0.3,
+        ge=0.05,
+        le=0.95,
+        title="NMS IoU",
+        description="Overlap above which detections are merged (weighted NMS).",
+    )
+    min_face_px: int = Field(
+        default=40,
+        ge=8,
+        le=1000,
+        title="Minimum face size",
+        description="Faces narrower than this many pixels are ignored (too small to recognise).",
+    )
+    tiles: int = Field(
+        default=1,
+        ge=1,
+        le=4,
+        title="Tiles per row",
+        description="Split wide frames into this many overlapping tiles per row (1 = no tiling), "
+        "for small faces in a wide classroom view.",
+    )
+    threads: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        title="Interpreter threads",
+        description="TFLite interpreter threads.",
+    )
+
+
+class RecognitionConfig(Section):
+    threshold: float = Field(
+        default=0.45,
+        ge=0.2,
+        le=0.8,
+        title="Match distance threshold",
+        description="Largest embedding distance accepted as a match (lower is stricter).",
+    )
+    margin: float = Field(
+        default=0.06,
+        ge=0.0,
+        le=0.5,
+        title="Best/second-best margin",
+        description="The best student must be at least this much closer than the next one.",
+    )
+    max_embeddings_per_track: int = Field(
+        default=6,
+        ge=1,
+        le=50,
+        title="Embeddings per track",
+        description="At most this many descriptors are computed for one track before it "
+        "is decided.",
+    )
+
+
+class DecisionConfig(Section):
+    votes_required: int = Field(
+        default=2,
+        ge=1,
+        le=20,
+        title="Agreeing samples",
+        description="A track is marked present after this many agreeing "
+        "(quality-weighted) samples.",
+    )
+    max_samples: int = Field(
+        default=6,
+        ge=1,
+        le=50,
+        title="Samples before unknown",
+        description="A track without enough agreement after this many samples is 'unknown'.",
+    )
+    debounce_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        title="Debounce window",
+        description="One attendance record per student per window of this many seconds.",
+    )
+
+
+class SyncConfig(Section):
+    aggregator_url: str | None = Field(
+        default=None,
+        title="Aggregator URL",
+        description="Base URL of the aggregator (e.g. http://10.0.0.5:8000); unset = offline only.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        title="Device API key",
+        description="This device's key, printed once by `aggregator devices add`.",
+    )
+    mqtt_url: str | None = Field(
+        default=None,
+        title="MQTT broker URL",
+        description="mqtt://user:pass@host:1883; when set, records and heartbeats go over MQTT.",
+    )
+    batch_size: int = Field(
+        default=200, ge=1, le=1000, title="Batch size", description="Records per upload batch."
+    )
+    roster_refresh_s: float = Field(
+        default=300,
+        ge=10,
+        le=86400,
+        title="Roster refresh period",
+        description="Seconds between roster/schedule pulls.",
+    )
+    heartbeat_s: float = Field(
+        default=60,
+        ge=5,
+        le=3600,
+        title="Heartbeat period",
+        description="Seconds between heartbeats.",
+    )
+
+
+class WebConfig(Section):
+    enabled: bool = Field(default=True, title="Status page", description="Serve the status page.")
+    host: str = Field(
+        default="127.0.0.1",
+        title="Bind address",
+        description="Address of the status page (0.0.0.0 on a device).",
+    )
+    port: int = Field(
+        default=8080, ge=1, le=65535, title="Port", description="Port of the status page."
+    )
+    password_hash: SecretStr | None = Field(
+        default=None,
+        title="Status page password hash",
+        description="Hash set by `appliance web set-password`; no password = page locked.",
+    )
+
+
+class ApplianceSettings(TomlSettings):
+    """Settings of one appliance."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    device: DeviceConfig = Field(
+        default_factory=DeviceConfig, description="Identity of this device."
+    )
+    paths: PathsConfig = Field(default_factory=PathsConfig, description="Data and model locations.")
+    camera: CameraConfig = Field(default_factory=CameraConfig, description="Frame source.")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig, description="Face detection.")
+    recognition: RecognitionConfig = Field(
+        default_factory=RecognitionConfig, description="Roster matching."
+    )
+    decision: DecisionConfig = Field(
+        default_factory=DecisionConfig, description="Voting and debounce."
+    )
+    sync: SyncConfig = Field(default_factory=SyncConfig, description="Link to the aggregator.")
+    web: WebConfig = Field(default_factory=WebConfig, description="Local status page.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO",
+        title="Log level",
+        description="Logs go to stdout (journald on a device).",
+    )
+
+
+def load(path: Path | str | None = None, **overrides: object) -> ApplianceSettings:
+    """Load the appliance settings; see :func:`cloud_sync.settings.load_settings`."""
+    return load_settings(ApplianceSettings, path, env_var="APPLIANCE_CONFIG", **overrides)

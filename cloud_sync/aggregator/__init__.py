@@ -1,0 +1,1 @@
+"""The central aggregator: rosters and schedules down, attendance and heartbeats up."""

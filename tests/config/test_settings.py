@@ -1,0 +1,82 @@
+"""Typed configuration: TOML + environment, clear errors, secrets masked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance import config as appliance_config
+from cloud_sync.aggregator import config as aggregator_config
+from cloud_sync.settings import ConfigError, describe_fields, dump_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_example_configs_load() -> None:
+    a = appliance_config.load(REPO / "config" / "appliance.example.toml")
+    assert a.device.room_id
+    g = aggregator_config.load(REPO / "config" / "aggregator.example.toml")
+    assert g.port > 0
+
+
+def test_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('[camera]\nsource = "video.mp4"\nfps = 10\n')
+    monkeypatch.setenv("APPLIANCE_CAMERA__FPS", "12.5")
+    settings = appliance_config.load(path)
+    assert settings.camera.source == "video.mp4"
+    assert settings.camera.fps == 12.5
+
+
+def test_bad_value_names_field_and_bound(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text("[decision]\ndebounce_s = -5\n")
+    with pytest.raises(ConfigError) as err:
+        appliance_config.load(path)
+    assert "decision.debounce_s" in str(err.value)
+    assert "greater than or equal to 0" in str(err.value)
+
+
+def test_unknown_field_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text("[camera]\nsorce = '0'\n")
+    with pytest.raises(ConfigError, match=r"camera.sorce"):
+        appliance_config.load(path)
+
+
+def test_missing_file_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        appliance_config.load(tmp_path / "nope.toml")
+
+
+def test_secrets_masked() -> None:
+    settings = appliance_config.load(None, sync={"api_key": "super-secret-key"})
+    assert "super-secret-key" not in dump_settings(settings)
+    agg = aggregator_config.load(None, database_url="postgresql+psycopg://u:pw123@h/db")
+    assert "pw123" not in dump_settings(agg)
+
+
+def test_every_field_is_described() -> None:
+    for cls in (appliance_config.ApplianceSettings, aggregator_config.AggregatorSettings):
+        for name, _kind, _default, text in describe_fields(cls):
+            assert text, f"{cls.__name__}.{name} has no description"
+
+
+def test_cli_config_show_and_bad_value_exit_code(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent
+    shown = subprocess.run([exe / "appliance", "config", "show"], capture_output=True, text=True,
+                           check=True)
+    assert json.loads(shown.stdout)["device"]["room_id"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[web]\nport = 70000\n")
+    result = subprocess.run([exe / "appliance", "config", "show", "--config", bad],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "web.port" in result.stderr
+    agg = subprocess.run([exe / "aggregator", "config", "show"], capture_output=True, text=True,
+                         check=True)
+    assert json.loads(agg.stdout)["database_url"] == "**********"
