@@ -19,9 +19,12 @@ SUITES = ("pipeline", "recognition", "aggregator")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], default=[])
+    parser.add_argument("suites", nargs="*", default=[], help=f"any of {', '.join(SUITES)}")
     parser.add_argument("--out", type=Path, default=Path("bench-output/bench.json"))
     args = parser.parse_args(argv)
+    unknown = set(args.suites) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}")
     results: dict[str, object] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for name in args.suites or SUITES:
         module = importlib.import_module(f"bench.{name}")
