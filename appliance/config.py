@@ -249,6 +249,114 @@ class WebConfig(Section):
         title="Status page password hash",
         description="Hash set by `appliance web set-password`; no password = page locked.",
     )
+    session_ttl_s: int = Field(
+        default=43200,
+        ge=300,
+        le=2592000,
+        title="Login session lifetime",
+        description="Seconds a status page login stays valid (signed session cookie).",
+    )
+    cookie_secure: bool = Field(
+        default=False,
+        title="Secure cookie",
+        description="Mark the session cookie Secure; set when the page is served over HTTPS "
+        "(e.g. behind a TLS reverse proxy).",
+    )
+    login_max_failures: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        title="Login failures per minute",
+        description="Failed logins allowed per client address per minute; more get HTTP 429.",
+    )
+    metrics_public: bool = Field(
+        default=True,
+        title="Open /metrics",
+        description="Serve /metrics without a login (counts only, no personal data); "
+        "false = a login or the device API key as a Bearer token is required.",
+    )
+    refresh_s: float = Field(
+        default=1.0,
+        ge=0.2,
+        le=60,
+        title="Live update period",
+        description="Seconds between status updates pushed to an open status page (SSE).",
+    )
+
+
+class AlertsConfig(Section):
+    enabled: bool = Field(
+        default=True,
+        title="Alerts",
+        description="Watch camera, temperature, disk and outbox; send alerts as events.",
+    )
+    period_s: float = Field(
+        default=10.0,
+        ge=0.05,
+        le=3600,
+        title="Check period",
+        description="Seconds between alert checks.",
+    )
+    camera_offline_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        title="Camera offline after",
+        description="Seconds the camera may be not ok before a camera_offline alert.",
+    )
+    cpu_temp_max_c: float = Field(
+        default=70.0,
+        ge=30,
+        le=110,
+        title="CPU temperature alert",
+        description="CPU temperature (deg C) above which a cpu_temperature_high alert is sent; "
+        "health is degraded above it.",
+    )
+    cpu_temp_critical_c: float = Field(
+        default=80.0,
+        ge=30,
+        le=120,
+        title="CPU temperature critical",
+        description="CPU temperature (deg C) at which health is unhealthy (a Pi throttles "
+        "at 80-85).",
+    )
+    cpu_temp_clear_c: float = Field(
+        default=5.0,
+        ge=0,
+        le=30,
+        title="Temperature hysteresis",
+        description="The temperature alert re-arms once it is this many degrees below the limit.",
+    )
+    disk_max_percent: float = Field(
+        default=90.0,
+        ge=10,
+        le=100,
+        title="Disk usage alert",
+        description="Usage (%) of the data directory's file system above which a "
+        "disk_almost_full alert is sent; health is degraded above it.",
+    )
+    disk_critical_percent: float = Field(
+        default=98.0,
+        ge=10,
+        le=100,
+        title="Disk usage critical",
+        description="Usage (%) at which disk health is unhealthy.",
+    )
+    disk_clear_percent: float = Field(
+        default=2.0,
+        ge=0,
+        le=50,
+        title="Disk hysteresis",
+        description="The disk alert re-arms once usage is this many points below the limit.",
+    )
+    outbox_max_age_s: float = Field(
+        default=600.0,
+        ge=10,
+        le=604800,
+        title="Outbox age alert",
+        description="Seconds the oldest unsent record or event may wait before an "
+        "outbox_stale alert.",
+    )
 
 
 class ApplianceSettings(TomlSettings):
@@ -274,6 +382,9 @@ class ApplianceSettings(TomlSettings):
     )
     sync: SyncConfig = Field(default_factory=SyncConfig, description="Link to the aggregator.")
     web: WebConfig = Field(default_factory=WebConfig, description="Local status page.")
+    alerts: AlertsConfig = Field(
+        default_factory=AlertsConfig, description="Device alerts sent as events."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",
         title="Log level",
