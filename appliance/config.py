@@ -232,6 +232,50 @@ class SyncConfig(Section):
         title="Heartbeat period",
         description="Seconds between heartbeats.",
     )
+    backoff_initial_s: float = Field(
+        default=1.0,
+        ge=0.05,
+        le=60,
+        title="Retry backoff start",
+        description="First wait after a failed upload; doubles per failure (full jitter).",
+    )
+    backoff_max_s: float = Field(
+        default=300,
+        ge=1,
+        le=3600,
+        title="Retry backoff ceiling",
+        description="Longest wait between upload attempts, in seconds.",
+    )
+    request_timeout_s: float = Field(
+        default=15,
+        ge=1,
+        le=300,
+        title="HTTP timeout",
+        description="Timeout of one HTTP request to the aggregator, in seconds.",
+    )
+    ack_timeout_s: float = Field(
+        default=20,
+        ge=1,
+        le=600,
+        title="MQTT ack timeout",
+        description="How long to wait for the aggregator's application-level ack of a batch "
+        "sent over MQTT before sending it again (it is counted once either way).",
+    )
+    idle_poll_s: float = Field(
+        default=1.0,
+        ge=0.1,
+        le=60,
+        title="Outbox poll period",
+        description="Seconds between outbox checks when everything has been sent.",
+    )
+    early_arrival_s: float = Field(
+        default=600,
+        ge=0,
+        le=3600,
+        title="Early arrival window",
+        description="A class's roster becomes current this many seconds before it starts "
+        "(unless the previous class is still running).",
+    )
 
 
 class WebConfig(Section):

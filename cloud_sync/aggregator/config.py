@@ -46,6 +46,29 @@ class AggregatorSettings(TomlSettings):
         title="MQTT broker URL",
         description="mqtt://user:pass@host:1883 to run the MQTT bridge; unset = HTTP only.",
     )
+    mqtt_client_id: str = Field(
+        default="aggregator-bridge",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        title="MQTT bridge client id",
+        description="Fixed client id of the MQTT bridge; with a persistent session the broker "
+        "keeps QoS 1 messages for it while it is down.",
+    )
+    ha_discovery: bool = Field(
+        default=True,
+        title="Home Assistant discovery",
+        description="Publish Home Assistant MQTT discovery configs and state per room "
+        "(only when mqtt_url is set).",
+    )
+    ha_discovery_prefix: str = Field(
+        default="homeassistant",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_/-]+$",
+        title="Home Assistant discovery prefix",
+        description="Topic prefix Home Assistant listens on for discovery.",
+    )
     rate_limit_per_min: int = Field(
         default=100,
         ge=1,
