@@ -1,0 +1,1 @@
+"""Vision stack: BlazeFace detection, dlib alignment + 128-d embedding, face quality, enrollment."""
