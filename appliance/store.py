@@ -1,0 +1,309 @@
+"""The appliance's local SQLite store: the outbox of attendance records and events, the
+schedule/roster cache and a small key/value state table.
+
+One file (``data_dir/appliance.db``), WAL journal with ``synchronous=FULL`` so that a record is on
+disk once :meth:`Store.add_record` returns (a SIGKILL or power cut right after loses nothing).
+One connection shared by every thread, serialised by a lock: the write rate is a few rows a
+minute, so a lock is simpler and cheaper than a connection per thread.
+
+Also here: the device-clock helpers every record carries (:func:`clock_synced`,
+:func:`boot_id`), so the aggregator can correct records from a device whose clock was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from cloud_sync.protocol import AttendanceRecord, Event, ScheduleResponse
+
+_LOGGER = logging.getLogger(__name__)
+
+DB_FILENAME = "appliance.db"
+_BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+_SYSTEMD_BOOTED = Path("/run/systemd/system")
+_TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
+_CLOCK_CACHE_S = 30.0
+_clock_cache: tuple[float, bool] | None = None
+_clock_lock = threading.Lock()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime) -> str:
+    """UTC ISO 8601 with microseconds: sorts correctly as text."""
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def boot_id() -> str | None:
+    """The kernel's id of the current boot (Linux), or None where there is none."""
+    try:
+        return _BOOT_ID_PATH.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _query_clock_synced() -> bool:
+    if not _SYSTEMD_BOOTED.is_dir():
+        # Not a systemd machine (a container or a developer's box): nothing can tell us,
+        # and such a machine's clock is normally synchronised by its host.
+        return True
+    if shutil.which("timedatectl"):
+        try:
+            out = subprocess.run(
+                ["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
+                capture_output=True, text=True, timeout=2, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.strip() in {"yes", "no"}:
+            return out.stdout.strip() == "yes"
+    # On a device (systemd) an unknown answer means "not synchronised".
+    return _TIMESYNC_FLAG.exists()
+
+
+def clock_synced() -> bool:
+    """Whether the wall clock is NTP-synchronised.
+
+    On a systemd machine (a device): ``timedatectl show -p NTPSynchronized --value``, else the
+    flag file systemd-timesyncd writes (``/run/systemd/timesync/synchronized``); unknown counts
+    as not synchronised. On a machine not booted with systemd (development, containers) the
+    clock is assumed synchronised. The answer is cached for 30 s.
+    """
+    global _clock_cache
+    with _clock_lock:
+        now = time.monotonic()
+        if _clock_cache is not None and now - _clock_cache[0] < _CLOCK_CACHE_S:
+            return _clock_cache[1]
+        value = _query_clock_synced()
+        _clock_cache = (now, value)
+        return value
+
+
+class Store:
+    """Outbox, caches and state of one appliance, in one SQLite file. Thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        if path.suffix != ".db" and (path.is_dir() or not path.suffix):
+            path = path / DB_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        # autocommit mode: every statement outside an explicit `with conn:` commits at once.
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                               timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        self._conn = conn
+        self._db = sqlite_utils.Database(conn)
+        self._create_schema()
+
+    # -- schema -------------------------------------------------------------------------------
+    def _create_schema(self) -> None:
+        db = self._db
+        with self._lock:
+            db["records"].create(
+                {
+                    "key": str, "student_id": str, "course_id": str, "room_id": str,
+                    "device_id": str, "seen_at": str, "payload": str, "created_at": str,
+                    "sent_at": str, "parked_reason": str,
+                },
+                pk="key", not_null={"student_id", "seen_at", "payload", "created_at"},
+                if_not_exists=True,
+            )
+            db["events"].create(
+                {
+                    "key": str, "kind": str, "at": str, "payload": str, "created_at": str,
+                    "sent_at": str, "parked_reason": str,
+                },
+                pk="key", not_null={"kind", "at", "payload", "created_at"}, if_not_exists=True,
+            )
+            db["schedules"].create(
+                {"day": str, "payload": str, "etag": str, "saved_at": str},
+                pk="day", if_not_exists=True,
+            )
+            db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db["records"].create_index(["sent_at", "parked_reason", "created_at"],
+                                       if_not_exists=True)
+            db["records"].create_index(["seen_at"], if_not_exists=True)
+            db["events"].create_index(["sent_at", "parked_reason", "created_at"],
+                                      if_not_exists=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- outbox ---------------------------------------------------------------------------------
+    def add_record(self, record: AttendanceRecord) -> None:
+        """Append a record to the outbox; durable once this returns. Same key twice: ignored."""
+        row = {
+            "key": str(record.key), "student_id": record.student_id,
+            "course_id": record.course_id, "room_id": record.room_id,
+            "device_id": record.device_id, "seen_at": _iso(record.seen_at),
+            "payload": record.model_dump_json(), "created_at": _iso(_utcnow()),
+            "sent_at": None, "parked_reason": None,
+        }
+        with self._lock:
+            self._db["records"].insert(row, ignore=True)
+
+    def add_event(self, event: Event) -> None:
+        """Append an event to the outbox; durable once this returns. Same key twice: ignored."""
+        row = {
+            "key": str(event.key), "kind": event.kind, "at": _iso(event.at),
+            "payload": event.model_dump_json(), "created_at": _iso(_utcnow()),
+            "sent_at": None, "parked_reason": None,
+        }
+        with self._lock:
+            self._db["events"].insert(row, ignore=True)
+
+    def _unsent(self, table: str, limit: int) -> list[str]:
+        sql = (f"SELECT payload FROM {table} WHERE sent_at IS NULL AND parked_reason IS NULL "  # noqa: S608
+               "ORDER BY created_at, rowid LIMIT ?")
+        with self._lock:
+            return [row[0] for row in self._conn.execute(sql, (max(0, limit),))]
+
+    def unsent_records(self, limit: int) -> list[AttendanceRecord]:
+        """Records not yet acknowledged and not parked, oldest first."""
+        return [AttendanceRecord.model_validate_json(p) for p in self._unsent("records", limit)]
+
+    def unsent_events(self, limit: int) -> list[Event]:
+        """Events not yet acknowledged and not parked, oldest first."""
+        return [Event.model_validate_json(p) for p in self._unsent("events", limit)]
+
+    def mark_sent(self, keys: Iterable[uuid.UUID | str]) -> int:
+        """Mark records or events as acknowledged; returns how many rows changed."""
+        wanted = [(str(k),) for k in keys]
+        if not wanted:
+            return 0
+        now = _iso(_utcnow())
+        changed = 0
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for table in ("records", "events"):
+                cur = self._conn.executemany(
+                    f"UPDATE {table} SET sent_at = '{now}' WHERE key = ? AND sent_at IS NULL",  # noqa: S608
+                    wanted,
+                )
+                changed += max(cur.rowcount, 0)
+        return changed
+
+    def park(self, key: uuid.UUID | str, reason: str) -> None:
+        """Keep a poison record or event but never send it again."""
+        reason = reason or "parked"
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for table in ("records", "events"):
+                self._conn.execute(
+                    f"UPDATE {table} SET parked_reason = ? WHERE key = ?",  # noqa: S608
+                    (reason[:500], str(key)),
+                )
+        _LOGGER.warning("parked %s: %s", key, reason)
+
+    def parked(self) -> list[tuple[str, str]]:
+        """(key, reason) of every parked record and event."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key, parked_reason FROM records WHERE parked_reason IS NOT NULL "
+                "UNION ALL SELECT key, parked_reason FROM events WHERE parked_reason IS NOT NULL"
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def outbox_depth(self) -> int:
+        """Records and events not yet acknowledged, parked ones excluded."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT (SELECT count(*) FROM records WHERE sent_at IS NULL AND parked_reason "
+                "IS NULL) + (SELECT count(*) FROM events WHERE sent_at IS NULL AND "
+                "parked_reason IS NULL)"
+            ).fetchone()
+        return int(row[0])
+
+    def oldest_unsent_age_s(self, now: datetime | None = None) -> float | None:
+        """Age in seconds of the oldest unacknowledged record or event, None when none."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT min(c) FROM (SELECT min(created_at) AS c FROM records WHERE sent_at IS "
+                "NULL AND parked_reason IS NULL UNION ALL SELECT min(created_at) FROM events "
+                "WHERE sent_at IS NULL AND parked_reason IS NULL)"
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        oldest = datetime.fromisoformat(row[0])
+        return max(0.0, ((now or _utcnow()) - oldest).total_seconds())
+
+    def records_since(self, since: datetime) -> list[AttendanceRecord]:
+        """Every record (sent or not) seen at or after ``since``, by seen_at."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT payload FROM records WHERE seen_at >= ? ORDER BY seen_at, rowid",
+                (_iso(since),),
+            ).fetchall()
+        return [AttendanceRecord.model_validate_json(r[0]) for r in rows]
+
+    def last_seen_by_student(self, since: datetime) -> dict[str, datetime]:
+        """Latest seen_at per student since ``since`` (restores the debounce after a restart)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT student_id, max(seen_at) FROM records WHERE seen_at >= ? "
+                "GROUP BY student_id",
+                (_iso(since),),
+            ).fetchall()
+        return {r[0]: datetime.fromisoformat(r[1]) for r in rows}
+
+    # -- schedule / roster cache ----------------------------------------------------------------
+    def save_schedule(self, schedule: ScheduleResponse, etag: str | None) -> None:
+        """Cache the room's schedule (with rosters) of one day; replaces that day's copy."""
+        row = {
+            "day": schedule.date.isoformat(), "payload": schedule.model_dump_json(),
+            "etag": etag, "saved_at": _iso(_utcnow()),
+        }
+        with self._lock:
+            self._db["schedules"].upsert(row, pk="day")
+
+    def load_schedule(self, day: date | None = None) -> tuple[ScheduleResponse, str | None] | None:
+        """The cached schedule of ``day`` (default: the one saved last), with its etag."""
+        with self._lock:
+            if day is None:
+                row = self._conn.execute(
+                    "SELECT payload, etag FROM schedules ORDER BY saved_at DESC LIMIT 1"
+                ).fetchone()
+            else:
+                row = self._conn.execute(
+                    "SELECT payload, etag FROM schedules WHERE day = ?", (day.isoformat(),)
+                ).fetchone()
+        if row is None:
+            return None
+        return ScheduleResponse.model_validate_json(row[0]), row[1]
+
+    # -- state ----------------------------------------------------------------------------------
+    def get_state(self, key: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_state(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db["state"].upsert({"key": key, "value": value}, pk="key")
+
+    def get_state_json(self, key: str) -> Any:
+        raw = self.get_state(key)
+        return None if raw is None else json.loads(raw)
+
+    def set_state_json(self, key: str, value: Any) -> None:
+        self.set_state(key, json.dumps(value))
