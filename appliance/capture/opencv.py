@@ -1,0 +1,125 @@
+"""OpenCV sources: USB cameras (index or /dev/videoN), RTSP/HTTP streams, and video files."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from appliance.capture.base import SourceError
+
+_LOGGER = logging.getLogger(__name__)
+
+STREAM_TIMEOUT_MS = 5000
+
+
+def _release(cap: cv2.VideoCapture | None) -> None:
+    if cap is not None:
+        cap.release()
+
+
+class OpenCVCameraSource:
+    """A V4L2 camera (``0``, ``/dev/video0``) or a network stream (``rtsp://...``,
+    ``http://...``). Network streams open and read with a timeout, so an unreachable camera
+    fails fast instead of hanging the capture thread."""
+
+    live = True
+
+    def __init__(self, spec: str, width: int = 1280, height: int = 720, fps: float = 15.0) -> None:
+        self.spec = spec
+        self.width, self.height, self.requested_fps = width, height, fps
+        self.is_stream = "://" in spec
+        self.description = _redact(spec)
+        self._cap: cv2.VideoCapture | None = None
+
+    def open(self) -> None:
+        self.close()
+        if self.is_stream:
+            cap = cv2.VideoCapture(self.spec, cv2.CAP_FFMPEG, [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+            ])
+        else:
+            device: int | str = int(self.spec) if self.spec.isdigit() else self.spec
+            cap = cv2.VideoCapture(device, cv2.CAP_V4L2)
+        if not cap.isOpened():
+            _release(cap)
+            raise SourceError(f"cannot open camera {self.description}")
+        if not self.is_stream:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+            cap.set(cv2.CAP_PROP_FPS, self.requested_fps)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        self._cap = cap
+
+    def read(self) -> np.ndarray | None:
+        if self._cap is None:
+            raise SourceError(f"camera {self.description} is not open")
+        ok, frame = self._cap.read()
+        if not ok or frame is None:
+            raise SourceError(f"camera {self.description} stopped delivering frames")
+        return frame
+
+    def close(self) -> None:
+        _release(self._cap)
+        self._cap = None
+
+    @property
+    def fps(self) -> float | None:
+        if self._cap is None:
+            return None
+        value = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        return value if 0 < value < 1000 else None
+
+
+class VideoFileSource:
+    """A video file, read frame by frame. ``read`` returns None at the end."""
+
+    live = False
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.description = str(self.path)
+        self._cap: cv2.VideoCapture | None = None
+        self._fps: float | None = None
+        self._delivered = 0
+
+    def open(self) -> None:
+        self.close()
+        if not self.path.is_file():
+            raise SourceError(f"video file {self.path} does not exist")
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            _release(cap)
+            raise SourceError(f"video file {self.path} is not a readable video")
+        value = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        self._fps = value if 0 < value < 1000 else None
+        self._cap = cap
+        self._delivered = 0
+
+    def read(self) -> np.ndarray | None:
+        if self._cap is None:
+            raise SourceError(f"video file {self.path} is not open")
+        ok, frame = self._cap.read()
+        if not ok or frame is None:
+            if self._delivered == 0:
+                raise SourceError(f"video file {self.path} has no readable frame")
+            return None
+        self._delivered += 1
+        return frame
+
+    def close(self) -> None:
+        _release(self._cap)
+        self._cap = None
+
+    @property
+    def fps(self) -> float | None:
+        return self._fps
+
+
+def _redact(spec: str) -> str:
+    """A stream URL without its password, for logs and the status page."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", spec)
