@@ -1,0 +1,10 @@
+"""Device side of sync: outbox drain, schedule/roster pull, heartbeat (HTTP or MQTT).
+
+``appliance.runtime`` starts a :class:`SyncAgent` when ``sync.aggregator_url`` or
+``sync.mqtt_url`` is set and gives the pipeline its ``roster_provider``.
+"""
+
+from cloud_sync.agent.agent import DrainStats, SyncAgent, SyncStatus
+from cloud_sync.agent.roster import ScheduleRosterProvider, pick_session
+
+__all__ = ["DrainStats", "ScheduleRosterProvider", "SyncAgent", "SyncStatus", "pick_session"]

@@ -1,0 +1,409 @@
+"""The sync agent: drains the outbox, pulls the schedule, sends heartbeats.
+
+One worker thread does everything in turn, so the store sees one writer from sync and the
+order of operations is easy to reason about:
+
+- roster/schedule pull over HTTP (ETag) at start, every ``sync.roster_refresh_s`` and at once
+  when the aggregator announces a change on the room's retained roster topic (MQTT);
+- outbox drain: the oldest unsent records in batches of ``sync.batch_size``, then events; a
+  record is marked sent only when the aggregator acknowledged it (HTTP 2xx with the counts,
+  or the application-level ack over MQTT), so a crash at any point re-sends, never loses, and
+  the aggregator's idempotency on record keys turns a re-send into a "duplicate";
+- a record the aggregator rejects with a reason (or a record a whole batch was refused for,
+  found by splitting the batch) is parked with that reason and no longer blocks the queue;
+- failures back off exponentially with full jitter; a successful heartbeat or pull ends the
+  back-off, so a returning aggregator is drained at once;
+- a heartbeat every ``sync.heartbeat_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from appliance import __version__ as software_version
+from appliance import metrics
+from cloud_sync.agent.backoff import Backoff
+from cloud_sync.agent.errors import BatchRefusedError, NotSupportedError, TransportError
+from cloud_sync.agent.http_transport import HttpTransport
+from cloud_sync.agent.mqtt_transport import MqttTransport
+from cloud_sync.agent.roster import ScheduleRosterProvider
+from cloud_sync.protocol import AttendanceBatch, AttendanceRecord, BatchResult, Heartbeat
+
+if TYPE_CHECKING:
+    from appliance.config import ApplianceSettings
+    from appliance.store import Store
+
+_LOGGER = logging.getLogger(__name__)
+
+EVENTS_PER_ROUND = 50
+
+
+@dataclass
+class SyncStatus:
+    """What the status page and /health show about the link to the aggregator."""
+
+    transport: str  # "http" | "mqtt"
+    connected: bool
+    last_success_at: datetime | None
+    last_error: str | None
+    aggregator_reachable: bool
+    mqtt_connected: bool | None
+
+
+@dataclass
+class DrainStats:
+    """Counters since start (for logs, tests and the bench)."""
+
+    batches: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    parked: int = 0
+    events: int = 0
+    failures: int = 0
+
+
+class _Uplink:
+    """What the drain needs from a transport (HttpTransport and MqttTransport both fit)."""
+
+    name: str
+
+    def send_batch(self, batch: AttendanceBatch) -> BatchResult: ...
+    def send_event(self, event: Any) -> bool: ...
+    def send_heartbeat(self, heartbeat: Heartbeat) -> None: ...
+
+
+def _clock_fields() -> tuple[bool, str | None, float]:
+    """(clock_synced, boot_id, monotonic seconds since boot), the same helpers as the records."""
+    from appliance.store import boot_id, clock_synced
+
+    return clock_synced(), boot_id(), time.monotonic()
+
+
+def _cpu_temperature() -> float | None:
+    try:
+        from appliance.system import cpu_temperature
+    except ImportError:
+        return None
+    return cpu_temperature()
+
+
+class SyncAgent:
+    """Starts with ``start()`` (non-blocking, one thread), stops with ``stop()``."""
+
+    def __init__(
+        self,
+        settings: ApplianceSettings,
+        store: Store,
+        *,
+        pipeline_status: Callable[[], Any] | None = None,
+        fallback_roster: Any | None = None,
+    ) -> None:
+        """``pipeline_status`` (optional) returns an object with ``last_frame_at`` and ``fps``
+        for the heartbeat; ``fallback_roster`` (optional RosterProvider) answers when no
+        schedule of the day is cached."""
+        sync = settings.sync
+        if not sync.aggregator_url and not sync.mqtt_url:
+            raise ValueError("SyncAgent needs sync.aggregator_url or sync.mqtt_url")
+        self._settings = settings
+        self._store = store
+        self._pipeline_status = pipeline_status
+        device = settings.device
+        self.roster_provider = ScheduleRosterProvider(
+            store, timezone=device.timezone, device_id=device.device_id,
+            room_id=device.room_id, early_arrival_s=sync.early_arrival_s,
+            fallback=fallback_roster,
+        )
+        self._http: HttpTransport | None = None
+        if sync.aggregator_url:
+            self._http = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s)
+        self._mqtt: MqttTransport | None = None
+        if sync.mqtt_url:
+            self._mqtt = MqttTransport(
+                sync.mqtt_url, site=device.site, room_id=device.room_id,
+                device_id=device.device_id, ack_timeout_s=sync.ack_timeout_s,
+                on_roster_notice=self._on_roster_notice,
+            )
+        else:
+            _LOGGER.info("sync over HTTP to %s", sync.aggregator_url)
+        uplink: Any = self._mqtt or self._http
+        self._uplink: _Uplink = uplink
+        self._drain_backoff = Backoff(sync.backoff_initial_s, sync.backoff_max_s)
+        self._roster_backoff = Backoff(sync.backoff_initial_s, sync.backoff_max_s)
+        self._heartbeat_backoff = Backoff(sync.backoff_initial_s, sync.backoff_max_s)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._roster_requested = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started_mono = time.monotonic()
+        self._last_success_at: datetime | None = None
+        self._last_error: str | None = None
+        self._events_retry_at = 0.0
+        self._next_drain = 0.0
+        self.stats = DrainStats()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        if self._mqtt is not None:
+            self._mqtt.start()
+        self._thread = threading.Thread(target=self._run, name="sync-agent", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        if self._mqtt is not None:
+            self._mqtt.close()
+        if self._http is not None:
+            self._http.close()
+
+    def status(self) -> SyncStatus:
+        mqtt_connected = self._mqtt.connected if self._mqtt is not None else None
+        if self._mqtt is not None:
+            reachable = bool(mqtt_connected) or bool(self._http and self._http.reachable)
+            connected = bool(mqtt_connected)
+        else:
+            reachable = bool(self._http and self._http.reachable)
+            connected = reachable
+        return SyncStatus(
+            transport=self._uplink.name,
+            connected=connected,
+            last_success_at=self._last_success_at,
+            last_error=self._last_error,
+            aggregator_reachable=reachable,
+            mqtt_connected=mqtt_connected,
+        )
+
+    def request_roster_refresh(self) -> None:
+        """Pull the schedule at once (also called when the roster topic announces a change)."""
+        self._roster_requested.set()
+        self._wake.set()
+
+    def _on_roster_notice(self, etag: str | None) -> None:
+        _LOGGER.info("roster change announced (etag %s)", etag)
+        self.request_roster_refresh()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        sync = self._settings.sync
+        next_roster = next_heartbeat = time.monotonic()
+        self._next_drain = time.monotonic()
+        was_ready = False
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._mqtt is not None:
+                ready = self._mqtt.connected
+                if ready and not was_ready:  # (re)connected: drain now
+                    self._drain_backoff.reset()
+                    self._next_drain = now
+                was_ready = ready
+            if self._http is not None and (
+                now >= next_roster or self._roster_requested.is_set()
+            ):
+                self._roster_requested.clear()
+                if self._refresh_schedule():
+                    self._roster_backoff.reset()
+                    next_roster = now + sync.roster_refresh_s
+                else:
+                    next_roster = now + min(sync.roster_refresh_s,
+                                            self._roster_backoff.next_delay())
+            if now >= next_heartbeat:
+                if self._send_heartbeat():
+                    self._heartbeat_backoff.reset()
+                    next_heartbeat = now + sync.heartbeat_s
+                else:
+                    next_heartbeat = now + min(sync.heartbeat_s,
+                                               self._heartbeat_backoff.next_delay())
+            if now >= self._next_drain:
+                self._drain_step(now)
+            wait = min(next_roster if self._http else float("inf"), next_heartbeat,
+                       self._next_drain) - time.monotonic()
+            if self._mqtt is not None and not was_ready:
+                wait = min(wait, 0.5)  # notice a (re)connection quickly
+            if wait > 0:
+                self._wake.wait(wait)
+            self._wake.clear()
+
+    def _drain_step(self, now: float) -> None:
+        try:
+            more = self.drain_once()
+        except TransportError as err:
+            self._note_failure(f"upload: {err}")
+            delay = self._drain_backoff.next_delay(err.retry_after_s or 0.0)
+            _LOGGER.info("upload failed (%s); next attempt in %.1f s", err, delay)
+            self._next_drain = now + delay
+            return
+        self._drain_backoff.reset()
+        self._next_drain = now if more else now + self._settings.sync.idle_poll_s
+
+    def _note_success(self) -> None:
+        self._last_success_at = datetime.now(UTC)
+        self._last_error = None
+        if self._drain_backoff.failures:
+            # The aggregator answers again: drain now instead of waiting out the back-off.
+            self._drain_backoff.reset()
+            self._next_drain = time.monotonic()
+
+    def _note_failure(self, message: str) -> None:
+        self._last_error = message
+        self.stats.failures += 1
+        metrics.SYNC_RESULTS.labels("failure").inc()
+
+    # -- outbox ------------------------------------------------------------------------------
+    def drain_once(self) -> bool:
+        """Send one batch of records and a few events; True if more may be waiting.
+
+        Raises :class:`TransportError` (nothing was marked that was not acknowledged).
+        """
+        limit = self._settings.sync.batch_size
+        records = self._store.unsent_records(limit)
+        if records:
+            self._send_records(records)
+        events_more = self._drain_events()
+        metrics.OUTBOX_DEPTH.set(self._store.outbox_depth())
+        return len(records) >= limit or events_more
+
+    def _send_records(self, records: list[AttendanceRecord]) -> None:
+        batch = AttendanceBatch(device_id=self._settings.device.device_id, records=records)
+        try:
+            result = self._uplink.send_batch(batch)
+        except BatchRefusedError as err:
+            if len(records) == 1:
+                self._park(records[0].key, f"refused: {err.reason}")
+                return
+            # Find the poison record(s): each half on its own.
+            half = len(records) // 2
+            _LOGGER.warning("batch of %d refused (%s); splitting", len(records), err.reason)
+            self._send_records(records[:half])
+            self._send_records(records[half:])
+            return
+        self._apply_result(records, result)
+
+    def _apply_result(self, records: list[AttendanceRecord], result: BatchResult) -> None:
+        sent = {str(r.key): r.key for r in records}
+        rejected: dict[str, str] = {}
+        for rejection in result.rejected:
+            try:
+                key = str(uuid.UUID(rejection.key))
+            except ValueError:
+                key = rejection.key
+            if key in sent:
+                rejected[key] = rejection.reason
+            else:
+                _LOGGER.warning("ack rejects key %s that was not in the batch", rejection.key)
+        delivered = [k for s, k in sent.items() if s not in rejected]
+        if result.accepted + result.duplicate != len(delivered):
+            raise TransportError(
+                f"ack counts do not match the batch: {result.accepted} accepted + "
+                f"{result.duplicate} duplicate + {len(rejected)} rejected != {len(records)}"
+            )
+        for key, reason in rejected.items():
+            self._park(sent[key], reason)
+        self._store.mark_sent(delivered)
+        self.stats.batches += 1
+        self.stats.accepted += result.accepted
+        self.stats.duplicate += result.duplicate
+        metrics.SYNC_RESULTS.labels("success").inc()
+        self._note_success()
+        _LOGGER.debug("batch of %d: %d accepted, %d duplicate, %d rejected", len(records),
+                      result.accepted, result.duplicate, len(rejected))
+
+    def _park(self, key: uuid.UUID, reason: str) -> None:
+        _LOGGER.warning("parking record %s: %s", key, reason)
+        self._store.park(key, reason[:500])
+        self.stats.parked += 1
+
+    def _drain_events(self) -> bool:
+        if time.monotonic() < self._events_retry_at:
+            return False
+        events = self._store.unsent_events(EVENTS_PER_ROUND)
+        for event in events:
+            try:
+                self._uplink.send_event(event)
+            except NotSupportedError as err:
+                _LOGGER.warning("%s: events stay in the outbox, retry later", err)
+                self._events_retry_at = time.monotonic() + self._settings.sync.roster_refresh_s
+                return False
+            except BatchRefusedError as err:
+                self._park(event.key, f"refused: {err.reason}")
+                continue
+            self._store.mark_sent([event.key])
+            self.stats.events += 1
+            self._note_success()
+        return len(events) >= EVENTS_PER_ROUND
+
+    # -- schedule ----------------------------------------------------------------------------
+    def _refresh_schedule(self) -> bool:
+        assert self._http is not None
+        room_id = self._settings.device.room_id
+        cached = self._store.load_schedule()
+        etag = cached[1] if cached else None
+        try:
+            fetched = self._http.fetch_schedule(room_id, etag)
+        except TransportError as err:
+            _LOGGER.info("schedule pull failed: %s (using the cached one)", err)
+            self._last_error = f"schedule: {err}"
+            return False
+        self._note_success()
+        if fetched is None:
+            return True
+        schedule, new_etag = fetched
+        self._store.save_schedule(schedule, new_etag)
+        self.roster_provider.invalidate()
+        _LOGGER.info(
+            "schedule of %s for %s: %d classes, %d students", schedule.date, room_id,
+            len(schedule.sessions), sum(len(r) for r in schedule.rosters.values()),
+        )
+        return True
+
+    # -- heartbeat ---------------------------------------------------------------------------
+    def build_heartbeat(self) -> Heartbeat:
+        now = datetime.now(UTC)
+        synced, boot, mono = _clock_fields()
+        last_frame_at = fps = None
+        if self._pipeline_status is not None:
+            try:
+                status = self._pipeline_status()
+                last_frame_at = getattr(status, "last_frame_at", None)
+                fps = getattr(status, "fps", None)
+            except Exception:  # the heartbeat must go out even if the pipeline is broken
+                _LOGGER.exception("pipeline status unavailable for the heartbeat")
+        return Heartbeat(
+            device_id=self._settings.device.device_id,
+            room_id=self._settings.device.room_id,
+            software_version=software_version,
+            sent_at=now,
+            clock_synced=synced,
+            boot_id=boot,
+            monotonic_s=mono,
+            uptime_s=max(0.0, time.time() - psutil.boot_time()),
+            cpu_temp_c=_cpu_temperature(),
+            outbox_depth=self._store.outbox_depth(),
+            oldest_unsent_age_s=self._store.oldest_unsent_age_s(now),
+            last_frame_at=last_frame_at,
+            fps=fps,
+        )
+
+    def _send_heartbeat(self) -> bool:
+        try:
+            self._uplink.send_heartbeat(self.build_heartbeat())
+        except TransportError as err:
+            _LOGGER.info("heartbeat failed: %s", err)
+            self._last_error = f"heartbeat: {err}"
+            return False
+        self._note_success()
+        return True

@@ -1,0 +1,142 @@
+"""HTTP transport of the sync agent (httpx): batches, events, heartbeats, the schedule pull.
+
+Every request carries ``Authorization: Bearer <device key>``; the key is never logged (httpx
+logs the method and URL only, and our own messages name the device, never the key).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+from pydantic import SecretStr, ValidationError
+
+from cloud_sync.agent.errors import BatchRefusedError, NotSupportedError, TransportError
+from cloud_sync.protocol import AttendanceBatch, BatchResult, Event, Heartbeat, ScheduleResponse
+
+_LOGGER = logging.getLogger(__name__)
+
+ATTENDANCE_PATH = "/api/v1/attendance"
+HEARTBEAT_PATH = "/api/v1/heartbeat"
+EVENTS_PATH = "/api/v1/events"
+SCHEDULE_PATH = "/api/v1/schedule"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _reason(response: httpx.Response) -> str:
+    """A short reason from an error body (FastAPI's {"detail": ...}) for logs and parking."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    return f"HTTP {response.status_code}: {str(detail)[:300]}"
+
+
+class HttpTransport:
+    """Talks to the aggregator's REST API; raises :class:`TransportError` on anything retryable."""
+
+    name = "http"
+
+    def __init__(self, base_url: str, api_key: SecretStr | None, timeout_s: float) -> None:
+        headers = {"User-Agent": "classroom-attendance-appliance"}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+        else:
+            _LOGGER.warning("sync.api_key is not set: the aggregator will refuse uploads")
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s
+        )
+        self.reachable = False
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            response = self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as err:
+            self.reachable = False
+            raise TransportError(f"{method} {path}: {type(err).__name__}: {err}") from err
+        self.reachable = True
+        status = response.status_code
+        if status == 429 or status >= 500 or status in (401, 403, 408):
+            # 401/403: a key problem an operator must fix; keep the records and retry slowly.
+            raise TransportError(f"{method} {path}: {_reason(response)}", _retry_after(response))
+        return response
+
+    def send_batch(self, batch: AttendanceBatch) -> BatchResult:
+        response = self._request(
+            "POST", ATTENDANCE_PATH, content=batch.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        if response.status_code in (400, 413, 422):
+            raise BatchRefusedError(_reason(response))
+        if not response.is_success:
+            raise TransportError(f"POST {ATTENDANCE_PATH}: {_reason(response)}")
+        try:
+            return BatchResult.model_validate_json(response.content)
+        except ValidationError as err:
+            raise TransportError(f"POST {ATTENDANCE_PATH}: unreadable answer: {err}") from err
+
+    def send_event(self, event: Event) -> bool:
+        """True if the aggregator stored it now, False if it already had it."""
+        response = self._request(
+            "POST", EVENTS_PATH, content=event.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        if response.status_code in (404, 405):
+            raise NotSupportedError(f"the aggregator has no {EVENTS_PATH}")
+        if response.status_code in (400, 413, 422):
+            raise BatchRefusedError(_reason(response))
+        if not response.is_success:
+            raise TransportError(f"POST {EVENTS_PATH}: {_reason(response)}")
+        try:
+            body = response.json()
+        except ValueError:
+            return True
+        if isinstance(body, dict) and "duplicate" in body:
+            return not bool(body["duplicate"])
+        return True
+
+    def send_heartbeat(self, heartbeat: Heartbeat) -> None:
+        response = self._request(
+            "POST", HEARTBEAT_PATH, content=heartbeat.model_dump_json(),
+            headers={"Content-Type": "application/json"},
+        )
+        if not response.is_success:
+            raise TransportError(f"POST {HEARTBEAT_PATH}: {_reason(response)}")
+
+    def fetch_schedule(
+        self, room_id: str, etag: str | None
+    ) -> tuple[ScheduleResponse, str | None] | None:
+        """The room's schedule and rosters, or None when unchanged (304 on If-None-Match)."""
+        headers = {"If-None-Match": etag} if etag else {}
+        response = self._request(
+            "GET", SCHEDULE_PATH, params={"room_id": room_id}, headers=headers
+        )
+        if response.status_code == 304:
+            return None
+        if not response.is_success:
+            raise TransportError(f"GET {SCHEDULE_PATH}: {_reason(response)}")
+        try:
+            schedule = ScheduleResponse.model_validate_json(response.content)
+        except ValidationError as err:
+            raise TransportError(f"GET {SCHEDULE_PATH}: unreadable schedule: {err}") from err
+        return schedule, response.headers.get("ETag")
