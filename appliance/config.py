@@ -172,6 +172,44 @@ class RecognitionConfig(Section):
         description="At most this many descriptors are computed for one track before it "
         "is decided.",
     )
+    roster_file: Path | None = Field(
+        default=None,
+        title="Roster file",
+        description="roster.json made by `appliance roster build`, used when no aggregator "
+        "schedule is configured; unset and no sync = no roster (every face is unknown).",
+    )
+    max_embeddings_per_frame: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        title="Descriptors per frame",
+        description="At most this many face descriptors are computed in one frame (the best "
+        "crops first); bounds the per-frame work on a Pi.",
+    )
+    embed_min_gap_frames: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        title="Frames between descriptors",
+        description="A track gets its next descriptor no sooner than this many frames after "
+        "the last one, from the best crop seen in between.",
+    )
+    embed_refresh_frames: int = Field(
+        default=8,
+        ge=1,
+        le=1000,
+        title="Descriptor refresh",
+        description="After this many frames a track gets a descriptor even if its crops did "
+        "not beat its best earlier sample (so it still collects the votes it needs).",
+    )
+    min_quality: float = Field(
+        default=0.15,
+        ge=0.0,
+        le=1.0,
+        title="Minimum crop quality",
+        description="Crops below this face quality (size, sharpness, frontal pose, 0..1) never "
+        "get a descriptor.",
+    )
 
 
 class DecisionConfig(Section):
