@@ -89,6 +89,47 @@ def run(config: ConfigOption = None) -> None:
         raise typer.Exit(1) from err
 
 
+web_app = typer.Typer(help="The status page.", no_args_is_help=True)
+app.add_typer(web_app, name="web")
+
+
+@web_app.command("set-password")
+def web_set_password(
+    config: ConfigOption = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Read the password from the first line of stdin.")
+    ] = False,
+    print_hash: Annotated[
+        bool, typer.Option("--print-hash", help="Print the hash (for web.password_hash in a "
+                           "config) instead of storing it in the data directory.")
+    ] = False,
+) -> None:
+    """Set the status page password (prompted twice, or --stdin); stored as a scrypt hash."""
+    import sys
+
+    from appliance.web.auth import PasswordError, hash_password, store_password_hash
+
+    settings = load_or_exit(config)
+    if stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("New status page password", hide_input=True,
+                                confirmation_prompt=True)
+    try:
+        hashed = hash_password(password)
+    except PasswordError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    if print_hash:
+        typer.echo(hashed)
+        return
+    path = store_password_hash(settings.paths.data_dir, hashed)
+    typer.echo(f"status page password set (hash in {path})")
+    if settings.web.password_hash is not None:
+        typer.echo("warning: web.password_hash in the config takes precedence over this file",
+                   err=True)
+
+
 def main() -> None:
     app()
 

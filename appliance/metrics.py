@@ -37,3 +37,9 @@ SYNC_RESULTS = Counter(
 FPS = Gauge(f"{PREFIX}fps", "Frames processed per second (recent average).")
 CPU_TEMPERATURE = Gauge(f"{PREFIX}cpu_temperature_celsius", "CPU temperature.")
 CAMERA_UP = Gauge(f"{PREFIX}camera_up", "1 when the camera delivers frames, else 0.")
+WEB_LOGINS = Counter(
+    f"{PREFIX}web_logins", "Status page login attempts by result.", ["result"]
+)  # ok | wrong | rate_limited | not_configured
+ALERTS_RAISED = Counter(
+    f"{PREFIX}alerts", "Alerts raised (events written to the outbox) by kind.", ["kind"]
+)

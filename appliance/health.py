@@ -1,0 +1,293 @@
+"""Per-component health of the appliance, for ``GET /health`` (open: no personal data).
+
+Shape (like a classic health checker)::
+
+    {"status": "healthy", "timestamp": "2026-...Z", "version": "0.1.0",
+     "components": {"camera": {"status": "healthy", "healthy": true, "message": "..."}, ...}}
+
+Each component is ``healthy``, ``degraded``, ``unhealthy`` or ``not_configured``; ``healthy``
+(the boolean) is false only for ``unhealthy``. The overall status is the worst of the configured
+components. Messages never carry names, faces, URLs or error texts that may contain credentials.
+
+The structural types the status page, health and alerts consume (the pipeline, the store, the
+sync agent's status) are declared here as Protocols, so they depend on the contracts in
+notes/INTERFACES.md and not on the concrete classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import appliance
+from appliance.config import ApplianceSettings
+from appliance.system import SystemSnapshot
+from cloud_sync.protocol import Event
+
+_LOGGER = logging.getLogger(__name__)
+
+HEALTHY = "healthy"
+DEGRADED = "degraded"
+UNHEALTHY = "unhealthy"
+NOT_CONFIGURED = "not_configured"
+_RANK = {NOT_CONFIGURED: -1, HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
+
+COMPONENTS = ("camera", "detector", "recogniser", "database", "aggregator", "mqtt", "disk",
+              "temperature")
+# A stage slower than this on average (ms) makes its component "degraded": a Pi 4 needs
+# roughly 5x this machine's time, and the pipeline stays useful well below 1 frame/s.
+SLOW_STAGE_MS = 2000.0
+# Camera states of the pipeline contract.
+CAMERA_OK = "ok"
+CAMERA_TRANSIENT = ("starting", "reopening")
+
+
+# --- what we consume (structural types) ---------------------------------------------------------
+
+class PresentEntryLike(Protocol):
+    student_id: str
+    name: str
+    first_seen: datetime
+    confidence: float
+
+
+class PipelineStatusLike(Protocol):
+    camera_source: str
+    camera_state: str
+    last_frame_at: datetime | None
+    frames: int
+    fps: float
+    stage_ms: Mapping[str, float]
+    room_id: str
+    course_id: str | None
+    course_name: str | None
+    present: Sequence[PresentEntryLike]
+    unknown_count: int
+    tracks_active: int
+    started_at: datetime
+
+
+class PipelineSource(Protocol):
+    def status(self) -> PipelineStatusLike: ...
+    def latest_preview_jpeg(self) -> bytes | None: ...
+
+
+class StoreSource(Protocol):
+    def add_event(self, event: Event) -> None: ...
+    def outbox_depth(self) -> int: ...
+    def oldest_unsent_age_s(self, now: datetime | None = None) -> float | None: ...
+    def get_state(self, key: str) -> str | None: ...
+    def set_state(self, key: str, value: str) -> None: ...
+
+
+class SyncStatusLike(Protocol):
+    transport: str
+    connected: bool
+    last_success_at: datetime | None
+    last_error: str | None
+    aggregator_reachable: bool
+    mqtt_connected: bool | None
+
+
+SyncStatusFn = Callable[[], SyncStatusLike | None]
+
+
+# --- result ----------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class ComponentHealth:
+    status: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "healthy": self.status != UNHEALTHY,
+                "message": self.message, **self.details}
+
+
+def overall_status(components: Mapping[str, ComponentHealth]) -> str:
+    """Worst status of the configured components (healthy when none is configured)."""
+    worst = HEALTHY
+    for item in components.values():
+        if _RANK[item.status] > _RANK[worst]:
+            worst = item.status
+    return worst
+
+
+def _age_s(then: datetime | None, now: datetime) -> float | None:
+    return None if then is None else max(0.0, (now - then).total_seconds())
+
+
+def _fmt_age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --- individual checks -------------------------------------------------------------------------
+
+def check_camera(st: PipelineStatusLike, now: datetime, offline_s: float) -> ComponentHealth:
+    details: dict[str, Any] = {"state": st.camera_state, "fps": round(st.fps, 2)}
+    age = _age_s(st.last_frame_at, now)
+    if age is not None:
+        details["last_frame_age_s"] = round(age, 1)
+    if st.camera_state == CAMERA_OK:
+        if age is not None and age > max(offline_s, 5.0):
+            return ComponentHealth(DEGRADED, f"no frame for {_fmt_age(age)}", details)
+        return ComponentHealth(HEALTHY, f"delivering frames at {st.fps:.1f} fps", details)
+    if st.camera_state in CAMERA_TRANSIENT:
+        return ComponentHealth(DEGRADED, f"camera {st.camera_state}", details)
+    return ComponentHealth(UNHEALTHY, f"camera {st.camera_state}", details)
+
+
+def _stage_check(st: PipelineStatusLike, stage: str, what: str) -> ComponentHealth | None:
+    ms = st.stage_ms.get(stage)
+    if ms is None:
+        return None
+    if ms > SLOW_STAGE_MS:
+        return ComponentHealth(DEGRADED, f"{what} slow: {ms:.0f} ms", {f"{stage}_ms": ms})
+    return None
+
+
+def check_detector(st: PipelineStatusLike) -> ComponentHealth:
+    details: dict[str, Any] = {"frames": st.frames}
+    if "detect" in st.stage_ms:
+        details["detect_ms"] = round(st.stage_ms["detect"], 1)
+    slow = _stage_check(st, "detect", "detection")
+    if slow is not None:
+        slow.details.update(details)
+        return slow
+    if st.frames == 0:
+        if st.camera_state == CAMERA_OK or st.camera_state in CAMERA_TRANSIENT:
+            return ComponentHealth(DEGRADED, "no frame processed yet", details)
+        return ComponentHealth(UNHEALTHY, "no frame processed (camera down)", details)
+    return ComponentHealth(HEALTHY, f"{st.frames} frames processed", details)
+
+
+def check_recogniser(st: PipelineStatusLike) -> ComponentHealth:
+    details: dict[str, Any] = {"class_in_session": st.course_id is not None,
+                               "recognised": len(st.present), "unknown": st.unknown_count}
+    if "embed" in st.stage_ms:
+        details["embed_ms"] = round(st.stage_ms["embed"], 1)
+    slow = _stage_check(st, "embed", "face descriptors")
+    if slow is not None:
+        slow.details.update(details)
+        return slow
+    if st.course_id is None:
+        return ComponentHealth(HEALTHY, "no class scheduled now", details)
+    return ComponentHealth(
+        HEALTHY, f"{len(st.present)} recognised, {st.unknown_count} unknown", details
+    )
+
+
+def check_database(store: StoreSource, now: datetime, max_age_s: float) -> ComponentHealth:
+    try:
+        depth = store.outbox_depth()
+        age = store.oldest_unsent_age_s(now)
+    except (sqlite3.Error, OSError) as err:
+        _LOGGER.warning("health: store unreadable: %s", err)
+        return ComponentHealth(UNHEALTHY, f"store unreadable ({type(err).__name__})")
+    details: dict[str, Any] = {"outbox_depth": depth,
+                               "oldest_unsent_age_s": None if age is None else round(age, 1)}
+    if age is not None and age > max_age_s:
+        return ComponentHealth(DEGRADED, f"outbox not drained for {_fmt_age(age)}", details)
+    return ComponentHealth(HEALTHY, f"{depth} unsent", details)
+
+
+def check_aggregator(settings: ApplianceSettings, sync: SyncStatusLike | None,
+                     now: datetime) -> ComponentHealth:
+    if not settings.sync.aggregator_url:
+        return ComponentHealth(NOT_CONFIGURED, "no aggregator_url: offline only")
+    if sync is None:
+        return ComponentHealth(DEGRADED, "sync agent not running; records kept locally")
+    age = _age_s(sync.last_success_at, now)
+    details = {"last_success_age_s": None if age is None else round(age, 1)}
+    if sync.aggregator_reachable:
+        return ComponentHealth(HEALTHY, "reachable", details)
+    return ComponentHealth(DEGRADED, "unreachable; records kept locally", details)
+
+
+def check_mqtt(settings: ApplianceSettings, sync: SyncStatusLike | None) -> ComponentHealth:
+    if not settings.sync.mqtt_url:
+        return ComponentHealth(NOT_CONFIGURED, "no mqtt_url")
+    if sync is None:
+        return ComponentHealth(DEGRADED, "sync agent not running")
+    if sync.mqtt_connected:
+        return ComponentHealth(HEALTHY, "connected")
+    return ComponentHealth(DEGRADED, "not connected; records kept locally")
+
+
+def check_disk(system: SystemSnapshot, settings: ApplianceSettings) -> ComponentHealth:
+    details = {"disk_percent": system.disk_percent, "disk_free_gb": system.disk_free_gb}
+    text = f"{system.disk_percent:.0f} % used, {system.disk_free_gb:.1f} GB free"
+    if system.disk_percent >= settings.alerts.disk_critical_percent:
+        return ComponentHealth(UNHEALTHY, text, details)
+    if system.disk_percent >= settings.alerts.disk_max_percent:
+        return ComponentHealth(DEGRADED, text, details)
+    return ComponentHealth(HEALTHY, text, details)
+
+
+def check_temperature(system: SystemSnapshot, settings: ApplianceSettings) -> ComponentHealth:
+    temp = system.cpu_temp_c
+    if temp is None:
+        return ComponentHealth(NOT_CONFIGURED, "no temperature sensor")
+    details = {"cpu_temp_c": temp}
+    if temp >= settings.alerts.cpu_temp_critical_c:
+        return ComponentHealth(UNHEALTHY, f"{temp:.1f} °C: throttling", details)
+    if temp >= settings.alerts.cpu_temp_max_c:
+        return ComponentHealth(DEGRADED, f"{temp:.1f} °C: hot", details)
+    return ComponentHealth(HEALTHY, f"{temp:.1f} °C", details)
+
+
+# --- all together ------------------------------------------------------------------------------
+
+def check_health(
+    settings: ApplianceSettings,
+    pipeline: PipelineSource,
+    store: StoreSource,
+    system: SystemSnapshot,
+    sync_status: SyncStatusFn | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """The /health document. Never raises for a failing component: it reports it."""
+    now = now or datetime.now(UTC)
+    components: dict[str, ComponentHealth] = {}
+    try:
+        st = pipeline.status()
+    except Exception as err:  # a broken pipeline must show up as unhealthy, not as a 500
+        _LOGGER.exception("health: pipeline status failed")
+        down = ComponentHealth(UNHEALTHY, f"pipeline status unavailable ({type(err).__name__})")
+        components.update(camera=down, detector=down, recogniser=down)
+    else:
+        components["camera"] = check_camera(st, now, settings.alerts.camera_offline_s)
+        components["detector"] = check_detector(st)
+        components["recogniser"] = check_recogniser(st)
+    components["database"] = check_database(store, now, settings.alerts.outbox_max_age_s)
+    sync = read_sync_status(sync_status)
+    components["aggregator"] = check_aggregator(settings, sync, now)
+    components["mqtt"] = check_mqtt(settings, sync)
+    components["disk"] = check_disk(system, settings)
+    components["temperature"] = check_temperature(system, settings)
+    return {
+        "status": overall_status(components),
+        "timestamp": now.isoformat().replace("+00:00", "Z"),
+        "version": appliance.__version__,
+        "components": {name: components[name].as_dict() for name in COMPONENTS},
+    }
+
+
+def read_sync_status(sync_status: SyncStatusFn | None) -> SyncStatusLike | None:
+    """The sync agent's status, or None when there is no agent or it fails to answer."""
+    if sync_status is None:
+        return None
+    try:
+        return sync_status()
+    except Exception:  # the agent's bug must not take the status page down
+        _LOGGER.exception("sync status failed")
+        return None

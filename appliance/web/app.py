@@ -1,0 +1,351 @@
+"""The status page application: FastAPI, server-rendered Jinja2, a little plain JS over SSE.
+
+Routes (see docs/STATUS_PAGE.md):
+
+- open: ``GET /health`` (JSON, 200 or 503), ``GET /metrics`` (Prometheus; a setting can close
+  it), ``GET /login``, ``POST /login``, ``/static/*``;
+- login required (session cookie, or ``Authorization: Bearer <device API key>``): ``GET /``,
+  ``GET /api/status``, ``GET /api/status/stream`` (SSE), ``GET /preview.jpg``,
+  ``GET /preview.mjpg``, ``POST /logout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+import appliance
+from appliance import metrics
+from appliance.config import ApplianceSettings
+from appliance.health import (
+    CAMERA_OK,
+    UNHEALTHY,
+    PipelineSource,
+    StoreSource,
+    SyncStatusFn,
+    check_health,
+    read_sync_status,
+)
+from appliance.system import SystemSnapshot, read_system
+from appliance.web.auth import COOKIE_NAME, Authenticator
+
+_LOGGER = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+_CREDENTIALS_IN_URL = re.compile(r"(?<=://)[^/@\s]+@")
+MJPEG_BOUNDARY = "frame"
+_SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
+}
+
+
+def mask_url(source: str) -> str:
+    """Hide ``user:password@`` in a camera URL (rtsp://user:pw@host/...)."""
+    return _CREDENTIALS_IN_URL.sub("***@", source)
+
+
+def _zone(name: str) -> tzinfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        _LOGGER.warning("unknown time zone %r; showing UTC", name)
+        return UTC
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(value, digits)
+
+
+class StatusView:
+    """Collects everything the page shows into one JSON-ready dict (page, /api and SSE alike)."""
+
+    def __init__(self, settings: ApplianceSettings, pipeline: PipelineSource, store: StoreSource,
+                 sync_status: SyncStatusFn | None,
+                 system: Callable[[], SystemSnapshot]) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.store = store
+        self.sync_status = sync_status
+        self.system = system
+        self.zone = _zone(settings.device.timezone)
+
+    def _local(self, when: datetime | None, fmt: str = "%H:%M:%S") -> str | None:
+        return None if when is None else when.astimezone(self.zone).strftime(fmt)
+
+    def build(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        st = self.pipeline.status()
+        system = self.system()
+        sync = read_sync_status(self.sync_status)
+        depth = self.store.outbox_depth()
+        oldest = self.store.oldest_unsent_age_s(now)
+        present = sorted(st.present, key=lambda p: p.first_seen)
+        health = check_health(self.settings, self.pipeline, self.store, system,
+                              self.sync_status, now)
+        sync_cfg = self.settings.sync
+        return {
+            "version": appliance.__version__,
+            "device_id": self.settings.device.device_id,
+            "room_id": st.room_id or self.settings.device.room_id,
+            "now": self._local(now, "%Y-%m-%d %H:%M:%S %Z"),
+            "course_id": st.course_id,
+            "course_name": st.course_name,
+            "camera": {
+                "source": mask_url(st.camera_source),
+                "state": st.camera_state,
+                "ok": st.camera_state == CAMERA_OK,
+                "fps": _round(st.fps),
+                "frames": st.frames,
+                "last_frame_at": self._local(st.last_frame_at),
+            },
+            "stage_ms": {name: _round(ms) for name, ms in st.stage_ms.items()},
+            "present": [
+                {"student_id": p.student_id, "name": p.name,
+                 "first_seen": self._local(p.first_seen),
+                 "confidence": _round(p.confidence, 2)}
+                for p in present
+            ],
+            "unknown_count": st.unknown_count,
+            "tracks_active": st.tracks_active,
+            "sync": {
+                "configured": bool(sync_cfg.aggregator_url or sync_cfg.mqtt_url),
+                "transport": sync.transport if sync else None,
+                "connected": sync.connected if sync else False,
+                "last_success_at": self._local(sync.last_success_at, "%Y-%m-%d %H:%M:%S")
+                if sync else None,
+                "last_error": sync.last_error if sync else None,
+                "outbox_depth": depth,
+                "oldest_unsent_age_s": _round(oldest, 0),
+            },
+            "system": {
+                "cpu_percent": _round(system.cpu_percent),
+                "load_1m": system.load_1m,
+                "cpu_count": system.cpu_count,
+                "cpu_temp_c": _round(system.cpu_temp_c),
+                "memory_percent": _round(system.memory_percent),
+                "memory_available_mb": _round(system.memory_available_mb, 0),
+                "disk_percent": _round(system.disk_percent),
+                "disk_free_gb": _round(system.disk_free_gb),
+            },
+            "health": {name: c["status"] for name, c in health["components"].items()},
+            "health_status": health["status"],
+        }
+
+
+def refresh_gauges(pipeline: PipelineSource, store: StoreSource, system: SystemSnapshot) -> None:
+    """Set the gauges that describe "now" (called on every scrape)."""
+    try:
+        st = pipeline.status()
+    except Exception:  # the scrape must still answer
+        _LOGGER.exception("metrics: pipeline status failed")
+        metrics.CAMERA_UP.set(0)
+    else:
+        metrics.FPS.set(st.fps)
+        metrics.CAMERA_UP.set(1 if st.camera_state == CAMERA_OK else 0)
+    metrics.OUTBOX_DEPTH.set(store.outbox_depth())
+    temp = system.cpu_temp_c
+    metrics.CPU_TEMPERATURE.set(float("nan") if temp is None else temp)
+
+
+def create_app(
+    settings: ApplianceSettings,
+    pipeline: PipelineSource,
+    store: StoreSource,
+    sync_status: SyncStatusFn | None = None,
+    *,
+    system: Callable[[], SystemSnapshot] | None = None,
+) -> FastAPI:
+    """The status page app. ``system`` overrides the host reader (tests)."""
+    data_dir = settings.paths.data_dir
+    read_host = system or (lambda: read_system(data_dir))
+    auth = Authenticator(settings)
+    view = StatusView(settings, pipeline, store, sync_status, read_host)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    stopping = threading.Event()
+
+    app = FastAPI(title="Attendance appliance", version=appliance.__version__,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.auth = auth
+    app.state.stopping = stopping
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Callable[..., Any]) -> Response:
+        response: Response = await call_next(request)
+        for name, value in _SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if not request.url.path.startswith("/static"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    def client_key(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def authorized(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            return auth.check_api_key(header[7:].strip())
+        return auth.valid_session(request.cookies.get(COOKIE_NAME))
+
+    def unauthorized_json() -> JSONResponse:
+        return JSONResponse({"detail": "login required"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    def login_page(request: Request, status_code: int, error: str | None = None,
+                   headers: dict[str, str] | None = None) -> HTMLResponse:
+        return templates.TemplateResponse(
+            request, "login.html",
+            {"configured": auth.configured(), "password_set": auth.password_set(),
+             "error": error, "version": appliance.__version__,
+             "device_id": settings.device.device_id,
+             "config_hint": "appliance web set-password"},
+            status_code=status_code, headers=headers,
+        )
+
+    # --- open --------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        def build() -> dict[str, Any]:
+            return check_health(settings, pipeline, store, read_host(), sync_status)
+
+        doc = await run_in_threadpool(build)
+        code = 503 if doc["status"] == UNHEALTHY else 200
+        return JSONResponse(doc, status_code=code)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        if not settings.web.metrics_public and not authorized(request):
+            return unauthorized_json()
+
+        def scrape() -> bytes:
+            refresh_gauges(pipeline, store, read_host())
+            return generate_latest(REGISTRY)
+
+        return Response(await run_in_threadpool(scrape), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/login", response_class=HTMLResponse)
+    async def login_form(request: Request) -> Response:
+        if authorized(request):
+            return RedirectResponse("/", status_code=303)
+        return login_page(request, 200 if auth.configured() else 403)
+
+    @app.post("/login")
+    async def login(request: Request,
+                    password: Annotated[str, Form(max_length=1024)] = "") -> Response:
+        result = await run_in_threadpool(auth.login, client_key(request), password)
+        metrics.WEB_LOGINS.labels(result=result.reason).inc()
+        if result.ok:
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(COOKIE_NAME, auth.issue_session(), max_age=auth.ttl_s,
+                                httponly=True, samesite="strict",
+                                secure=settings.web.cookie_secure, path="/")
+            return response
+        if result.reason == "rate_limited":
+            wait = max(1, math.ceil(result.retry_after_s))
+            return login_page(request, 429, f"Too many failed logins: try again in {wait} s.",
+                              {"Retry-After": str(wait)})
+        if result.reason == "not_configured":
+            return login_page(request, 403, "No password is set on this device.")
+        return login_page(request, 401, "Wrong password.")
+
+    # --- login required ------------------------------------------------------------------------
+
+    @app.post("/logout")
+    async def logout() -> Response:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict",
+                               secure=settings.web.cookie_secure)
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index(request: Request) -> Response:
+        if not authorized(request):
+            return RedirectResponse("/login", status_code=303)
+        data = await run_in_threadpool(view.build)
+        return templates.TemplateResponse(
+            request, "status.html",
+            {"s": data, "refresh_ms": int(settings.web.refresh_s * 1000)},
+        )
+
+    @app.get("/api/status")
+    async def api_status(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return unauthorized_json()
+        return JSONResponse(await run_in_threadpool(view.build))
+
+    @app.get("/api/status/stream")
+    async def status_stream(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized_json()
+
+        async def events() -> AsyncIterator[str]:
+            yield f"retry: {int(settings.web.refresh_s * 1000) + 1000}\n\n"
+            while not stopping.is_set() and not await request.is_disconnected():
+                try:
+                    data = await run_in_threadpool(view.build)
+                except Exception:  # keep the stream; the page shows stale data meanwhile
+                    _LOGGER.exception("status stream: build failed")
+                else:
+                    yield f"event: status\ndata: {json.dumps(data)}\n\n"
+                await asyncio.sleep(settings.web.refresh_s)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"X-Accel-Buffering": "no"})
+
+    @app.get("/preview.jpg")
+    async def preview(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized_json()
+        jpeg = await run_in_threadpool(pipeline.latest_preview_jpeg)
+        if jpeg is None:
+            return Response(status_code=204)
+        return Response(jpeg, media_type="image/jpeg")
+
+    @app.get("/preview.mjpg")
+    async def preview_stream(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized_json()
+
+        async def frames() -> AsyncIterator[bytes]:
+            last: bytes | None = None
+            while not stopping.is_set() and not await request.is_disconnected():
+                jpeg = await run_in_threadpool(pipeline.latest_preview_jpeg)
+                if jpeg is not None and jpeg is not last:
+                    last = jpeg
+                    yield (f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
+                           f"Content-Length: {len(jpeg)}\r\n\r\n").encode() + jpeg + b"\r\n"
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(
+            frames(), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}")
+
+    return app

@@ -1,0 +1,80 @@
+"""The status page server: uvicorn running the app in a background thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from appliance.config import ApplianceSettings
+from appliance.health import PipelineSource, StoreSource, SyncStatusFn
+from appliance.web.app import create_app
+
+_LOGGER = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 15.0
+
+
+class WebServer:
+    """``start()`` returns once the socket is bound (``port`` is then the real one, which
+    matters with ``web.port = 0``); ``stop()`` closes open streams and joins the thread."""
+
+    def __init__(self, settings: ApplianceSettings, pipeline: PipelineSource, store: StoreSource,
+                 sync_status: SyncStatusFn | None = None) -> None:
+        self._settings = settings
+        self.app = create_app(settings, pipeline, store, sync_status)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int = settings.web.port
+
+    @property
+    def url(self) -> str:
+        host = self._settings.web.host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 (display only)
+        if ":" in shown:
+            shown = f"[{shown}]"
+        return f"http://{shown}:{self.port}"
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        config = uvicorn.Config(
+            self.app,
+            host=self._settings.web.host,
+            port=self._settings.web.port,
+            log_level="warning",
+            access_log=False,  # logs would carry client addresses for every poll
+            timeout_graceful_shutdown=3,
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(target=server.run, name="web", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not server.started:
+            if not self._thread.is_alive():
+                self._thread = None
+                raise RuntimeError(
+                    f"status page could not start on {self._settings.web.host}:"
+                    f"{self._settings.web.port} (see the log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError("status page did not start in time")
+            time.sleep(0.02)
+        sockets = [s for srv in server.servers for s in srv.sockets]
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        _LOGGER.info("status page on %s", self.url)
+
+    def stop(self) -> None:
+        self.app.state.stopping.set()  # ends SSE and MJPEG streams
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                _LOGGER.warning("status page thread did not stop in time")
+            self._thread = None
+        self._server = None

@@ -1,0 +1,101 @@
+// Live updates of the status page: Server-Sent Events from /api/status/stream, preview JPEG
+// refreshed in place. Plain JS, no build step; text is set with textContent only.
+(function () {
+  "use strict";
+  var refreshMs = parseInt(document.body.dataset.refreshMs || "1000", 10);
+
+  function get(obj, path) {
+    return path.split(".").reduce(function (o, k) { return o == null ? o : o[k]; }, obj);
+  }
+
+  function markStates() {
+    document.querySelectorAll(".state").forEach(function (el) {
+      el.dataset.v = el.textContent.trim();
+    });
+  }
+
+  function row(cells, cls) {
+    var tr = document.createElement("tr");
+    if (cls) { tr.className = cls; }
+    cells.forEach(function (text, i) {
+      var td = document.createElement("td");
+      td.textContent = text;
+      if (cls === "none") { td.colSpan = 2; td.className = "muted"; }
+      else if (i === 1 && cls === "num") { td.className = "num"; }
+      tr.appendChild(td);
+    });
+    return tr;
+  }
+
+  function render(s) {
+    document.querySelectorAll("[data-k]").forEach(function (el) {
+      var v = get(s, el.dataset.k);
+      el.textContent = (v === null || v === undefined || v === "") ? "–" : String(v);
+    });
+    var course = document.getElementById("course");
+    course.textContent = s.course_id ? (s.course_name || s.course_id) + " (" + s.course_id + ")"
+                                     : "No class scheduled";
+    var present = document.getElementById("present");
+    present.replaceChildren();
+    if (s.present.length === 0) { present.appendChild(row(["Nobody yet"], "none")); }
+    s.present.forEach(function (p) { present.appendChild(row([p.name, p.first_seen])); });
+    document.getElementById("present-count").textContent = String(s.present.length);
+    var stages = document.getElementById("stages");
+    stages.replaceChildren();
+    var names = Object.keys(s.stage_ms);
+    if (names.length === 0) { stages.appendChild(row(["No frame yet"], "none")); }
+    names.forEach(function (n) { stages.appendChild(row([n, s.stage_ms[n] + " ms"], "num")); });
+    var health = document.getElementById("health");
+    health.replaceChildren();
+    Object.keys(s.health).forEach(function (n) {
+      var li = document.createElement("li");
+      li.className = "chip " + s.health[n];
+      li.textContent = n + ": " + s.health[n];
+      health.appendChild(li);
+    });
+    markStates();
+  }
+
+  function setLive(ok) {
+    var live = document.getElementById("live");
+    live.textContent = ok ? "live" : "reconnecting";
+    live.dataset.v = ok ? "ok" : "stale";
+  }
+
+  function connect() {
+    var source = new EventSource("/api/status/stream");
+    source.addEventListener("status", function (ev) {
+      setLive(true);
+      render(JSON.parse(ev.data));
+    });
+    source.onerror = function () {
+      setLive(false);
+      if (source.readyState === EventSource.CLOSED) {
+        // Closed for good (e.g. the session expired): check and go to the login page.
+        fetch("/api/status", { credentials: "same-origin" }).then(function (r) {
+          if (r.status === 401) { window.location.assign("/login"); }
+          else { setTimeout(connect, refreshMs * 3); }
+        }).catch(function () { setTimeout(connect, refreshMs * 3); });
+      }
+    };
+  }
+
+  function refreshPreview() {
+    var img = document.getElementById("preview");
+    var empty = document.getElementById("preview-empty");
+    var next = new Image();
+    next.onload = function () {
+      img.src = next.src; img.hidden = false; empty.hidden = true;
+      setTimeout(refreshPreview, refreshMs);
+    };
+    next.onerror = function () {  // 204: no frame yet
+      if (!img.complete || img.naturalWidth === 0) { img.hidden = true; empty.hidden = false; }
+      setTimeout(refreshPreview, refreshMs * 2);
+    };
+    next.src = "/preview.jpg?t=" + Date.now();
+  }
+
+  markStates();
+  connect();
+  refreshPreview();
+})();
