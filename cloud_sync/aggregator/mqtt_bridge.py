@@ -1,0 +1,374 @@
+"""The MQTT bridge: devices' MQTT messages in, the same ingest services as HTTP, acks out.
+
+- paho-mqtt 2.x (callback API v2), MQTT 5, a fixed client id (``mqtt_client_id``) and a
+  persistent session (``clean_start=False`` with a session expiry), QoS 1 subscriptions to
+  ``classroom/+/+/+/attendance``, ``.../heartbeat`` and ``.../events``: while the bridge is down
+  the broker keeps what devices publish and delivers it when the bridge returns.
+- A message is processed inside the callback; paho sends the PUBACK after the callback returns,
+  so a bridge killed mid-message gets it again (ingest is idempotent on record keys).
+- After an attendance batch is stored, the ``BatchResult`` (with the batch id) is published with
+  QoS 1 on the device's ``ack`` topic; only that makes the device mark its records sent. An
+  event is acknowledged the same way, with the event key as ``batch_id``.
+- Trust: the device id and room in the topic are believed only because the broker's ACL lets a
+  device publish under its own ``classroom/<site>/<room>/<device>/`` only (see
+  config/mosquitto/acl and docs/MQTT.md). The bridge still checks that the device exists, is in
+  that room and that the room is on that site, and that the payload names the same device.
+- A message that cannot be used (bad topic, bad JSON, failed validation, unknown device, wrong
+  room) becomes a dead-letter row (``services.ingest.record_dead_letter``: table
+  ``dead_letters`` + counter) and is not acknowledged; a database outage is not a dead letter:
+  the device re-sends after its ack timeout.
+- Home Assistant discovery (``ha_discovery``) and the rooms' state are published retained.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from prometheus_client import Counter
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cloud_sync.aggregator import ha_discovery
+from cloud_sync.aggregator.config import AggregatorSettings
+from cloud_sync.aggregator.db.models import Attendance, Device, Room
+from cloud_sync.aggregator.services.common import ServiceError, utcnow
+from cloud_sync.aggregator.services.ingest import (
+    DEFAULT_EARLY_ARRIVAL_MIN,
+    EARLY_ARRIVAL_INFO_KEY,
+    ingest_batch,
+    record_dead_letter,
+    record_event,
+    record_heartbeat,
+)
+from cloud_sync.aggregator.services.timetable import room_timetable, zone
+from cloud_sync.protocol import (
+    AttendanceBatch,
+    BatchResult,
+    Event,
+    Heartbeat,
+    RecordRejection,
+    device_topic,
+    roster_topic,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+LEAVES = ("attendance", "heartbeat", "events")
+SUBSCRIPTIONS = [(f"classroom/+/+/+/{leaf}", 1) for leaf in LEAVES]
+SESSION_EXPIRY_S = 7 * 24 * 3600
+STATE_TICK_S = 5.0
+STATE_FULL_S = 60.0
+MEMORY_DEAD_LETTERS = 1000
+
+MESSAGES = Counter(
+    "aggregator_mqtt_messages", "MQTT messages handled by the bridge.", ["kind", "result"]
+)
+DEAD_LETTERS_UNSTORED = Counter(
+    "aggregator_mqtt_dead_letters_unstored",
+    "Dead letters the database could not take (kept in memory, bounded).",
+)
+
+
+class RosterNotice(BaseModel):
+    v: int = 1
+    etag: str | None = None
+
+
+def parse_url(url: str) -> tuple[str, int, str | None, str | None, bool]:
+    """host, port, username, password, tls from ``mqtt://user:pass@host:port`` / ``mqtts://``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError("mqtt_url must look like mqtt://user:pass@host:1883 (or mqtts://)")
+    tls = parts.scheme == "mqtts"
+    return (
+        parts.hostname, parts.port or (8883 if tls else 1883),
+        unquote(parts.username) if parts.username else None,
+        unquote(parts.password) if parts.password else None, tls,
+    )
+
+
+class _RefusedError(Exception):
+    """The message cannot be used: dead-letter it with this reason."""
+
+
+class MqttBridge:
+    """Start with ``start()`` (non-blocking), stop with ``stop()``; ``state`` for /health."""
+
+    def __init__(
+        self, settings: AggregatorSettings, session_factory: sessionmaker[Session]
+    ) -> None:
+        if settings.mqtt_url is None:
+            raise ValueError("MqttBridge needs settings.mqtt_url")
+        self._settings = settings
+        self._sessions = session_factory
+        self._host, self._port, user, password, tls = parse_url(
+            settings.mqtt_url.get_secret_value()
+        )
+        self.state = "disconnected"
+        self.dead_letters: collections.deque[tuple[str, bytes, str]] = collections.deque(
+            maxlen=MEMORY_DEAD_LETTERS
+        )
+        self._dirty_rooms: set[tuple[str, str]] = set()
+        self._last_sync: dict[tuple[str, str], datetime] = {}
+        self._announced: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._state_thread: threading.Thread | None = None
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.mqtt_client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        if user is not None:
+            client.username_pw_set(user, password)
+        if tls:
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._client = client
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        _LOGGER.info("MQTT bridge connecting to %s:%s as %s", self._host, self._port,
+                     self._settings.mqtt_client_id)
+        self._client.connect_async(
+            self._host, self._port, keepalive=30, clean_start=False, properties=props
+        )
+        self._client.loop_start()
+        if self._settings.ha_discovery:
+            self._stop.clear()
+            self._state_thread = threading.Thread(
+                target=self._state_loop, name="mqtt-ha-state", daemon=True
+            )
+            self._state_thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._state_thread is not None:
+            self._state_thread.join(10)
+            self._state_thread = None
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.state = "disconnected"
+
+    def notify_roster_changed(self, site: str, room_id: str, etag: str) -> None:
+        """Tell the room's devices to pull the schedule now (retained, QoS 1)."""
+        payload = RosterNotice(etag=etag).model_dump_json()
+        self._client.publish(roster_topic(site, room_id), payload, qos=1, retain=True)
+
+    # -- paho callbacks ----------------------------------------------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, _userdata: object, flags: mqtt.ConnectFlags,
+        reason: ReasonCode, _props: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            _LOGGER.error("MQTT bridge: connection refused: %s", reason)
+            return
+        self.state = "connected"
+        _LOGGER.info("MQTT bridge connected (session present: %s)", flags.session_present)
+        client.subscribe(SUBSCRIPTIONS)
+        with self._lock:
+            self._announced.clear()  # re-announce HA configs after a reconnect
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, _userdata: object, _flags: mqtt.DisconnectFlags,
+        reason: ReasonCode, _props: Properties | None,
+    ) -> None:
+        self.state = "disconnected"
+        if reason.is_failure:
+            _LOGGER.warning("MQTT bridge disconnected: %s (reconnecting)", reason)
+
+    def _on_message(
+        self, client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage
+    ) -> None:
+        topic, payload = message.topic, message.payload
+        parts = topic.split("/")
+        leaf = parts[-1] if parts else ""
+        try:
+            self._handle(client, parts, payload)
+        except _RefusedError as err:
+            MESSAGES.labels(leaf, "dead_letter").inc()
+            _LOGGER.warning("MQTT dead letter from %s: %s", topic, err)
+            self._dead_letter(topic, payload, str(err))
+        except (SQLAlchemyError, OSError) as err:
+            # Not the message's fault: no ack, the device sends it again.
+            MESSAGES.labels(leaf, "error").inc()
+            _LOGGER.error("MQTT bridge: cannot store %s now: %s", topic, err)
+        except Exception:  # never let one message kill the network thread
+            MESSAGES.labels(leaf, "error").inc()
+            _LOGGER.exception("MQTT bridge: unexpected error on %s", topic)
+
+    # -- processing --------------------------------------------------------------------------
+    def _check_device(self, session: Session, site: str, room_id: str, device_id: str) -> None:
+        device = session.get(Device, device_id)
+        if device is None:
+            raise _RefusedError(f"unknown device {device_id!r}")
+        if device.room_id != room_id:
+            raise _RefusedError(f"device {device_id!r} is not in room {room_id!r}")
+        room = session.get(Room, room_id)
+        if room is None or room.site != site:
+            raise _RefusedError(f"room {room_id!r} is not on site {site!r}")
+
+    def _handle(self, client: mqtt.Client, parts: list[str], payload: bytes) -> None:
+        if len(parts) != 5 or parts[0] != "classroom" or parts[4] not in LEAVES:
+            raise _RefusedError("unexpected topic")
+        _, site, room_id, device_id, leaf = parts
+        with self._sessions() as session:
+            self._check_device(session, site, room_id, device_id)
+            session.rollback()
+            if leaf == "attendance":
+                try:
+                    batch = AttendanceBatch.model_validate_json(payload)
+                except ValidationError as err:
+                    raise _RefusedError(f"invalid batch: {_short(err)}") from err
+                if batch.device_id != device_id:
+                    raise _RefusedError(f"batch device_id {batch.device_id!r} is not the topic's")
+                result = ingest_batch(session, device_id, batch)
+                result = result.model_copy(update={"batch_id": batch.batch_id})
+                self._ack(client, site, room_id, device_id, result)
+                MESSAGES.labels(leaf, "ok").inc()
+            elif leaf == "heartbeat":
+                try:
+                    hb = Heartbeat.model_validate_json(payload)
+                    record_heartbeat(session, device_id, hb)
+                except ValidationError as err:
+                    raise _RefusedError(f"invalid heartbeat: {_short(err)}") from err
+                except ServiceError as err:
+                    raise _RefusedError(str(err)) from err
+                MESSAGES.labels(leaf, "ok").inc()
+            else:
+                try:
+                    event = Event.model_validate_json(payload)
+                except ValidationError as err:
+                    raise _RefusedError(f"invalid event: {_short(err)}") from err
+                try:
+                    inserted = record_event(session, device_id, event)
+                except ServiceError as err:
+                    session.rollback()
+                    result = BatchResult(batch_id=event.key, accepted=0, duplicate=0,
+                                         rejected=[RecordRejection(key=str(event.key),
+                                                                   reason=str(err))])
+                    self._ack(client, site, room_id, device_id, result)
+                    raise _RefusedError(str(err)) from err
+                result = BatchResult(batch_id=event.key, accepted=int(inserted),
+                                     duplicate=int(not inserted))
+                self._ack(client, site, room_id, device_id, result)
+                MESSAGES.labels(leaf, "ok").inc()
+        with self._lock:
+            self._last_sync[(site, room_id)] = utcnow()
+            self._dirty_rooms.add((site, room_id))
+
+    def _ack(
+        self, client: mqtt.Client, site: str, room_id: str, device_id: str, result: BatchResult
+    ) -> None:
+        client.publish(
+            device_topic(site, room_id, device_id, "ack"), result.model_dump_json(), qos=1
+        )
+
+    def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
+        try:
+            with self._sessions() as session:
+                record_dead_letter(session, topic, payload, reason)
+        except SQLAlchemyError as err:
+            _LOGGER.error("dead letter kept in memory only (database: %s)", err)
+            DEAD_LETTERS_UNSTORED.inc()
+            self.dead_letters.append((topic, payload, reason))
+
+    # -- Home Assistant ----------------------------------------------------------------------
+    def _state_loop(self) -> None:
+        last_full = 0.0
+        while not self._stop.wait(STATE_TICK_S if last_full else 0.5):
+            if self.state != "connected":
+                continue
+            full = time.monotonic() - last_full >= STATE_FULL_S
+            try:
+                self.publish_ha(full=full)
+            except SQLAlchemyError as err:
+                _LOGGER.warning("Home Assistant state not published: %s", err)
+                continue
+            if full:
+                last_full = time.monotonic()
+
+    def publish_ha(self, *, full: bool = True) -> int:
+        """Publish discovery configs (new or changed rooms) and room states; returns how many
+        rooms' states were published. ``full``: every room, else only rooms with new data."""
+        prefix = self._settings.ha_discovery_prefix
+        with self._sessions() as session:
+            rooms = session.scalars(select(Room)).all()
+            devices = session.execute(select(Device.id, Device.room_id)).all()
+            by_room: dict[str, list[str]] = collections.defaultdict(list)
+            for device_id, room_id in devices:
+                by_room[room_id].append(device_id)
+            with self._lock:
+                dirty = set(self._dirty_rooms)
+                self._dirty_rooms.clear()
+            published = 0
+            for room in rooms:
+                key = (room.site, room.id)
+                info = ha_discovery.RoomInfo(
+                    room.site, room.id, room.name, tuple(sorted(by_room.get(room.id, [])))
+                )
+                if self._announced.get(key) != info.device_ids:
+                    for topic, payload in ha_discovery.discovery_messages(prefix, info):
+                        self._client.publish(topic, payload, qos=1, retain=True)
+                    self._announced[key] = info.device_ids
+                    full_room = True
+                else:
+                    full_room = False
+                if not (full or full_room or key in dirty):
+                    continue
+                count = self._present_count(session, room)
+                last = self._last_sync.get(key) or session.scalar(
+                    select(func.max(Device.last_heartbeat_at)).where(Device.room_id == room.id)
+                )
+                self._client.publish(
+                    ha_discovery.room_state_topic(room.site, room.id),
+                    ha_discovery.room_state_payload(count, last), qos=1, retain=True,
+                )
+                published += 1
+        return published
+
+    @staticmethod
+    def _present_count(session: Session, room: Room) -> int:
+        """Distinct students recorded for the class running now in the room (0 if none)."""
+        now = utcnow()
+        day = now.astimezone(zone(room.timezone)).date()
+        running = [
+            o for o in room_timetable(session, room).occurrences(day, room.id)
+            if o.starts_at <= now < o.ends_at
+        ]
+        if not running:
+            return 0
+        occ = running[-1]
+        early = float(session.info.get(EARLY_ARRIVAL_INFO_KEY, DEFAULT_EARLY_ARRIVAL_MIN))
+        return int(session.scalar(
+            select(func.count(func.distinct(Attendance.student_id))).where(
+                Attendance.room_id == room.id,
+                Attendance.course_id == occ.course_id,
+                Attendance.at >= occ.starts_at - timedelta(minutes=early),
+                Attendance.at < occ.ends_at,
+            )
+        ) or 0)
+
+
+def _short(err: ValidationError) -> str:
+    first: dict[str, Any] = dict(err.errors()[0]) if err.errors() else {}
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{err.error_count()} error(s), first: {loc}: {first.get('msg', '')}"[:400]

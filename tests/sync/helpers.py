@@ -1,0 +1,288 @@
+"""Real components for the sync tests: a Mosquitto of our own (restartable, with the repo's ACL
+file and example config), the aggregator (`aggregator serve` subprocess on a temp SQLite DB),
+and the appliance side (the real Store and SyncAgent, or `python -m cloud_sync.agent`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO
+
+MOSQUITTO = Path("/usr/sbin/mosquitto")
+MOSQUITTO_PASSWD = Path("/usr/bin/mosquitto_passwd")
+VENV_BIN = Path(sys.executable).parent
+SITE = "main"
+ROOM = "LAB-301"
+OTHER_ROOM = "LAB-302"
+DEVICE = "pi-lab301"
+OTHER_DEVICE = "pi-lab302"
+STUDENTS = [f"S{i:03d}" for i in range(1, 51)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until(
+    cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+# --- Mosquitto ---------------------------------------------------------------------------------
+class Broker:
+    """A Mosquitto built from config/mosquitto/mosquitto.conf + acl, on a free local port."""
+
+    def __init__(self, workdir: Path, users: Iterable[str]) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.passwords = {user: secrets.token_urlsafe(12) for user in users}
+        passwd = self.dir / "passwd"
+        for i, (user, password) in enumerate(self.passwords.items()):
+            args = [str(MOSQUITTO_PASSWD), "-b"] + (["-c"] if i == 0 else [])
+            subprocess.run([*args, str(passwd), user, password], check=True, capture_output=True)
+        persist = self.dir / "persist"
+        persist.mkdir(exist_ok=True)
+        text = (REPO / "config/mosquitto/mosquitto.conf").read_text()
+        text = re.sub(r"(?m)^listener 1883$", f"listener {self.port} 127.0.0.1", text)
+        text = re.sub(r"(?m)^password_file .*$", f"password_file {passwd}", text)
+        text = re.sub(r"(?m)^acl_file .*$",
+                      f"acl_file {REPO / 'config/mosquitto/acl'}", text)
+        text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {persist}/", text)
+        text += f"\nuser root\nlog_dest file {self.dir / 'mosquitto.log'}\nlog_type all\n"
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text(text)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, user: str) -> str:
+        return f"mqtt://{user}:{self.passwords[user]}@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: port_open(self.port), 10, "mosquitto to listen")
+        except AssertionError:
+            self.proc.kill()
+            raise AssertionError(f"mosquitto did not start: {self.proc.stderr.read()!r}") from None
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(10)
+        self.proc = None
+
+
+# --- aggregator --------------------------------------------------------------------------------
+class Aggregator:
+    """The real aggregator on a temp SQLite database; the server runs as a subprocess."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.dir / "aggregator.db"
+        self.db_url = f"sqlite:///{self.db_path}"
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "aggregator.log"
+
+    def seed(self) -> dict[str, str]:
+        """Migrate, create two rooms, 50 students, a course with a schedule today and one
+        device per room; returns {device_id: api_key}."""
+        from cloud_sync.aggregator.db.migrate import upgrade
+        from cloud_sync.aggregator.db.models import Course, Enrollment, Room, Schedule, Student
+        from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+        from cloud_sync.aggregator.services.devices import add_device
+
+        upgrade(self.db_url)
+        engine = make_engine(self.db_url)
+        now = datetime.now(UTC)
+        keys: dict[str, str] = {}
+        try:
+            factory = make_session_factory(engine)
+            with factory() as session:
+                for room in (ROOM, OTHER_ROOM):
+                    session.add(Room(id=room, name=room, site=SITE, timezone="UTC",
+                                     created_at=now))
+                for sid in STUDENTS:
+                    session.add(Student(id=sid, name=f"Student {sid}", created_at=now))
+                session.add(Course(id="CS101", name="Intro to CS", created_at=now))
+                session.flush()
+                for sid in STUDENTS[:10]:
+                    session.add(Enrollment(student_id=sid, course_id="CS101", created_at=now))
+                start = (now - timedelta(hours=1)).time().replace(microsecond=0)
+                end = (now + timedelta(hours=1)).time().replace(microsecond=0)
+                if end > start:  # not across midnight
+                    session.add(Schedule(course_id="CS101", room_id=ROOM, weekday=now.weekday(),
+                                         start_time=start, end_time=end))
+                session.commit()
+            with factory() as session:
+                keys[DEVICE] = add_device(session, ROOM, DEVICE)[1]
+            with factory() as session:
+                keys[OTHER_DEVICE] = add_device(session, OTHER_ROOM, OTHER_DEVICE)[1]
+        finally:
+            engine.dispose()
+        return keys
+
+    def start(self, mqtt_url: str | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
+        env.update({
+            "AGGREGATOR_DATABASE_URL": self.db_url,
+            "AGGREGATOR_DATA_DIR": str(self.dir / "data"),
+            "AGGREGATOR_RATE_LIMIT_PER_MIN": "100000",
+            "AGGREGATOR_SQLITE_SYNCHRONOUS": "NORMAL",
+        })
+        if mqtt_url:
+            env["AGGREGATOR_MQTT_URL"] = mqtt_url
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "aggregator"), "serve", "--host", "127.0.0.1",
+                 "--port", str(self.port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 60,
+                       "the aggregator to listen", interval_s=0.1)
+        finally:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"aggregator exited: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def attendance_keys(self) -> list[str]:
+        """Every attendance row's key (a key counted twice would appear twice)."""
+        if not self.db_path.exists():
+            return []
+        conn = sqlite3.connect(str(self.db_path), timeout=30)
+        try:
+            return [norm_key(str(r[0])) for r in conn.execute("SELECT key FROM attendance")]
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+    def scalar(self, sql: str, *args: object) -> Any:
+        conn = sqlite3.connect(str(self.db_path), timeout=30)
+        try:
+            row = conn.execute(sql, args).fetchone()
+        finally:
+            conn.close()
+        return None if row is None else row[0]
+
+
+def norm_key(key: str) -> str:
+    return str(uuid.UUID(key))
+
+
+# --- appliance side ----------------------------------------------------------------------------
+def make_records(n: int, *, device: str = DEVICE, room: str = ROOM,
+                 students: list[str] | None = None) -> list[Any]:
+    from cloud_sync.protocol import AttendanceRecord
+
+    students = students or STUDENTS
+    base = datetime.now(UTC) - timedelta(minutes=30)
+    return [
+        AttendanceRecord(
+            key=uuid.uuid4(), student_id=students[i % len(students)], course_id="CS101",
+            room_id=room, device_id=device, seen_at=base + timedelta(milliseconds=i),
+            confidence=0.9, distance=0.3, clock_synced=True,
+        )
+        for i in range(n)
+    ]
+
+
+def fill_store(store: Any, records: list[Any]) -> None:
+    for record in records:
+        store.add_record(record)
+
+
+def appliance_overrides(data_dir: Path, *, aggregator_url: str | None, api_key: str | None,
+                        mqtt_url: str | None = None, device: str = DEVICE, room: str = ROOM,
+                        **sync: Any) -> dict[str, Any]:
+    sync_cfg: dict[str, Any] = {
+        "aggregator_url": aggregator_url, "api_key": api_key, "mqtt_url": mqtt_url,
+        "batch_size": 200, "backoff_initial_s": 0.1, "backoff_max_s": 1.0,
+        "ack_timeout_s": 5, "request_timeout_s": 5, "idle_poll_s": 0.2, "heartbeat_s": 5,
+        "roster_refresh_s": 30,
+    }
+    sync_cfg.update(sync)
+    return {
+        "device": {"device_id": device, "room_id": room, "site": SITE, "timezone": "UTC"},
+        "paths": {"data_dir": str(data_dir)},
+        "sync": sync_cfg,
+        "web": {"enabled": False},
+    }
+
+
+def appliance_settings(data_dir: Path, **kwargs: Any) -> Any:
+    from appliance.config import load
+
+    return load(None, **appliance_overrides(data_dir, **kwargs))
+
+
+def write_appliance_toml(path: Path, overrides: dict[str, Any]) -> None:
+    lines: list[str] = []
+    for section, values in overrides.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, int | float):
+                lines.append(f"{key} = {value}")
+            else:
+                lines.append(f'{key} = "{value}"')
+    path.write_text("\n".join(lines) + "\n")
+
+
+def start_agent_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cloud_sync.agent", "--config", str(config)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
+        )
