@@ -1,0 +1,97 @@
+"""Enrollment: one photo in, exactly one face descriptor out, or the reason it was rejected.
+
+Shared by ``appliance roster build`` and the aggregator's server-side enrollment, so it depends
+only on the vision modules, the config and the models (no appliance runtime).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from appliance.vision.detector import Detection, FaceDetector
+from appliance.vision.embedder import FaceEmbedder
+from appliance.vision.quality import face_quality, sharpness
+
+_LOGGER = logging.getLogger(__name__)
+
+ENROLL_JITTERS = 5  # re-sampled descriptors averaged for roster photos (enrolment only)
+MIN_SHARPNESS = 40.0  # Laplacian variance; real LFW/press photos are above ~140, blurred ~10
+MAX_SIDE_PX = 1600  # larger photos are downscaled first (faces stay far above the minimum)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    """``embedding`` (128,) when exactly one usable face was found, else ``reason``."""
+
+    embedding: np.ndarray | None
+    reason: str | None
+    detection: Detection | None = None
+    quality: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.embedding is not None
+
+
+def load_image(path: Path) -> np.ndarray:
+    """A photo as BGR uint8 (EXIF orientation applied; any format OpenCV reads, by content)."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ValueError(f"{path}: not an image OpenCV can read")
+    return image
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Uploaded image bytes as BGR uint8 (for server-side enrollment)."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise ValueError("not an image OpenCV can read")
+    return image
+
+
+def embed_photo(
+    image_bgr: np.ndarray,
+    detector: FaceDetector,
+    embedder: FaceEmbedder,
+    min_face_px: int = 40,
+    *,
+    num_jitters: int = ENROLL_JITTERS,
+    min_sharpness: float = MIN_SHARPNESS,
+) -> EnrollResult:
+    """Exactly one face's descriptor, or a reason: "no face", "2 faces",
+    "face too small (N px)", "blurred".
+
+    The detector should have a low ``min_face_px`` so a small face is reported as too small
+    rather than as no face; faces below ``min_face_px`` next to a big one are not counted as
+    extra faces (background people).
+    """
+    scale = 1.0
+    if max(image_bgr.shape[:2]) > MAX_SIDE_PX:
+        scale = MAX_SIDE_PX / max(image_bgr.shape[:2])
+        image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    detections = detector.detect(image_bgr)
+    if not detections:
+        return EnrollResult(None, "no face")
+    big = [d for d in detections if d.width / scale >= min_face_px]
+    if not big:
+        largest = max(detections, key=lambda d: d.width)
+        return EnrollResult(None, f"face too small ({round(largest.width / scale)} px)", largest)
+    if len(big) > 1:
+        return EnrollResult(None, f"{len(big)} faces")
+    det = big[0]
+    if sharpness(image_bgr, det) < min_sharpness:
+        return EnrollResult(None, "blurred", det)
+    embedding = embedder.embed(image_bgr, [det], num_jitters=num_jitters)[0]
+    return EnrollResult(embedding, None, det, face_quality(image_bgr, det))
+
+
+def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetector:
+    """A detector for still photos: low size floor (sizes are checked by embed_photo)."""
+    return FaceDetector(model_dir, model=model, score_threshold=0.5, min_face_px=8)
