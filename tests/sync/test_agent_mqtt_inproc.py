@@ -1,0 +1,108 @@
+"""The sync agent over MQTT against the bridge run in-process (real broker, real ingest):
+drain with application-level acks, Last Will, roster notice -> pull."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.protocol import device_topic
+from tests.sync.helpers import (
+    DEVICE,
+    ROOM,
+    SITE,
+    Aggregator,
+    Broker,
+    appliance_settings,
+    fill_store,
+    make_records,
+    wait_until,
+)
+from tests.sync.mqtt_client import TestClient
+
+pytestmark = pytest.mark.mqtt
+
+
+@pytest.fixture
+def bridge(broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]) -> Iterator[object]:
+    from cloud_sync.aggregator.config import load
+    from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+    from cloud_sync.aggregator.mqtt_bridge import MqttBridge
+
+    agg, _keys = aggregator_db
+    settings = load(None, database_url=agg.db_url, mqtt_url=broker.url("aggregator"),
+                    ha_discovery=False)
+    engine = make_engine(agg.db_url)
+    b = MqttBridge(settings, make_session_factory(engine))
+    b.start()
+    wait_until(lambda: b.state == "connected", 10, "the bridge to connect")
+    yield b
+    b.stop()
+    engine.dispose()
+
+
+def test_agent_drains_over_mqtt_and_announces_status(
+    broker: Broker, bridge: object, aggregator_db: tuple[Aggregator, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    from appliance.store import Store
+    from cloud_sync.agent import SyncAgent
+
+    agg, _ = aggregator_db
+    store = Store(tmp_path / "dev" / "appliance.db")
+    records = make_records(1000)
+    fill_store(store, records)
+    watcher = TestClient(broker, "homeassistant")
+    watcher.wait_connected()
+    status_topic = device_topic(SITE, ROOM, DEVICE, "status")
+    watcher.subscribe(status_topic)
+    settings = appliance_settings(tmp_path / "dev", aggregator_url=None, api_key=None,
+                                  mqtt_url=broker.url(DEVICE))
+    agent = SyncAgent(settings, store)
+    agent.start()
+    try:
+        wait_until(lambda: store.outbox_depth() == 0, 60, "the outbox to drain")
+        assert sorted(agg.attendance_keys()) == sorted(str(r.key) for r in records)
+        assert agent.status().mqtt_connected is True
+        assert agent.status().transport == "mqtt"
+        wait_until(lambda: watcher.received(status_topic), 10, "online status")
+        assert watcher.received(status_topic)[-1] == b"online"
+        # Heartbeat over MQTT reaches the aggregator.
+        wait_until(lambda: agg.scalar("SELECT count(*) FROM heartbeats") >= 1, 20, "heartbeat")
+    finally:
+        agent.stop()
+        store.close()
+    wait_until(lambda: watcher.received(status_topic)[-1] == b"offline", 10, "offline status")
+    watcher.close()
+
+
+def test_poison_record_is_parked_and_does_not_block(
+    broker: Broker, bridge: object, aggregator_db: tuple[Aggregator, dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    from appliance.store import Store
+    from cloud_sync.agent import SyncAgent
+
+    agg, _ = aggregator_db
+    store = Store(tmp_path / "dev" / "appliance.db")
+    good = make_records(30)
+    poison = make_records(1, students=["S999"])  # not a student of the school
+    fill_store(store, good[:10] + poison + good[10:])
+    settings = appliance_settings(tmp_path / "dev", aggregator_url=None, api_key=None,
+                                  mqtt_url=broker.url(DEVICE), batch_size=7)
+    agent = SyncAgent(settings, store)
+    agent.start()
+    try:
+        wait_until(lambda: store.outbox_depth() == 0, 60, "the outbox to drain")
+    finally:
+        agent.stop()
+    assert sorted(agg.attendance_keys()) == sorted(str(r.key) for r in good)
+    parked = dict(store.parked())
+    assert list(parked) == [str(poison[0].key)]
+    assert "unknown student" in parked[str(poison[0].key)]
+    assert agent.stats.parked == 1
+    store.close()
+    time.sleep(0.1)
