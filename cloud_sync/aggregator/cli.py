@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.settings import ConfigError, describe_fields, dump_settings
@@ -14,20 +19,47 @@ app = typer.Typer(
     help="Classroom attendance aggregator.", no_args_is_help=True, add_completion=False
 )
 config_app = typer.Typer(help="Show the configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+devices_app = typer.Typer(help="Room devices.", no_args_is_help=True)
+admin_app = typer.Typer(help="Admin credentials.", no_args_is_help=True)
+faces_app = typer.Typer(help="Face enrollment.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+app.add_typer(devices_app, name="devices")
+app.add_typer(admin_app, name="admin")
+app.add_typer(faces_app, name="faces")
 
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML config file (default: env AGGREGATOR_CONFIG)."),
 ]
+console = Console(stderr=True)
 
 
-def load_or_exit(path: Path | None) -> aggregator_config.AggregatorSettings:
+def load_or_exit(path: Path | None, **overrides: object) -> aggregator_config.AggregatorSettings:
     try:
-        return aggregator_config.load(path)
+        return aggregator_config.load(path, **overrides)
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from err
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _sessions(settings: aggregator_config.AggregatorSettings):  # type: ignore[no-untyped-def]
+    from cloud_sync.aggregator.db.migrate import upgrade_engine
+    from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+
+    engine = make_engine(
+        settings.database_url.get_secret_value(), sqlite_synchronous=settings.sqlite_synchronous
+    )
+    upgrade_engine(engine)
+    return engine, make_session_factory(engine)
 
 
 @config_app.command("show")
@@ -41,6 +73,183 @@ def config_describe() -> None:
     """Print every setting with its type, default and description."""
     for name, kind, default, text in describe_fields(aggregator_config.AggregatorSettings):
         typer.echo(f"{name} ({kind}, default {default}): {text}")
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: settings).")] = None,
+) -> None:
+    """Migrate the database and serve the API (uvicorn)."""
+    import uvicorn
+
+    from cloud_sync.aggregator.app import create_app
+
+    overrides: dict[str, object] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = load_or_exit(config, **overrides)
+    _logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level.lower(), access_log=False,
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply the Alembic migrations (creates the SQLite file if needed)."""
+    from cloud_sync.aggregator.db import partitions
+    from cloud_sync.aggregator.db.migrate import current_revision
+
+    settings = load_or_exit(config)
+    _logging(settings.log_level)
+    engine, _ = _sessions(settings)
+    partitions.ensure_ahead(engine, settings.partition_months_ahead)
+    typer.echo(f"database at revision {current_revision(engine)}")
+    engine.dispose()
+
+
+@devices_app.command("add")
+def devices_add(
+    room: Annotated[str, typer.Option("--room", help="Room the device is mounted in.")],
+    device_id: Annotated[str | None, typer.Option("--id", help="Device id (default: made)")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Register a device and print its API key ONCE (only its hash is stored)."""
+    from cloud_sync.aggregator.services.common import ServiceError
+    from cloud_sync.aggregator.services.devices import add_device
+
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            device, key = add_device(session, room, device_id)
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
+    typer.echo(f"device_id: {device.id}\nroom_id: {device.room_id}\napi_key: {key}")
+    typer.echo("Store the key now: it is not shown again.", err=True)
+
+
+@admin_app.command("create-token")
+def admin_create_token(
+    name: Annotated[str, typer.Option(help="Who or what the token is for.")] = "admin",
+    config: ConfigOption = None,
+) -> None:
+    """Create an admin token and print it ONCE (only its hash is stored)."""
+    from cloud_sync.aggregator.services.devices import create_admin_token
+
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            _, token = create_admin_token(session, name)
+    finally:
+        engine.dispose()
+    typer.echo(token)
+    typer.echo("Store the token now: it is not shown again.", err=True)
+
+
+@app.command("import")
+def import_csv(
+    kind: Annotated[str, typer.Argument(help="students, courses, enrollments, rooms, schedules")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    config: ConfigOption = None,
+) -> None:
+    """Import a CSV file; every bad row is reported with its line number, good rows are kept."""
+    from cloud_sync.aggregator.services.admin import REQUIRED, import_csv
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    if kind not in REQUIRED:
+        typer.echo(f"error: kind must be one of {', '.join(sorted(REQUIRED))}", err=True)
+        raise typer.Exit(2)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        typer.echo(f"error: {file} is not UTF-8 ({err})", err=True)
+        raise typer.Exit(2) from err
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            report = import_csv(session, kind, text, settings.timezone)
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(2) from err
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"{kind}: {report.rows} rows, {report.created} created, {report.updated} updated, "
+        f"{report.unchanged} unchanged, {len(report.errors)} errors"
+    )
+    for error in report.errors:
+        typer.echo(f"  line {error.row}: {error.error}")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@faces_app.command("encode")
+def faces_encode(
+    batch: Annotated[Path, typer.Option("--batch", exists=True, file_okay=False,
+                                        help="Folder of photos named <student_id>.jpg")],
+    config: ConfigOption = None,
+) -> None:
+    """Enrol every photo in a folder (photos/S001.jpg ...): one embedding per usable photo."""
+    from cloud_sync.aggregator.db.models import Student
+    from cloud_sync.aggregator.services import faces
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    settings = load_or_exit(config)
+    files = sorted(p for p in batch.iterdir()
+                   if p.is_file() and p.suffix.lower() in faces.PHOTO_SUFFIXES)
+    if not files:
+        typer.echo(f"no photos in {batch}", err=True)
+        raise typer.Exit(1)
+    engine, sessions = _sessions(settings)
+    encoder = faces.FaceEncoder(settings)
+    table = Table(title=f"faces encode {batch}")
+    for column in ("file", "student", "result", "detail"):
+        table.add_column(column)
+    ok = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress, sessions() as session:
+            task = progress.add_task("encoding", total=len(files))
+            for path in files:
+                student_id = path.stem
+                progress.update(task, description=f"encoding {path.name}")
+                try:
+                    if session.get(Student, student_id) is None:
+                        raise ServiceError(f"unknown student {student_id!r}")
+                    session.rollback()
+                    data = path.read_bytes()
+                    result = encoder.encode(faces.decode_image(data))
+                    if result.embedding is None:
+                        raise ServiceError(result.reason or "no usable face")
+                    row = faces.store_embedding(session, settings, student_id, result.embedding,
+                                                result.quality, f"batch:{path.name}", data,
+                                                path.suffix.lower())
+                except ServiceError as err:
+                    session.rollback()
+                    table.add_row(path.name, student_id, "[red]rejected[/red]", err.message)
+                else:
+                    ok += 1
+                    quality = "" if row.quality is None else f"quality {row.quality:.2f}"
+                    table.add_row(path.name, student_id, "[green]enrolled[/green]", quality)
+                progress.advance(task)
+    finally:
+        engine.dispose()
+    Console().print(table)
+    typer.echo(f"{ok} of {len(files)} photos enrolled")
+    if ok < len(files):
+        raise typer.Exit(1)
 
 
 def main() -> None:

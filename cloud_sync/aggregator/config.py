@@ -81,6 +81,64 @@ class AggregatorSettings(TomlSettings):
         title="Keep enrollment photos",
         description="Keep uploaded enrollment photos; by default only the embedding is stored.",
     )
+    timezone: str = Field(
+        default="UTC",
+        title="Default time zone",
+        description="IANA time zone of rooms created without one; schedules are local times "
+        "of the room's time zone.",
+    )
+    late_after_min: float = Field(
+        default=10.0,
+        ge=0,
+        le=240,
+        title="Late after (minutes)",
+        description="A student first seen more than this many minutes after the session start "
+        "is reported 'late' instead of 'present'.",
+    )
+    early_arrival_min: float = Field(
+        default=10.0,
+        ge=0,
+        le=120,
+        title="Early arrival window (minutes)",
+        description="A sighting up to this many minutes before a session starts (and in no "
+        "other session of the room) counts for that session.",
+    )
+    partition_months_ahead: int = Field(
+        default=3,
+        ge=1,
+        le=36,
+        title="Partitions ahead (PostgreSQL)",
+        description="Monthly attendance partitions created ahead of the current month on start.",
+    )
+    sqlite_synchronous: str = Field(
+        default="FULL",
+        pattern="^(NORMAL|FULL)$",
+        title="SQLite synchronous",
+        description="PRAGMA synchronous in WAL mode: FULL survives power loss after an ack; "
+        "NORMAL is faster but may lose the last acknowledged commits on power loss.",
+    )
+    max_photo_bytes: int = Field(
+        default=10_000_000,
+        ge=10_000,
+        le=100_000_000,
+        title="Maximum photo size",
+        description="Largest enrollment photo accepted, in bytes (413 above).",
+    )
+    enroll_min_face_px: int = Field(
+        default=60,
+        ge=20,
+        le=2000,
+        title="Enrollment minimum face size",
+        description="Enrollment photos whose face is narrower than this many pixels are rejected.",
+    )
+    auth_cache_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        title="Credential cache",
+        description="Seconds a verified device key / admin token is cached in memory "
+        "(0 = look up every request). Deleting a device clears the cache at once.",
+    )
     log_level: str = Field(
         default="INFO",
         pattern="^(DEBUG|INFO|WARNING|ERROR)$",

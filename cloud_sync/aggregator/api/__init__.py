@@ -1,0 +1,1 @@
+"""HTTP API routers (FastAPI): device endpoints, reports, admin, health and metrics."""

@@ -1,0 +1,287 @@
+"""Admin endpoints (admin token): CRUD, CSV import, face enrollment."""
+
+# No `from __future__ import annotations`: the CRUD routes are made in a loop and FastAPI must
+# see their real (closure) types.
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import (
+    APIRouter,
+    BackgroundTasks,
+    File,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
+from pydantic import BaseModel, Field
+
+from cloud_sync.aggregator import metrics
+from cloud_sync.aggregator.api.context import AppContext
+from cloud_sync.aggregator.api.deps import DB, Admin, context
+from cloud_sync.aggregator.api.notify import notify_rosters
+from cloud_sync.aggregator.db.models import Student
+from cloud_sync.aggregator.services import admin as svc
+from cloud_sync.aggregator.services import devices as device_svc
+from cloud_sync.aggregator.services import faces
+from cloud_sync.aggregator.services.common import NotFoundError
+from cloud_sync.protocol import Identifier
+
+_LOGGER = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1", tags=["admin"])
+Limit = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
+Offset = Annotated[int, Query(ge=0, description="Rows to skip.")]
+ROSTER_KINDS = {"students", "rooms", "enrollments", "schedules"}
+
+
+def _after_write(ctx: AppContext, tasks: BackgroundTasks, kind: str) -> None:
+    if kind == "devices":
+        ctx.credentials.clear()
+    if kind in ROSTER_KINDS and ctx.mqtt_bridge is not None:
+        tasks.add_task(notify_rosters, ctx)
+
+
+def _simple_routes(kind: str, create: type[BaseModel], patch: type[BaseModel],
+                   out: type[BaseModel]) -> None:
+    noun = kind[:-1]
+
+    def list_rows(_who: Admin, session: DB, limit: Limit = 100, offset: Offset = 0) -> Any:
+        return svc.list_rows(session, kind, limit, offset)
+
+    def get_row(_who: Admin, session: DB, key: Identifier) -> Any:
+        return svc.get_row(session, kind, key)
+
+    def create_row(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                   body: create) -> Any:  # type: ignore[valid-type]
+        row = svc.create_row(session, kind, body, context(request).settings.timezone)
+        _after_write(context(request), tasks, kind)
+        return row
+
+    def update_row(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                   key: Identifier, body: patch) -> Any:  # type: ignore[valid-type]
+        row = svc.update_row(session, kind, key, body)
+        _after_write(context(request), tasks, kind)
+        return row
+
+    def delete_row(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                   key: Identifier) -> Response:
+        svc.delete_row(session, kind, key)
+        _after_write(context(request), tasks, kind)
+        return Response(status_code=204)
+
+    path = f"/{kind}"
+    router.add_api_route(path, list_rows, methods=["GET"], response_model=list[out],
+                         summary=f"List {kind}.", tags=[kind])
+    router.add_api_route(f"{path}/{{key}}", get_row, methods=["GET"], response_model=out,
+                         summary=f"One {noun}.", tags=[kind])
+    if kind != "devices":
+        router.add_api_route(path, create_row, methods=["POST"], response_model=out,
+                             status_code=201, summary=f"Create a {noun}.", tags=[kind])
+    router.add_api_route(f"{path}/{{key}}", update_row, methods=["PATCH"], response_model=out,
+                         summary=f"Update a {noun}.", tags=[kind])
+    router.add_api_route(f"{path}/{{key}}", delete_row, methods=["DELETE"], status_code=204,
+                         summary=f"Delete a {noun}.", tags=[kind])
+
+
+_simple_routes("students", svc.StudentIn, svc.StudentPatch, svc.StudentOut)
+_simple_routes("courses", svc.CourseIn, svc.CoursePatch, svc.CourseOut)
+_simple_routes("rooms", svc.RoomIn, svc.RoomPatch, svc.RoomOut)
+_simple_routes("devices", svc.DeviceIn, svc.DevicePatch, svc.DeviceOut)
+
+
+@router.post("/devices", response_model=svc.DeviceCreated, status_code=201, tags=["devices"],
+             summary="Register a device; the API key is in this answer only.")
+def create_device(request: Request, _who: Admin, session: DB,
+                  body: svc.DeviceIn) -> svc.DeviceCreated:
+    device, key = device_svc.add_device(session, body.room_id, body.id)
+    context(request).credentials.clear()
+    return svc.DeviceCreated(**svc.DeviceOut.model_validate(device, from_attributes=True)
+                             .model_dump(), api_key=key)
+
+
+class NewKey(BaseModel):
+    device_id: str
+    api_key: str = Field(description="Shown once; the old key stops working at once.")
+
+
+@router.post("/devices/{key}/rotate-key", response_model=NewKey, tags=["devices"],
+             summary="Issue a new API key for a device.")
+def rotate_key(request: Request, _who: Admin, session: DB, key: Identifier) -> NewKey:
+    new = device_svc.rotate_device_key(session, key)
+    context(request).credentials.clear()
+    return NewKey(device_id=key, api_key=new)
+
+
+# ---- enrollments -----------------------------------------------------------------------------
+
+@router.get("/enrollments", response_model=list[svc.EnrollmentOut], tags=["enrollments"],
+            summary="List enrollments (filter by course or student).")
+def list_enrollments(_who: Admin, session: DB, course_id: Identifier | None = None,
+                     student_id: Identifier | None = None, limit: Limit = 100,
+                     offset: Offset = 0) -> Any:
+    return svc.list_enrollments(session, course_id, student_id, limit, offset)
+
+
+@router.post("/enrollments", response_model=svc.EnrollmentOut, status_code=201,
+             tags=["enrollments"], summary="Enrol a student in a course.")
+def create_enrollment(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                      body: svc.EnrollmentIn) -> Any:
+    row = svc.create_enrollment(session, body)
+    _after_write(context(request), tasks, "enrollments")
+    return row
+
+
+@router.delete("/enrollments/{student_id}/{course_id}", status_code=204, tags=["enrollments"],
+               summary="Remove an enrollment.")
+def delete_enrollment(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                      student_id: Identifier, course_id: Identifier) -> Response:
+    svc.delete_enrollment(session, student_id, course_id)
+    _after_write(context(request), tasks, "enrollments")
+    return Response(status_code=204)
+
+
+# ---- schedules -------------------------------------------------------------------------------
+
+@router.get("/schedules", response_model=list[svc.ScheduleOut], tags=["schedules"],
+            summary="List weekly schedule slots (filter by room or course).")
+def list_schedules(_who: Admin, session: DB, room_id: Identifier | None = None,
+                   course_id: Identifier | None = None, limit: Limit = 100,
+                   offset: Offset = 0) -> Any:
+    return svc.list_schedules(session, room_id, course_id, limit, offset)
+
+
+@router.get("/schedules/{schedule_id}", response_model=svc.ScheduleOut, tags=["schedules"],
+            summary="One schedule slot.")
+def get_schedule(_who: Admin, session: DB, schedule_id: int) -> Any:
+    return svc.get_schedule(session, schedule_id)
+
+
+@router.post("/schedules", response_model=svc.ScheduleOut, status_code=201, tags=["schedules"],
+             summary="Create a weekly slot.")
+def create_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                    body: svc.ScheduleIn) -> Any:
+    row = svc.create_schedule(session, body)
+    _after_write(context(request), tasks, "schedules")
+    return row
+
+
+@router.patch("/schedules/{schedule_id}", response_model=svc.ScheduleOut, tags=["schedules"],
+              summary="Update a weekly slot.")
+def update_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                    schedule_id: int, body: svc.SchedulePatch) -> Any:
+    row = svc.update_schedule(session, schedule_id, body)
+    _after_write(context(request), tasks, "schedules")
+    return row
+
+
+@router.delete("/schedules/{schedule_id}", status_code=204, tags=["schedules"],
+               summary="Delete a weekly slot.")
+def delete_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                    schedule_id: int) -> Response:
+    svc.delete_schedule(session, schedule_id)
+    _after_write(context(request), tasks, "schedules")
+    return Response(status_code=204)
+
+
+# ---- CSV import ------------------------------------------------------------------------------
+
+@router.post(
+    "/import/{kind}", response_model=svc.ImportReport, tags=["import"],
+    summary="Bulk import from CSV (multipart field `file`, or a text/csv body).",
+)
+async def import_csv(request: Request, tasks: BackgroundTasks, _who: Admin,
+                     kind: svc.ImportKind) -> Any:
+    limit = context(request).settings.max_photo_bytes
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(422, "multipart body needs a file field named 'file'")
+        data = await upload.read(limit + 1)
+    else:
+        data = await request.body()
+    if len(data) > limit:
+        raise HTTPException(413, f"CSV larger than {limit} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise HTTPException(400, f"CSV is not UTF-8 (byte {err.start})") from err
+    ctx = context(request)
+    from starlette.concurrency import run_in_threadpool
+
+    def run() -> svc.ImportReport:
+        with ctx.sessions() as session:
+            return svc.import_csv(session, kind, text, ctx.settings.timezone)
+
+    report = await run_in_threadpool(run)
+    _after_write(ctx, tasks, kind)
+    return report
+
+
+# ---- faces -----------------------------------------------------------------------------------
+
+class FaceOut(BaseModel):
+    id: int
+    student_id: str
+    source: str
+    quality: float | None
+    photo_kept: bool
+    created_at: Any
+
+
+def _face_out(row: Any) -> FaceOut:
+    return FaceOut(id=row.id, student_id=row.student_id, source=row.source, quality=row.quality,
+                   photo_kept=row.photo_path is not None, created_at=row.created_at)
+
+
+@router.post(
+    "/students/{student_id}/faces", response_model=FaceOut, status_code=201, tags=["faces"],
+    summary="Enrol a photo: exactly one face, big and sharp enough; the embedding is kept.",
+    responses={422: {"description": "No usable face (the reason is in detail)."},
+               413: {"description": "Photo too large."},
+               503: {"description": "Face models not available on this server."}},
+)
+def enroll_face(
+    request: Request, tasks: BackgroundTasks, _who: Admin, session: DB, student_id: Identifier,
+    photo: Annotated[UploadFile, File(description="JPEG/PNG/WebP photo of the student.")],
+) -> FaceOut:
+    ctx = context(request)
+    if session.get(Student, student_id) is None:
+        raise NotFoundError(f"student {student_id!r} does not exist")
+    session.rollback()
+    limit = ctx.settings.max_photo_bytes
+    data = photo.file.read(limit + 1)
+    if len(data) > limit:
+        metrics.ENROLLMENTS.labels("rejected").inc()
+        raise HTTPException(413, f"photo larger than {limit} bytes")
+    image = faces.decode_image(data)
+    result = ctx.encoder.encode(image)
+    if result.embedding is None:
+        metrics.ENROLLMENTS.labels("rejected").inc()
+        raise HTTPException(422, f"photo rejected: {result.reason}")
+    suffix = Path(photo.filename or "photo.jpg").suffix.lower()
+    row = faces.store_embedding(
+        session, ctx.settings, student_id, result.embedding, result.quality,
+        f"upload:{Path(photo.filename or 'photo').name}", data, suffix,
+    )
+    metrics.ENROLLMENTS.labels("accepted").inc()
+    _after_write(ctx, tasks, "students")
+    return _face_out(row)
+
+
+@router.get("/students/{student_id}/faces", response_model=list[FaceOut], tags=["faces"],
+            summary="A student's stored embeddings (metadata only).")
+def list_faces(_who: Admin, session: DB, student_id: Identifier) -> list[FaceOut]:
+    return [_face_out(r) for r in faces.list_faces(session, student_id)]
+
+
+@router.delete("/students/{student_id}/faces/{face_id}", status_code=204, tags=["faces"],
+               summary="Delete one embedding (and its photo, if kept).")
+def delete_face(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+                student_id: Identifier, face_id: int) -> Response:
+    faces.delete_face(session, student_id, face_id)
+    _after_write(context(request), tasks, "students")
+    return Response(status_code=204)

@@ -1,0 +1,86 @@
+"""Device endpoints: schedule + rosters down; attendance, heartbeats and events up."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from pydantic import AwareDatetime, BaseModel
+
+from cloud_sync.aggregator.api.context import DevicePrincipal
+from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin
+from cloud_sync.aggregator.services import ingest
+from cloud_sync.aggregator.services.schedule import build_schedule, etag_of
+from cloud_sync.protocol import (
+    AttendanceBatch,
+    BatchResult,
+    Event,
+    Heartbeat,
+    Identifier,
+    ScheduleResponse,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["devices"])
+
+
+class Stored(BaseModel):
+    stored: bool
+    duplicate: bool = False
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(part.strip().removeprefix("W/") == etag for part in header.split(","))
+
+
+@router.get(
+    "/schedule",
+    response_model=ScheduleResponse,
+    responses={304: {"description": "Not modified (If-None-Match matched the ETag)."},
+               403: {"description": "A device asked for another room."}},
+    summary="The room's day: current course, sessions and rosters (enrolled students only).",
+)
+def get_schedule(
+    who: DeviceOrAdmin,
+    session: DB,
+    room_id: Annotated[Identifier, Query(description="Room id, e.g. LAB-301.")],
+    at: Annotated[AwareDatetime | None, Query(description="ISO time (default: now).")] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    if isinstance(who, DevicePrincipal) and who.room_id != room_id:
+        raise HTTPException(403, "a device may only read its own room's schedule")
+    schedule = build_schedule(session, room_id, at)
+    etag = etag_of(schedule)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(schedule.model_dump_json(), media_type="application/json", headers=headers)
+
+
+@router.post(
+    "/attendance",
+    response_model=BatchResult,
+    summary="A batch of up to 1,000 records; idempotent on the records' keys.",
+    responses={403: {"description": "The batch claims another device."}},
+)
+def post_attendance(who: Device, session: DB, batch: AttendanceBatch) -> BatchResult:
+    if batch.device_id != who.device_id:
+        raise HTTPException(403, "batch device_id is not the authenticated device")
+    return ingest.ingest_batch(session, who.device_id, batch)
+
+
+@router.post(
+    "/heartbeat", response_model=Stored, summary="Device status; also corrects clocks."
+)
+def post_heartbeat(who: Device, session: DB, heartbeat: Heartbeat) -> Stored:
+    ingest.record_heartbeat(session, who.device_id, heartbeat)
+    return Stored(stored=True)
+
+
+@router.post("/events", response_model=Stored, summary="A device event (idempotent on key).")
+def post_event(who: Device, session: DB, event: Event) -> Stored:
+    inserted = ingest.record_event(session, who.device_id, event)
+    return Stored(stored=inserted, duplicate=not inserted)

@@ -1,0 +1,111 @@
+"""Attendance reports (admin token): JSON, or CSV with ?format=csv or Accept: text/csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import date
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+
+from cloud_sync.aggregator.api.deps import DB, Admin, context
+from cloud_sync.aggregator.services import reports
+from cloud_sync.protocol import Identifier
+
+router = APIRouter(prefix="/api/v1/attendance", tags=["reports"])
+Format = Annotated[Literal["json", "csv"] | None, Query(description="csv for a CSV download.")]
+From = Annotated[date | None, Query(alias="from", description="First day (default: term).")]
+To = Annotated[date | None, Query(alias="to", description="Last day (default: today).")]
+
+
+def wants_csv(request: Request, fmt: str | None) -> bool:
+    if fmt is not None:
+        return fmt == "csv"
+    accept = request.headers.get("accept", "")
+    return "text/csv" in accept and "application/json" not in accept
+
+
+def csv_response(name: str, header: list[str], rows: list[list[Any]]) -> Response:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in row])
+    return Response(
+        buffer.getvalue(), media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
+
+
+PCT_HEADER = ["student_id", "name", "course_id", "course_name", "held", "present", "late",
+              "absent", "percentage"]
+
+
+def _pct_rows(items: list[reports.Percentage]) -> list[list[Any]]:
+    return [[p.student_id, p.name, p.course_id, p.course_name, p.held, p.present, p.late,
+             p.absent, p.percentage] for p in items]
+
+
+@router.get(
+    "/student/{student_id}",
+    response_model=reports.StudentReport,
+    summary="A student's records and attendance percentage per enrolled course.",
+)
+def student(
+    request: Request, _who: Admin, session: DB, student_id: Identifier,
+    date_from: From = None, date_to: To = None, format: Format = None,
+    limit: Annotated[int, Query(ge=1, le=10000, description="Most records listed.")] = 1000,
+    view: Annotated[
+        Literal["records", "summary"],
+        Query(description="CSV content: the records, or the per-course percentages."),
+    ] = "records",
+) -> Any:
+    report = reports.student_report(
+        session, student_id, date_from, date_to, context(request).rules, limit
+    )
+    if wants_csv(request, format) and view == "summary":
+        return csv_response(
+            f"attendance-{student_id}-summary", PCT_HEADER, _pct_rows(report.courses)
+        )
+    if wants_csv(request, format):
+        return csv_response(
+            f"attendance-{student_id}",
+            ["student_id", "key", "course_id", "room_id", "device_id", "at", "seen_at",
+             "confidence", "time_uncertain", "correction"],
+            [[report.student_id, r.key, r.course_id, r.room_id, r.device_id, r.at.isoformat(),
+              r.seen_at.isoformat(), r.confidence, r.time_uncertain, r.correction]
+             for r in report.records],
+        )
+    return report
+
+
+@router.get(
+    "/course/{course_id}",
+    response_model=reports.CourseDayReport | reports.CourseSummary,
+    summary="With ?date=: who was present, late, absent at each class that day; without: "
+    "attendance percentage per enrolled student over a date range.",
+)
+def course(
+    request: Request, _who: Admin, session: DB, course_id: Identifier,
+    day: Annotated[date | None, Query(alias="date", description="A day (room-local).")] = None,
+    date_from: From = None, date_to: To = None, format: Format = None,
+) -> Any:
+    rules = context(request).rules
+    if day is not None:
+        report = reports.course_day(session, course_id, day, rules)
+        if wants_csv(request, format):
+            return csv_response(
+                f"attendance-{course_id}-{day.isoformat()}",
+                ["course_id", "room_id", "starts_at", "ends_at", "student_id", "name", "status",
+                 "first_seen_at"],
+                [[course_id, s.room_id, s.starts_at.isoformat(), s.ends_at.isoformat(),
+                  st.student_id, st.name, st.status,
+                  st.first_seen_at.isoformat() if st.first_seen_at else None]
+                 for s in report.sessions for st in s.students],
+            )
+        return report
+    summary = reports.course_summary(session, course_id, date_from, date_to, rules)
+    if wants_csv(request, format):
+        return csv_response(f"attendance-{course_id}", PCT_HEADER, _pct_rows(summary.students))
+    return summary

@@ -1,0 +1,142 @@
+"""create_app(settings): the aggregator's FastAPI application.
+
+Lifespan: migrate the database (Alembic), create the PostgreSQL partitions ahead, start the MQTT
+bridge when ``settings.mqtt_url`` is set (imported lazily: ``cloud_sync.aggregator.mqtt_bridge``),
+stop it and dispose of the engine on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from cloud_sync.aggregator import metrics
+from cloud_sync.aggregator.api import admin, device, ops, reports
+from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
+from cloud_sync.aggregator.config import AggregatorSettings
+from cloud_sync.aggregator.db import partitions
+from cloud_sync.aggregator.db.migrate import upgrade_engine
+from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+from cloud_sync.aggregator.services.common import ServiceError
+from cloud_sync.aggregator.services.faces import FaceEncoder
+from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY
+from cloud_sync.aggregator.services.reports import Rules
+
+_LOGGER = logging.getLogger(__name__)
+MAX_JSON_BYTES = 4_000_000  # a full batch of 1,000 records is ~0.4 MB
+
+
+def _start_bridge(ctx: AppContext) -> None:
+    if ctx.settings.mqtt_url is None:
+        ctx.mqtt_state = "disabled"
+        return
+    try:
+        from cloud_sync.aggregator.mqtt_bridge import MqttBridge
+    except ImportError as err:
+        _LOGGER.warning("MQTT bridge unavailable: %s", err)
+        ctx.mqtt_state = "unavailable"
+        return
+    bridge = MqttBridge(ctx.settings, ctx.sessions)
+    bridge.start()
+    ctx.mqtt_bridge = bridge
+
+
+def create_app(settings: AggregatorSettings) -> FastAPI:
+    engine = make_engine(
+        settings.database_url.get_secret_value(), sqlite_synchronous=settings.sqlite_synchronous
+    )
+    sessions = make_session_factory(
+        engine, info={EARLY_ARRIVAL_INFO_KEY: settings.early_arrival_min}
+    )
+    ctx = AppContext(
+        settings=settings, engine=engine, sessions=sessions,
+        credentials=CredentialCache(settings.auth_cache_s),
+        limiter=RateLimiter(settings.rate_limit_per_min), encoder=FaceEncoder(settings),
+        rules=Rules(settings.late_after_min, settings.early_arrival_min),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upgrade_engine(engine)
+        partitions.forget(engine)
+        partitions.ensure_ahead(engine, settings.partition_months_ahead)
+        _start_bridge(ctx)
+        app.state.mqtt_bridge = ctx.mqtt_bridge
+        try:
+            yield
+        finally:
+            if ctx.mqtt_bridge is not None:
+                ctx.mqtt_bridge.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Classroom attendance aggregator",
+        version="1",
+        description="Rosters and schedules down to the room devices, attendance up; reports "
+        "and administration. Authentication: `Authorization: Bearer <device key | admin token>`.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.mqtt_bridge = None
+    for router in (device.router, reports.router, admin.router, ops.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def guard(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        limit = max(MAX_JSON_BYTES, settings.max_photo_bytes + 100_000)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            response: Response = JSONResponse(
+                {"detail": f"body larger than {limit} bytes"}, status_code=413
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(request.method, label, str(response.status_code)).inc()
+        metrics.LATENCY.labels(label).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, err: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": err.message}, status_code=err.status)
+
+    @app.exception_handler(IntegrityError)
+    async def integrity_error(_request: Request, err: IntegrityError) -> JSONResponse:
+        _LOGGER.info("integrity error: %s", err.orig)
+        return JSONResponse({"detail": "conflicts with existing data"}, status_code=409)
+
+    @app.exception_handler(OperationalError)
+    async def db_unavailable(_request: Request, err: OperationalError) -> JSONResponse:
+        _LOGGER.error("database error: %s", err.orig)
+        return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.exception_handler(SQLAlchemyError)
+    async def db_error(_request: Request, err: SQLAlchemyError) -> JSONResponse:
+        _LOGGER.exception("database error")
+        return JSONResponse({"detail": "database error, retry later"}, status_code=503,
+                            headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = []
+        for item in err.errors()[:50]:
+            errors.append({
+                "loc": [str(p) for p in item.get("loc", ())],
+                "msg": str(item.get("msg", "")),
+                "type": str(item.get("type", "")),
+            })
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    return app

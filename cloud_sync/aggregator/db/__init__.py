@@ -1,0 +1,1 @@
+"""Database layer: ORM models, engine/session factories, Alembic migrations, partitions."""

@@ -1,0 +1,238 @@
+"""The aggregator's schema (SQLAlchemy 2 typed ORM); the same models on SQLite and PostgreSQL.
+
+Attendance on PostgreSQL is a table partitioned by month on ``at`` (the corrected time); a
+partitioned table's unique constraints must include the partition key, so the idempotency key
+is made unique by the small ``attendance_keys`` table (key as primary key) that every insert goes
+through first. On SQLite ``attendance.key`` carries a unique index instead. See
+``db/partitions.py`` and the first migration.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    Time,
+    Uuid,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+ID_LEN = 64
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out on every backend (SQLite stores naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Student(Base):
+    __tablename__ = "students"
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(254), default=None)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Course(Base):
+    __tablename__ = "courses"
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Enrollment(Base):
+    __tablename__ = "enrollments"
+    student_id: Mapped[str] = mapped_column(
+        ForeignKey("students.id", ondelete="CASCADE"), primary_key=True
+    )
+    course_id: Mapped[str] = mapped_column(
+        ForeignKey("courses.id", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    __table_args__ = (Index("ix_enrollments_course", "course_id", "student_id"),)
+
+
+class Room(Base):
+    __tablename__ = "rooms"
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    site: Mapped[str] = mapped_column(String(ID_LEN))
+    timezone: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Schedule(Base):
+    """A weekly slot: course in room on weekday (0 = Monday) from start to end, local time."""
+
+    __tablename__ = "schedules"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    course_id: Mapped[str] = mapped_column(ForeignKey("courses.id", ondelete="CASCADE"))
+    room_id: Mapped[str] = mapped_column(ForeignKey("rooms.id", ondelete="CASCADE"))
+    weekday: Mapped[int] = mapped_column(SmallInteger)
+    start_time: Mapped[time] = mapped_column(Time)
+    end_time: Mapped[time] = mapped_column(Time)
+    effective_from: Mapped[date | None] = mapped_column(Date, default=None)
+    effective_to: Mapped[date | None] = mapped_column(Date, default=None)
+    __table_args__ = (
+        Index("ix_schedules_room_weekday", "room_id", "weekday"),
+        Index("ix_schedules_course", "course_id"),
+    )
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    room_id: Mapped[str] = mapped_column(ForeignKey("rooms.id"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    software_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    clock_offset_s: Mapped[float | None] = mapped_column(
+        Float, default=None, doc="server receive time - device send time, last heartbeat"
+    )
+
+
+class FaceEmbedding(Base):
+    __tablename__ = "face_embeddings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    student_id: Mapped[str] = mapped_column(ForeignKey("students.id", ondelete="CASCADE"))
+    vector: Mapped[bytes] = mapped_column(LargeBinary, doc="128 little-endian float32")
+    source: Mapped[str] = mapped_column(String(200))
+    quality: Mapped[float | None] = mapped_column(Float, default=None)
+    photo_path: Mapped[str | None] = mapped_column(String(500), default=None)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    __table_args__ = (Index("ix_face_embeddings_student", "student_id"),)
+
+
+class Attendance(Base):
+    """One accepted record. ``at`` is the time the record counts at (corrected when the
+    device clock was not synchronised); ``seen_at`` is what the device said."""
+
+    __tablename__ = "attendance"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[uuid.UUID] = mapped_column(Uuid)
+    student_id: Mapped[str] = mapped_column(ForeignKey("students.id"))
+    course_id: Mapped[str | None] = mapped_column(ForeignKey("courses.id"), default=None)
+    device_course_id: Mapped[str | None] = mapped_column(String(ID_LEN), default=None)
+    room_id: Mapped[str] = mapped_column(ForeignKey("rooms.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    confidence: Mapped[float] = mapped_column(Float)
+    distance: Mapped[float | None] = mapped_column(Float, default=None)
+    clock_synced: Mapped[bool] = mapped_column(Boolean)
+    boot_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    monotonic_s: Mapped[float | None] = mapped_column(Float, default=None)
+    time_uncertain: Mapped[bool] = mapped_column(Boolean, default=False)
+    correction: Mapped[str] = mapped_column(
+        String(16), doc="none | heartbeat_sync | heartbeat_offset | uncertain"
+    )
+    __table_args__ = (
+        Index("ix_attendance_key", "key"),  # unique on SQLite; attendance_keys on PostgreSQL
+        Index("ix_attendance_student_at", "student_id", "at"),
+        Index("ix_attendance_course_at", "course_id", "at"),
+        Index("ix_attendance_room_at", "room_id", "at"),
+        Index("ix_attendance_uncertain", "device_id", "boot_id", "time_uncertain"),
+    )
+
+
+class AttendanceKey(Base):
+    """PostgreSQL only: the global uniqueness of attendance keys across partitions."""
+
+    __tablename__ = "attendance_keys"
+    key: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+
+
+class Heartbeat(Base):
+    __tablename__ = "heartbeats"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    sent_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    clock_synced: Mapped[bool] = mapped_column(Boolean)
+    boot_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    monotonic_s: Mapped[float | None] = mapped_column(Float, default=None)
+    software_version: Mapped[str] = mapped_column(String(64))
+    uptime_s: Mapped[float] = mapped_column(Float)
+    cpu_temp_c: Mapped[float | None] = mapped_column(Float, default=None)
+    outbox_depth: Mapped[int] = mapped_column(Integer)
+    oldest_unsent_age_s: Mapped[float | None] = mapped_column(Float, default=None)
+    last_frame_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    fps: Mapped[float | None] = mapped_column(Float, default=None)
+    __table_args__ = (
+        Index("ix_heartbeats_device_boot", "device_id", "boot_id", "clock_synced"),
+        Index("ix_heartbeats_device_received", "device_id", "received_at"),
+    )
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    key: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    room_id: Mapped[str] = mapped_column(String(ID_LEN))
+    kind: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(String(500))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    __table_args__ = (Index("ix_events_device_at", "device_id", "at"),)
+
+
+class AdminToken(Base):
+    __tablename__ = "admin_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class DeadLetter(Base):
+    """A message that could not be processed (e.g. a malformed MQTT payload): kept, not lost."""
+
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(200), doc="e.g. an MQTT topic")
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    reason: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -1,0 +1,79 @@
+"""Engines and sessions: SQLite (WAL, foreign keys on) or PostgreSQL (psycopg 3)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _sqlite_pragmas(synchronous: str) -> Any:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=10000")
+        finally:
+            cur.close()
+        # SQLAlchemy emits BEGIN itself (see _sqlite_begin), so writers can take the write
+        # lock up front (BEGIN IMMEDIATE) instead of failing to upgrade a read lock.
+        dbapi_conn.isolation_level = None
+
+    return on_connect
+
+
+WRITE = {"sqlite_write": True}
+
+
+def _sqlite_begin(conn: Any) -> None:
+    write = conn.get_execution_options().get("sqlite_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def begin_write(session: Session) -> None:
+    """Call first in a session that will write: on SQLite the transaction takes the write lock
+    at once (BEGIN IMMEDIATE), so concurrent writers queue on busy_timeout instead of failing
+    with 'database is locked'. A no-op on PostgreSQL and inside a running transaction."""
+    if not session.in_transaction():
+        session.connection(execution_options=WRITE)
+
+
+def make_engine(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 10) -> Engine:
+    """An engine for ``url``. SQLite: the parent directory is created, WAL and foreign keys are
+    switched on for every connection. PostgreSQL: a pooled psycopg 3 engine."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if sqlite_synchronous not in {"NORMAL", "FULL"}:
+            raise ValueError("sqlite_synchronous must be NORMAL or FULL")
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size
+        )
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_synchronous))
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+
+
+def make_session_factory(
+    engine: Engine, info: dict[str, Any] | None = None
+) -> sessionmaker[Session]:
+    """Sessions for ``engine``; ``info`` (e.g. ingest settings) is copied into each one."""
+    return sessionmaker(engine, expire_on_commit=False, info=info or {})
+
+
+def is_postgres(session_or_engine: Session | Engine) -> bool:
+    bind = session_or_engine.get_bind() if isinstance(session_or_engine, Session) else (
+        session_or_engine
+    )
+    return bind.dialect.name == "postgresql"

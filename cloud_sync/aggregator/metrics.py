@@ -1,0 +1,40 @@
+"""Prometheus metrics of the aggregator (one registry, served at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECORDS = Counter(
+    "aggregator_attendance_records_total", "Attendance records by ingest outcome.",
+    ["result"], registry=REGISTRY,
+)
+HEARTBEATS = Counter(
+    "aggregator_heartbeats_total", "Heartbeats stored.", registry=REGISTRY
+)
+EVENTS = Counter(
+    "aggregator_events_total", "Device events received, by kind.", ["kind"], registry=REGISTRY
+)
+DEAD_LETTERS = Counter(
+    "aggregator_dead_letters_total", "Messages kept as dead letters.", registry=REGISTRY
+)
+REQUESTS = Counter(
+    "aggregator_http_requests_total", "HTTP requests by route and status.",
+    ["method", "route", "status"], registry=REGISTRY,
+)
+LATENCY = Histogram(
+    "aggregator_http_request_seconds", "HTTP request latency by route.", ["route"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+RATE_LIMITED = Counter(
+    "aggregator_rate_limited_total", "Device requests answered 429.", registry=REGISTRY
+)
+ENROLLMENTS = Counter(
+    "aggregator_face_enrollments_total", "Enrollment photos by outcome.", ["result"],
+    registry=REGISTRY,
+)
+MQTT_CONNECTED = Gauge(
+    "aggregator_mqtt_bridge_connected", "1 when the MQTT bridge is connected.", registry=REGISTRY
+)

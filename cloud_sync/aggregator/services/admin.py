@@ -1,0 +1,531 @@
+"""Admin create/read/update/delete of students, courses, rooms, enrollments, schedules, devices
+and CSV bulk import of the first five (per-row errors, good rows imported)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Callable
+from datetime import date, datetime, time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy import and_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from cloud_sync.aggregator.db.models import (
+    Course,
+    Device,
+    Enrollment,
+    Room,
+    Schedule,
+    Student,
+)
+from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services.common import (
+    ConflictError,
+    NotFoundError,
+    ServiceError,
+    utcnow,
+)
+from cloud_sync.aggregator.services.timetable import valid_zone
+from cloud_sync.protocol import Identifier
+
+_LOGGER = logging.getLogger(__name__)
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+WEEKDAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class StudentIn(Strict):
+    id: Identifier = Field(description="Student id, e.g. S001.")
+    name: Name
+    email: str | None = Field(default=None, max_length=254)
+
+
+class StudentPatch(Strict):
+    name: Name | None = None
+    email: str | None = Field(default=None, max_length=254)
+
+
+class StudentOut(BaseModel):
+    id: str
+    name: str
+    email: str | None
+    created_at: datetime
+    faces: int = Field(default=0, description="Face embeddings stored.")
+
+
+class CourseIn(Strict):
+    id: Identifier
+    name: Name
+
+
+class CoursePatch(Strict):
+    name: Name | None = None
+
+
+class CourseOut(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+
+
+def _check_zone(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return valid_zone(value)
+    except ServiceError as err:
+        raise ValueError(err.message) from err
+
+
+class RoomIn(Strict):
+    id: Identifier
+    name: Name | None = Field(default=None, description="Defaults to the id.")
+    site: Identifier = Field(default="main", description="Site (MQTT topics).")
+    timezone: str | None = Field(default=None, description="IANA zone; default from settings.")
+
+    _zone = field_validator("timezone")(_check_zone)
+
+
+class RoomPatch(Strict):
+    name: Name | None = None
+    site: Identifier | None = None
+    timezone: str | None = None
+
+    _zone = field_validator("timezone")(_check_zone)
+
+
+class RoomOut(BaseModel):
+    id: str
+    name: str
+    site: str
+    timezone: str
+    created_at: datetime
+
+
+class EnrollmentIn(Strict):
+    student_id: Identifier
+    course_id: Identifier
+
+
+class EnrollmentOut(BaseModel):
+    student_id: str
+    course_id: str
+    created_at: datetime
+
+
+def _weekday(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text[:3] in WEEKDAYS and (len(text) == 3 or text.endswith("day")):
+            return WEEKDAYS[text[:3]]
+    return value
+
+
+class ScheduleIn(Strict):
+    course_id: Identifier
+    room_id: Identifier
+    weekday: int = Field(ge=0, le=6, description="0 = Monday ... 6 = Sunday (or 'Mon'...).")
+    start_time: time = Field(description="Local start time (room time zone), HH:MM.")
+    end_time: time = Field(description="Local end time, after start_time.")
+    effective_from: date | None = None
+    effective_to: date | None = None
+
+    _wd = field_validator("weekday", mode="before")(_weekday)
+
+    @model_validator(mode="after")
+    def _order(self) -> ScheduleIn:
+        if self.end_time <= self.start_time:
+            raise ValueError("end_time must be after start_time")
+        if self.effective_from and self.effective_to and self.effective_to < self.effective_from:
+            raise ValueError("effective_to is before effective_from")
+        return self
+
+
+class SchedulePatch(Strict):
+    course_id: Identifier | None = None
+    room_id: Identifier | None = None
+    weekday: int | None = Field(default=None, ge=0, le=6)
+    start_time: time | None = None
+    end_time: time | None = None
+    effective_from: date | None = None
+    effective_to: date | None = None
+
+    _wd = field_validator("weekday", mode="before")(_weekday)
+
+
+class ScheduleOut(BaseModel):
+    id: int
+    course_id: str
+    room_id: str
+    weekday: int
+    start_time: time
+    end_time: time
+    effective_from: date | None
+    effective_to: date | None
+
+
+class DeviceIn(Strict):
+    room_id: Identifier
+    id: Identifier | None = Field(default=None, description="Default: generated from the room.")
+
+
+class DevicePatch(Strict):
+    room_id: Identifier
+
+
+class DeviceOut(BaseModel):
+    id: str
+    room_id: str
+    created_at: datetime
+    last_heartbeat_at: datetime | None
+    software_version: str | None
+    clock_offset_s: float | None
+
+
+class DeviceCreated(DeviceOut):
+    api_key: str = Field(description="Shown once; only its hash is stored.")
+
+
+def _out(model: type[BaseModel], row: Any) -> Any:
+    return model.model_validate(row, from_attributes=True)
+
+
+def _require(session: Session, model: type, key: str, what: str) -> None:
+    if session.get(model, key) is None:
+        raise NotFoundError(f"{what} {key!r} does not exist")
+
+
+def _commit(session: Session) -> None:
+    try:
+        session.commit()
+    except IntegrityError as err:
+        session.rollback()
+        raise ConflictError(f"conflicts with existing data: {err.orig}") from err
+
+
+# ---- students / courses / rooms (string primary key) --------------------------------------
+
+SIMPLE: dict[str, tuple[type, type[BaseModel]]] = {
+    "students": (Student, StudentOut),
+    "courses": (Course, CourseOut),
+    "rooms": (Room, RoomOut),
+    "devices": (Device, DeviceOut),
+}
+
+
+def list_rows(session: Session, kind: str, limit: int, offset: int) -> list[Any]:
+    model, out = SIMPLE[kind]
+    rows = session.scalars(select(model).order_by(model.id).limit(limit).offset(offset)).all()
+    return [_out(out, r) for r in rows]
+
+
+def get_row(session: Session, kind: str, key: str) -> Any:
+    model, out = SIMPLE[kind]
+    row = session.get(model, key)
+    if row is None:
+        raise NotFoundError(f"{kind[:-1]} {key!r} does not exist")
+    return _out(out, row)
+
+
+def create_row(session: Session, kind: str, data: BaseModel, default_tz: str = "UTC") -> Any:
+    model, out = SIMPLE[kind]
+    begin_write(session)
+    values = data.model_dump()
+    if session.get(model, values["id"]) is not None:
+        raise ConflictError(f"{kind[:-1]} {values['id']!r} already exists")
+    if kind == "rooms":
+        values["name"] = values["name"] or values["id"]
+        values["timezone"] = values["timezone"] or default_tz
+    row = model(**values, created_at=utcnow())
+    session.add(row)
+    _commit(session)
+    return _out(out, row)
+
+
+def update_row(session: Session, kind: str, key: str, patch: BaseModel) -> Any:
+    model, out = SIMPLE[kind]
+    begin_write(session)
+    row = session.get(model, key)
+    if row is None:
+        raise NotFoundError(f"{kind[:-1]} {key!r} does not exist")
+    changes = patch.model_dump(exclude_unset=True)
+    if kind == "devices" and "room_id" in changes:
+        _require(session, Room, changes["room_id"], "room")
+    for name, value in changes.items():
+        if value is None and name not in {"email"}:
+            raise ServiceError(f"{name} cannot be null")
+        setattr(row, name, value)
+    _commit(session)
+    return _out(out, row)
+
+
+def delete_row(session: Session, kind: str, key: str) -> None:
+    model, _ = SIMPLE[kind]
+    begin_write(session)
+    row = session.get(model, key)
+    if row is None:
+        raise NotFoundError(f"{kind[:-1]} {key!r} does not exist")
+    session.delete(row)
+    try:
+        session.flush()
+    except IntegrityError as err:
+        session.rollback()
+        raise ConflictError(
+            f"{kind[:-1]} {key!r} is still referenced (attendance, devices, ...)"
+        ) from err
+    _commit(session)
+
+
+# ---- enrollments ---------------------------------------------------------------------------
+
+def list_enrollments(
+    session: Session, course_id: str | None, student_id: str | None, limit: int, offset: int
+) -> list[EnrollmentOut]:
+    query = select(Enrollment).order_by(Enrollment.course_id, Enrollment.student_id)
+    if course_id:
+        query = query.where(Enrollment.course_id == course_id)
+    if student_id:
+        query = query.where(Enrollment.student_id == student_id)
+    return [_out(EnrollmentOut, r) for r in session.scalars(query.limit(limit).offset(offset))]
+
+
+def create_enrollment(session: Session, data: EnrollmentIn) -> EnrollmentOut:
+    begin_write(session)
+    _require(session, Student, data.student_id, "student")
+    _require(session, Course, data.course_id, "course")
+    if session.get(Enrollment, (data.student_id, data.course_id)) is not None:
+        raise ConflictError("already enrolled")
+    row = Enrollment(student_id=data.student_id, course_id=data.course_id, created_at=utcnow())
+    session.add(row)
+    _commit(session)
+    return _out(EnrollmentOut, row)
+
+
+def delete_enrollment(session: Session, student_id: str, course_id: str) -> None:
+    begin_write(session)
+    row = session.get(Enrollment, (student_id, course_id))
+    if row is None:
+        raise NotFoundError("no such enrollment")
+    session.delete(row)
+    _commit(session)
+
+
+# ---- schedules -----------------------------------------------------------------------------
+
+def list_schedules(
+    session: Session, room_id: str | None, course_id: str | None, limit: int, offset: int
+) -> list[ScheduleOut]:
+    query = select(Schedule).order_by(Schedule.id)
+    if room_id:
+        query = query.where(Schedule.room_id == room_id)
+    if course_id:
+        query = query.where(Schedule.course_id == course_id)
+    return [_out(ScheduleOut, r) for r in session.scalars(query.limit(limit).offset(offset))]
+
+
+def get_schedule(session: Session, schedule_id: int) -> ScheduleOut:
+    row = session.get(Schedule, schedule_id)
+    if row is None:
+        raise NotFoundError(f"schedule {schedule_id} does not exist")
+    return _out(ScheduleOut, row)
+
+
+def create_schedule(session: Session, data: ScheduleIn) -> ScheduleOut:
+    begin_write(session)
+    _require(session, Course, data.course_id, "course")
+    _require(session, Room, data.room_id, "room")
+    row = Schedule(**data.model_dump())
+    session.add(row)
+    _commit(session)
+    return _out(ScheduleOut, row)
+
+
+def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch) -> ScheduleOut:
+    begin_write(session)
+    row = session.get(Schedule, schedule_id)
+    if row is None:
+        raise NotFoundError(f"schedule {schedule_id} does not exist")
+    merged = _out(ScheduleOut, row).model_dump() | patch.model_dump(exclude_unset=True)
+    merged.pop("id")
+    try:
+        checked = ScheduleIn.model_validate(merged)
+    except ValidationError as err:
+        raise ServiceError(str(err.errors()[0]["msg"])) from err
+    _require(session, Course, checked.course_id, "course")
+    _require(session, Room, checked.room_id, "room")
+    for name, value in checked.model_dump().items():
+        setattr(row, name, value)
+    _commit(session)
+    return _out(ScheduleOut, row)
+
+
+def delete_schedule(session: Session, schedule_id: int) -> None:
+    begin_write(session)
+    row = session.get(Schedule, schedule_id)
+    if row is None:
+        raise NotFoundError(f"schedule {schedule_id} does not exist")
+    session.delete(row)
+    _commit(session)
+
+
+# ---- CSV import ----------------------------------------------------------------------------
+
+ImportKind = Literal["students", "courses", "rooms", "enrollments", "schedules"]
+
+
+class RowError(BaseModel):
+    row: int = Field(description="Line number in the file (the header is line 1).")
+    error: str
+
+
+class ImportReport(BaseModel):
+    kind: str
+    rows: int = Field(description="Data rows read.")
+    created: int
+    updated: int
+    unchanged: int
+    errors: list[RowError]
+
+
+REQUIRED = {
+    "students": {"id", "name"},
+    "courses": {"id", "name"},
+    "rooms": {"id"},
+    "enrollments": {"student_id", "course_id"},
+    "schedules": {"course_id", "room_id", "weekday", "start_time", "end_time"},
+}
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "students": StudentIn, "courses": CourseIn, "rooms": RoomIn,
+    "enrollments": EnrollmentIn, "schedules": ScheduleIn,
+}
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "row"
+        parts.append(f"{field}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") -> ImportReport:
+    """Import ``text`` (CSV with a header row); every bad row is reported, the others kept."""
+    if kind not in REQUIRED:
+        raise ServiceError(f"unknown import kind {kind!r}")
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    header = {h.strip() for h in (reader.fieldnames or []) if h}
+    missing = REQUIRED[kind] - header
+    if missing:
+        raise ServiceError(f"CSV header lacks column(s): {', '.join(sorted(missing))}")
+    schema = SCHEMAS[kind]
+    allowed = set(schema.model_fields)
+    report = ImportReport(kind=kind, rows=0, created=0, updated=0, unchanged=0, errors=[])
+    parsed: list[tuple[int, BaseModel]] = []
+    try:
+        for raw in reader:
+            report.rows += 1
+            line = reader.line_num
+            values = {
+                k.strip(): (v.strip() if isinstance(v, str) else v)
+                for k, v in raw.items() if k is not None and k.strip() in allowed
+            }
+            if None in raw:
+                report.errors.append(RowError(row=line, error="more fields than header columns"))
+                continue
+            values = {k: v for k, v in values.items() if v not in ("", None)}
+            try:
+                parsed.append((line, schema.model_validate(values)))
+            except ValidationError as err:
+                report.errors.append(RowError(row=line, error=_validation_message(err)))
+    except csv.Error as err:
+        raise ServiceError(f"malformed CSV at line {reader.line_num}: {err}") from err
+    begin_write(session)
+    apply = _APPLY[kind]
+    for line, item in parsed:
+        try:
+            with session.begin_nested():
+                outcome = apply(session, item, default_tz)
+        except (ServiceError, IntegrityError) as err:
+            message = err.message if isinstance(err, ServiceError) else "conflicts with data"
+            report.errors.append(RowError(row=line, error=message))
+            continue
+        setattr(report, outcome, getattr(report, outcome) + 1)
+    _commit(session)
+    report.errors.sort(key=lambda e: e.row)
+    _LOGGER.info("import %s: %d rows, %d created, %d updated, %d errors", kind, report.rows,
+                 report.created, report.updated, len(report.errors))
+    return report
+
+
+def _upsert(model: type, fields: tuple[str, ...]) -> Callable[[Session, Any, str], str]:
+    def apply(session: Session, item: Any, default_tz: str) -> str:
+        values = item.model_dump()
+        if model is Room:
+            values["name"] = values["name"] or values["id"]
+        row = session.get(model, values["id"])
+        if row is None:
+            if model is Room:
+                values["timezone"] = values["timezone"] or default_tz
+            session.add(model(**values, created_at=utcnow()))
+            session.flush()
+            return "created"
+        changed = False
+        for name in fields:
+            value = values.get(name)
+            if value is not None and getattr(row, name) != value:
+                setattr(row, name, value)
+                changed = True
+        session.flush()
+        return "updated" if changed else "unchanged"
+
+    return apply
+
+
+def _apply_enrollment(session: Session, item: EnrollmentIn, _tz: str) -> str:
+    _require(session, Student, item.student_id, "student")
+    _require(session, Course, item.course_id, "course")
+    if session.get(Enrollment, (item.student_id, item.course_id)) is not None:
+        return "unchanged"
+    session.add(Enrollment(student_id=item.student_id, course_id=item.course_id,
+                           created_at=utcnow()))
+    session.flush()
+    return "created"
+
+
+def _apply_schedule(session: Session, item: ScheduleIn, _tz: str) -> str:
+    _require(session, Course, item.course_id, "course")
+    _require(session, Room, item.room_id, "room")
+    values = item.model_dump()
+    same = session.scalars(select(Schedule.id).where(and_(
+        *[getattr(Schedule, k) == v if v is not None else getattr(Schedule, k).is_(None)
+          for k, v in values.items()]
+    ))).first()
+    if same is not None:
+        return "unchanged"
+    session.add(Schedule(**values))
+    session.flush()
+    return "created"
+
+
+_APPLY: dict[str, Callable[[Session, Any, str], str]] = {
+    "students": _upsert(Student, ("name", "email")),
+    "courses": _upsert(Course, ("name",)),
+    "rooms": _upsert(Room, ("name", "site", "timezone")),
+    "enrollments": _apply_enrollment,
+    "schedules": _apply_schedule,
+}

@@ -1,0 +1,83 @@
+"""Devices and admin tokens: creation (the secret is returned once) and authentication."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_sync.aggregator.db.models import AdminToken, Device, Room
+from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services.common import ConflictError, NotFoundError, utcnow
+from cloud_sync.aggregator.services.security import (
+    ADMIN_PREFIX,
+    DEVICE_PREFIX,
+    hash_secret,
+    new_secret,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def authenticate_device(session: Session, api_key: str) -> Device | None:
+    """The device whose key is ``api_key``, or None. The key is looked up by its sha256 (an
+    index probe on a 256-bit random value) and the digest compared in constant time."""
+    if not api_key.startswith(DEVICE_PREFIX):
+        return None
+    digest = hash_secret(api_key)
+    device = session.scalars(select(Device).where(Device.key_hash == digest)).first()
+    if device is None or not hmac.compare_digest(device.key_hash, digest):
+        return None
+    return device
+
+
+def authenticate_admin(session: Session, token: str) -> AdminToken | None:
+    if not token.startswith(ADMIN_PREFIX):
+        return None
+    digest = hash_secret(token)
+    row = session.scalars(select(AdminToken).where(AdminToken.token_hash == digest)).first()
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        return None
+    return row
+
+
+def add_device(session: Session, room_id: str, device_id: str | None = None) -> tuple[Device, str]:
+    """Register a device in ``room_id``; returns it and its API key (shown once, stored hashed).
+    Commits."""
+    begin_write(session)
+    if session.get(Room, room_id) is None:
+        raise NotFoundError(f"room {room_id!r} does not exist")
+    device_id = device_id or f"dev-{room_id.lower()}-{secrets.token_hex(3)}"
+    if session.get(Device, device_id) is not None:
+        raise ConflictError(f"device {device_id!r} already exists")
+    key = new_secret(DEVICE_PREFIX)
+    device = Device(id=device_id, room_id=room_id, key_hash=hash_secret(key), created_at=utcnow())
+    session.add(device)
+    session.commit()
+    _LOGGER.info("device %s added in room %s", device_id, room_id)
+    return device, key
+
+
+def rotate_device_key(session: Session, device_id: str) -> str:
+    begin_write(session)
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id!r} does not exist")
+    key = new_secret(DEVICE_PREFIX)
+    device.key_hash = hash_secret(key)
+    session.commit()
+    _LOGGER.info("device %s key rotated", device_id)
+    return key
+
+
+def create_admin_token(session: Session, name: str = "admin") -> tuple[AdminToken, str]:
+    begin_write(session)
+    token = new_secret(ADMIN_PREFIX)
+    row = AdminToken(name=name, token_hash=hash_secret(token), created_at=utcnow())
+    session.add(row)
+    session.commit()
+    _LOGGER.info("admin token %r created", name)
+    return row, token

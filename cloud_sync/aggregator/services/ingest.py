@@ -1,0 +1,326 @@
+"""Ingest: attendance batches, heartbeats and events from devices (HTTP and MQTT alike).
+
+Every function takes the device id the caller authenticated (an API key over HTTP, the topic
+over MQTT) and refuses data claiming another device or room. ``ingest_batch`` never raises on
+bad records: each one is rejected with a reason and the rest are stored. It is idempotent on
+the records' keys (bulk ``INSERT ... ON CONFLICT DO NOTHING RETURNING``).
+
+Clock correction. A record made while the device clock was not synchronised
+(``clock_synced=False``) is placed in time by the heartbeats of the same boot:
+
+1. a heartbeat of that boot sent with a synchronised clock and a monotonic reading gives
+   ``at = hb.sent_at - (hb.monotonic_s - record.monotonic_s)`` (``correction='heartbeat_sync'``);
+2. else a heartbeat of that boot (preferring unsynchronised ones: the same wrong clock) gives the
+   offset ``hb.received_at - hb.sent_at``, and ``at = seen_at + offset``
+   (``'heartbeat_offset'``);
+3. else ``at = seen_at`` and the record is flagged ``time_uncertain`` (``'uncertain'``); a later
+   heartbeat of that boot re-corrects it (and a synchronised one upgrades offset-corrected
+   records). The course a record counts for is decided on ``at``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from cloud_sync.aggregator import metrics
+from cloud_sync.aggregator.db import partitions
+from cloud_sync.aggregator.db.models import (
+    Attendance,
+    AttendanceKey,
+    DeadLetter,
+    Device,
+    EventRow,
+    Room,
+    Student,
+)
+from cloud_sync.aggregator.db.models import Heartbeat as HeartbeatRow
+from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services.common import ForbiddenError, NotFoundError, utcnow
+from cloud_sync.aggregator.services.timetable import Timetable, room_timetable
+from cloud_sync.protocol import (
+    AttendanceBatch,
+    AttendanceRecord,
+    BatchResult,
+    Event,
+    Heartbeat,
+    RecordRejection,
+)
+
+_LOGGER = logging.getLogger(__name__)
+DEFAULT_EARLY_ARRIVAL_MIN = 10.0
+EARLY_ARRIVAL_INFO_KEY = "early_arrival_min"  # sessionmaker(info=...) set by create_app
+
+
+@dataclass(frozen=True, slots=True)
+class _Beat:
+    sent_at: datetime
+    received_at: datetime
+    clock_synced: bool
+    monotonic_s: float | None
+
+
+def _early_min(session: Session) -> float:
+    return float(session.info.get(EARLY_ARRIVAL_INFO_KEY, DEFAULT_EARLY_ARRIVAL_MIN))
+
+
+def _beats(session: Session, device_id: str, boot_ids: set[str]) -> dict[str, list[_Beat]]:
+    if not boot_ids:
+        return {}
+    rows = session.execute(
+        select(
+            HeartbeatRow.boot_id, HeartbeatRow.sent_at, HeartbeatRow.received_at,
+            HeartbeatRow.clock_synced, HeartbeatRow.monotonic_s,
+        ).where(HeartbeatRow.device_id == device_id, HeartbeatRow.boot_id.in_(boot_ids))
+        .order_by(HeartbeatRow.received_at)
+    ).all()
+    out: dict[str, list[_Beat]] = {}
+    for boot, sent, received, synced, mono in rows:
+        out.setdefault(boot, []).append(_Beat(sent, received, synced, mono))
+    return out
+
+
+def correct_time(
+    seen_at: datetime, clock_synced: bool, monotonic_s: float | None, beats: Sequence[_Beat]
+) -> tuple[datetime, str]:
+    """(time the record counts at, correction method); see the module docstring."""
+    if clock_synced:
+        return seen_at, "none"
+    if monotonic_s is not None:
+        synced = [b for b in beats if b.clock_synced and b.monotonic_s is not None]
+        if synced:
+            ref = min(synced, key=lambda b: abs(b.monotonic_s - monotonic_s))  # type: ignore[operator]
+            return ref.sent_at - timedelta(seconds=ref.monotonic_s - monotonic_s), "heartbeat_sync"  # type: ignore[operator]
+    if beats:
+        unsynced = [b for b in beats if not b.clock_synced] or list(beats)
+        if monotonic_s is not None and all(b.monotonic_s is not None for b in unsynced):
+            ref = min(unsynced, key=lambda b: abs(b.monotonic_s - monotonic_s))  # type: ignore[operator]
+        else:
+            ref = unsynced[-1]
+        return seen_at + (ref.received_at - ref.sent_at), "heartbeat_offset"
+    return seen_at, "uncertain"
+
+
+def _reject_all(batch: AttendanceBatch, reason: str) -> BatchResult:
+    metrics.RECORDS.labels("rejected").inc(len(batch.records))
+    return BatchResult(
+        batch_id=batch.batch_id, accepted=0, duplicate=0,
+        rejected=[RecordRejection(key=str(r.key), reason=reason) for r in batch.records],
+    )
+
+
+def _row(
+    rec: AttendanceRecord, device: Device, at: datetime, method: str, course_id: str | None,
+    received: datetime,
+) -> dict[str, Any]:
+    return {
+        "key": rec.key, "student_id": rec.student_id, "course_id": course_id,
+        "device_course_id": rec.course_id, "room_id": device.room_id, "device_id": device.id,
+        "at": at, "seen_at": rec.seen_at, "received_at": received,
+        "confidence": rec.confidence, "distance": rec.distance,
+        "clock_synced": rec.clock_synced, "boot_id": rec.boot_id, "monotonic_s": rec.monotonic_s,
+        "time_uncertain": method == "uncertain", "correction": method,
+    }
+
+
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
+    """Insert rows whose key is new; returns how many were inserted."""
+    if not rows:
+        return 0
+    if session.get_bind().dialect.name == "postgresql":
+        keys_stmt = (
+            pg_insert(AttendanceKey.__table__).on_conflict_do_nothing()
+            .returning(AttendanceKey.__table__.c.key)
+        )
+        new = set(session.execute(keys_stmt, [{"key": r["key"]} for r in rows]).scalars())
+        fresh = [r for r in rows if r["key"] in new]
+        if fresh:
+            session.execute(insert(Attendance.__table__), fresh)
+        return len(fresh)
+    stmt = (
+        sqlite_insert(Attendance.__table__)
+        .on_conflict_do_nothing(index_elements=["key"])
+        .returning(Attendance.__table__.c.key)
+    )
+    return len(session.execute(stmt, rows).scalars().all())
+
+
+def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
+    """Store a device's batch; see the module docstring. Commits (call it on a fresh session)."""
+    received = utcnow()
+    begin_write(session)
+    device = session.get(Device, device_id)
+    if device is None:
+        session.rollback()
+        return _reject_all(batch, f"unknown device {device_id!r}")
+    if batch.device_id != device_id:
+        session.rollback()
+        return _reject_all(
+            batch, f"batch device_id {batch.device_id!r} is not the authenticated device"
+        )
+    rejected: list[RecordRejection] = []
+    candidates: list[AttendanceRecord] = []
+    seen: set[uuid.UUID] = set()
+    duplicate = 0
+    for rec in batch.records:
+        if rec.device_id != device_id:
+            rejected.append(RecordRejection(
+                key=str(rec.key),
+                reason=f"device_id {rec.device_id!r} is not the authenticated device",
+            ))
+        elif rec.room_id != device.room_id:
+            rejected.append(RecordRejection(
+                key=str(rec.key), reason=f"room_id {rec.room_id!r} is not the device's room",
+            ))
+        elif rec.key in seen:
+            duplicate += 1
+        else:
+            seen.add(rec.key)
+            candidates.append(rec)
+    wanted = {r.student_id for r in candidates}
+    known: set[str] = set()
+    if wanted:
+        known = set(session.scalars(select(Student.id).where(Student.id.in_(wanted))))
+    room = session.get(Room, device.room_id)
+    timetable = room_timetable(session, room) if room is not None else Timetable([], {})
+    beats = _beats(
+        session, device_id,
+        {r.boot_id for r in candidates if not r.clock_synced and r.boot_id},
+    )
+    early = _early_min(session)
+    rows: list[dict[str, Any]] = []
+    for rec in candidates:
+        if rec.student_id not in known:
+            rejected.append(RecordRejection(
+                key=str(rec.key), reason=f"unknown student {rec.student_id!r}"
+            ))
+            continue
+        at, method = correct_time(
+            rec.seen_at, rec.clock_synced, rec.monotonic_s, beats.get(rec.boot_id or "", [])
+            if rec.boot_id else [],
+        )
+        course_id = timetable.course_at(device.room_id, at, early)
+        rows.append(_row(rec, device, at, method, course_id, received))
+    # PostgreSQL: a month without a partition gets one (own connection; this transaction has
+    # only read other tables, so it holds no lock the DDL waits for). No-op on SQLite.
+    partitions.ensure_months(session.get_bind(), {partitions.month_start(r["at"]) for r in rows})
+    accepted = _insert_new(session, rows)
+    session.commit()
+    duplicate += len(rows) - accepted
+    metrics.RECORDS.labels("accepted").inc(accepted)
+    metrics.RECORDS.labels("duplicate").inc(duplicate)
+    metrics.RECORDS.labels("rejected").inc(len(rejected))
+    if rejected:
+        _LOGGER.info("device %s: %d record(s) rejected, first: %s", device_id, len(rejected),
+                     rejected[0].reason)
+    return BatchResult(
+        batch_id=batch.batch_id, accepted=accepted, duplicate=duplicate, rejected=rejected
+    )
+
+
+def _check_device(session: Session, device_id: str, claimed_device: str, room_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"unknown device {device_id!r}")
+    if claimed_device != device_id:
+        raise ForbiddenError(f"device_id {claimed_device!r} is not the authenticated device")
+    if room_id != device.room_id:
+        raise ForbiddenError(f"room_id {room_id!r} is not the device's room")
+    return device
+
+
+def _recorrect(session: Session, device: Device, hb: Heartbeat) -> int:
+    """Re-correct this boot's uncertain records (and offset-corrected ones if ``hb`` is
+    synchronised with a monotonic reading) now that the heartbeat is stored."""
+    methods = ["uncertain"]
+    if hb.clock_synced and hb.monotonic_s is not None:
+        methods.append("heartbeat_offset")
+    records = session.scalars(
+        select(Attendance).where(
+            Attendance.device_id == device.id, Attendance.boot_id == hb.boot_id,
+            Attendance.clock_synced.is_(False), Attendance.correction.in_(methods),
+        )
+    ).all()
+    if not records:
+        return 0
+    beats = _beats(session, device.id, {hb.boot_id} if hb.boot_id else set()).get(
+        hb.boot_id or "", []
+    )
+    room = session.get(Room, device.room_id)
+    timetable = room_timetable(session, room) if room is not None else Timetable([], {})
+    early = _early_min(session)
+    changed = 0
+    for rec in records:
+        at, method = correct_time(rec.seen_at, False, rec.monotonic_s, beats)
+        if method == rec.correction and at == rec.at:
+            continue
+        rec.at = at
+        rec.correction = method
+        rec.time_uncertain = method == "uncertain"
+        rec.course_id = timetable.course_at(rec.room_id, at, early)
+        changed += 1
+    return changed
+
+
+def record_heartbeat(session: Session, device_id: str, hb: Heartbeat) -> None:
+    """Store a heartbeat, update the device's status and clock offset, and re-correct this
+    boot's records made with an unsynchronised clock. Commits. Raises ``ForbiddenError`` when the
+    heartbeat claims another device or room, ``NotFoundError`` for an unknown device."""
+    received = utcnow()
+    begin_write(session)
+    device = _check_device(session, device_id, hb.device_id, hb.room_id)
+    session.add(HeartbeatRow(
+        device_id=device_id, received_at=received, sent_at=hb.sent_at,
+        clock_synced=hb.clock_synced, boot_id=hb.boot_id, monotonic_s=hb.monotonic_s,
+        software_version=hb.software_version, uptime_s=hb.uptime_s, cpu_temp_c=hb.cpu_temp_c,
+        outbox_depth=hb.outbox_depth, oldest_unsent_age_s=hb.oldest_unsent_age_s,
+        last_frame_at=hb.last_frame_at, fps=hb.fps,
+    ))
+    device.last_heartbeat_at = received
+    device.software_version = hb.software_version
+    device.clock_offset_s = (received - hb.sent_at).total_seconds()
+    session.flush()
+    changed = _recorrect(session, device, hb) if hb.boot_id else 0
+    if changed:
+        _LOGGER.info("device %s boot %s: %d record time(s) corrected", device_id, hb.boot_id,
+                     changed)
+    session.commit()
+    metrics.HEARTBEATS.inc()
+
+
+def record_event(session: Session, device_id: str, event: Event) -> bool:
+    """Store an event; False when its key was already stored (a re-send). Commits."""
+    begin_write(session)
+    _check_device(session, device_id, event.device_id, event.room_id)
+    values = {
+        "key": event.key, "device_id": device_id, "room_id": event.room_id, "kind": event.kind,
+        "severity": event.severity, "message": event.message, "at": event.at,
+        "received_at": utcnow(), "data": event.data,
+    }
+    table = EventRow.__table__
+    if session.get_bind().dialect.name == "postgresql":
+        stmt: Any = pg_insert(table).values(values).on_conflict_do_nothing()
+    else:
+        stmt = sqlite_insert(table).values(values).on_conflict_do_nothing()
+    inserted = session.execute(stmt.returning(table.c.key)).first() is not None
+    session.commit()
+    metrics.EVENTS.labels(event.kind).inc()
+    return inserted
+
+
+def record_dead_letter(session: Session, source: str, payload: bytes, reason: str) -> None:
+    """Keep a message that could not be processed (for the MQTT bridge). Commits."""
+    begin_write(session)
+    session.add(DeadLetter(source=source[:200], payload=payload, reason=reason,
+                           received_at=utcnow()))
+    session.commit()
+    metrics.DEAD_LETTERS.inc()

@@ -1,0 +1,75 @@
+"""`GET /api/v1/schedule`: a room's day (sessions) and the rosters of its courses.
+
+Rosters hold only the students enrolled in the day's courses who have at least one face
+embedding (a student without one cannot be recognised). The ETag is the sha256 of the response
+without ``generated_at``, so it changes exactly when the content does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from datetime import datetime
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, Room, Student
+from cloud_sync.aggregator.services.common import NotFoundError, utcnow
+from cloud_sync.aggregator.services.timetable import room_timetable, zone
+from cloud_sync.protocol import ClassSession, RosterEntry, ScheduleResponse
+
+
+def rosters(session: Session, course_ids: list[str]) -> dict[str, list[RosterEntry]]:
+    """Enrolled students with their embeddings, per course (sorted by student id)."""
+    out: dict[str, list[RosterEntry]] = {c: [] for c in course_ids}
+    if not course_ids:
+        return out
+    rows = session.execute(
+        select(Enrollment.course_id, Student.id, Student.name, FaceEmbedding.vector)
+        .join(Student, Student.id == Enrollment.student_id)
+        .join(FaceEmbedding, FaceEmbedding.student_id == Student.id)
+        .where(Enrollment.course_id.in_(course_ids))
+        .order_by(Enrollment.course_id, Student.id, FaceEmbedding.id)
+    ).all()
+    grouped: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)
+    for course_id, student_id, name, vector in rows:
+        grouped[(course_id, student_id, name)].append(
+            np.frombuffer(vector, dtype="<f4").astype(float).tolist()
+        )
+    for (course_id, student_id, name), vectors in grouped.items():
+        # Trusted rows (validated when stored): skip re-validating 128 floats per embedding.
+        out[course_id].append(
+            RosterEntry.model_construct(student_id=student_id, name=name, embeddings=vectors)
+        )
+    return out
+
+
+def build_schedule(session: Session, room_id: str, at: datetime | None = None) -> ScheduleResponse:
+    room = session.get(Room, room_id)
+    if room is None:
+        raise NotFoundError(f"room {room_id!r} does not exist")
+    at = at or utcnow()
+    tz = zone(room.timezone)
+    day = at.astimezone(tz).date()
+    occurrences = room_timetable(session, room).occurrences(day, room_id)
+    sessions = [
+        ClassSession.model_construct(
+            course_id=o.course_id, course_name=o.course_name, starts_at=o.starts_at,
+            ends_at=o.ends_at,
+        )
+        for o in occurrences
+    ]
+    current = next((o.course_id for o in occurrences if o.starts_at <= at < o.ends_at), None)
+    course_ids = list(dict.fromkeys(o.course_id for o in occurrences))
+    return ScheduleResponse.model_construct(
+        v=1, room_id=room_id, date=day, timezone=room.timezone, generated_at=utcnow(),
+        current_course_id=current, sessions=sessions, rosters=rosters(session, course_ids),
+    )
+
+
+def etag_of(schedule: ScheduleResponse) -> str:
+    """Strong ETag: a quoted sha256 of the content (``generated_at`` excluded)."""
+    body = schedule.model_dump_json(exclude={"generated_at"})
+    return '"' + hashlib.sha256(body.encode()).hexdigest() + '"'
