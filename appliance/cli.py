@@ -83,10 +83,53 @@ def run(config: ConfigOption = None) -> None:
     from appliance.runtime import run_appliance
 
     try:
-        run_appliance(settings)
+        code = run_appliance(settings)
     except ModelError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
+    raise typer.Exit(code)
+
+
+@app.command("replay")
+def replay(
+    video: Annotated[Path, typer.Argument(help="Video file to run the pipeline over.")],
+    roster: Annotated[
+        Path | None, typer.Option("--roster", help="roster.json from `appliance roster build`.")
+    ] = None,
+    realtime: Annotated[
+        bool, typer.Option("--realtime", help="At the video's own frame rate, not flat out.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    store: Annotated[
+        Path | None, typer.Option("--store", help="Keep the records in this SQLite file.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """The full pipeline over every frame of a video: fps, ms per stage, attendance records."""
+    import json
+
+    from appliance.pipeline import replay_video
+
+    settings = load_or_exit(config)
+    setup_logging("WARNING" if as_json else settings.log_level)
+    if not video.is_file():
+        typer.echo(f"error: {video} does not exist", err=True)
+        raise typer.Exit(2)
+    try:
+        report = replay_video(settings, video, roster or settings.recognition.roster_file,
+                              realtime=realtime, store_path=store)
+    except (ModelError, OSError, ValueError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(f"{report['frames']} frames in {report['seconds']} s: {report['fps']} fps")
+    typer.echo("ms per frame: " + ", ".join(f"{k} {v:.2f}" for k, v in report["stage_ms"].items()))
+    for rec in report["records"]:
+        typer.echo(f"present: {rec['student_id']} ({rec['name']}) at {rec['first_seen_s']} s, "
+                   f"confidence {rec['confidence']:.2f}")
+    typer.echo(f"unknown tracks: {report['unknown_tracks']}; peak RSS {report['peak_rss_mb']} MB")
 
 
 web_app = typer.Typer(help="The status page.", no_args_is_help=True)
@@ -128,6 +171,154 @@ def web_set_password(
     if settings.web.password_hash is not None:
         typer.echo("warning: web.password_hash in the config takes precedence over this file",
                    err=True)
+
+
+# --- A1: `appliance roster build` and `appliance identify` -----------------------------------
+roster_app = typer.Typer(help="Build a roster.json from student photos.", no_args_is_help=True)
+app.add_typer(roster_app, name="roster")
+
+
+@roster_app.command("build")
+def roster_build(
+    photos_dir: Annotated[
+        Path, typer.Argument(exists=True, file_okay=False, help="S001.jpg or S001/*.jpg photos.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="roster.json to write.")],
+    config: ConfigOption = None,
+) -> None:
+    """Enrol every student photo (one face each); a `names.csv` (student_id,name) is optional.
+
+    A photo with no face, several faces, a too small or blurred face is rejected with its
+    reason and the rest go on; exits non-zero only if nobody could be enrolled.
+    """
+    from rich.progress import Progress
+
+    from appliance.recognition import Roster
+    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.enroll import (
+        collect_photos,
+        embed_photo,
+        enrollment_detector,
+        load_image,
+        read_names,
+    )
+    from cloud_sync.protocol import RosterEntry
+
+    settings = load_or_exit(config)
+    setup_logging("WARNING")
+    photos = collect_photos(photos_dir)
+    if not photos:
+        typer.echo(f"error: no student photos in {photos_dir} (S001.jpg or S001/*.jpg)", err=True)
+        raise typer.Exit(1)
+    names_file = photos_dir / "names.csv"
+    names = read_names(names_file) if names_file.is_file() else {}
+    model_dir, model = settings.paths.model_dir, settings.detector.model
+    try:
+        detector = enrollment_detector(model_dir, model)
+        embedder = FaceEmbedder(model_dir, detector_model=model)
+    except ModelError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    entries: list[RosterEntry] = []
+    rejects: list[tuple[Path, str]] = []
+    total = sum(len(v) for v in photos.values())
+    with Progress(transient=True) as progress:
+        task = progress.add_task("enrolling", total=total)
+        for student_id, paths in photos.items():
+            embeddings: list[list[float]] = []
+            for path in paths:
+                try:
+                    result = embed_photo(
+                        load_image(path), detector, embedder, settings.detector.min_face_px
+                    )
+                except ValueError as err:
+                    rejects.append((path, str(err)))
+                else:
+                    if result.embedding is not None:
+                        embeddings.append([float(v) for v in result.embedding])
+                    else:
+                        rejects.append((path, result.reason or "rejected"))
+                progress.advance(task)
+            if embeddings:
+                try:
+                    entries.append(RosterEntry(student_id=student_id,
+                                               name=names.get(student_id, student_id),
+                                               embeddings=embeddings))
+                except ValueError:
+                    rejects.append((photos_dir / student_id, "invalid student id"))
+    for path, reason in rejects:
+        typer.echo(f"rejected {path}: {reason}", err=True)
+    if not entries:
+        typer.echo("error: no student could be enrolled", err=True)
+        raise typer.Exit(1)
+    Roster.from_entries(entries).save(output)
+    enrolled = sum(len(e.embeddings) for e in entries)
+    typer.echo(f"enrolled {len(entries)} students ({enrolled} photos, {len(rejects)} rejected) "
+               f"-> {output}")
+
+
+@app.command("identify")
+def identify(
+    images: Annotated[list[Path], typer.Argument(help="Photos to identify faces in.")],
+    roster: Annotated[Path, typer.Option("--roster", help="roster.json (appliance roster build).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """For each image and each face: box, student id or "unknown", distance to the roster."""
+    import json
+    import math
+
+    from appliance.recognition import Matcher, Roster, RosterError
+    from appliance.vision.detector import FaceDetector
+    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.enroll import load_image
+
+    settings = load_or_exit(config)
+    setup_logging("WARNING")
+    try:
+        known = Roster.load(roster)
+        detector = FaceDetector.from_config(settings.detector, settings.paths.model_dir)
+        embedder = FaceEmbedder(settings.paths.model_dir, detector_model=settings.detector.model)
+    except (RosterError, ModelError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    matcher = Matcher(known, settings.recognition.threshold, settings.recognition.margin)
+    results: list[dict[str, object]] = []
+    failed = False
+    for path in images:
+        try:
+            image = load_image(path)
+        except (ValueError, OSError) as err:
+            failed = True
+            results.append({"image": str(path), "error": str(err), "faces": []})
+            continue
+        detections = detector.detect(image)
+        matches = matcher.match(embedder.embed(image, detections))
+        faces = [
+            {
+                "box": [round(v, 1) for v in det.box],
+                "student_id": m.student_id or "unknown",
+                "name": known.name_of(m.student_id) if m.student_id else None,
+                "distance": round(m.distance, 4) if math.isfinite(m.distance) else None,
+                "confidence": round(m.confidence, 3),
+                "detection_score": round(det.score, 3),
+            }
+            for det, m in zip(detections, matches, strict=True)
+        ]
+        results.append({"image": str(path), "faces": faces})
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for res in results:
+            if "error" in res:
+                typer.echo(f"{res['image']}: error: {res['error']}")
+                continue
+            typer.echo(f"{res['image']}: {len(res['faces'])} face(s)")  # type: ignore[arg-type]
+            for face in res["faces"]:  # type: ignore[attr-defined]
+                typer.echo(f"  {face['student_id']:<12} distance {face['distance']}  "
+                           f"box {face['box']}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -95,3 +95,37 @@ def embed_photo(
 def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetector:
     """A detector for still photos: low size floor (sizes are checked by embed_photo)."""
     return FaceDetector(model_dir, model=model, score_threshold=0.5, min_face_px=8)
+
+
+def collect_photos(photos_dir: Path) -> dict[str, list[Path]]:
+    """Student id -> photos: ``S001.jpg`` (one photo) and/or ``S001/*.jpg`` (several).
+
+    Hidden files and files that are not images (by suffix) are ignored; ids are sorted.
+    """
+    found: dict[str, list[Path]] = {}
+    for entry in sorted(Path(photos_dir).iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            photos = [
+                p for p in sorted(entry.iterdir())
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            ]
+            if photos:
+                found.setdefault(entry.name, []).extend(photos)
+        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+            found.setdefault(entry.stem, []).append(entry)
+    return found
+
+
+def read_names(path: Path) -> dict[str, str]:
+    """``names.csv`` rows ``student_id,name`` (a header row ``student_id,...`` is skipped)."""
+    import csv
+
+    names: dict[str, str] = {}
+    with Path(path).open(newline="", encoding="utf-8-sig") as fh:
+        for row in csv.reader(fh):
+            if len(row) < 2 or not row[0].strip() or row[0].strip().lower() == "student_id":
+                continue
+            names[row[0].strip()] = row[1].strip()
+    return names

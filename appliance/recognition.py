@@ -1,0 +1,221 @@
+"""Roster (students with one or more face descriptors) and the vectorised open-set matcher.
+
+Matching rule (see docs/RECOGNITION.md): for each query descriptor, the Euclidean distance to
+every roster descriptor is computed at once (numpy), reduced to one distance per *student* (the
+closest of their photos), and the query is that student only if
+
+- the best student distance is at most ``threshold``, and
+- the second-best *student* is at least ``margin`` further away (an ambiguous face is not
+  guessed; several photos of the same student never compete with each other).
+
+Otherwise the face is unknown (``student_id`` None).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from cloud_sync.protocol import RosterEntry
+
+_LOGGER = logging.getLogger(__name__)
+
+EMBEDDING_DIM = 128
+ROSTER_FILE_VERSION = 1
+
+
+class RosterFile(BaseModel):
+    """``roster.json``: what `appliance roster build` writes and the pipeline reads."""
+
+    v: int = Field(default=ROSTER_FILE_VERSION, description="Format version (1).")
+    students: list[RosterEntry] = Field(description="Students with their face descriptors.")
+
+
+class RosterError(ValueError):
+    """A roster file is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass
+class Roster:
+    """Students and their descriptors: ``embeddings[k]`` belongs to ``student_ids[owners[k]]``."""
+
+    student_ids: list[str]
+    names: list[str]
+    embeddings: np.ndarray = field(
+        default_factory=lambda: np.zeros((0, EMBEDDING_DIM), np.float32)
+    )
+    owners: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+
+    def __post_init__(self) -> None:
+        self.embeddings = np.asarray(self.embeddings, np.float32).reshape(-1, EMBEDDING_DIM)
+        self.owners = np.asarray(self.owners, np.int64).reshape(-1)
+        if len(self.student_ids) != len(self.names):
+            raise ValueError("student_ids and names differ in length")
+        if len(set(self.student_ids)) != len(self.student_ids):
+            raise ValueError("duplicate student id in roster")
+        if len(self.embeddings) != len(self.owners):
+            raise ValueError("embeddings and owners differ in length")
+        if self.owners.size and (self.owners.min() < 0 or self.owners.max() >= len(self)):
+            raise ValueError("owner index out of range")
+
+    def __len__(self) -> int:
+        return len(self.student_ids)
+
+    @classmethod
+    def empty(cls) -> Roster:
+        return cls([], [])
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[RosterEntry]) -> Roster:
+        ids: list[str] = []
+        names: list[str] = []
+        embeddings: list[list[float]] = []
+        owners: list[int] = []
+        for entry in entries:
+            if not entry.embeddings:
+                _LOGGER.warning("student %s has no face descriptor; skipped", entry.student_id)
+                continue
+            owners.extend([len(ids)] * len(entry.embeddings))
+            embeddings.extend(entry.embeddings)
+            ids.append(entry.student_id)
+            names.append(entry.name)
+        return cls(ids, names, np.asarray(embeddings, np.float32), np.asarray(owners, np.int64))
+
+    def to_entries(self) -> list[RosterEntry]:
+        return [
+            RosterEntry(
+                student_id=sid,
+                name=name,
+                embeddings=[[float(v) for v in e] for e in self.embeddings[self.owners == i]],
+            )
+            for i, (sid, name) in enumerate(zip(self.student_ids, self.names, strict=True))
+        ]
+
+    def name_of(self, student_id: str) -> str:
+        try:
+            return self.names[self.student_ids.index(student_id)]
+        except ValueError:
+            return ""
+
+    @classmethod
+    def load(cls, path: Path) -> Roster:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise RosterError(f"cannot read roster {path}: {err}") from err
+        try:
+            data = RosterFile.model_validate_json(text)
+        except ValidationError as err:
+            raise RosterError(f"roster {path} is not a valid roster.json: {err}") from err
+        if data.v != ROSTER_FILE_VERSION:
+            raise RosterError(f"roster {path}: unsupported version {data.v}")
+        try:
+            return cls.from_entries(data.students)
+        except ValueError as err:
+            raise RosterError(f"roster {path}: {err}") from err
+
+    def save(self, path: Path) -> None:
+        """Write roster.json atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = RosterFile(students=self.to_entries()).model_dump(mode="json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@dataclass(frozen=True)
+class Match:
+    """Result for one face. ``second_distance`` is ``inf`` when the roster has one student."""
+
+    student_id: str | None
+    distance: float  # to the closest student (whether accepted or not); inf for an empty roster
+    second_distance: float
+    confidence: float  # 0..1; 0 for unknown
+
+
+def pairwise_distances(queries: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """Euclidean distances ``(n, m)`` between two sets of descriptors."""
+    q = np.asarray(queries, np.float64)
+    e = np.asarray(embeddings, np.float64)
+    sq = (q * q).sum(1)[:, None] + (e * e).sum(1)[None, :] - 2.0 * q @ e.T
+    return np.sqrt(np.maximum(sq, 0.0))
+
+
+def confidence(distance: float, gap: float, threshold: float, margin: float) -> float:
+    """0..1 for an accepted match: 0.5 at the threshold, 1 at half of it; scaled down towards
+    0.5x when the gap to the second student is only just the margin."""
+    dist_c = float(np.clip((1.5 * threshold - distance) / threshold, 0.0, 1.0))
+    ref = max(margin, 0.05)
+    gap_c = float(np.clip(0.5 + gap / (4.0 * ref), 0.5, 1.0)) if math.isfinite(gap) else 1.0
+    return dist_c * gap_c
+
+
+class Matcher:
+    """Vectorised open-set matching of descriptors against a roster."""
+
+    def __init__(self, roster: Roster, threshold: float, margin: float) -> None:
+        self.roster = roster
+        self.threshold = threshold
+        self.margin = margin
+        order = np.argsort(roster.owners, kind="stable")
+        self._embeddings = roster.embeddings[order].astype(np.float64)
+        owners = roster.owners[order]
+        self._starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if owners.size else (
+            np.zeros((0,), np.int64)
+        )
+        self._student_of_group = owners[self._starts] if owners.size else owners
+        self._sq = (self._embeddings**2).sum(1)
+
+    def student_distances(self, embeddings: np.ndarray) -> np.ndarray:
+        """``(n, s)``: each query's distance to each student (closest of their descriptors),
+        columns in the order of the students that have at least one descriptor."""
+        q = np.asarray(embeddings, np.float64).reshape(-1, EMBEDDING_DIM)
+        if not self._starts.size:
+            return np.zeros((len(q), 0))
+        sq = (q * q).sum(1)[:, None] + self._sq[None, :] - 2.0 * q @ self._embeddings.T
+        dist = np.sqrt(np.maximum(sq, 0.0))
+        return np.minimum.reduceat(dist, self._starts, axis=1)
+
+    def match(self, embeddings: np.ndarray) -> list[Match]:
+        q = np.asarray(embeddings, np.float32).reshape(-1, EMBEDDING_DIM)
+        per_student = self.student_distances(q)
+        if per_student.shape[1] == 0:
+            return [Match(None, math.inf, math.inf, 0.0) for _ in range(len(q))]
+        if per_student.shape[1] == 1:
+            best_idx = np.zeros(len(q), np.int64)
+            best = per_student[:, 0]
+            second = np.full(len(q), math.inf)
+        else:
+            two = np.argpartition(per_student, 1, axis=1)[:, :2]
+            rows = np.arange(len(q))
+            d2 = per_student[rows[:, None], two]
+            first_is_min = d2[:, 0] <= d2[:, 1]
+            best_idx = np.where(first_is_min, two[:, 0], two[:, 1])
+            best = np.minimum(d2[:, 0], d2[:, 1])
+            second = np.maximum(d2[:, 0], d2[:, 1])
+        gap = second - best
+        accepted = (best <= self.threshold) & (gap >= self.margin)
+        out = []
+        for i in range(len(q)):
+            if accepted[i]:
+                sid = self.roster.student_ids[int(self._student_of_group[best_idx[i]])]
+                conf = confidence(float(best[i]), float(gap[i]), self.threshold, self.margin)
+                out.append(Match(sid, float(best[i]), float(second[i]), conf))
+            else:
+                out.append(Match(None, float(best[i]), float(second[i]), 0.0))
+        return out
