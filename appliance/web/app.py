@@ -45,6 +45,7 @@ from appliance.health import (
     PipelineSource,
     StoreSource,
     SyncStatusFn,
+    SyncStatusLike,
     check_health,
     read_sync_status,
 )
@@ -68,6 +69,10 @@ _SECURITY_HEADERS = {
 def mask_url(source: str) -> str:
     """Hide ``user:password@`` in a camera URL (rtsp://user:pw@host/...)."""
     return _CREDENTIALS_IN_URL.sub("***@", source)
+
+
+def _mask_optional(text: str | None) -> str | None:
+    return None if text is None else mask_url(text)
 
 
 def _zone(name: str) -> tzinfo:
@@ -100,6 +105,15 @@ class StatusView:
     def _local(self, when: datetime | None, fmt: str = "%H:%M:%S") -> str | None:
         return None if when is None else when.astimezone(self.zone).strftime(fmt)
 
+    def _last_sync(self, sync: SyncStatusLike | None) -> str:
+        if not (self.settings.sync.aggregator_url or self.settings.sync.mqtt_url):
+            return "not configured (offline)"
+        if sync is None:
+            return "sync agent not running"
+        if sync.last_success_at is None:
+            return "never"
+        return self._local(sync.last_success_at, "%Y-%m-%d %H:%M:%S") or "never"
+
     def build(self) -> dict[str, Any]:
         now = datetime.now(UTC)
         st = self.pipeline.status()
@@ -118,6 +132,9 @@ class StatusView:
             "now": self._local(now, "%Y-%m-%d %H:%M:%S %Z"),
             "course_id": st.course_id,
             "course_name": st.course_name,
+            # optional extras of the real pipeline's status (not in the contract)
+            "roster_size": getattr(st, "roster_size", None),
+            "note": getattr(st, "note", None),
             "camera": {
                 "source": mask_url(st.camera_source),
                 "state": st.camera_state,
@@ -125,6 +142,7 @@ class StatusView:
                 "fps": _round(st.fps),
                 "frames": st.frames,
                 "last_frame_at": self._local(st.last_frame_at),
+                "error": _mask_optional(getattr(st, "camera_error", None)),
             },
             "stage_ms": {name: _round(ms) for name, ms in st.stage_ms.items()},
             "present": [
@@ -141,7 +159,8 @@ class StatusView:
                 "connected": sync.connected if sync else False,
                 "last_success_at": self._local(sync.last_success_at, "%Y-%m-%d %H:%M:%S")
                 if sync else None,
-                "last_error": sync.last_error if sync else None,
+                "last_sync": self._last_sync(sync),
+                "last_error": _mask_optional(sync.last_error) if sync else None,
                 "outbox_depth": depth,
                 "oldest_unsent_age_s": _round(oldest, 0),
             },

@@ -30,7 +30,9 @@
   function render(s) {
     document.querySelectorAll("[data-k]").forEach(function (el) {
       var v = get(s, el.dataset.k);
-      el.textContent = (v === null || v === undefined || v === "") ? "–" : String(v);
+      var empty = (v === null || v === undefined || v === "");
+      var blank = el.dataset.empty !== undefined ? el.dataset.empty : "–";
+      el.textContent = empty ? blank : String(v) + (el.dataset.unit || "");
     });
     var course = document.getElementById("course");
     course.textContent = s.course_id ? (s.course_name || s.course_id) + " (" + s.course_id + ")"

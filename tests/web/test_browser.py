@@ -1,0 +1,149 @@
+"""End to end in a real headless Chromium: the REAL Pipeline replays a real video, the status
+page (behind its login) shows the recognised student live; screenshots go to test-output/web/.
+
+Roster: lin-manuel-miranda.png and alex-lacamoire.png from the face_recognition examples,
+embedded with A1's enrolment helper; video: short_hamilton_clip.mp4 (the same data set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load
+from appliance.store import Store
+from appliance.web.auth import hash_password, store_password_hash
+from appliance.web.server import WebServer
+from cloud_sync.protocol import RosterEntry
+from tests.conftest import REPO, require
+
+from .chromium import CdpError, Chromium, chromium_binary
+from .conftest import free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+PASSWORD = "teacher's long password"
+STUDENTS = {"lin-manuel-miranda": "Lin-Manuel Miranda", "alex-lacamoire": "Alex Lacamoire"}
+OUT = REPO / "test-output" / "web"
+RECOGNISE_TIMEOUT_S = 150
+
+
+def build_roster(examples: Path, model_dir: Path, path: Path) -> None:
+    from appliance.recognition import Roster
+    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
+
+    detector = enrollment_detector(model_dir)
+    embedder = FaceEmbedder(model_dir)
+    entries = []
+    for student_id, name in STUDENTS.items():
+        result = embed_photo(load_image(examples / f"{student_id}.png"), detector, embedder)
+        assert result.ok, f"{student_id}: {result.reason}"
+        entries.append(RosterEntry(student_id=student_id, name=name,
+                                   embeddings=[result.embedding.tolist()]))
+    Roster.from_entries(entries).save(path)
+
+
+def test_status_page_in_chromium(tmp_path: Path, faces_dir: Path, model_dir: Path) -> None:
+    binary = chromium_binary()
+    require(binary is not None, "chromium not installed (apt-get install chromium)")
+    assert binary is not None
+    examples = faces_dir / "face_recognition" / "examples"
+    clip = examples / "short_hamilton_clip.mp4"
+    require(clip.is_file(), f"{clip} missing")
+    from appliance.capture.opencv import VideoFileSource
+    from appliance.pipeline import FileRosterProvider, Pipeline
+
+    data_dir = tmp_path / "data"
+    roster_file = tmp_path / "roster.json"
+    build_roster(examples, model_dir, roster_file)
+    settings = load(
+        None,
+        device={"device_id": "pi-lab-301", "room_id": "LAB-301"},
+        paths={"data_dir": data_dir, "model_dir": model_dir},
+        camera={"source": str(clip), "loop_file": True},
+        recognition={"roster_file": roster_file},
+        web={"port": free_port(), "refresh_s": 0.5},
+    )
+    store = Store(data_dir)
+    provider = FileRosterProvider(roster_file, course_id="HAM-101",
+                                  course_name="Hamilton rehearsal")
+    pipeline = Pipeline(settings, store, provider, source=VideoFileSource(clip), loop=True)
+    server = WebServer(settings, pipeline, store)
+    store_password_hash(data_dir, hash_password(PASSWORD))  # what `web set-password` writes
+    pipeline.start()
+    server.start()
+    try:
+        with Chromium(binary, 1280, 900) as browser:
+            # 1. not logged in: the page sends us to the login form
+            browser.navigate(f"{server.url}/")
+            assert browser.evaluate("location.pathname") == "/login"
+            assert "Lin-Manuel" not in browser.evaluate("document.body.innerText")
+
+            # 2. a wrong password is refused (HTTP 401, error shown, no session)
+            browser.type_into("#password", "not the password")
+            browser.press_enter()
+            browser.wait_event("Page.loadEventFired")
+            assert browser.evaluate("location.pathname") == "/login"
+            assert "Wrong password" in browser.evaluate("document.body.innerText")
+            assert 401 in browser.responses("/login")
+            browser.screenshot(OUT / "login-refused.png")
+            browser.navigate(f"{server.url}/")
+            assert browser.evaluate("location.pathname") == "/login"
+
+            # 3. the right password opens the page
+            browser.type_into("#password", PASSWORD)
+            browser.press_enter()
+            browser.wait_event("Page.loadEventFired")
+            assert browser.evaluate("location.pathname") == "/"
+            assert "Hamilton rehearsal" in browser.evaluate("document.body.innerText")
+
+            # 4. live data from the replayed video: the name appears without a reload
+            try:
+                browser.wait_for(
+                    "document.getElementById('present').innerText.includes('Lin-Manuel Miranda')",
+                    timeout=RECOGNISE_TIMEOUT_S)
+            except CdpError as err:
+                browser.screenshot(OUT / "status-failed.png")
+                raise AssertionError(
+                    f"{err}\npipeline: {pipeline.status()}\n"
+                    f"page: {browser.evaluate('document.body.innerText')}") from err
+            browser.wait_for("document.getElementById('live').dataset.v === 'ok'")
+            frames = int(browser.evaluate(
+                "document.querySelector('[data-k=\"camera.frames\"]').textContent"))
+            browser.wait_for(
+                f"parseInt(document.querySelector('[data-k=\"camera.frames\"]')"
+                f".textContent) > {frames}", timeout=30)
+            browser.wait_for("document.getElementById('preview').naturalWidth > 0", timeout=30)
+            state = browser.evaluate(
+                "document.querySelector('[data-k=\"camera.state\"]').textContent")
+            assert state == "ok"
+            text = browser.evaluate("document.body.innerText")
+            assert "pi-lab-301" in text and "detect" in text
+            shot = browser.screenshot(OUT / "status-desktop.png")
+            assert shot.stat().st_size > 20_000
+
+            # 5. on a phone
+            browser.emulate(390, 844, mobile=True, scale=2)
+            browser.navigate(f"{server.url}/")
+            browser.wait_for("document.getElementById('preview').naturalWidth > 0", timeout=30)
+            width = browser.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"page overflows a phone screen: {width}px"
+            browser.screenshot(OUT / "status-phone.png")
+
+            # the API the page polls says the same
+            api = json.loads(browser.evaluate(
+                "fetch('/api/status').then(r => r.text())"))
+            assert "lin-manuel-miranda" in [p["student_id"] for p in api["present"]]
+    finally:
+        server.stop()
+        pipeline.stop()
+        store.close()
+    # and the attendance record was written to the outbox by the real pipeline
+    reopened = Store(data_dir)
+    try:
+        assert "lin-manuel-miranda" in {r.student_id for r in reopened.unsent_records(100)}
+    finally:
+        reopened.close()
