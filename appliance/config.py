@@ -203,7 +203,7 @@ class RecognitionConfig(Section):
         "not beat its best earlier sample (so it still collects the votes it needs).",
     )
     min_quality: float = Field(
-        default=0.15,
+        default=0.35,
         ge=0.0,
         le=1.0,
         title="Minimum crop quality",
@@ -227,6 +227,15 @@ class DecisionConfig(Section):
         le=50,
         title="Samples before unknown",
         description="A track without enough agreement after this many samples is 'unknown'.",
+    )
+    unknown_sample_weight: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        title="Weight of a no-match sample",
+        description="In the vote, a sample that matched nobody counts against the leading "
+        "student with this fraction of its quality weight (a sample naming another student "
+        "counts fully).",
     )
     debounce_s: float = Field(
         default=30.0,

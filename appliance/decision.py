@@ -3,8 +3,9 @@
 * :class:`TrackVote` collects the recognition samples of one track. Each sample is a
   (student id or None, face quality, distance, match confidence). The track is decided
   *present* for student S once at least ``votes_required`` samples name S and S holds a strict
-  majority of the quality-weighted vote (samples naming nobody count against S); it is decided
-  *unknown* once ``max_samples`` samples were taken without that.
+  majority of the quality-weighted vote; samples naming nobody count against S with
+  ``unknown_weight`` (default half) of their weight, samples naming another student with all of
+  it. It is decided *unknown* once ``max_samples`` samples were taken without that.
 * :class:`Debouncer` allows one attendance record per student per ``debounce_s`` window; it is
   seeded from the store's latest record times so a restart does not record everyone again.
 """
@@ -47,12 +48,14 @@ class TrackVote:
 
     votes_required: int
     max_samples: int
+    unknown_weight: float = 0.5
     samples: list[Sample] = field(default_factory=list)
     decision: Decision = field(default_factory=lambda: Decision("pending"))
 
     @classmethod
     def from_config(cls, cfg: DecisionConfig) -> TrackVote:
-        return cls(votes_required=cfg.votes_required, max_samples=cfg.max_samples)
+        return cls(votes_required=cfg.votes_required, max_samples=cfg.max_samples,
+                   unknown_weight=cfg.unknown_sample_weight)
 
     @property
     def decided(self) -> bool:
@@ -67,13 +70,16 @@ class TrackVote:
         return self.decision
 
     def leader(self) -> tuple[str | None, float]:
-        """The student with the largest weighted vote so far and its share of the total."""
+        """The student with the largest weighted vote so far and its share of the total
+        (samples naming nobody count ``unknown_weight`` of their quality)."""
         weights: dict[str, float] = {}
         total = 0.0
         for s in self.samples:
             w = max(s.quality, 0.0) + _EPS
-            total += w
-            if s.student_id is not None:
+            if s.student_id is None:
+                total += w * self.unknown_weight
+            else:
+                total += w
                 weights[s.student_id] = weights.get(s.student_id, 0.0) + w
         if not weights or total <= 0:
             return None, 0.0

@@ -1,16 +1,163 @@
-"""`appliance run`: start every component of the device and keep them running."""
+"""`appliance run`: start every component of the device and keep them running.
+
+Wiring (each component has a non-blocking ``start()`` and a ``stop()``):
+
+    Store ─┬─ SyncAgent (cloud_sync.agent; only when sync.aggregator_url or sync.mqtt_url is set)
+           │    └─ roster_provider: the class scheduled now (falls back to recognition.roster_file)
+           ├─ Pipeline (capture thread + processing thread) ── records ──► Store outbox
+           ├─ WebServer (appliance.web.server; when web.enabled)
+           └─ AlertMonitor (appliance.alerts)
+
+The main thread then loops: it pings the systemd watchdog (WATCHDOG=1) only while the pipeline
+is alive, and stops everything in reverse order on SIGTERM/SIGINT (STOPPING=1).
+Optional components are imported lazily; if one is missing the appliance runs without it and
+says so in the log.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
 
+import appliance
 from appliance.config import ApplianceSettings
+from appliance.pipeline import FileRosterProvider, Pipeline
+from appliance.store import Store
+from appliance.watchdog import Notifier, watchdog_interval_s
+from cloud_sync.protocol import Event
 from models import load_manifest, model_path
 
 _LOGGER = logging.getLogger(__name__)
 
+LOOP_S = 1.0
 
-def run_appliance(settings: ApplianceSettings) -> None:
+
+def _optional(module: str, attr: str, what: str) -> Any:
+    """``module.attr`` or None (with a warning) when that part is not installed yet."""
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as err:
+        _LOGGER.warning("%s unavailable (%s): running without it", what, err)
+    except AttributeError:
+        _LOGGER.warning("%s unavailable (%s.%s missing): running without it", what, module, attr)
+    return None
+
+
+@dataclass
+class Appliance:
+    """Every running component, in start order."""
+
+    settings: ApplianceSettings
+    store: Store
+    pipeline: Pipeline
+    components: list[tuple[str, Any]] = field(default_factory=list)
+    sync: Any = None
+
+    def start(self) -> None:
+        for name, comp in self.components:
+            _LOGGER.info("starting %s", name)
+            comp.start()
+
+    def stop(self) -> None:
+        for name, comp in reversed(self.components):
+            try:
+                comp.stop()
+            except Exception:  # one failing stop must not keep the rest running
+                _LOGGER.exception("stopping %s failed", name)
+        self.store.close()
+
+
+def build(settings: ApplianceSettings) -> Appliance:
+    """Create (not start) the components the settings ask for."""
     for spec in load_manifest():
-        model_path(spec.name, settings.paths.model_dir)
+        model_path(spec.name, settings.paths.model_dir)  # verified, or ModelError
     _LOGGER.info("models verified in %s", settings.paths.model_dir)
+    store = Store(settings.paths.data_dir)
+    file_roster = FileRosterProvider(settings.recognition.roster_file)
+    holder: dict[str, Pipeline] = {}
+    sync = None
+    if settings.sync.aggregator_url or settings.sync.mqtt_url:
+        agent_cls = _optional("cloud_sync.agent", "SyncAgent", "sync agent")
+        if agent_cls is not None:
+            sync = agent_cls(
+                settings, store,
+                pipeline_status=lambda: holder["p"].status() if "p" in holder else None,
+                fallback_roster=file_roster,
+            )
+    provider = sync.roster_provider if sync is not None else file_roster
+    pipeline = Pipeline(settings, store, provider)
+    holder["p"] = pipeline
+    app = Appliance(settings, store, pipeline, sync=sync)
+    if sync is not None:
+        app.components.append(("sync agent", sync))
+    app.components.append(("pipeline", pipeline))
+    if settings.web.enabled:
+        server_cls = _optional("appliance.web.server", "WebServer", "status page")
+        if server_cls is not None:
+            app.components.append(("status page", server_cls(
+                settings, pipeline, store,
+                sync_status=sync.status if sync is not None else None)))
+    monitor_cls = _optional("appliance.alerts", "AlertMonitor", "alert monitor")
+    if monitor_cls is not None:
+        app.components.append(("alert monitor", monitor_cls(settings, pipeline, store)))
+    return app
+
+
+def run_appliance(settings: ApplianceSettings, stop_event: threading.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop_event``); returns the exit code."""
+    stop = stop_event or threading.Event()
+    app = build(settings)
+    notifier = Notifier()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        _LOGGER.info("signal %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        app.start()
+        app.store.add_event(Event(
+            device_id=settings.device.device_id, room_id=settings.device.room_id,
+            kind="device_started", severity="info",
+            message=f"appliance {appliance.__version__} started",
+            at=datetime.now(UTC),
+        ))
+        notifier.ready(f"camera {app.pipeline.capture.description}")
+        _LOGGER.info("appliance running (device %s, room %s)", settings.device.device_id,
+                     settings.device.room_id)
+        _main_loop(app, notifier, stop)
+    finally:
+        notifier.stopping()
+        app.stop()
+        notifier.close()
+    return 0 if app.pipeline.error is None else 1
+
+
+def _main_loop(app: Appliance, notifier: Notifier, stop: threading.Event) -> None:
+    interval = watchdog_interval_s()
+    last_ping = 0.0
+    warned = False
+    while not stop.wait(LOOP_S):
+        if app.pipeline.alive():
+            warned = False
+            now = time.monotonic()
+            if now - last_ping >= interval:
+                notifier.ping()
+                last_ping = now
+        elif not warned:
+            # no ping: systemd's watchdog restarts the service (WatchdogSec)
+            _LOGGER.error("pipeline not alive (%s): watchdog pings stopped",
+                          app.pipeline.error or "stalled")
+            warned = True
+        if app.pipeline.error is not None and not notifier.enabled:
+            _LOGGER.error("pipeline failed and no systemd watchdog: exiting")
+            break

@@ -43,10 +43,26 @@ def test_unknown_after_max_samples() -> None:
 
 
 def test_unknown_samples_vote_against() -> None:
-    vote = TrackVote(votes_required=2, max_samples=5)
+    vote = TrackVote(votes_required=2, max_samples=5, unknown_weight=1.0)
     for student in (None, None, "S001", None):
         vote.add(s(student))
     # the 5th sample gives S001 two agreeing votes, but 2 of 5 is no majority
+    assert vote.add(s("S001")).verdict == "unknown"
+
+
+def test_unknown_samples_count_half_by_default() -> None:
+    cfg = DecisionConfig(votes_required=2, max_samples=6)
+    assert cfg.unknown_sample_weight == 0.5
+    vote = TrackVote.from_config(cfg)
+    for student in (None, None, None, "S001"):
+        assert vote.add(s(student)).verdict == "pending"
+    # 2 x S001 against 3 no-match samples at half weight: 2 > 1.5, a majority
+    d = vote.add(s("S001"))
+    assert (d.verdict, d.student_id) == ("present", "S001")
+    # but no-match samples still outvote a lone pair when they are many
+    vote = TrackVote.from_config(cfg)
+    for student in (None, None, None, None, "S001"):
+        vote.add(s(student))
     assert vote.add(s("S001")).verdict == "unknown"
 
 

@@ -1,0 +1,791 @@
+"""The recognition pipeline: frames in, attendance records out. The only module that knows
+every stage.
+
+Threads:
+
+* capture (:class:`appliance.capture.CaptureWorker`): reads the camera/stream/file, reopens it
+  with backoff when it fails, and hands over the newest frame (live) or every frame (replay).
+* processing (:meth:`Pipeline._run`): per frame, detect -> track -> pick the tracks that
+  deserve a descriptor (their best crop so far) -> hand those crops to the embedding thread;
+  then match the descriptors that came back -> vote -> debounce -> store. Descriptors are
+  computed only for tracks not yet decided, best crops first, at most
+  ``recognition.max_embeddings_per_track`` per track and ``recognition.max_embeddings_per_frame``
+  per frame, never for every face of every frame.
+* embedding (:meth:`Pipeline._embed_loop`): computes dlib descriptors for the queued crops.
+  A descriptor costs 20x a detection (~85 ms here, ~0.4 s on a Pi 4), so it runs beside
+  detection on the other core instead of stalling it: tracking keeps up with the camera
+  while a face is being recognised.
+
+Callers on other threads (status page, watchdog) use :meth:`Pipeline.status` and
+:meth:`Pipeline.latest_preview_jpeg`, which encodes an annotated frame only when asked, at
+most ~2 times a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from appliance import metrics
+from appliance.capture import CaptureWorker, Frame, FrameSource, source_from_config
+from appliance.config import ApplianceSettings
+from appliance.decision import Debouncer, Decision, Sample, TrackVote
+from appliance.store import Store, boot_id, clock_synced
+from appliance.tracking import Track, Tracker
+from appliance.vision.detector import Detection, FaceDetector
+from cloud_sync.protocol import AttendanceRecord
+
+_LOGGER = logging.getLogger(__name__)
+
+STAGES = ("decode", "detect", "track", "embed", "match")
+PREVIEW_MIN_INTERVAL_S = 0.5
+PREVIEW_MAX_WIDTH = 960
+PROVIDER_PERIOD_S = 1.0
+STALL_S = 30.0
+REFRESH_QUALITY_RATIO = 0.9  # a refresh descriptor needs a crop this close to the best one
+CROP_MARGIN = 1.0  # context kept around a face crop (in face sizes), as the embedder keeps
+
+
+# --- roster providers -----------------------------------------------------------------------
+
+class RosterProvider(Protocol):
+    def current(self, now: datetime) -> tuple[str | None, str | None, Any]:
+        """(course_id, course_name, Roster) of the class in the room at ``now``."""
+
+
+def _empty_roster() -> Any:
+    from appliance.recognition import Roster
+
+    return Roster.empty()
+
+
+class FileRosterProvider:
+    """A roster.json made by `appliance roster build` (setting ``recognition.roster_file``).
+
+    Re-read when the file changes (checked at most every 5 s). A missing or unreadable file
+    means an empty roster: everyone is unknown, and :attr:`error` says why."""
+
+    CHECK_S = 5.0
+
+    def __init__(self, path: Path | None, course_id: str | None = None,
+                 course_name: str | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.course_id, self.course_name = course_id, course_name
+        self.error: str | None = None
+        self._roster: Any = None
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        from appliance.recognition import Roster
+
+        if self.path is None:
+            self._roster, self.error = Roster.empty(), "no roster configured"
+            return
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            if self._roster is None or self._mtime is not None:
+                _LOGGER.warning("roster file %s not found: everyone is unknown", self.path)
+            self._roster, self._mtime = Roster.empty(), None
+            self.error = f"roster file {self.path} not found"
+            return
+        if mtime == self._mtime and self._roster is not None:
+            return
+        try:
+            roster = Roster.load(self.path)
+        except (OSError, ValueError) as err:
+            _LOGGER.error("roster file %s unreadable: %s", self.path, err)
+            self._roster, self._mtime = Roster.empty(), mtime
+            self.error = f"roster file {self.path} unreadable: {err}"
+            return
+        self._roster, self._mtime, self.error = roster, mtime, None
+        _LOGGER.info("roster %s: %d students", self.path, len(roster.student_ids))
+
+    def current(self, now: datetime) -> tuple[str | None, str | None, Any]:
+        with self._lock:
+            mono = time.monotonic()
+            if mono - self._checked >= self.CHECK_S:
+                self._checked = mono
+                self._load()
+            return self.course_id, self.course_name, self._roster
+
+
+# --- status ---------------------------------------------------------------------------------
+
+@dataclass
+class PresentEntry:
+    student_id: str
+    name: str
+    first_seen: datetime
+    confidence: float
+
+
+@dataclass
+class PipelineStatus:
+    camera_source: str
+    camera_state: str  # "ok" | "reopening" | "failed" | "ended" | "starting"
+    last_frame_at: datetime | None
+    frames: int
+    fps: float
+    stage_ms: dict[str, float]  # decode, detect, track, embed, match (recent means per frame)
+    room_id: str
+    course_id: str | None
+    course_name: str | None
+    present: list[PresentEntry]  # recognised in the current class so far
+    unknown_count: int
+    tracks_active: int
+    started_at: datetime
+    # additions beyond the interface contract (defaults keep it compatible):
+    roster_size: int = 0  # students in the active roster; 0: everyone is unknown
+    note: str | None = None  # e.g. "no roster: every face is unknown"
+    camera_error: str | None = None
+    frames_dropped: int = 0
+
+
+class StageTimer:
+    """Per-stage milliseconds per frame: recent means (last ``window`` frames) and totals."""
+
+    def __init__(self, window: int = 100) -> None:
+        self.recent: dict[str, deque[float]] = {s: deque(maxlen=window) for s in STAGES}
+        self.total: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.frames = 0
+
+    def add(self, ms: dict[str, float]) -> None:
+        self.frames += 1
+        for stage in STAGES:
+            value = ms.get(stage, 0.0)
+            self.recent[stage].append(value)
+            self.total[stage] += value
+
+    def recent_means(self) -> dict[str, float]:
+        return {s: (sum(v) / len(v) if v else 0.0) for s, v in self.recent.items()}
+
+    def total_means(self) -> dict[str, float]:
+        n = max(self.frames, 1)
+        return {s: self.total[s] / n for s in STAGES}
+
+
+@dataclass
+class TrackState:
+    """What the pipeline keeps per track (in ``Track.data['state']``)."""
+
+    vote: TrackVote
+    embedded: int = 0
+    best_quality: float = -1.0
+    last_embed_frame: int = -(10**9)
+    candidate: tuple[float, np.ndarray, Detection, int] | None = None  # quality, crop, det, frame
+    label: str | None = None
+    in_flight: bool = False  # a crop of this track is queued for / in the embedding thread
+    desc_sum: np.ndarray | None = None  # quality-weighted sum of the track's descriptors
+    desc_weight: float = 0.0
+
+
+@dataclass
+class _EmbedJob:
+    track: Track
+    state: TrackState
+    quality: float
+    crop: np.ndarray
+    det: Detection
+    embedding: np.ndarray | None = None
+    ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class RecordedSighting:
+    """One attendance record written by this pipeline (for replay reports and tests)."""
+
+    student_id: str
+    name: str
+    seen_at: datetime
+    pts_s: float | None
+    confidence: float
+    distance: float | None
+    track_id: int
+    key: uuid.UUID
+
+
+@dataclass
+class _Preview:
+    image: np.ndarray | None = None
+    boxes: list[tuple[tuple[float, float, float, float], str, tuple[int, int, int]]] = field(
+        default_factory=list)
+    jpeg: bytes | None = None
+    encoded_at: float = 0.0
+
+
+def crop_for_embedding(frame: np.ndarray, det: Detection,
+                       margin: float = CROP_MARGIN) -> tuple[np.ndarray, Detection]:
+    """A copy of the face region (with margin, so alignment has context) and the detection
+    moved into the crop's coordinates: lets the pipeline keep the best crop of a track
+    without holding whole frames."""
+    h, w = frame.shape[:2]
+    x1, y1, x2, y2 = det.box
+    m = margin * max(x2 - x1, y2 - y1)
+    cx1, cy1 = max(0, int(x1 - m)), max(0, int(y1 - m))
+    cx2, cy2 = min(w, int(np.ceil(x2 + m))), min(h, int(np.ceil(y2 + m)))
+    crop = np.ascontiguousarray(frame[cy1:cy2, cx1:cx2])
+    moved = Detection(
+        box=(x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1), score=det.score,
+        keypoints=(det.keypoints - np.array([cx1, cy1], dtype=np.float32)).astype(np.float32),
+    )
+    return crop, moved
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+class Pipeline:
+    """Capture + processing threads; start()/stop(); status() and latest_preview_jpeg()."""
+
+    def __init__(
+        self,
+        settings: ApplianceSettings,
+        store: Store,
+        roster_provider: RosterProvider | None = None,
+        *,
+        source: FrameSource | None = None,
+        every_frame: bool = False,
+        paced: bool = True,
+        loop: bool | None = None,
+        detector: Any = None,
+        embedder: Any = None,
+        quality: Callable[[np.ndarray, Detection], float] | None = None,
+    ) -> None:
+        """Live use: ``Pipeline(settings, store, provider)`` (source from ``camera``).
+        Replay: pass ``source=VideoFileSource(path), every_frame=True, paced=realtime``."""
+        from appliance.vision.embedder import FaceEmbedder
+        from appliance.vision.quality import face_quality
+
+        self.settings = settings
+        self.store = store
+        model_dir = settings.paths.model_dir
+        self.detector = detector or FaceDetector.from_config(settings.detector, model_dir)
+        self.embedder = embedder or FaceEmbedder(model_dir,
+                                                 detector_model=settings.detector.model)
+        self.quality = quality or face_quality
+        self.roster_provider: RosterProvider = roster_provider or FileRosterProvider(
+            settings.recognition.roster_file)
+        src = source or source_from_config(settings.camera)
+        self.capture = CaptureWorker(
+            src, every_frame=every_frame, paced=paced,
+            loop=settings.camera.loop_file if loop is None else loop,
+            backoff_max_s=settings.camera.reopen_backoff_max_s,
+        )
+        self.tracker = Tracker()
+        self.timer = StageTimer()
+        self.recorded: list[RecordedSighting] = []
+        self.unknown_tracks = 0
+        self.decided_tracks = 0
+        self.embeddings = 0
+        self.started_at = datetime.now(UTC)
+        cfg = settings.decision
+        self.debouncer = Debouncer(cfg.debounce_s)
+        self._seed_debounce(self.started_at)
+        self._course: tuple[str | None, str | None] = (None, None)
+        self._roster: Any = None
+        self._matcher: Any = None
+        self._names: dict[str, str] = {}
+        self._provider_checked = -1e9
+        self._present: dict[str, PresentEntry] = {}
+        self._unknown_in_class = 0
+        self._frames = 0
+        self._frame_times: deque[float] = deque(maxlen=60)
+        self._last_frame_at: datetime | None = None
+        self._lock = threading.Lock()
+        self._preview = _Preview()
+        self._preview_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._heartbeat = time.monotonic()
+        self.error: BaseException | None = None
+        rcfg = settings.recognition
+        self._jobs: queue.Queue[_EmbedJob] = queue.Queue(
+            maxsize=2 * rcfg.max_embeddings_per_frame)
+        self._done: queue.SimpleQueue[_EmbedJob] = queue.SimpleQueue()
+        self._pending_jobs = 0  # queued or running (processing thread only)
+        self._embed_thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._heartbeat = time.monotonic()
+        self.capture.start()
+        self._embed_thread = threading.Thread(target=self._embed_loop, name="embedder",
+                                              daemon=True)
+        self._embed_thread.start()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self._thread.start()
+        _LOGGER.info("pipeline started on %s", self.capture.description)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.capture.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        if self._embed_thread is not None:
+            self._embed_thread.join(timeout=15)
+        _LOGGER.info("pipeline stopped after %d frames", self._frames)
+
+    def alive(self) -> bool:
+        """Both threads running and the processing loop not stuck (for the watchdog)."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        if self._embed_thread is None or not self._embed_thread.is_alive():
+            return False
+        if not self.capture.is_alive() and self.capture.state != "ended":
+            return False
+        return time.monotonic() - self._heartbeat < STALL_S
+
+    def wait_finished(self, timeout: float | None = None) -> bool:
+        """For a video file without loop: wait until every frame went through."""
+        return self._finished.wait(timeout)
+
+    # -- processing thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._heartbeat = time.monotonic()
+                frame = self.capture.get(timeout=0.1 if self._pending_jobs else 0.5)
+                if frame is None:
+                    self._collect(timeout=0.0)
+                    if self.capture.finished and not self._finished.is_set():
+                        self._finish()
+                    elif self._finished.is_set():
+                        self._stop.wait(0.5)
+                    continue
+                self.process(frame)
+        except Exception as err:  # logged and visible via alive(): the watchdog restarts us
+            self.error = err
+            _LOGGER.exception("pipeline processing failed")
+            raise
+
+    def _finish(self) -> None:
+        """End of a video file: wait for the descriptors still queued, then end the tracks."""
+        while self._pending_jobs and not self._stop.is_set():
+            self._heartbeat = time.monotonic()
+            self._collect(timeout=0.5)
+        self.tracker.flush()
+        self._finished.set()
+
+    # -- embedding thread -----------------------------------------------------------------------
+    def _embed_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            t0 = time.perf_counter()
+            try:
+                job.embedding = np.asarray(self.embedder.embed(job.crop, [job.det]),
+                                           dtype=np.float32)[0]
+            except Exception:  # one bad crop must not end recognition
+                _LOGGER.exception("descriptor failed for track %d", job.track.track_id)
+            job.ms = (time.perf_counter() - t0) * 1e3
+            metrics.EMBEDDING_SECONDS.observe(job.ms / 1e3)
+            self._done.put(job)
+
+    def _collect(self, timeout: float = 0.0) -> float:
+        """Match and vote the descriptors the embedding thread finished; returns their ms."""
+        jobs: list[_EmbedJob] = []
+        try:
+            jobs.append(self._done.get(timeout=timeout) if timeout > 0 else
+                        self._done.get_nowait())
+            while True:
+                jobs.append(self._done.get_nowait())
+        except queue.Empty:
+            pass
+        if not jobs:
+            return 0.0
+        self._pending_jobs -= len(jobs)
+        for job in jobs:
+            job.state.in_flight = False
+        done = [j for j in jobs if j.embedding is not None]
+        self.embeddings += len(done)
+        if done:
+            self._match_and_decide(done)
+        return sum(j.ms for j in jobs)
+
+    def _refresh_roster(self, now: datetime) -> None:
+        mono = time.monotonic()
+        if self._matcher is not None and mono - self._provider_checked < PROVIDER_PERIOD_S:
+            return
+        self._provider_checked = mono
+        try:
+            course_id, course_name, roster = self.roster_provider.current(now)
+        except Exception:  # a provider bug must not stop recognition; keep the last roster
+            _LOGGER.exception("roster provider failed")
+            if self._matcher is not None:
+                return
+            course_id, course_name, roster = None, None, _empty_roster()
+        if roster is self._roster and (course_id, course_name) == self._course:
+            return
+        from appliance.recognition import Matcher
+
+        rcfg = self.settings.recognition
+        with self._lock:
+            if course_id != self._course[0]:
+                if self._matcher is not None:
+                    _LOGGER.info("class switched: %s -> %s", self._course[0], course_id)
+                self._present = self._seed_present(course_id, now)
+                self._unknown_in_class = 0
+            self._course = (course_id, course_name)
+            self._roster = roster
+            self._names = dict(zip(roster.student_ids, roster.names, strict=False))
+            self._matcher = Matcher(roster, rcfg.threshold, rcfg.margin)
+
+    def _seed_debounce(self, now: datetime) -> None:
+        window = timedelta(seconds=self.settings.decision.debounce_s)
+        self.debouncer.seed(self.store.last_seen_by_student(now - window))
+
+    def _seed_present(self, course_id: str | None, now: datetime) -> dict[str, PresentEntry]:
+        """Students already recorded today for this class (after a restart)."""
+        if course_id is None:
+            return {}
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        present: dict[str, PresentEntry] = {}
+        for rec in self.store.records_since(day):
+            if rec.course_id == course_id and rec.student_id not in present:
+                present[rec.student_id] = PresentEntry(
+                    rec.student_id, self._names.get(rec.student_id, rec.student_id),
+                    rec.seen_at, rec.confidence)
+        return present
+
+    def process(self, frame: Frame) -> list[Track]:
+        """Run one frame through every stage (the processing thread calls this)."""
+        now = frame.captured_at
+        self._refresh_roster(now)
+        image = frame.image
+        t0 = time.perf_counter()
+        detections = self.detector.detect(image)
+        t1 = time.perf_counter()
+        tracks = self.tracker.update(detections, frame.index, at=now, pts_s=frame.pts_s)
+        t2 = time.perf_counter()
+        self._schedule(image, tracks, frame.index)
+        t3 = time.perf_counter()
+        embed_ms = self._collect()
+        self._decide_without_roster(tracks)
+        t4 = time.perf_counter()
+        # "embed": crop selection here plus the descriptors the embedding thread finished
+        # since the previous frame (its CPU work, accounted per frame)
+        ms = {
+            "decode": frame.decode_ms, "detect": (t1 - t0) * 1e3, "track": (t2 - t1) * 1e3,
+            "embed": (t3 - t2) * 1e3 + embed_ms, "match": (t4 - t3) * 1e3,
+        }
+        metrics.FRAMES_PROCESSED.inc()
+        metrics.DETECTION_SECONDS.observe(t1 - t0)
+        with self._lock:
+            self.timer.add(ms)
+            self._frames += 1
+            self._frame_times.append(time.monotonic())
+            self._last_frame_at = now
+            fps = self._fps_locked()
+        metrics.FPS.set(fps)
+        self._keep_preview(image, tracks)
+        return tracks
+
+    # -- recognition scheduling -----------------------------------------------------------------
+    def _state(self, track: Track) -> TrackState:
+        state = track.data.get("state")
+        if state is None:
+            state = TrackState(vote=TrackVote.from_config(self.settings.decision))
+            track.data["state"] = state
+        return state
+
+    def _schedule(self, image: np.ndarray, tracks: Sequence[Track], frame_index: int) -> int:
+        """Queue the crops that get a descriptor this frame, best quality first; returns
+        how many.
+
+        Every undecided track seen in this frame keeps its best crop since its last
+        descriptor (a small copy, not the frame). A track gets a descriptor when at least
+        ``embed_min_gap_frames`` passed since its last one and that best crop beats the
+        quality of every earlier sample, or ``embed_refresh_frames`` passed and the crop is
+        nearly as good as the best one (so a track whose first crop was its best still
+        collects the votes it needs, without spending descriptors on poor crops)."""
+        rcfg = self.settings.recognition
+        if self._roster is None or len(self._roster.student_ids) == 0:
+            return 0
+        due: list[tuple[float, Track, TrackState]] = []
+        for track in tracks:
+            if not track.matched:
+                continue
+            state = self._state(track)
+            if (state.vote.decided or state.in_flight
+                    or state.embedded >= rcfg.max_embeddings_per_track):
+                continue
+            q = float(self.quality(image, track.detection))
+            if q >= rcfg.min_quality and (state.candidate is None or q > state.candidate[0]):
+                crop, det = crop_for_embedding(image, track.detection)
+                state.candidate = (q, crop, det, frame_index)
+            if state.candidate is None:
+                continue
+            since = frame_index - state.last_embed_frame
+            age = frame_index - track.first_frame
+            if since < rcfg.embed_min_gap_frames or age + 1 < rcfg.embed_min_gap_frames:
+                continue
+            q = state.candidate[0]
+            if q > state.best_quality or (since >= rcfg.embed_refresh_frames
+                                          and q >= REFRESH_QUALITY_RATIO * state.best_quality):
+                due.append((q, track, state))
+        due.sort(key=lambda item: item[0], reverse=True)
+        queued = 0
+        for q, track, state in due[: rcfg.max_embeddings_per_frame]:
+            assert state.candidate is not None
+            _, crop, det, _ = state.candidate
+            try:
+                self._jobs.put_nowait(_EmbedJob(track, state, q, crop, det))
+            except queue.Full:  # the embedding thread is behind: keep the crop for later
+                break
+            state.candidate = None
+            state.in_flight = True
+            state.last_embed_frame = frame_index
+            state.embedded += 1
+            state.best_quality = max(state.best_quality, q)
+            self._pending_jobs += 1
+            queued += 1
+        return queued
+
+    def _match_and_decide(self, jobs: Sequence[_EmbedJob]) -> None:
+        """Each new descriptor updates its track's quality-weighted mean descriptor, and the
+        sample that goes to the vote is the match of that mean: the mean of several views of
+        one face is closer to the person than any single view (one blurred or turned crop
+        counts less), so the vote gets steadier as the track collects descriptors."""
+        means = []
+        for job in jobs:
+            state, w = job.state, max(job.quality, 1e-3)
+            assert job.embedding is not None
+            state.desc_sum = (job.embedding * w if state.desc_sum is None
+                              else state.desc_sum + job.embedding * w)
+            state.desc_weight += w
+            means.append(state.desc_sum / state.desc_weight)
+        matches = self._matcher.match(np.stack(means).astype(np.float32))
+        for job, match in zip(jobs, matches, strict=True):
+            track, state, q = job.track, job.state, job.quality
+            decision = state.vote.add(Sample(match.student_id, q, float(match.distance),
+                                             float(match.confidence)))
+            _LOGGER.debug("track %d frame %d q %.2f: %s at %.3f (2nd %.3f) -> %s",
+                          track.track_id, track.last_frame, q, match.student_id,
+                          match.distance, match.second_distance, decision.verdict)
+            if decision.verdict == "pending":
+                continue
+            self.decided_tracks += 1
+            metrics.RECOGNITIONS.labels(result=decision.verdict).inc()
+            if decision.verdict == "unknown":
+                state.label = "unknown"
+                self._count_unknown()
+                continue
+            assert decision.student_id is not None
+            name = self._names.get(decision.student_id, decision.student_id)
+            state.label = name
+            self._record(track, decision.student_id, name, decision.confidence,
+                         decision.distance)
+
+    def _decide_without_roster(self, tracks: Sequence[Track]) -> None:
+        """With an empty roster nobody can be recognised: a track is unknown at once."""
+        if self._roster is not None and len(self._roster.student_ids) > 0:
+            return
+        for track in tracks:
+            state = self._state(track)
+            if not state.vote.decided and track.matched:
+                state.vote.decision = Decision("unknown")
+                state.label = "unknown"
+                self.decided_tracks += 1
+                metrics.RECOGNITIONS.labels(result="unknown").inc()
+                self._count_unknown()
+
+    def _count_unknown(self) -> None:
+        with self._lock:
+            self.unknown_tracks += 1
+            self._unknown_in_class += 1
+
+    def _record(self, track: Track, student_id: str, name: str, confidence: float,
+                distance: float | None) -> None:
+        seen_at = track.first_seen or datetime.now(UTC)
+        if not self.debouncer.allow(student_id, seen_at):
+            _LOGGER.debug("track %d: %s again within the debounce window", track.track_id,
+                          student_id)
+            return
+        lag_s = max(0.0, (datetime.now(UTC) - seen_at).total_seconds())
+        record = AttendanceRecord(
+            key=uuid.uuid4(), student_id=student_id, course_id=self._course[0],
+            room_id=self.settings.device.room_id, device_id=self.settings.device.device_id,
+            seen_at=seen_at, confidence=max(0.0, min(1.0, confidence)),
+            distance=None if distance is None else max(0.0, min(2.0, distance)),
+            clock_synced=clock_synced(), boot_id=boot_id(),
+            monotonic_s=max(0.0, time.monotonic() - lag_s),
+        )
+        self.store.add_record(record)
+        metrics.ATTENDANCE_RECORDS.inc()
+        metrics.OUTBOX_DEPTH.set(self.store.outbox_depth())
+        sighting = RecordedSighting(student_id, name, seen_at, track.first_pts_s, confidence,
+                                    distance, track.track_id, record.key)
+        with self._lock:
+            self.recorded.append(sighting)
+            if student_id not in self._present:
+                self._present[student_id] = PresentEntry(student_id, name, seen_at, confidence)
+        _LOGGER.info("present: %s (%s) confidence %.2f, track %d", student_id, name,
+                     confidence, track.track_id)
+
+    # -- status ---------------------------------------------------------------------------------
+    def _fps_locked(self) -> float:
+        times = self._frame_times
+        if len(times) < 2:
+            return 0.0
+        span = times[-1] - times[0]
+        if time.monotonic() - times[-1] > 5.0:
+            return 0.0
+        return (len(times) - 1) / span if span > 0 else 0.0
+
+    def status(self) -> PipelineStatus:
+        cap = self.capture
+        roster = self._roster
+        size = 0 if roster is None else len(roster.student_ids)
+        note = None
+        if size == 0:
+            why = getattr(self.roster_provider, "error", None)
+            note = "no roster: every face is unknown" + (f" ({why})" if why else "")
+        with self._lock:
+            return PipelineStatus(
+                camera_source=cap.description, camera_state=cap.state,
+                last_frame_at=self._last_frame_at or cap.last_frame_at, frames=self._frames,
+                fps=round(self._fps_locked(), 2),
+                stage_ms={k: round(v, 3) for k, v in self.timer.recent_means().items()},
+                room_id=self.settings.device.room_id, course_id=self._course[0],
+                course_name=self._course[1],
+                present=sorted(self._present.values(), key=lambda p: p.first_seen),
+                unknown_count=self._unknown_in_class,
+                tracks_active=len(self.tracker.tracks), started_at=self.started_at,
+                roster_size=size, note=note, camera_error=cap.last_error,
+                frames_dropped=cap.dropped,
+            )
+
+    # -- preview --------------------------------------------------------------------------------
+    def _keep_preview(self, image: np.ndarray, tracks: Sequence[Track]) -> None:
+        boxes = []
+        for track in tracks:
+            if not track.matched:
+                continue
+            state = track.data.get("state")
+            label = state.label if state is not None and state.label else f"#{track.track_id}"
+            colour = (0, 200, 0) if state is not None and state.label not in (None, "unknown") \
+                else (0, 0, 230) if label == "unknown" else (0, 200, 230)
+            boxes.append((track.box, label, colour))
+        with self._preview_lock:
+            self._preview.image = image  # a reference: frames are never modified in place
+            self._preview.boxes = boxes
+
+    def latest_preview_jpeg(self) -> bytes | None:
+        """The latest frame with boxes and names, as JPEG; encoded on demand in the caller's
+        thread, at most every 0.5 s (a cached copy in between). None before the first frame."""
+        with self._preview_lock:
+            p = self._preview
+            now = time.monotonic()
+            if p.jpeg is not None and now - p.encoded_at < PREVIEW_MIN_INTERVAL_S:
+                return p.jpeg
+            if p.image is None:
+                return p.jpeg
+            image, boxes = p.image, list(p.boxes)
+        jpeg = _annotate_jpeg(image, boxes)
+        with self._preview_lock:
+            self._preview.jpeg, self._preview.encoded_at = jpeg, time.monotonic()
+        return jpeg
+
+
+def _annotate_jpeg(image: np.ndarray, boxes: Sequence[tuple[tuple[float, float, float, float],
+                                                            str, tuple[int, int, int]]]) -> bytes:
+    scale = min(1.0, PREVIEW_MAX_WIDTH / image.shape[1])
+    canvas = (cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+              if scale < 1.0 else image.copy())
+    for box, label, colour in boxes:
+        x1, y1, x2, y2 = (int(np.rint(v * scale)) for v in box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, 2)
+        cv2.putText(canvas, label, (x1, max(12, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    colour, 1, cv2.LINE_AA)
+    ok, buf = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    return buf.tobytes() if ok else b""
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss), in MB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def replay_video(
+    settings: ApplianceSettings,
+    video: Path,
+    roster: Path | None,
+    *,
+    realtime: bool = False,
+    store_path: Path | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """The full pipeline over every frame of a video file; the report `appliance replay`
+    prints. Records go to ``store_path`` or to a throw-away store."""
+    import tempfile
+
+    from appliance.capture import VideoFileSource
+
+    with tempfile.TemporaryDirectory(prefix="replay-") as tmp:
+        store = Store(store_path or Path(tmp) / "replay.db")
+        provider = FileRosterProvider(roster)
+        if roster is not None and provider.error:
+            store.close()
+            raise FileNotFoundError(provider.error)
+        pipeline = Pipeline(settings, store, provider, source=VideoFileSource(video),
+                            every_frame=True, paced=realtime, loop=False)
+        t0 = time.perf_counter()
+        pipeline.start()
+        try:
+            finished = pipeline.wait_finished(timeout_s)
+        finally:
+            pipeline.stop()
+            store.close()
+        elapsed = time.perf_counter() - t0
+    cap = pipeline.capture
+    if pipeline.error is not None:
+        raise RuntimeError(f"replay failed: {pipeline.error}") from pipeline.error
+    if cap.frames_read == 0:
+        raise ValueError(f"{video}: {cap.last_error or 'no frame could be read'}")
+    frames = pipeline.timer.frames
+    return {
+        "video": str(video),
+        "frames": frames,
+        "complete": bool(finished),
+        "seconds": round(elapsed, 3),
+        "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0,
+        "stage_ms": {k: round(v, 3) for k, v in pipeline.timer.total_means().items()},
+        "records": [
+            {"student_id": r.student_id, "name": r.name,
+             "first_seen_s": None if r.pts_s is None else round(r.pts_s, 3),
+             "confidence": round(r.confidence, 4),
+             "distance": None if r.distance is None else round(r.distance, 4)}
+            for r in pipeline.recorded
+        ],
+        "unknown_tracks": pipeline.unknown_tracks,
+        "tracks": pipeline.tracker.total_tracks,
+        "embeddings": pipeline.embeddings,
+        "roster_size": 0 if pipeline._roster is None else len(pipeline._roster.student_ids),
+        "peak_rss_mb": peak_rss_mb(),
+    }

@@ -1,0 +1,179 @@
+"""Pipeline benchmark: `appliance replay` against face_recognition's per-frame approach.
+
+On ``face_recognition/examples/short_hamilton_clip.mp4`` (from ``FACES_DIR``, default
+``../shared/faces``) with ``lin-manuel-miranda.png`` and ``alex-lacamoire.png`` enrolled:
+
+- pipeline: the full replay (every frame: decode, detect, track, descriptors for the tracks that
+  need one, match, vote, store) in a separate process, so its peak RSS (ru_maxrss) is its own;
+- baseline: face_recognition's ``examples/facerec_from_video_file.py`` approach in this process:
+  for EVERY frame, HOG ``face_locations`` + ``face_encodings`` + ``compare_faces`` (0.50);
+- detection only: the detector alone over the clip's decoded 640x360 frames (decode excluded).
+
+Targets: pipeline fps >= 20x baseline fps while recognising Lin-Manuel Miranda; detection
+>= 150 fps at 640x360; pipeline peak RSS < 400 MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP = "face_recognition/examples/short_hamilton_clip.mp4"
+KNOWN = {
+    "S001": ("Lin-Manuel Miranda", "face_recognition/examples/lin-manuel-miranda.png"),
+    "S002": ("Alex Lacamoire", "face_recognition/examples/alex-lacamoire.png"),
+}
+LIN = "S001"
+TARGET_RATIO = 20.0
+TARGET_DETECT_FPS = 150.0
+TARGET_RSS_MB = 400.0
+BASELINE_TOLERANCE = 0.50  # as in facerec_from_video_file.py
+
+
+def faces_dir() -> Path:
+    return Path(os.environ.get("FACES_DIR", REPO.parent / "shared" / "faces"))
+
+
+def build_roster(path: Path) -> dict[str, Any]:
+    """Enroll the two known faces with the product's own enrollment code."""
+    from appliance.config import load
+    from appliance.recognition import Roster
+    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
+    from cloud_sync.protocol import RosterEntry
+
+    settings = load()
+    model_dir = settings.paths.model_dir
+    detector = enrollment_detector(model_dir, settings.detector.model)
+    embedder = FaceEmbedder(model_dir, detector_model=settings.detector.model)
+    entries = []
+    for sid, (name, rel) in KNOWN.items():
+        result = embed_photo(load_image(faces_dir() / rel), detector, embedder,
+                             settings.detector.min_face_px)
+        if result.embedding is None:
+            raise RuntimeError(f"cannot enroll {rel}: {result.reason}")
+        entries.append(RosterEntry(student_id=sid, name=name,
+                                   embeddings=[result.embedding.tolist()]))
+    Roster.from_entries(entries).save(path)
+    return {"students": len(entries)}
+
+
+def run_pipeline_subprocess(roster: Path, clip: Path) -> dict[str, Any]:
+    """`appliance replay --json` in a child process (its own ru_maxrss)."""
+    cmd = [sys.executable, "-m", "appliance", "replay", str(clip), "--roster", str(roster),
+           "--json"]
+    env = {**os.environ, "APPLIANCE_LOG_LEVEL": "WARNING"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, check=False,
+                         timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"replay failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def decode_all(clip: Path) -> list[Any]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(clip))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+def run_baseline(clip: Path) -> dict[str, Any]:
+    """facerec_from_video_file.py: HOG detection + encodings + compare_faces, every frame."""
+    import cv2
+    import face_recognition
+
+    known = []
+    for _, rel in KNOWN.values():
+        image = face_recognition.load_image_file(str(faces_dir() / rel))
+        known.append(face_recognition.face_encodings(image)[0])
+    lin_index = list(KNOWN).index(LIN)
+    cap = cv2.VideoCapture(str(clip))
+    frames = faces = lin_frames = 0
+    t0 = time.perf_counter()
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames += 1
+        rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        locations = face_recognition.face_locations(rgb)
+        encodings = face_recognition.face_encodings(rgb, locations)
+        faces += len(locations)
+        for encoding in encodings:
+            match = face_recognition.compare_faces(known, encoding,
+                                                   tolerance=BASELINE_TOLERANCE)
+            if match[lin_index]:
+                lin_frames += 1
+    seconds = time.perf_counter() - t0
+    cap.release()
+    return {"frames": frames, "seconds": round(seconds, 3), "fps": round(frames / seconds, 2),
+            "faces": faces, "frames_with_lin": lin_frames}
+
+
+def run_detection_only(frames: list[Any]) -> dict[str, Any]:
+    from appliance.config import load
+    from appliance.vision.detector import FaceDetector
+
+    settings = load()
+    detector = FaceDetector.from_config(settings.detector, settings.paths.model_dir)
+    for frame in frames[:10]:  # warm-up
+        detector.detect(frame)
+    t0 = time.perf_counter()
+    detections = 0
+    for frame in frames:
+        detections += len(detector.detect(frame))
+    seconds = time.perf_counter() - t0
+    h, w = frames[0].shape[:2]
+    return {"frames": len(frames), "resolution": f"{w}x{h}", "seconds": round(seconds, 3),
+            "fps": round(len(frames) / seconds, 1), "detections": detections,
+            "threads": settings.detector.threads}
+
+
+def run() -> dict[str, Any]:
+    clip = faces_dir() / CLIP
+    if not clip.is_file():
+        raise FileNotFoundError(f"{clip} not found (set FACES_DIR)")
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        roster = Path(tmp) / "roster.json"
+        build_roster(roster)
+        pipeline = run_pipeline_subprocess(roster, clip)
+    baseline = run_baseline(clip)
+    detection = run_detection_only(decode_all(clip))
+    recognised = any(r["student_id"] == LIN for r in pipeline["records"])
+    ratio = pipeline["fps"] / baseline["fps"] if baseline["fps"] else 0.0
+    return {
+        "clip": CLIP,
+        "pipeline": {k: pipeline[k] for k in (
+            "frames", "seconds", "fps", "stage_ms", "records", "unknown_tracks", "tracks",
+            "embeddings", "peak_rss_mb")},
+        "baseline_face_recognition": baseline,
+        "fps_ratio": round(ratio, 2),
+        "lin_manuel_miranda_recognised": recognised,
+        "detection_only": detection,
+        "peak_rss_mb": pipeline["peak_rss_mb"],
+        "targets": {
+            "fps_ratio_ge_20_with_lin": ratio >= TARGET_RATIO and recognised,
+            "detection_fps_ge_150": detection["fps"] >= TARGET_DETECT_FPS,
+            "peak_rss_lt_400mb": pipeline["peak_rss_mb"] < TARGET_RSS_MB,
+        },
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,149 @@
+"""The pipeline's parts on real frames: roster providers, status, preview, crops, restart."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from appliance.capture import VideoFileSource
+from appliance.config import ApplianceSettings, load
+from appliance.pipeline import FileRosterProvider, Pipeline, crop_for_embedding, replay_video
+from appliance.store import Store
+from cloud_sync.protocol import AttendanceRecord
+
+KNOWN = {"S001": ("Lin-Manuel Miranda", "lin-manuel-miranda.png"),
+         "S002": ("Alex Lacamoire", "alex-lacamoire.png")}
+
+
+@pytest.fixture(scope="session")
+def hamilton(faces_dir: Path) -> Path:
+    return faces_dir / "face_recognition" / "examples" / "short_hamilton_clip.mp4"
+
+
+@pytest.fixture(scope="session")
+def roster_file(faces_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                ) -> Path:
+    """Lin-Manuel Miranda and Alex Lacamoire enrolled with the product's enrollment code."""
+    from appliance.recognition import Roster
+    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
+    from cloud_sync.protocol import RosterEntry
+
+    detector, embedder = enrollment_detector(model_dir), FaceEmbedder(model_dir)
+    entries = []
+    for sid, (name, file) in KNOWN.items():
+        result = embed_photo(load_image(faces_dir / "face_recognition" / "examples" / file),
+                             detector, embedder)
+        assert result.embedding is not None, result.reason
+        entries.append(RosterEntry(student_id=sid, name=name,
+                                   embeddings=[result.embedding.tolist()]))
+    path = tmp_path_factory.mktemp("roster") / "roster.json"
+    Roster.from_entries(entries).save(path)
+    return path
+
+
+def settings_for(tmp_path: Path, model_dir: Path, **overrides: object) -> ApplianceSettings:
+    return load(None, paths={"data_dir": tmp_path / "data", "model_dir": model_dir},
+                **overrides)
+
+
+def test_file_roster_provider(roster_file: Path, tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    provider = FileRosterProvider(roster_file, course_id="C1", course_name="Hamilton")
+    course, name, roster = provider.current(now)
+    assert (course, name, roster.student_ids) == ("C1", "Hamilton", ["S001", "S002"])
+    assert provider.error is None
+    missing = FileRosterProvider(tmp_path / "nope.json")
+    assert len(missing.current(now)[2].student_ids) == 0 and "not found" in missing.error
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    broken = FileRosterProvider(bad)
+    assert len(broken.current(now)[2].student_ids) == 0 and "unreadable" in broken.error
+    assert FileRosterProvider(None).error == "no roster configured"
+    # the file appears later: picked up on the next check
+    later = tmp_path / "later.json"
+    provider = FileRosterProvider(later)
+    later.write_text(roster_file.read_text())
+    provider._checked = -1e9
+    assert provider.current(now)[2].student_ids == ["S001", "S002"]
+
+
+def test_crop_for_embedding_gives_the_same_descriptor(hamilton: Path, model_dir: Path) -> None:
+    from appliance.vision.detector import FaceDetector
+    from appliance.vision.embedder import FaceEmbedder
+
+    cap = cv2.VideoCapture(str(hamilton))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 150)
+    ok, frame = cap.read()
+    assert ok
+    dets = FaceDetector(model_dir).detect(frame)
+    assert dets
+    crop, moved = crop_for_embedding(frame, dets[0])
+    assert crop.shape[0] < frame.shape[0] and crop.flags["C_CONTIGUOUS"]
+    embedder = FaceEmbedder(model_dir)
+    whole = embedder.embed(frame, dets[:1])[0]
+    part = embedder.embed(crop, [moved])[0]
+    assert np.abs(whole - part).max() < 1e-4
+
+
+def test_status_and_preview_without_roster(hamilton: Path, model_dir: Path,
+                                           tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, model_dir)
+    store = Store(settings.paths.data_dir)
+    pipeline = Pipeline(settings, store, FileRosterProvider(None),
+                        source=VideoFileSource(hamilton), every_frame=True, paced=False)
+    st = pipeline.status()
+    assert st.camera_state == "starting" and st.frames == 0
+    assert pipeline.latest_preview_jpeg() is None
+    pipeline.start()
+    try:
+        assert pipeline.wait_finished(120)
+    finally:
+        pipeline.stop()
+    st = pipeline.status()
+    assert st.frames == 275 and st.camera_state == "ended"
+    assert set(st.stage_ms) == {"decode", "detect", "track", "embed", "match"}
+    assert st.stage_ms["detect"] > 0
+    assert st.roster_size == 0 and st.note and "no roster" in st.note
+    assert st.present == [] and st.unknown_count >= 3  # every face unknown, none embedded
+    assert pipeline.embeddings == 0
+    assert store.outbox_depth() == 0
+    jpeg = pipeline.latest_preview_jpeg()
+    assert jpeg is not None and jpeg[:2] == b"\xff\xd8"
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (360, 640, 3)
+    assert pipeline.latest_preview_jpeg() is jpeg  # cached: at most ~2 encodes a second
+
+
+def test_debounce_survives_a_restart(hamilton: Path, model_dir: Path, roster_file: Path,
+                                     tmp_path: Path) -> None:
+    """A record of S001 from 10 s ago (a previous run) suppresses a new one."""
+    settings = settings_for(tmp_path, model_dir)
+    db = tmp_path / "appliance.db"
+    store = Store(db)
+    store.add_record(AttendanceRecord(
+        key=uuid.uuid4(), student_id="S001", room_id="LAB-301", device_id="dev-appliance",
+        seen_at=datetime.now(UTC) - timedelta(seconds=10), confidence=0.9))
+    store.close()
+    report = replay_video(settings, hamilton, roster_file, store_path=db)
+    assert report["records"] == []
+    assert len(Store(db).records_since(datetime.now(UTC) - timedelta(hours=1))) == 1
+    # and a window that has passed does not suppress it
+    settings = settings_for(tmp_path, model_dir, decision={"debounce_s": 5})
+    report = replay_video(settings, hamilton, roster_file, store_path=db)
+    assert [r["student_id"] for r in report["records"]] == ["S001"]
+
+
+def test_report_is_json(hamilton: Path, model_dir: Path, roster_file: Path,
+                        tmp_path: Path) -> None:
+    report = replay_video(settings_for(tmp_path, model_dir), hamilton, roster_file)
+    json.dumps(report)
+    assert report["frames"] == 275 and report["complete"]
+    assert report["embeddings"] <= report["tracks"] * 6
+    assert report["embeddings"] < report["frames"] / 5  # never every face in every frame
