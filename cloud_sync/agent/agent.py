@@ -69,6 +69,9 @@ class DrainStats:
     parked: int = 0
     events: int = 0
     failures: int = 0
+    schedule_updates: int = 0
+    schedule_unchanged: int = 0
+    heartbeats: int = 0
 
 
 class _Uplink:
@@ -360,10 +363,12 @@ class SyncAgent:
             return False
         self._note_success()
         if fetched is None:
+            self.stats.schedule_unchanged += 1
             return True
         schedule, new_etag = fetched
         self._store.save_schedule(schedule, new_etag)
         self.roster_provider.invalidate()
+        self.stats.schedule_updates += 1
         _LOGGER.info(
             "schedule of %s for %s: %d classes, %d students", schedule.date, room_id,
             len(schedule.sessions), sum(len(r) for r in schedule.rosters.values()),
@@ -405,5 +410,6 @@ class SyncAgent:
             _LOGGER.info("heartbeat failed: %s", err)
             self._last_error = f"heartbeat: {err}"
             return False
+        self.stats.heartbeats += 1
         self._note_success()
         return True

@@ -30,6 +30,17 @@ OTHER_ROOM = "LAB-302"
 DEVICE = "pi-lab301"
 OTHER_DEVICE = "pi-lab302"
 STUDENTS = [f"S{i:03d}" for i in range(1, 51)]
+ENROLLED = STUDENTS[:10]
+
+
+def _midday_zone() -> str:
+    """A fixed-offset IANA zone where it is about noon now, so that a class from an hour ago
+    to an hour from now never crosses midnight, whenever the tests run."""
+    offset = 12 - datetime.now(UTC).hour  # -11 .. +12
+    return f"Etc/GMT-{offset}" if offset > 0 else f"Etc/GMT+{-offset}"
+
+
+ROOM_TZ = _midday_zone()
 
 
 def free_port() -> int:
@@ -121,39 +132,60 @@ class Aggregator:
         self.log = self.dir / "aggregator.log"
 
     def seed(self) -> dict[str, str]:
-        """Migrate, create two rooms, 50 students, a course with a schedule today and one
-        device per room; returns {device_id: api_key}."""
+        """Migrate; create two rooms, 50 students, course CS101 (10 enrolled students with a
+        face embedding each) running in LAB-301 from an hour ago to an hour from now, one
+        device per room and an admin token; returns {device_id: api_key, "admin": token}."""
+        from zoneinfo import ZoneInfo
+
+        import numpy as np
+
         from cloud_sync.aggregator.db.migrate import upgrade
-        from cloud_sync.aggregator.db.models import Course, Enrollment, Room, Schedule, Student
+        from cloud_sync.aggregator.db.models import (
+            Course,
+            Enrollment,
+            FaceEmbedding,
+            Room,
+            Schedule,
+            Student,
+        )
         from cloud_sync.aggregator.db.session import make_engine, make_session_factory
-        from cloud_sync.aggregator.services.devices import add_device
+        from cloud_sync.aggregator.services.devices import add_device, create_admin_token
 
         upgrade(self.db_url)
         engine = make_engine(self.db_url)
         now = datetime.now(UTC)
+        local = now.astimezone(ZoneInfo(ROOM_TZ))
+        rng = np.random.default_rng(7)
         keys: dict[str, str] = {}
         try:
             factory = make_session_factory(engine)
             with factory() as session:
                 for room in (ROOM, OTHER_ROOM):
-                    session.add(Room(id=room, name=room, site=SITE, timezone="UTC",
+                    session.add(Room(id=room, name=room, site=SITE, timezone=ROOM_TZ,
                                      created_at=now))
                 for sid in STUDENTS:
                     session.add(Student(id=sid, name=f"Student {sid}", created_at=now))
                 session.add(Course(id="CS101", name="Intro to CS", created_at=now))
                 session.flush()
-                for sid in STUDENTS[:10]:
+                for sid in ENROLLED:
                     session.add(Enrollment(student_id=sid, course_id="CS101", created_at=now))
-                start = (now - timedelta(hours=1)).time().replace(microsecond=0)
-                end = (now + timedelta(hours=1)).time().replace(microsecond=0)
-                if end > start:  # not across midnight
-                    session.add(Schedule(course_id="CS101", room_id=ROOM, weekday=now.weekday(),
-                                         start_time=start, end_time=end))
+                for sid in STUDENTS:
+                    vec = rng.normal(size=128).astype("<f4")
+                    vec /= np.linalg.norm(vec) * 2
+                    session.add(FaceEmbedding(student_id=sid, vector=vec.tobytes(),
+                                              source="test", quality=0.9, created_at=now))
+                session.add(Schedule(
+                    course_id="CS101", room_id=ROOM, weekday=local.weekday(),
+                    start_time=(local - timedelta(hours=1)).time().replace(microsecond=0),
+                    end_time=(local + timedelta(hours=1)).time().replace(microsecond=0),
+                ))
                 session.commit()
             with factory() as session:
                 keys[DEVICE] = add_device(session, ROOM, DEVICE)[1]
             with factory() as session:
                 keys[OTHER_DEVICE] = add_device(session, OTHER_ROOM, OTHER_DEVICE)[1]
+            with factory() as session:
+                keys["admin"] = create_admin_token(session, "tests")[1]
         finally:
             engine.dispose()
         return keys
@@ -250,7 +282,7 @@ def appliance_overrides(data_dir: Path, *, aggregator_url: str | None, api_key: 
     }
     sync_cfg.update(sync)
     return {
-        "device": {"device_id": device, "room_id": room, "site": SITE, "timezone": "UTC"},
+        "device": {"device_id": device, "room_id": room, "site": SITE, "timezone": ROOM_TZ},
         "paths": {"data_dir": str(data_dir)},
         "sync": sync_cfg,
         "web": {"enabled": False},
