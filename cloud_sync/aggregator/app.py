@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 
 from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api import admin, device, ops, reports
@@ -115,6 +115,12 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     async def integrity_error(_request: Request, err: IntegrityError) -> JSONResponse:
         _LOGGER.info("integrity error: %s", err.orig)
         return JSONResponse({"detail": "conflicts with existing data"}, status_code=409)
+
+    @app.exception_handler(DataError)
+    async def data_error(_request: Request, err: DataError) -> JSONResponse:
+        _LOGGER.info("value refused by the database: %s", err.orig)
+        return JSONResponse({"detail": "a value is not storable (range or characters)"},
+                            status_code=422)
 
     @app.exception_handler(OperationalError)
     async def db_unavailable(_request: Request, err: OperationalError) -> JSONResponse:

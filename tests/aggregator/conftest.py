@@ -24,7 +24,7 @@ from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.app import create_app
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.migrate import upgrade_engine
-from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+from cloud_sync.aggregator.db.session import make_engine
 from cloud_sync.aggregator.services.devices import add_device, create_admin_token
 from tests.conftest import require
 
@@ -45,7 +45,7 @@ def pg_url() -> Iterator[str | None]:
     """URL of a fresh database for this test session, or None if the server is missing."""
     try:
         conn = _pg_connect()
-    except Exception:  # noqa: BLE001 - any failure means: no usable server
+    except Exception:
         yield None
         return
     name = f"agg_test_{os.getpid()}_{secrets.token_hex(4)}"
@@ -103,15 +103,15 @@ class World:
     device: dict[str, str]
     other_device_id: str
     other: dict[str, str]
-    monday: datetime  # a Monday 00:00 UTC in the current month's range
+    monday: datetime  # last week's Monday 00:00 UTC: every class of that day is over
 
     def at(self, day_offset: int, hh: int, mm: int = 0, ss: int = 0) -> datetime:
         return self.monday + timedelta(days=day_offset, hours=hh, minutes=mm, seconds=ss)
 
 
-def this_monday() -> datetime:
+def last_monday() -> datetime:
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return today - timedelta(days=today.weekday())
+    return today - timedelta(days=today.weekday() + 7)
 
 
 def auth(key: str) -> dict[str, str]:
@@ -149,7 +149,7 @@ def world(app_client: TestClient, sessions: Any) -> World:
     with sessions() as session:
         _, key = add_device(session, "LAB-301", "pi-301")
         _, other = add_device(session, "LAB-302", "pi-302")
-    return World(c, admin, "pi-301", auth(key), "pi-302", auth(other), this_monday())
+    return World(c, admin, "pi-301", auth(key), "pi-302", auth(other), last_monday())
 
 
 def record(world: World, student: str, seen_at: datetime, **extra: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 # see their real (closure) types.
 
 import logging
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import (
@@ -12,6 +12,7 @@ from fastapi import (
     BackgroundTasks,
     File,
     HTTPException,
+    Path,
     Query,
     Request,
     Response,
@@ -33,7 +34,8 @@ from cloud_sync.protocol import Identifier
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["admin"])
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
-Offset = Annotated[int, Query(ge=0, description="Rows to skip.")]
+Offset = Annotated[int, Query(ge=0, le=10**9, description="Rows to skip.")]
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Numeric id.")]
 ROSTER_KINDS = {"students", "rooms", "enrollments", "schedules"}
 
 
@@ -155,7 +157,7 @@ def list_schedules(_who: Admin, session: DB, room_id: Identifier | None = None,
 
 @router.get("/schedules/{schedule_id}", response_model=svc.ScheduleOut, tags=["schedules"],
             summary="One schedule slot.")
-def get_schedule(_who: Admin, session: DB, schedule_id: int) -> Any:
+def get_schedule(_who: Admin, session: DB, schedule_id: RowId) -> Any:
     return svc.get_schedule(session, schedule_id)
 
 
@@ -171,7 +173,7 @@ def create_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, sessi
 @router.patch("/schedules/{schedule_id}", response_model=svc.ScheduleOut, tags=["schedules"],
               summary="Update a weekly slot.")
 def update_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                    schedule_id: int, body: svc.SchedulePatch) -> Any:
+                    schedule_id: RowId, body: svc.SchedulePatch) -> Any:
     row = svc.update_schedule(session, schedule_id, body)
     _after_write(context(request), tasks, "schedules")
     return row
@@ -180,7 +182,7 @@ def update_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, sessi
 @router.delete("/schedules/{schedule_id}", status_code=204, tags=["schedules"],
                summary="Delete a weekly slot.")
 def delete_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                    schedule_id: int) -> Response:
+                    schedule_id: RowId) -> Response:
     svc.delete_schedule(session, schedule_id)
     _after_write(context(request), tasks, "schedules")
     return Response(status_code=204)
@@ -262,10 +264,10 @@ def enroll_face(
     if result.embedding is None:
         metrics.ENROLLMENTS.labels("rejected").inc()
         raise HTTPException(422, f"photo rejected: {result.reason}")
-    suffix = Path(photo.filename or "photo.jpg").suffix.lower()
+    suffix = FilePath(photo.filename or "photo.jpg").suffix.lower()
     row = faces.store_embedding(
         session, ctx.settings, student_id, result.embedding, result.quality,
-        f"upload:{Path(photo.filename or 'photo').name}", data, suffix,
+        f"upload:{FilePath(photo.filename or 'photo').name}", data, suffix,
     )
     metrics.ENROLLMENTS.labels("accepted").inc()
     _after_write(ctx, tasks, "students")
@@ -281,7 +283,7 @@ def list_faces(_who: Admin, session: DB, student_id: Identifier) -> list[FaceOut
 @router.delete("/students/{student_id}/faces/{face_id}", status_code=204, tags=["faces"],
                summary="Delete one embedding (and its photo, if kept).")
 def delete_face(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                student_id: Identifier, face_id: int) -> Response:
+                student_id: Identifier, face_id: RowId) -> Response:
     faces.delete_face(session, student_id, face_id)
     _after_write(context(request), tasks, "students")
     return Response(status_code=204)

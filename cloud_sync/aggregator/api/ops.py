@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -68,4 +69,6 @@ def health(request: Request) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics.", response_class=Response)
 def prometheus(request: Request) -> Response:
     mqtt_state(context(request))
-    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    # Ours, plus the default registry (process metrics, the MQTT bridge's counters).
+    body = generate_latest(metrics.REGISTRY) + generate_latest(DEFAULT_REGISTRY)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

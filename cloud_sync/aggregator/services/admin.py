@@ -48,6 +48,15 @@ WEEKDAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(
+            isinstance(v, str) and "\x00" in v for v in data.values()
+        ):
+            raise ValueError("text must not contain NUL characters")
+        return data
+
 
 class StudentIn(Strict):
     id: Identifier = Field(description="Student id, e.g. S001.")

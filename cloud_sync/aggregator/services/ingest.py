@@ -20,11 +20,13 @@ Clock correction. A record made while the device clock was not synchronised
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -45,7 +47,12 @@ from cloud_sync.aggregator.db.models import (
 )
 from cloud_sync.aggregator.db.models import Heartbeat as HeartbeatRow
 from cloud_sync.aggregator.db.session import begin_write
-from cloud_sync.aggregator.services.common import ForbiddenError, NotFoundError, utcnow
+from cloud_sync.aggregator.services.common import (
+    ForbiddenError,
+    NotFoundError,
+    ServiceError,
+    utcnow,
+)
 from cloud_sync.aggregator.services.timetable import Timetable, room_timetable
 from cloud_sync.protocol import (
     AttendanceBatch,
@@ -57,6 +64,10 @@ from cloud_sync.protocol import (
 )
 
 _LOGGER = logging.getLogger(__name__)
+# Device times outside this range are refused (a clock stuck at the epoch is still accepted).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+MAX_INT32 = 2**31 - 1
 DEFAULT_EARLY_ARRIVAL_MIN = 10.0
 EARLY_ARRIVAL_INFO_KEY = "early_arrival_min"  # sessionmaker(info=...) set by create_app
 
@@ -108,6 +119,18 @@ def correct_time(
             ref = unsynced[-1]
         return seen_at + (ref.received_at - ref.sent_at), "heartbeat_offset"
     return seen_at, "uncertain"
+
+
+def _time_ok(value: datetime | None) -> bool:
+    return value is None or EARLIEST <= value < LATEST
+
+
+def _text_ok(*values: str | None) -> bool:
+    return not any(v is not None and "\x00" in v for v in values)
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
 
 
 def _reject_all(batch: AttendanceBatch, reason: str) -> BatchResult:
@@ -180,6 +203,14 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
         elif rec.room_id != device.room_id:
             rejected.append(RecordRejection(
                 key=str(rec.key), reason=f"room_id {rec.room_id!r} is not the device's room",
+            ))
+        elif not _time_ok(rec.seen_at):
+            rejected.append(RecordRejection(
+                key=str(rec.key), reason="seen_at outside 1970..2100",
+            ))
+        elif not _text_ok(rec.boot_id) or (rec.monotonic_s or 0) > 1e12:
+            rejected.append(RecordRejection(
+                key=str(rec.key), reason="invalid boot_id or monotonic_s",
             ))
         elif rec.key in seen:
             duplicate += 1
@@ -276,6 +307,13 @@ def record_heartbeat(session: Session, device_id: str, hb: Heartbeat) -> None:
     boot's records made with an unsynchronised clock. Commits. Raises ``ForbiddenError`` when the
     heartbeat claims another device or room, ``NotFoundError`` for an unknown device."""
     received = utcnow()
+    if not (_time_ok(hb.sent_at) and _time_ok(hb.last_frame_at)):
+        raise ServiceError("sent_at / last_frame_at outside 1970..2100")
+    if hb.outbox_depth > MAX_INT32 or not _text_ok(hb.boot_id, hb.software_version):
+        raise ServiceError("outbox_depth too large or text with NUL characters")
+    if not all(_finite(v) for v in (hb.monotonic_s, hb.uptime_s, hb.cpu_temp_c, hb.fps,
+                                    hb.oldest_unsent_age_s)):
+        raise ServiceError("numbers must be finite")
     begin_write(session)
     device = _check_device(session, device_id, hb.device_id, hb.room_id)
     session.add(HeartbeatRow(
@@ -299,6 +337,16 @@ def record_heartbeat(session: Session, device_id: str, hb: Heartbeat) -> None:
 
 def record_event(session: Session, device_id: str, event: Event) -> bool:
     """Store an event; False when its key was already stored (a re-send). Commits."""
+    if not _time_ok(event.at):
+        raise ServiceError("at outside 1970..2100")
+    if not _text_ok(event.message):
+        raise ServiceError("message contains NUL characters")
+    try:
+        json.dumps(event.data, allow_nan=False)
+    except ValueError as err:
+        raise ServiceError(f"data is not plain JSON: {err}") from err
+    if "\\u0000" in json.dumps(event.data):
+        raise ServiceError("data contains NUL characters")
     begin_write(session)
     _check_device(session, device_id, event.device_id, event.room_id)
     values = {
