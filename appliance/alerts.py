@@ -65,6 +65,9 @@ class AlertMonitor:
     def start(self) -> None:
         if self._thread is not None:
             return
+        if not self._cfg.enabled:
+            _LOGGER.info("alerts disabled (alerts.enabled = false)")
+            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
         self._thread.start()

@@ -50,7 +50,7 @@ from appliance.health import (
     read_sync_status,
 )
 from appliance.system import SystemSnapshot, read_system
-from appliance.web.auth import COOKIE_NAME, Authenticator
+from appliance.web.auth import COOKIE_NAME, PASSWORD_FILE, Authenticator
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def create_app(
             {"configured": auth.configured(), "password_set": auth.password_set(),
              "error": error, "version": appliance.__version__,
              "device_id": settings.device.device_id,
-             "config_hint": "appliance web set-password"},
+             "password_file": str(settings.paths.data_dir / PASSWORD_FILE)},
             status_code=status_code, headers=headers,
         )
 

@@ -81,13 +81,19 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 (create the directory if needed)."""
+    """Write atomically with mode 0600 (create the directory if needed).
+
+    Run as root (``sudo appliance web set-password``), the file is given to the owner of the
+    data directory, i.e. the service user, which must be able to read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
         os.fsync(fd)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            owner = path.parent.stat()
+            os.fchown(fd, owner.st_uid, owner.st_gid)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -109,6 +115,9 @@ def load_password_hash(settings: ApplianceSettings) -> str | None:
     try:
         value = path.read_text().strip()
     except FileNotFoundError:
+        return None
+    except OSError as err:  # e.g. written by root, unreadable by the service user
+        _LOGGER.error("cannot read the status page password file %s: %s", path, err)
         return None
     return value or None
 

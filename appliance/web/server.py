@@ -18,8 +18,9 @@ _START_TIMEOUT_S = 15.0
 
 
 class WebServer:
-    """``start()`` returns once the socket is bound (``port`` is then the real one, which
-    matters with ``web.port = 0``); ``stop()`` closes open streams and joins the thread."""
+    """``start()`` returns once the socket is bound; if it cannot bind (port taken), it logs
+    an error and returns with ``running`` false: the appliance keeps recording attendance.
+    ``stop()`` ends open SSE/MJPEG streams and joins the thread."""
 
     def __init__(self, settings: ApplianceSettings, pipeline: PipelineSource, store: StoreSource,
                  sync_status: SyncStatusFn | None = None) -> None:
@@ -28,6 +29,10 @@ class WebServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port: int = settings.web.port
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def url(self) -> str:
@@ -51,22 +56,33 @@ class WebServer:
         )
         server = uvicorn.Server(config)
         self._server = server
-        self._thread = threading.Thread(target=server.run, name="web", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(server,), name="web",
+                                        daemon=True)
         self._thread.start()
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not server.started:
-            if not self._thread.is_alive():
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                # Attendance must go on without its status page: log, do not raise.
+                _LOGGER.error("status page could not start on %s:%d (port in use or bad "
+                              "address?); the appliance runs without it",
+                              self._settings.web.host, self._settings.web.port)
+                server.should_exit = True
+                self._thread.join(timeout=5)
                 self._thread = None
-                raise RuntimeError(
-                    f"status page could not start on {self._settings.web.host}:"
-                    f"{self._settings.web.port} (see the log)")
-            if time.monotonic() > deadline:
-                raise RuntimeError("status page did not start in time")
+                self._server = None
+                return
             time.sleep(0.02)
         sockets = [s for srv in server.servers for s in srv.sockets]
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
         _LOGGER.info("status page on %s", self.url)
+
+    @staticmethod
+    def _serve(server: uvicorn.Server) -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits this way when it cannot bind; start() reports it
+            _LOGGER.debug("uvicorn exited at start-up")
 
     def stop(self) -> None:
         self.app.state.stopping.set()  # ends SSE and MJPEG streams

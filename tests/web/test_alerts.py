@@ -134,3 +134,18 @@ def test_thread_runs_periodically(tmp_path, pipeline, host) -> None:
         assert kinds(store) == ["disk_almost_full"]
     finally:
         store.close()
+
+
+def test_disabled_monitor_does_not_run(tmp_path, pipeline, host) -> None:
+    settings = load(None, paths={"data_dir": tmp_path},
+                    alerts={"enabled": False, "period_s": 0.05})
+    store = Store(tmp_path)
+    try:
+        host.set(disk_percent=99.0)
+        mon = AlertMonitor(settings, pipeline, store, system=host)
+        mon.start()
+        time.sleep(0.3)
+        mon.stop()
+        assert kinds(store) == []
+    finally:
+        store.close()

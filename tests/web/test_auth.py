@@ -173,3 +173,12 @@ def test_password_never_logged(settings, pipeline, store, host, with_password,
     c.post("/login", data={"password": PASSWORD})
     assert caplog.records  # logins are logged ...
     assert PASSWORD not in caplog.text  # ... the password is not
+
+
+def test_unreadable_password_file_keeps_the_page_locked(settings, pipeline, store, host) -> None:
+    path = settings.paths.data_dir / web_auth.PASSWORD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()  # reading it fails with an OSError other than "not found"
+    c = make_client(settings, pipeline, store, host)
+    assert c.get("/login").status_code == 403
+    assert c.post("/login", data={"password": PASSWORD}).status_code == 403

@@ -72,11 +72,19 @@ def test_status_page_in_chromium(tmp_path: Path, faces_dir: Path, model_dir: Pat
                                   course_name="Hamilton rehearsal")
     pipeline = Pipeline(settings, store, provider, source=VideoFileSource(clip), loop=True)
     server = WebServer(settings, pipeline, store)
-    store_password_hash(data_dir, hash_password(PASSWORD))  # what `web set-password` writes
     pipeline.start()
     server.start()
     try:
         with Chromium(binary, 1280, 900) as browser:
+            # 0. no password provisioned yet: no default one, the page says how to set one
+            browser.navigate(f"{server.url}/")
+            assert browser.evaluate("location.pathname") == "/login"
+            text = browser.evaluate("document.body.textContent")
+            assert "No password is set" in text and "appliance web set-password" in text
+            assert not browser.evaluate("!!document.getElementById('password')")
+            browser.screenshot(OUT / "login-no-password.png")
+            store_password_hash(data_dir, hash_password(PASSWORD))  # what set-password writes
+
             # 1. not logged in: the page sends us to the login form
             browser.navigate(f"{server.url}/")
             assert browser.evaluate("location.pathname") == "/login"

@@ -42,3 +42,17 @@ def test_print_hash_only(env: Path) -> None:
     assert result.exit_code == 0
     assert verify_password("for the config file", result.output.strip())
     assert not (env / PASSWORD_FILE).exists()
+
+
+def test_root_gives_the_file_to_the_service_user(env: Path) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("only meaningful as root (sudo appliance web set-password)")
+    os.chown(env, 65534, 65534)  # the data dir belongs to the service user
+    result = CliRunner().invoke(app, ["web", "set-password", "--stdin"],
+                                input="readable by the service\n")
+    assert result.exit_code == 0, result.output
+    st = (env / PASSWORD_FILE).stat()
+    assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert stat.S_IMODE(st.st_mode) == 0o600

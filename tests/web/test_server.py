@@ -60,3 +60,16 @@ def test_open_stream_does_not_block_stop(settings, pipeline, store) -> None:
     assert response.status_code == 200
     server.stop()  # must return although a client still listens
     client.close()
+
+
+def test_port_in_use_does_not_raise(settings, pipeline, store, caplog) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind((settings.web.host, settings.web.port))
+        taken.listen()
+        server = WebServer(settings, pipeline, store)
+        server.start()  # logs, does not raise: attendance goes on without the page
+        assert not server.running
+        assert "could not start" in caplog.text
+        server.stop()
