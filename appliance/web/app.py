@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, tzinfo
@@ -189,7 +190,10 @@ def refresh_gauges(pipeline: PipelineSource, store: StoreSource, system: SystemS
     else:
         metrics.FPS.set(st.fps)
         metrics.CAMERA_UP.set(1 if st.camera_state == CAMERA_OK else 0)
-    metrics.OUTBOX_DEPTH.set(store.outbox_depth())
+    try:
+        metrics.OUTBOX_DEPTH.set(store.outbox_depth())
+    except (sqlite3.Error, OSError) as err:
+        _LOGGER.warning("metrics: outbox depth unreadable: %s", err)
     temp = system.cpu_temp_c
     metrics.CPU_TEMPERATURE.set(float("nan") if temp is None else temp)
 
