@@ -207,6 +207,10 @@ class MqttTransport:
     ) -> None:
         self._ready.clear()
         self.reachable = False
+        with self._lock:
+            waiting = list(self._waiters.values())
+        for waiter in waiting:  # fail fast: the batch is sent again after the reconnect
+            waiter.done.set()
         if reason.is_failure:
             self.last_error = f"MQTT disconnected: {reason}"
             _LOGGER.warning("%s (reconnecting)", self.last_error)
@@ -265,7 +269,8 @@ class MqttTransport:
         finally:
             with self._lock:
                 self._waiters.pop(ack_id, None)
-        assert waiter.result is not None
+        if waiter.result is None:
+            raise TransportError("MQTT connection lost before the ack")
         return waiter.result
 
     def send_batch(self, batch: AttendanceBatch) -> BatchResult:

@@ -190,13 +190,13 @@ class Aggregator:
             engine.dispose()
         return keys
 
-    def start(self, mqtt_url: str | None = None) -> None:
+    def start(self, mqtt_url: str | None = None, sqlite_synchronous: str = "NORMAL") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
         env.update({
             "AGGREGATOR_DATABASE_URL": self.db_url,
             "AGGREGATOR_DATA_DIR": str(self.dir / "data"),
             "AGGREGATOR_RATE_LIMIT_PER_MIN": "100000",
-            "AGGREGATOR_SQLITE_SYNCHRONOUS": "NORMAL",
+            "AGGREGATOR_SQLITE_SYNCHRONOUS": sqlite_synchronous,
         })
         if mqtt_url:
             env["AGGREGATOR_MQTT_URL"] = mqtt_url
