@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cloud_sync.aggregator import ha_discovery
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import Attendance, Device, Room
+from cloud_sync.aggregator.metrics import REGISTRY
 from cloud_sync.aggregator.services.common import ServiceError, utcnow
 from cloud_sync.aggregator.services.ingest import (
     DEFAULT_EARLY_ARRIVAL_MIN,
@@ -74,11 +75,13 @@ STATE_FULL_S = 60.0
 MEMORY_DEAD_LETTERS = 1000
 
 MESSAGES = Counter(
-    "aggregator_mqtt_messages", "MQTT messages handled by the bridge.", ["kind", "result"]
+    "aggregator_mqtt_messages", "MQTT messages handled by the bridge.", ["kind", "result"],
+    registry=REGISTRY,
 )
 DEAD_LETTERS_UNSTORED = Counter(
     "aggregator_mqtt_dead_letters_unstored",
     "Dead letters the database could not take (kept in memory, bounded).",
+    registry=REGISTRY,
 )
 
 

@@ -89,6 +89,14 @@ def test_batch_acked_once_stored_and_resend_counted_once(
 def test_malformed_and_foreign_messages_are_dead_lettered(
     broker: Broker, bridge: object, aggregator_db: tuple[Aggregator, dict[str, str]]
 ) -> None:
+    from cloud_sync.aggregator.metrics import REGISTRY
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value(
+            "aggregator_mqtt_messages_total", {"kind": "attendance", "result": "dead_letter"}
+        ) or 0.0
+
+    before = counted()
     agg, _ = aggregator_db
     dev = _device(broker)
     try:
@@ -114,6 +122,7 @@ def test_malformed_and_foreign_messages_are_dead_lettered(
         assert f"not in room {OTHER_ROOM!r}" in reasons
         assert agg.attendance_keys() == []
         assert _acks(dev) == []  # nothing is acknowledged that was not stored
+        assert counted() - before == 4
     finally:
         dev.close()
 
