@@ -11,10 +11,12 @@ Threads:
   computed only for tracks not yet decided, best crops first, at most
   ``recognition.max_embeddings_per_track`` per track and ``recognition.max_embeddings_per_frame``
   per frame, never for every face of every frame.
-* embedding (:meth:`Pipeline._embed_loop`): computes dlib descriptors for the queued crops.
-  A descriptor costs 20x a detection (~85 ms here, ~0.4 s on a Pi 4), so it runs beside
-  detection on the other core instead of stalling it: tracking keeps up with the camera
-  while a face is being recognised.
+* embedding (:meth:`Pipeline._embed_loop`): hands the queued crops to a child process
+  (:class:`EmbedderProcess`) that computes the dlib descriptors. A descriptor costs 20x a
+  detection (~85 ms here, ~0.4 s on a Pi 4) and dlib holds the GIL while it runs, so in a
+  thread it would stall detection; in its own process it runs on another core, and tracking
+  keeps up with the camera while a face is being recognised. If the child dies it is
+  restarted; the descriptors it was computing are lost, never the pipeline.
 
 Callers on other threads (status page, watchdog) use :meth:`Pipeline.status` and
 :meth:`Pipeline.latest_preview_jpeg`, which encodes an annotated frame only when asked, at
@@ -23,7 +25,10 @@ most ~2 times a second.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -56,6 +61,136 @@ PROVIDER_PERIOD_S = 1.0
 STALL_S = 30.0
 REFRESH_QUALITY_RATIO = 0.9  # a refresh descriptor needs a crop this close to the best one
 CROP_MARGIN = 1.0  # context kept around a face crop (in face sizes), as the embedder keeps
+
+
+# --- descriptors in a child process ---------------------------------------------------------
+
+EMBED_TIMEOUT_S = 30.0
+EMBEDDER_START_TIMEOUT_S = 120.0
+
+
+def _embedder_main(conn: Any, model_dir: str, detector_model: str) -> None:
+    """Child process: load the dlib models, then answer (crop, box, keypoints) requests with
+    (descriptor, ms, peak RSS MB) until it receives None or the pipe closes."""
+    import resource
+
+    from appliance.vision.embedder import FaceEmbedder
+
+    embedder = FaceEmbedder(Path(model_dir), detector_model=detector_model)
+    conn.send("ready")
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        crop, box, keypoints = request
+        t0 = time.perf_counter()
+        det = Detection(tuple(box), 1.0, keypoints)
+        try:
+            vector = embedder.embed(crop, [det])[0]
+        except Exception as err:  # answer, so the parent is not left waiting
+            conn.send(("error", str(err)))
+            continue
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        conn.send((vector, (time.perf_counter() - t0) * 1e3, rss))
+
+
+class EmbedderProcess:
+    """:class:`appliance.vision.embedder.FaceEmbedder` in a child process (spawned, so no
+    thread or lock of the parent is inherited). One request at a time."""
+
+    def __init__(self, model_dir: Path, detector_model: str = "full_range") -> None:
+        self.model_dir, self.detector_model = Path(model_dir), detector_model
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Any = None
+        self.restarts = 0
+        self.peak_rss_mb = 0.0
+
+    def start(self, timeout: float = EMBEDDER_START_TIMEOUT_S) -> bool:
+        """Spawn the child and wait until its models are loaded; False if it did not come up."""
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_embedder_main, args=(child, str(self.model_dir), self.detector_model),
+            name="embedder", daemon=True)
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+        try:
+            if parent.poll(timeout) and parent.recv() == "ready":
+                _LOGGER.info("descriptor process %d ready", proc.pid)
+                return True
+        except (EOFError, OSError) as err:
+            _LOGGER.error("descriptor process failed to start: %s", err)
+        else:
+            _LOGGER.error("descriptor process not ready after %.0f s", timeout)
+        self.stop()
+        return False
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def embed(self, crop: np.ndarray, det: Detection) -> tuple[np.ndarray | None, float]:
+        """(descriptor or None, child ms). A dead or stuck child is restarted."""
+        if not self.alive() and not self._restart():
+            return None, 0.0
+        try:
+            self._conn.send((crop, det.box, det.keypoints))
+            if not self._conn.poll(EMBED_TIMEOUT_S):
+                raise TimeoutError(f"no descriptor after {EMBED_TIMEOUT_S:.0f} s")
+            answer = self._conn.recv()
+        except (EOFError, OSError, TimeoutError) as err:
+            _LOGGER.error("descriptor process failed (%s): restarting it", err)
+            self._restart()
+            return None, 0.0
+        if isinstance(answer[0], str):
+            _LOGGER.warning("descriptor failed: %s", answer[1])
+            return None, 0.0
+        vector, ms, rss = answer
+        self.peak_rss_mb = max(self.peak_rss_mb, float(rss))
+        return np.asarray(vector, dtype=np.float32), float(ms)
+
+    def _restart(self) -> bool:
+        self.stop()
+        self.restarts += 1
+        return self.start()
+
+    def stop(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+            conn.close()
+        if proc is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+class _InProcessEmbedder:
+    """Adapter for an embedder object given to the pipeline (tests, tools)."""
+
+    def __init__(self, embedder: Any) -> None:
+        self.embedder = embedder
+        self.peak_rss_mb = 0.0
+
+    def start(self, timeout: float = 0.0) -> bool:
+        return True
+
+    def alive(self) -> bool:
+        return True
+
+    def embed(self, crop: np.ndarray, det: Detection) -> tuple[np.ndarray | None, float]:
+        t0 = time.perf_counter()
+        vector = np.asarray(self.embedder.embed(crop, [det]), dtype=np.float32)[0]
+        return vector, (time.perf_counter() - t0) * 1e3
+
+    def stop(self) -> None:
+        pass
 
 
 # --- roster providers -----------------------------------------------------------------------
@@ -229,6 +364,20 @@ class _Preview:
     encoded_at: float = 0.0
 
 
+def detector_config_for_pipeline(settings: ApplianceSettings) -> Any:
+    """``detector`` settings with the interpreter threads capped at cores - 1: the embedding
+    and capture threads run beside detection, and an interpreter thread pool as wide as the
+    machine only makes them fight for the cores (on 2 cores: 1 thread is ~1.5x faster here;
+    a Pi 4 keeps its 2 threads)."""
+    cfg = settings.detector
+    cap = max(1, (os.cpu_count() or 1) - 1)
+    if cfg.threads <= cap:
+        return cfg
+    _LOGGER.info("detector threads %d -> %d (%d cores, one left for descriptors)",
+                 cfg.threads, cap, os.cpu_count())
+    return cfg.model_copy(update={"threads": cap})
+
+
 def crop_for_embedding(frame: np.ndarray, det: Detection,
                        margin: float = CROP_MARGIN) -> tuple[np.ndarray, Detection]:
     """A copy of the face region (with margin, so alignment has context) and the detection
@@ -268,15 +417,16 @@ class Pipeline:
     ) -> None:
         """Live use: ``Pipeline(settings, store, provider)`` (source from ``camera``).
         Replay: pass ``source=VideoFileSource(path), every_frame=True, paced=realtime``."""
-        from appliance.vision.embedder import FaceEmbedder
         from appliance.vision.quality import face_quality
 
         self.settings = settings
         self.store = store
         model_dir = settings.paths.model_dir
-        self.detector = detector or FaceDetector.from_config(settings.detector, model_dir)
-        self.embedder = embedder or FaceEmbedder(model_dir,
-                                                 detector_model=settings.detector.model)
+        self.detector = detector or FaceDetector.from_config(
+            detector_config_for_pipeline(settings), model_dir)
+        self.embedder: EmbedderProcess | _InProcessEmbedder = (
+            _InProcessEmbedder(embedder) if embedder is not None
+            else EmbedderProcess(model_dir, settings.detector.model))
         self.quality = quality or face_quality
         self.roster_provider: RosterProvider = roster_provider or FileRosterProvider(
             settings.recognition.roster_file)
@@ -326,6 +476,9 @@ class Pipeline:
         if self._thread is not None:
             return
         self._heartbeat = time.monotonic()
+        if not self.embedder.start():
+            _LOGGER.error("no descriptor process: faces are tracked but not recognised until "
+                          "it starts")
         self.capture.start()
         self._embed_thread = threading.Thread(target=self._embed_loop, name="embedder",
                                               daemon=True)
@@ -340,7 +493,8 @@ class Pipeline:
         if self._thread is not None:
             self._thread.join(timeout=15)
         if self._embed_thread is not None:
-            self._embed_thread.join(timeout=15)
+            self._embed_thread.join(timeout=EMBED_TIMEOUT_S + 5)
+        self.embedder.stop()
         _LOGGER.info("pipeline stopped after %d frames", self._frames)
 
     def alive(self) -> bool:
@@ -391,13 +545,10 @@ class Pipeline:
                 job = self._jobs.get(timeout=0.5)
             except queue.Empty:
                 continue
-            t0 = time.perf_counter()
             try:
-                job.embedding = np.asarray(self.embedder.embed(job.crop, [job.det]),
-                                           dtype=np.float32)[0]
+                job.embedding, job.ms = self.embedder.embed(job.crop, job.det)
             except Exception:  # one bad crop must not end recognition
                 _LOGGER.exception("descriptor failed for track %d", job.track.track_id)
-            job.ms = (time.perf_counter() - t0) * 1e3
             metrics.EMBEDDING_SECONDS.observe(job.ms / 1e3)
             self._done.put(job)
 
@@ -787,5 +938,6 @@ def replay_video(
         "tracks": pipeline.tracker.total_tracks,
         "embeddings": pipeline.embeddings,
         "roster_size": 0 if pipeline._roster is None else len(pipeline._roster.student_ids),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),  # this process
+        "embedder_peak_rss_mb": round(pipeline.embedder.peak_rss_mb, 1),  # descriptor child
     }
