@@ -18,6 +18,7 @@ import math
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
@@ -102,6 +103,17 @@ class StatusView:
         self.sync_status = sync_status
         self.system = system
         self.zone = _zone(settings.device.timezone)
+        self._cache: tuple[float, dict[str, Any]] | None = None
+        self._cache_lock = threading.Lock()
+
+    def cached(self, max_age_s: float) -> dict[str, Any]:
+        """:meth:`build`, shared by every open page for ``max_age_s`` (several viewers on a Pi
+        must not multiply the work)."""
+        with self._cache_lock:
+            now = time.monotonic()
+            if self._cache is None or now - self._cache[0] > max_age_s:
+                self._cache = (now, self.build())
+            return self._cache[1]
 
     def _local(self, when: datetime | None, fmt: str = "%H:%M:%S") -> str | None:
         return None if when is None else when.astimezone(self.zone).strftime(fmt)
@@ -313,7 +325,13 @@ def create_app(
     async def index(request: Request) -> Response:
         if not authorized(request):
             return RedirectResponse("/login", status_code=303)
-        data = await run_in_threadpool(view.build)
+        try:
+            data = await run_in_threadpool(view.build)
+        except Exception:  # show a readable error instead of a bare 500
+            _LOGGER.exception("status page: building the status failed")
+            return HTMLResponse("<!doctype html><title>Status unavailable</title>"
+                                "<p>The status is unavailable right now (see the device log)."
+                                " <a href=\"/\">Retry</a></p>", status_code=503)
         return templates.TemplateResponse(
             request, "status.html",
             {"s": data, "refresh_ms": int(settings.web.refresh_s * 1000)},
@@ -323,7 +341,11 @@ def create_app(
     async def api_status(request: Request) -> JSONResponse:
         if not authorized(request):
             return unauthorized_json()
-        return JSONResponse(await run_in_threadpool(view.build))
+        try:
+            return JSONResponse(await run_in_threadpool(view.build))
+        except Exception:  # same as the page: a readable 503, never a bare 500
+            _LOGGER.exception("api status: building the status failed")
+            return JSONResponse({"detail": "status unavailable"}, status_code=503)
 
     @app.get("/api/status/stream")
     async def status_stream(request: Request) -> Response:
@@ -334,7 +356,7 @@ def create_app(
             yield f"retry: {int(settings.web.refresh_s * 1000) + 1000}\n\n"
             while not stopping.is_set() and not await request.is_disconnected():
                 try:
-                    data = await run_in_threadpool(view.build)
+                    data = await run_in_threadpool(view.cached, settings.web.refresh_s / 2)
                 except Exception:  # keep the stream; the page shows stale data meanwhile
                     _LOGGER.exception("status stream: build failed")
                 else:

@@ -139,3 +139,22 @@ def test_broken_pipeline_reports_unhealthy(settings, store, host) -> None:
     r = client(settings, Broken(), store, host).get("/health")
     assert r.status_code == 503
     assert r.json()["components"]["camera"]["status"] == "unhealthy"
+
+
+def test_status_page_survives_a_broken_pipeline(settings, store, host) -> None:
+    from appliance.web.auth import hash_password, store_password_hash
+
+    class Broken:
+        def status(self):
+            raise RuntimeError("boom")
+
+        def latest_preview_jpeg(self):
+            return None
+
+    store_password_hash(settings.paths.data_dir, hash_password("long enough pw"))
+    c = client(settings, Broken(), store, host)
+    c.post("/login", data={"password": "long enough pw"})
+    r = c.get("/")
+    assert r.status_code == 503 and "unavailable" in r.text
+    assert c.get("/api/status").status_code == 503
+    assert c.get("/preview.jpg").status_code == 204
