@@ -1,0 +1,92 @@
+"""`make run` (scripts/run-local.sh): the local aggregator and an appliance syncing with it over
+HTTP; the device key made on first run is kept in data/local-sync.env (600) and reused, never
+printed; Ctrl-C (SIGINT to the process group) stops both."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, require
+from tests.sync.helpers import free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _heartbeats(db: Path) -> int:
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        return int(conn.execute(
+            "SELECT count(*) FROM heartbeats WHERE device_id = 'pi-local'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def _run(root: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(["bash", "scripts/run-local.sh"], cwd=root, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ctrl_c(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(30)
+
+
+def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None:
+    require((REPO / ".venv/bin/aggregator").exists(), "venv not set up")
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts/run-local.sh", root / "scripts/run-local.sh")
+    (root / ".venv").symlink_to(REPO / ".venv")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("APPLIANCE_", "AGGREGATOR_"))}
+    env.update({
+        "AGGREGATOR_PORT": str(free_port()),
+        "APPLIANCE_DEVICE__DEVICE_ID": "pi-local",
+        "APPLIANCE_PATHS__MODEL_DIR": str(model_dir),
+        "APPLIANCE_CAMERA__SOURCE": str(tmp_path / "no-camera.mp4"),  # retried, never fatal
+        "APPLIANCE_WEB__ENABLED": "false",
+        "APPLIANCE_SYNC__HEARTBEAT_S": "5",
+    })
+    db = root / "data/aggregator/aggregator.db"
+    sync_env = root / "data/local-sync.env"
+    log = tmp_path / "run.log"
+    proc = _run(root, log, env)
+    try:
+        wait_until(lambda: _heartbeats(db) >= 1 or proc.poll() is not None, 120,
+                   "a heartbeat from the appliance at the local aggregator", 0.5)
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        _ctrl_c(proc)
+    assert stat.S_IMODE(sync_env.stat().st_mode) == 0o600
+    key = next(line.split("=", 1)[1] for line in sync_env.read_text().splitlines()
+               if line.startswith("APPLIANCE_SYNC__API_KEY="))
+    assert key and key not in log.read_text()
+    first = _heartbeats(db)
+    # Second run: the same key is reused (no new registration), and it syncs again.
+    proc = _run(root, log, env)
+    try:
+        wait_until(lambda: _heartbeats(db) > first or proc.poll() is not None, 120,
+                   "a heartbeat after the restart", 0.5)
+        assert proc.poll() is None, log.read_text()[-3000:]
+    finally:
+        _ctrl_c(proc)
+    assert "first run" not in log.read_text().split("run-local: aggregator on")[-1]
+    # Nothing left running: both children were in the script's process group.
+    # (Zombies do not count: this container's init may not reap orphans.)
+    left = subprocess.run(["ps", "-o", "pid=,stat=,cmd=", "-g", str(proc.pid)],
+                          capture_output=True, text=True).stdout
+    running = [line for line in left.splitlines() if line.split()[1:2] != ["Z"]]
+    assert running == [], left
