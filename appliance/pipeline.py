@@ -464,6 +464,8 @@ class Pipeline:
         self._thread: threading.Thread | None = None
         self._heartbeat = time.monotonic()
         self.error: BaseException | None = None
+        self.frame_errors = 0
+        self._last_error_log = -1e9
         rcfg = settings.recognition
         self._jobs: queue.Queue[_EmbedJob] = queue.Queue(
             maxsize=2 * rcfg.max_embeddings_per_frame)
@@ -524,7 +526,14 @@ class Pipeline:
                     elif self._finished.is_set():
                         self._stop.wait(0.5)
                     continue
-                self.process(frame)
+                try:
+                    self.process(frame)
+                except Exception as err:  # one bad frame must not end the pipeline
+                    self.frame_errors += 1
+                    if time.monotonic() - self._last_error_log > 60:
+                        self._last_error_log = time.monotonic()
+                        _LOGGER.exception("frame %d failed (%d so far): %s", frame.index,
+                                          self.frame_errors, err)
         except Exception as err:  # logged and visible via alive(): the watchdog restarts us
             self.error = err
             _LOGGER.exception("pipeline processing failed")

@@ -5,6 +5,7 @@ On ``face_recognition/examples/short_hamilton_clip.mp4`` (from ``FACES_DIR``, de
 
 - pipeline: the full replay (every frame: decode, detect, track, descriptors for the tracks that
   need one, match, vote, store) in a separate process, so its peak RSS (ru_maxrss) is its own;
+  reported RSS = that process's peak + its descriptor child's peak;
 - baseline: face_recognition's ``examples/facerec_from_video_file.py`` approach in this process:
   for EVERY frame, HOG ``face_locations`` + ``face_encodings`` + ``compare_faces`` (0.50);
 - detection only: the detector alone over the clip's decoded 640x360 frames (decode excluded).
@@ -154,21 +155,23 @@ def run() -> dict[str, Any]:
     baseline = run_baseline(clip)
     detection = run_detection_only(decode_all(clip))
     recognised = any(r["student_id"] == LIN for r in pipeline["records"])
+    # the replay process plus its descriptor child: the sum of both peaks (an upper bound)
+    rss = round(pipeline["peak_rss_mb"] + pipeline.get("embedder_peak_rss_mb", 0.0), 1)
     ratio = pipeline["fps"] / baseline["fps"] if baseline["fps"] else 0.0
     return {
         "clip": CLIP,
         "pipeline": {k: pipeline[k] for k in (
             "frames", "seconds", "fps", "stage_ms", "records", "unknown_tracks", "tracks",
-            "embeddings", "peak_rss_mb")},
+            "embeddings", "peak_rss_mb", "embedder_peak_rss_mb")},
         "baseline_face_recognition": baseline,
         "fps_ratio": round(ratio, 2),
         "lin_manuel_miranda_recognised": recognised,
         "detection_only": detection,
-        "peak_rss_mb": pipeline["peak_rss_mb"],
+        "peak_rss_mb": rss,
         "targets": {
             "fps_ratio_ge_20_with_lin": ratio >= TARGET_RATIO and recognised,
             "detection_fps_ge_150": detection["fps"] >= TARGET_DETECT_FPS,
-            "peak_rss_lt_400mb": pipeline["peak_rss_mb"] < TARGET_RSS_MB,
+            "peak_rss_lt_400mb": rss < TARGET_RSS_MB,
         },
         "cpu_count": os.cpu_count(),
         "load_average": [round(v, 2) for v in os.getloadavg()],

@@ -147,3 +147,54 @@ def test_report_is_json(hamilton: Path, model_dir: Path, roster_file: Path,
     assert report["frames"] == 275 and report["complete"]
     assert report["embeddings"] <= report["tracks"] * 6
     assert report["embeddings"] < report["frames"] / 5  # never every face in every frame
+
+
+def test_embedder_process_survives_being_killed(hamilton: Path, model_dir: Path) -> None:
+    from appliance.pipeline import EmbedderProcess
+    from appliance.vision.detector import FaceDetector
+    from appliance.vision.embedder import FaceEmbedder
+
+    cap = cv2.VideoCapture(str(hamilton))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 150)
+    ok, frame = cap.read()
+    assert ok
+    crop, det = crop_for_embedding(frame, FaceDetector(model_dir).detect(frame)[0])
+    expected = FaceEmbedder(model_dir).embed(crop, [det])[0]
+    proc = EmbedderProcess(model_dir)
+    assert proc.start()
+    try:
+        vector, ms = proc.embed(crop, det)
+        assert vector is not None and ms > 0
+        assert np.abs(vector - expected).max() < 1e-5
+        assert proc.peak_rss_mb > 10
+        proc._proc.kill()
+        proc._proc.join(5)
+        vector, _ = proc.embed(crop, det)  # restarted
+        assert vector is not None and proc.restarts == 1
+    finally:
+        proc.stop()
+    assert not proc.alive()
+
+
+class _SometimesGrey(VideoFileSource):
+    """The real clip, with every 10th frame delivered as a 2-D grey image (a broken camera)."""
+
+    def read(self) -> np.ndarray | None:
+        frame = super().read()
+        if frame is not None and self._delivered % 10 == 0:
+            return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        return frame
+
+
+def test_bad_frames_do_not_stop_the_pipeline(hamilton: Path, model_dir: Path,
+                                             tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, model_dir)
+    pipeline = Pipeline(settings, Store(settings.paths.data_dir), FileRosterProvider(None),
+                        source=_SometimesGrey(hamilton), every_frame=True, paced=False)
+    pipeline.start()
+    try:
+        assert pipeline.wait_finished(120)
+        assert pipeline.alive()
+    finally:
+        pipeline.stop()
+    assert pipeline.frame_errors == 27 and pipeline.status().frames == 275 - 27
