@@ -93,8 +93,9 @@ def _embedder_main(conn: Any, model_dir: str, detector_model: str) -> None:
         except Exception as err:  # answer, so the parent is not left waiting
             conn.send(("error", str(err)))
             continue
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        conn.send((vector, (time.perf_counter() - t0) * 1e3, rss))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        conn.send((vector, (time.perf_counter() - t0) * 1e3,
+                   (usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)))
 
 
 class EmbedderProcess:
@@ -108,6 +109,7 @@ class EmbedderProcess:
         self._conn: Any = None
         self.restarts = 0
         self.peak_rss_mb = 0.0
+        self.cpu_s = 0.0  # the child's CPU time (user + system) at its latest answer
 
     def start(self, timeout: float = EMBEDDER_START_TIMEOUT_S) -> bool:
         """Spawn the child and wait until its models are loaded; False if it did not come up."""
@@ -148,8 +150,9 @@ class EmbedderProcess:
         if isinstance(answer[0], str):
             _LOGGER.warning("descriptor failed: %s", answer[1])
             return None, 0.0
-        vector, ms, rss = answer
+        vector, ms, (rss, cpu_s) = answer
         self.peak_rss_mb = max(self.peak_rss_mb, float(rss))
+        self.cpu_s = float(cpu_s)
         return np.asarray(vector, dtype=np.float32), float(ms)
 
     def _restart(self) -> bool:
@@ -177,6 +180,7 @@ class _InProcessEmbedder:
     def __init__(self, embedder: Any) -> None:
         self.embedder = embedder
         self.peak_rss_mb = 0.0
+        self.cpu_s = 0.0  # counted in the caller's own process time
 
     def start(self, timeout: float = 0.0) -> bool:
         return True
@@ -915,14 +919,15 @@ def replay_video(
             raise FileNotFoundError(provider.error)
         pipeline = Pipeline(settings, store, provider, source=VideoFileSource(video),
                             every_frame=True, paced=realtime, loop=False)
-        t0 = time.perf_counter()
-        pipeline.start()
+        pipeline.start()  # returns once the descriptor process has loaded its models
+        t0, cpu0, child_cpu0 = time.perf_counter(), time.process_time(), pipeline.embedder.cpu_s
         try:
             finished = pipeline.wait_finished(timeout_s)
+            elapsed = time.perf_counter() - t0
+            cpu_s = time.process_time() - cpu0 + pipeline.embedder.cpu_s - child_cpu0
         finally:
             pipeline.stop()
             store.close()
-        elapsed = time.perf_counter() - t0
     cap = pipeline.capture
     if pipeline.error is not None:
         raise RuntimeError(f"replay failed: {pipeline.error}") from pipeline.error
@@ -935,6 +940,7 @@ def replay_video(
         "complete": bool(finished),
         "seconds": round(elapsed, 3),
         "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0,
+        "cpu_ms_per_frame": round(cpu_s * 1e3 / max(frames, 1), 2),  # all threads + child
         "stage_ms": {k: round(v, 3) for k, v in pipeline.timer.total_means().items()},
         "records": [
             {"student_id": r.student_id, "name": r.name,

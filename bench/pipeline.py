@@ -104,7 +104,7 @@ def run_baseline(clip: Path) -> dict[str, Any]:
     lin_index = list(KNOWN).index(LIN)
     cap = cv2.VideoCapture(str(clip))
     frames = faces = lin_frames = 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while True:
         ok, frame = cap.read()
         if not ok:
@@ -119,9 +119,10 @@ def run_baseline(clip: Path) -> dict[str, Any]:
                                                    tolerance=BASELINE_TOLERANCE)
             if match[lin_index]:
                 lin_frames += 1
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     cap.release()
     return {"frames": frames, "seconds": round(seconds, 3), "fps": round(frames / seconds, 2),
+            "cpu_ms_per_frame": round(cpu_s * 1e3 / max(frames, 1), 2),
             "faces": faces, "frames_with_lin": lin_frames}
 
 
@@ -161,10 +162,14 @@ def run() -> dict[str, Any]:
     return {
         "clip": CLIP,
         "pipeline": {k: pipeline[k] for k in (
-            "frames", "seconds", "fps", "stage_ms", "records", "unknown_tracks", "tracks",
-            "embeddings", "peak_rss_mb", "embedder_peak_rss_mb")},
+            "frames", "seconds", "fps", "cpu_ms_per_frame", "stage_ms", "records",
+            "unknown_tracks", "tracks", "embeddings", "peak_rss_mb", "embedder_peak_rss_mb")},
         "baseline_face_recognition": baseline,
         "fps_ratio": round(ratio, 2),
+        # CPU time per frame, baseline / pipeline: what the ratio would be with no parallelism;
+        # much less sensitive than fps to other load on a shared machine
+        "cpu_per_frame_ratio": round(
+            baseline["cpu_ms_per_frame"] / max(pipeline["cpu_ms_per_frame"], 1e-9), 2),
         "lin_manuel_miranda_recognised": recognised,
         "detection_only": detection,
         "peak_rss_mb": rss,
