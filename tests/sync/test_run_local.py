@@ -84,9 +84,13 @@ def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None
     finally:
         _ctrl_c(proc)
     assert "first run" not in log.read_text().split("run-local: aggregator on")[-1]
-    # Nothing left running: both children were in the script's process group.
-    # (Zombies do not count: this container's init may not reap orphans.)
-    left = subprocess.run(["ps", "-o", "pid=,stat=,cmd=", "-g", str(proc.pid)],
-                          capture_output=True, text=True).stdout
-    running = [line for line in left.splitlines() if line.split()[1:2] != ["Z"]]
-    assert running == [], left
+    # Nothing left running: both children were in the script's process group. (Helpers such
+    # as multiprocessing's resource tracker exit on their own just after their parent; zombies
+    # do not count: this container's init may not reap orphans.)
+
+    def running() -> list[str]:
+        out = subprocess.run(["ps", "-o", "pid=,stat=,cmd=", "-g", str(proc.pid)],
+                             capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if line.split()[1:2] != ["Z"]]
+
+    wait_until(lambda: running() == [], 15, "every process of `make run` to end", 0.2)
