@@ -91,7 +91,9 @@ class VideoFileSource:
         self.close()
         if not self.path.is_file():
             raise SourceError(f"video file {self.path} does not exist")
-        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        # one decoder thread: a file's frames are decoded beside detection, and FFmpeg's
+        # thread pool would only compete with it (0.36 vs 0.5-0.65 ms CPU per 640x360 frame)
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
         if not cap.isOpened():
             _release(cap)
             raise SourceError(f"video file {self.path} is not a readable video")
