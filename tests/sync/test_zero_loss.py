@@ -193,3 +193,35 @@ def test_agent_retry_after_lost_response_counts_once(
     assert agent.stats.duplicate >= 200  # the re-sent, already stored batch(es)
     assert agent.stats.accepted + agent.stats.duplicate >= len(records)
     assert_exactly_once(agg, records)
+
+
+def test_http_poison_record_parked_with_reason_and_events_sent(
+    aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from appliance.store import Store
+    from cloud_sync.agent import SyncAgent
+    from cloud_sync.protocol import Event
+
+    agg, keys = aggregator
+    agg.start()
+    store = Store(tmp_path / "dev" / "appliance.db")
+    good = make_records(40)
+    poison = make_records(1, students=["S999"])
+    fill_store(store, good[:20] + poison + good[20:])
+    event = Event(device_id=DEVICE, room_id="LAB-301", kind="camera_offline",
+                  message="camera unplugged", at=datetime.now(UTC))
+    store.add_event(event)
+    settings = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
+                                  api_key=keys[DEVICE], batch_size=16)
+    agent = SyncAgent(settings, store)
+    agent.start()
+    try:
+        wait_until(lambda: store.outbox_depth() == 0, 60, "the outbox to drain")
+    finally:
+        agent.stop()
+    assert_exactly_once(agg, good)
+    assert [(k, "unknown student" in r) for k, r in store.parked()] == [(str(poison[0].key), True)]
+    assert agg.scalar("SELECT count(*) FROM events WHERE kind = 'camera_offline'") == 1
+    store.close()
