@@ -44,7 +44,7 @@ def _ctrl_c(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None:
+def _checkout(tmp_path: Path, model_dir: Path) -> tuple[Path, dict[str, str]]:
     require((REPO / ".venv/bin/aggregator").exists(), "venv not set up")
     root = tmp_path / "checkout"
     (root / "scripts").mkdir(parents=True)
@@ -60,6 +60,11 @@ def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None
         "APPLIANCE_WEB__ENABLED": "false",
         "APPLIANCE_SYNC__HEARTBEAT_S": "5",
     })
+    return root, env
+
+
+def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None:
+    root, env = _checkout(tmp_path, model_dir)
     db = root / "data/aggregator/aggregator.db"
     sync_env = root / "data/local-sync.env"
     log = tmp_path / "run.log"
@@ -94,3 +99,38 @@ def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None
         return [line for line in out.splitlines() if line.split()[1:2] != ["Z"]]
 
     wait_until(lambda: running() == [], 15, "every process of `make run` to end", 0.2)
+
+
+@pytest.mark.mqtt
+def test_make_run_with_mqtt_urls_uses_mqtt(tmp_path: Path, model_dir: Path) -> None:
+    from cloud_sync.protocol import device_topic
+    from tests.sync.helpers import MOSQUITTO, Broker
+    from tests.sync.mqtt_client import TestClient
+
+    require(MOSQUITTO.exists(), "mosquitto is not installed")
+    root, env = _checkout(tmp_path, model_dir)
+    broker = Broker(tmp_path / "broker", ["aggregator", "homeassistant", "pi-local"])
+    broker.start()
+    env["AGGREGATOR_MQTT_URL"] = broker.url("aggregator")
+    env["APPLIANCE_SYNC__MQTT_URL"] = broker.url("pi-local")
+    watcher = TestClient(broker, "homeassistant")
+    watcher.wait_connected()
+    status = device_topic("main", "LAB-301", "pi-local", "status")
+    watcher.subscribe(status)
+    watcher.subscribe("homeassistant/#")
+    db = root / "data/aggregator/aggregator.db"
+    log = tmp_path / "run.log"
+    proc = _run(root, log, env)
+    try:
+        wait_until(lambda: _heartbeats(db) >= 1 or proc.poll() is not None, 120,
+                   "a heartbeat over MQTT", 0.5)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert watcher.received(status)[-1:] == [b"online"]
+        assert any(t.startswith("homeassistant/") for t, _, _ in watcher.messages)
+        assert "MQTT connected" in log.read_text()
+        assert broker.passwords["pi-local"] not in log.read_text()
+    finally:
+        _ctrl_c(proc)
+        wait_until(lambda: watcher.received(status)[-1:] == [b"offline"], 15, "offline")
+        watcher.close()
+        broker.stop()
