@@ -1,8 +1,10 @@
 """Roster (students with one or more face descriptors) and the vectorised open-set matcher.
 
-Matching rule (see docs/RECOGNITION.md): for each query descriptor, the Euclidean distance to
-every roster descriptor is computed at once (numpy), reduced to one distance per *student* (the
-closest of their photos), and the query is that student only if
+Matching rule (see docs/RECOGNITION.md): each student is represented by the mean (centroid) of
+their descriptors (several photos per student: the centroid measured best on the tuning people,
+ahead of "closest photo"; ``aggregate="min"`` keeps the latter). For each query descriptor the
+Euclidean distance to every student is computed at once (numpy), and the query is the closest
+student only if
 
 - the best student distance is at most ``threshold``, and
 - the second-best *student* is at least ``margin`` further away (an ambiguous face is not
@@ -168,27 +170,43 @@ def confidence(distance: float, gap: float, threshold: float, margin: float) -> 
 class Matcher:
     """Vectorised open-set matching of descriptors against a roster."""
 
-    def __init__(self, roster: Roster, threshold: float, margin: float) -> None:
+    def __init__(
+        self, roster: Roster, threshold: float, margin: float, *, aggregate: str = "centroid"
+    ) -> None:
+        if aggregate not in ("centroid", "min"):
+            raise ValueError(f"aggregate must be 'centroid' or 'min', not {aggregate!r}")
         self.roster = roster
         self.threshold = threshold
         self.margin = margin
+        self.aggregate = aggregate
         order = np.argsort(roster.owners, kind="stable")
-        self._embeddings = roster.embeddings[order].astype(np.float64)
+        embeddings = roster.embeddings[order].astype(np.float64)
         owners = roster.owners[order]
-        self._starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if owners.size else (
-            np.zeros((0,), np.int64)
+        starts = (
+            np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+            if owners.size
+            else np.zeros((0,), np.int64)
         )
-        self._student_of_group = owners[self._starts] if owners.size else owners
-        self._sq = (self._embeddings**2).sum(1)
+        self._student_of_group = owners[starts] if owners.size else owners
+        if aggregate == "centroid" and starts.size:
+            counts = np.diff(np.r_[starts, len(owners)])
+            embeddings = np.add.reduceat(embeddings, starts, axis=0) / counts[:, None]
+            starts = np.arange(len(starts))
+        self._starts = starts
+        self._embeddings = embeddings
+        self._sq = (embeddings**2).sum(1)
 
     def student_distances(self, embeddings: np.ndarray) -> np.ndarray:
-        """``(n, s)``: each query's distance to each student (closest of their descriptors),
-        columns in the order of the students that have at least one descriptor."""
+        """``(n, s)``: each query's distance to each student (to the centroid of their
+        descriptors, or the closest one with ``aggregate="min"``), columns in the order of the
+        students that have at least one descriptor."""
         q = np.asarray(embeddings, np.float64).reshape(-1, EMBEDDING_DIM)
         if not self._starts.size:
             return np.zeros((len(q), 0))
         sq = (q * q).sum(1)[:, None] + self._sq[None, :] - 2.0 * q @ self._embeddings.T
         dist = np.sqrt(np.maximum(sq, 0.0))
+        if self.aggregate == "centroid":
+            return dist
         return np.minimum.reduceat(dist, self._starts, axis=1)
 
     def match(self, embeddings: np.ndarray) -> list[Match]:

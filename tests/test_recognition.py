@@ -54,7 +54,7 @@ def test_margin_between_students_not_photos() -> None:
     a2 = a + 0.05 * _unit(3)  # a second photo of S1, very close to the first
     b = a + 0.3 * _unit(4)  # S2 looks a lot like S1
     roster = _roster(S1=[a, a2], S2=[b])
-    matcher = Matcher(roster, threshold=0.5, margin=0.1)
+    matcher = Matcher(roster, threshold=0.5, margin=0.1, aggregate="min")
     # query right on S1's photos: S1's two photos must not count as "ambiguous"
     (m,) = matcher.match(a[None])
     assert m.student_id == "S1"
@@ -65,6 +65,18 @@ def test_margin_between_students_not_photos() -> None:
     assert m.student_id is None
     assert m.distance == pytest.approx(0.15, abs=1e-6)
     assert m.second_distance - m.distance < 0.1
+
+
+def test_centroid_aggregation_uses_the_mean_descriptor() -> None:
+    a, b = _unit(0), _unit(1)
+    roster = _roster(S1=[a, b], S2=[_unit(2)])
+    centroid = (a + b) / 2
+    (m,) = Matcher(roster, threshold=0.5, margin=0.1).match(centroid[None])
+    assert m.student_id == "S1" and m.distance == pytest.approx(0.0, abs=1e-6)
+    (m,) = Matcher(roster, threshold=0.5, margin=0.1, aggregate="min").match(centroid[None])
+    assert m.student_id is None and m.distance == pytest.approx(math.sqrt(0.5), abs=1e-6)
+    with pytest.raises(ValueError, match="aggregate"):
+        Matcher(roster, 0.5, 0.1, aggregate="max")
 
 
 def test_roster_owners_need_not_be_sorted() -> None:
