@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api import admin, device, ops, reports
@@ -26,11 +27,48 @@ from cloud_sync.aggregator.db.migrate import upgrade_engine
 from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.services.faces import FaceEncoder
-from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY
+from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY, invalidate_cache
 from cloud_sync.aggregator.services.reports import Rules
 
 _LOGGER = logging.getLogger(__name__)
 MAX_JSON_BYTES = 4_000_000  # a full batch of 1,000 records is ~0.4 MB
+
+
+class GuardMiddleware:
+    """Pure ASGI: refuses bodies announced larger than ``limit`` (413) and records the
+    request count and latency per route template."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        length = dict(scope.get("headers") or []).get(b"content-length")
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                response = JSONResponse(
+                    {"detail": f"body larger than {self.limit} bytes"}, status_code=413
+                )
+                await response(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            metrics.REQUESTS.labels(scope.get("method", ""), label, str(status)).inc()
+            metrics.LATENCY.labels(label).observe(time.perf_counter() - started)
 
 
 def _start_bridge(ctx: AppContext) -> None:
@@ -65,6 +103,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upgrade_engine(engine)
+        invalidate_cache()
         partitions.forget(engine)
         partitions.ensure_ahead(engine, settings.partition_months_ahead)
         _start_bridge(ctx)
@@ -88,24 +127,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     for router in (device.router, reports.router, admin.router, ops.router):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def guard(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        length = request.headers.get("content-length")
-        limit = max(MAX_JSON_BYTES, settings.max_photo_bytes + 100_000)
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            response: Response = JSONResponse(
-                {"detail": f"body larger than {limit} bytes"}, status_code=413
-            )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(request.method, label, str(response.status_code)).inc()
-        metrics.LATENCY.labels(label).observe(time.perf_counter() - started)
-        return response
+    limit = max(MAX_JSON_BYTES, settings.max_photo_bytes + 100_000)
+    app.add_middleware(GuardMiddleware, limit=limit)
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, err: ServiceError) -> JSONResponse:

@@ -27,7 +27,7 @@ from cloud_sync.aggregator.api.notify import notify_rosters
 from cloud_sync.aggregator.db.models import Student
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import devices as device_svc
-from cloud_sync.aggregator.services import faces
+from cloud_sync.aggregator.services import faces, ingest
 from cloud_sync.aggregator.services.common import NotFoundError
 from cloud_sync.protocol import Identifier
 
@@ -42,6 +42,8 @@ ROSTER_KINDS = {"students", "rooms", "enrollments", "schedules"}
 def _after_write(ctx: AppContext, tasks: BackgroundTasks, kind: str) -> None:
     if kind == "devices":
         ctx.credentials.clear()
+    if kind in {"devices", "rooms", "courses", "schedules"}:
+        ingest.invalidate_cache()
     if kind in ROSTER_KINDS and ctx.mqtt_bridge is not None:
         tasks.add_task(notify_rosters, ctx)
 
@@ -100,6 +102,7 @@ def create_device(request: Request, _who: Admin, session: DB,
                   body: svc.DeviceIn) -> svc.DeviceCreated:
     device, key = device_svc.add_device(session, body.room_id, body.id)
     context(request).credentials.clear()
+    ingest.invalidate_cache()
     return svc.DeviceCreated(**svc.DeviceOut.model_validate(device, from_attributes=True)
                              .model_dump(), api_key=key)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator.api.context import DevicePrincipal
-from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin
+from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
 from cloud_sync.aggregator.services import ingest
 from cloud_sync.aggregator.services.schedule import build_schedule, etag_of
 from cloud_sync.protocol import (
@@ -66,10 +67,17 @@ def get_schedule(
     summary="A batch of up to 1,000 records; idempotent on the records' keys.",
     responses={403: {"description": "The batch claims another device."}},
 )
-def post_attendance(who: Device, session: DB, batch: AttendanceBatch) -> BatchResult:
+async def post_attendance(request: Request, who: Device, batch: AttendanceBatch) -> Response:
     if batch.device_id != who.device_id:
         raise HTTPException(403, "batch device_id is not the authenticated device")
-    return ingest.ingest_batch(session, who.device_id, batch)
+    sessions = context(request).sessions
+
+    def work() -> BatchResult:
+        with sessions() as session:
+            return ingest.ingest_batch(session, who.device_id, batch)
+
+    result = await run_in_threadpool(work)  # the only thread hop of this request
+    return Response(result.model_dump_json(), media_type="application/json")
 
 
 @router.post(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,36 @@ def _sqlite_pragmas(synchronous: str) -> Any:
 WRITE = {"sqlite_write": True}
 
 
-def _sqlite_begin(conn: Any) -> None:
-    write = conn.get_execution_options().get("sqlite_write", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+def _sqlite_hooks(engine: Engine) -> None:
+    """BEGIN (IMMEDIATE for writers) emitted by SQLAlchemy; writers of this process queue on a
+    lock first, so they wait for each other without SQLite's sleeping busy handler (which
+    backs off up to 100 ms); other processes still meet busy_timeout."""
+    lock = threading.Lock()
+
+    def begin(conn: Any) -> None:
+        write = conn.get_execution_options().get("sqlite_write", False)
+        if write:
+            lock.acquire()
+            conn.info["write_lock"] = True
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+        except Exception:
+            release(conn)
+            raise
+
+    def release(conn: Any) -> None:
+        if conn.info.pop("write_lock", False):
+            lock.release()
+
+    def checkin(_dbapi_conn: Any, record: Any) -> None:
+        # After a commit the session returns the connection: the commit (and its fsync) is
+        # done, so the next writer will not meet a busy database.
+        if record is not None and record.info.pop("write_lock", False):
+            lock.release()
+
+    event.listen(engine, "begin", begin)
+    event.listen(engine, "rollback", release)
+    event.listen(engine, "checkin", checkin)
 
 
 def begin_write(session: Session) -> None:
@@ -57,10 +85,11 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size
+            url, connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=max(pool_size, 20), max_overflow=30,
         )
         event.listen(engine, "connect", _sqlite_pragmas(sqlite_synchronous))
-        event.listen(engine, "begin", _sqlite_begin)
+        _sqlite_hooks(engine)
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -47,6 +49,7 @@ from cloud_sync.aggregator.db.models import (
 )
 from cloud_sync.aggregator.db.models import Heartbeat as HeartbeatRow
 from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services import group_commit
 from cloud_sync.aggregator.services.common import (
     ForbiddenError,
     NotFoundError,
@@ -78,6 +81,48 @@ class _Beat:
     received_at: datetime
     clock_synced: bool
     monotonic_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceContext:
+    device_id: str
+    room_id: str
+    timetable: Timetable
+    expires: float
+
+
+_contexts: dict[tuple[int, str], _DeviceContext] = {}
+_contexts_lock = threading.Lock()
+CONTEXT_TTL_S = 5.0
+
+
+def invalidate_cache() -> None:
+    """Forget cached device rooms and timetables (after admin writes; on app start)."""
+    with _contexts_lock:
+        _contexts.clear()
+
+
+def _device_context(session: Session, device_id: str) -> _DeviceContext | None:
+    """The device's room and the room's timetable, cached for CONTEXT_TTL_S seconds."""
+    cache_key = (id(session.get_bind()), device_id)
+    now = time.monotonic()
+    with _contexts_lock:
+        found = _contexts.get(cache_key)
+    if found is not None and found.expires > now:
+        return found
+    row = session.execute(
+        select(Device.id, Room).join(Room, Room.id == Device.room_id)
+        .where(Device.id == device_id)
+    ).first()
+    if row is None:
+        return None
+    context = _DeviceContext(row[0], row[1].id, room_timetable(session, row[1]),
+                             now + CONTEXT_TTL_S)
+    with _contexts_lock:
+        if len(_contexts) > 10_000:
+            _contexts.clear()
+        _contexts[cache_key] = context
+    return context
 
 
 def _early_min(session: Session) -> float:
@@ -142,12 +187,13 @@ def _reject_all(batch: AttendanceBatch, reason: str) -> BatchResult:
 
 
 def _row(
-    rec: AttendanceRecord, device: Device, at: datetime, method: str, course_id: str | None,
-    received: datetime,
+    rec: AttendanceRecord, device: _DeviceContext, at: datetime, method: str,
+    course_id: str | None, received: datetime,
 ) -> dict[str, Any]:
     return {
         "key": rec.key, "student_id": rec.student_id, "course_id": course_id,
-        "device_course_id": rec.course_id, "room_id": device.room_id, "device_id": device.id,
+        "device_course_id": rec.course_id, "room_id": device.room_id,
+        "device_id": device.device_id,
         "at": at, "seen_at": rec.seen_at, "received_at": received,
         "confidence": rec.confidence, "distance": rec.distance,
         "clock_synced": rec.clock_synced, "boot_id": rec.boot_id, "monotonic_s": rec.monotonic_s,
@@ -156,8 +202,9 @@ def _row(
 
 
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
-    """Insert rows whose key is new; returns how many were inserted."""
+    """Insert rows whose key is new (committed); returns how many were inserted."""
     if not rows:
+        session.commit()
         return 0
     if session.get_bind().dialect.name == "postgresql":
         keys_stmt = (
@@ -168,20 +215,27 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
         fresh = [r for r in rows if r["key"] in new]
         if fresh:
             session.execute(insert(Attendance.__table__), fresh)
+        session.commit()
         return len(fresh)
+    # SQLite: end the read transaction and let the group committer write (one fsync for all
+    # the batches waiting at that moment).
+    session.rollback()
     stmt = (
         sqlite_insert(Attendance.__table__)
         .on_conflict_do_nothing(index_elements=["key"])
         .returning(Attendance.__table__.c.key)
     )
-    return len(session.execute(stmt, rows).scalars().all())
+
+    def job(conn: Connection) -> int:
+        return len(conn.execute(stmt, rows).scalars().all())
+
+    return int(group_commit.committer(session.get_bind()).submit(job, len(rows)))  # type: ignore[arg-type]
 
 
 def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
     """Store a device's batch; see the module docstring. Commits (call it on a fresh session)."""
     received = utcnow()
-    begin_write(session)
-    device = session.get(Device, device_id)
+    device = _device_context(session, device_id)
     if device is None:
         session.rollback()
         return _reject_all(batch, f"unknown device {device_id!r}")
@@ -221,8 +275,7 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
     known: set[str] = set()
     if wanted:
         known = set(session.scalars(select(Student.id).where(Student.id.in_(wanted))))
-    room = session.get(Room, device.room_id)
-    timetable = room_timetable(session, room) if room is not None else Timetable([], {})
+    timetable = device.timetable
     beats = _beats(
         session, device_id,
         {r.boot_id for r in candidates if not r.clock_synced and r.boot_id},
@@ -245,7 +298,6 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
     # only read other tables, so it holds no lock the DDL waits for). No-op on SQLite.
     partitions.ensure_months(session.get_bind(), {partitions.month_start(r["at"]) for r in rows})
     accepted = _insert_new(session, rows)
-    session.commit()
     duplicate += len(rows) - accepted
     metrics.RECORDS.labels("accepted").inc(accepted)
     metrics.RECORDS.labels("duplicate").inc(duplicate)

@@ -1,0 +1,86 @@
+"""Group commit of attendance inserts on SQLite.
+
+SQLite has one writer at a time, and with ``synchronous=FULL`` every commit waits for an
+fsync. Committing each device's small batch on its own makes concurrent requests queue behind
+each other's fsyncs. Here one writer thread per engine takes every insert waiting at that
+moment, runs them in ONE transaction (one fsync) and hands each caller its own result. If the
+shared transaction fails, each job is retried alone, so one bad job cannot fail the others.
+Callers block until their rows are durable: the acknowledgement still means "committed".
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from cloud_sync.aggregator.db.session import WRITE
+
+_LOGGER = logging.getLogger(__name__)
+MAX_ROWS_PER_COMMIT = 20_000
+
+Job = Callable[[Connection], Any]
+
+
+class GroupCommitter:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queue: queue.SimpleQueue[tuple[Job, int, Future[Any]]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job, rows: int) -> Any:
+        """Run ``job(connection)`` inside a shared write transaction; return its result once
+        that transaction is committed (or raise what the job raised on its own)."""
+        future: Future[Any] = Future()
+        self._queue.put((job, rows, future))
+        return future.result()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            jobs = [first]
+            rows = first[1]
+            while rows < MAX_ROWS_PER_COMMIT:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                jobs.append(item)
+                rows += item[1]
+            self._commit(jobs)
+
+    def _commit(self, jobs: list[tuple[Job, int, Future[Any]]]) -> None:
+        results: list[Any] = []
+        try:
+            with self.engine.connect().execution_options(**WRITE) as conn, conn.begin():
+                for job, _, _ in jobs:
+                    results.append(job(conn))
+        except Exception as err:
+            if len(jobs) == 1:
+                jobs[0][2].set_exception(err)
+                return
+            _LOGGER.info("group of %d inserts failed (%s); retrying one by one", len(jobs), err)
+            for job in jobs:
+                self._commit([job])
+            return
+        for (_, _, future), result in zip(jobs, results, strict=True):
+            future.set_result(result)
+
+
+_committers: dict[int, GroupCommitter] = {}
+_lock = threading.Lock()
+
+
+def committer(engine: Engine) -> GroupCommitter:
+    with _lock:
+        found = _committers.get(id(engine))
+        if found is None or found.engine is not engine:
+            found = GroupCommitter(engine)
+            _committers[id(engine)] = found
+        return found
