@@ -151,14 +151,14 @@ class DetectorConfig(Section):
 
 class RecognitionConfig(Section):
     threshold: float = Field(
-        default=0.45,
+        default=0.48,
         ge=0.2,
         le=0.8,
         title="Match distance threshold",
         description="Largest embedding distance accepted as a match (lower is stricter).",
     )
     margin: float = Field(
-        default=0.06,
+        default=0.04,
         ge=0.0,
         le=0.5,
         title="Best/second-best margin",
