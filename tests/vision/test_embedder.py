@@ -76,3 +76,23 @@ def test_same_person_closer_than_different_people(
     assert same < 0.45
     assert np.linalg.norm(obama - biden) > 0.6
     assert np.linalg.norm(obama2 - biden) > 0.6
+
+
+def test_flip_average_is_the_mean_with_the_mirrored_face(
+    embedder: FaceEmbedder, faces_dir: Path
+) -> None:
+    import face_recognition
+
+    bgr = cv2.imread(str(faces_dir / "face_recognition/examples/obama.jpg"))
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    (loc,) = face_recognition.face_locations(rgb)
+    top, right, bottom, left = loc
+    width = rgb.shape[1]
+    plain = face_recognition.face_encodings(rgb, [loc], model="small")[0]
+    mirrored_loc = (top, width - 1 - left, bottom, width - 1 - right)
+    mirrored = face_recognition.face_encodings(
+        np.ascontiguousarray(rgb[:, ::-1]), [mirrored_loc], model="small"
+    )[0]
+    ours = embedder.embed_boxes(bgr, [(left, top, right, bottom)], flip_average=True)[0]
+    assert np.abs(ours - (plain + mirrored) / 2).max() < 1e-5
+    assert 0 < np.linalg.norm(ours - plain) < 0.15
