@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 from sqlalchemy import insert
 
 from cloud_sync.aggregator.db.migrate import upgrade_engine
@@ -229,6 +230,19 @@ async def _devices(base: str, keys: dict[str, str]) -> dict[str, Any]:
             "ok": _pct(latencies, 95) < 50 and not errors}
 
 
+def _server_p95_bucket(base: str, route: str) -> float | None:
+    """Upper bound (ms) of the histogram bucket holding the server-side 95th percentile."""
+    buckets: list[tuple[float, float]] = []
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("aggregator_http_request_seconds_bucket") and f'route="{route}"' in line:
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    return next(le * 1000 for le, count in sorted(buckets) if count >= 0.95 * total)
+
+
 def bench_roster(base: str, key: str) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {key}"}
     times: list[float] = []
@@ -261,7 +275,17 @@ def _backend(url: str) -> dict[str, Any]:
     roster_key = seeded["keys"]["pi-1"]
     server = Server(url, rate_limit=100)
     try:
+        proc = psutil.Process(server.proc.pid)
+        cpu0 = sum(proc.cpu_times()[:2])
+        load0 = os.getloadavg()[0]
         out["http_devices"] = asyncio.run(_devices(server.base, seeded["keys"]))
+        requests = DEVICES * (HTTP_BATCHES + 2)
+        out["http_devices"].update(
+            server_cpu_ms_per_request=round(
+                (sum(proc.cpu_times()[:2]) - cpu0) * 1000 / requests, 2),
+            server_side_p95_bucket_ms=_server_p95_bucket(server.base, "/api/v1/attendance"),
+            load_avg_1m_before=round(load0, 2), load_avg_1m_after=round(os.getloadavg()[0], 2),
+        )
     finally:
         server.stop()
     server = Server(url, rate_limit=100000)  # the roster phase reads 200 times from one key
@@ -293,7 +317,8 @@ def _postgres() -> tuple[str, Any] | None:
 
 
 def run() -> dict[str, Any]:
-    results: dict[str, Any] = {"cpu_count": os.cpu_count()}
+    results: dict[str, Any] = {"cpu_count": os.cpu_count(),
+                               "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         results["sqlite"] = _backend(f"sqlite:///{Path(tmp) / 'bench.db'}")
     pg = _postgres()

@@ -1,4 +1,4 @@
-"""Group commit of attendance inserts on SQLite.
+"""Group commit of attendance inserts (SQLite and PostgreSQL).
 
 SQLite has one writer at a time, and with ``synchronous=FULL`` every commit waits for an
 fsync. Committing each device's small batch on its own makes concurrent requests queue behind
@@ -6,6 +6,8 @@ each other's fsyncs. Here one writer thread per engine takes every insert waitin
 moment, runs them in ONE transaction (one fsync) and hands each caller its own result. If the
 shared transaction fails, each job is retried alone, so one bad job cannot fail the others.
 Callers block until their rows are durable: the acknowledgement still means "committed".
+On PostgreSQL the same saves a transaction (BEGIN/COMMIT round trips and a WAL flush) per
+batch and keeps the number of busy server connections low.
 """
 
 from __future__ import annotations

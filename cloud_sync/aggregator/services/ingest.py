@@ -202,34 +202,38 @@ def _row(
 
 
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
-    """Insert rows whose key is new (committed); returns how many were inserted."""
+    """Insert the rows whose key is new and commit; returns how many were inserted.
+
+    The read transaction is ended first; the insert runs in the engine's group committer (one
+    transaction and one fsync for every batch waiting at that moment, see group_commit.py)."""
+    session.rollback()
     if not rows:
-        session.commit()
         return 0
     if session.get_bind().dialect.name == "postgresql":
         keys_stmt = (
             pg_insert(AttendanceKey.__table__).on_conflict_do_nothing()
             .returning(AttendanceKey.__table__.c.key)
         )
-        new = set(session.execute(keys_stmt, [{"key": r["key"]} for r in rows]).scalars())
-        fresh = [r for r in rows if r["key"] in new]
-        if fresh:
-            session.execute(insert(Attendance.__table__), fresh)
-        session.commit()
-        return len(fresh)
-    # SQLite: end the read transaction and let the group committer write (one fsync for all
-    # the batches waiting at that moment).
-    session.rollback()
-    stmt = (
-        sqlite_insert(Attendance.__table__)
-        .on_conflict_do_nothing(index_elements=["key"])
-        .returning(Attendance.__table__.c.key)
-    )
+        table_insert = insert(Attendance.__table__)
 
-    def job(conn: Connection) -> int:
-        return len(conn.execute(stmt, rows).scalars().all())
+        def job(conn: Connection) -> int:
+            new = set(conn.execute(keys_stmt, [{"key": r["key"]} for r in rows]).scalars())
+            fresh = [r for r in rows if r["key"] in new]
+            if fresh:
+                conn.execute(table_insert, fresh)
+            return len(fresh)
+    else:
+        stmt = (
+            sqlite_insert(Attendance.__table__)
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(Attendance.__table__.c.key)
+        )
 
-    return int(group_commit.committer(session.get_bind()).submit(job, len(rows)))  # type: ignore[arg-type]
+        def job(conn: Connection) -> int:
+            return len(conn.execute(stmt, rows).scalars().all())
+
+    engine = session.get_bind()
+    return int(group_commit.committer(engine).submit(job, len(rows)))  # type: ignore[arg-type]
 
 
 def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:

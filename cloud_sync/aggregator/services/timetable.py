@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -66,9 +66,22 @@ class Timetable:
 
     slots: list[Slot]
     zones: dict[str, ZoneInfo]  # room_id -> zone
+    _memo: dict[tuple[date, str | None], list[Occurrence]] = field(
+        default_factory=dict, repr=False
+    )
 
     def occurrences(self, day: date, room_id: str | None = None) -> list[Occurrence]:
-        """Classes on local date ``day`` (of each room's zone), sorted by start."""
+        """Classes on local date ``day`` (of each room's zone), sorted by start (memoised:
+        a timetable is immutable once loaded)."""
+        found = self._memo.get((day, room_id))
+        if found is None:
+            found = self._occurrences(day, room_id)
+            if len(self._memo) > 1000:
+                self._memo.clear()
+            self._memo[(day, room_id)] = found
+        return found
+
+    def _occurrences(self, day: date, room_id: str | None) -> list[Occurrence]:
         out: list[Occurrence] = []
         for slot in self.slots:
             if room_id is not None and slot.room_id != room_id:
