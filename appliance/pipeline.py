@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import queue
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -37,6 +39,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +62,7 @@ PREVIEW_MIN_INTERVAL_S = 0.5
 PREVIEW_MAX_WIDTH = 960
 PROVIDER_PERIOD_S = 1.0
 STALL_S = 30.0
+REPLAY_MAX_LAG_FRAMES = 10
 REFRESH_QUALITY_RATIO = 0.9  # a refresh descriptor needs a crop this close to the best one
 CROP_MARGIN = 1.0  # context kept around a face crop (in face sizes), as the embedder keeps
 
@@ -98,27 +102,51 @@ def _embedder_main(conn: Any, model_dir: str, detector_model: str) -> None:
                    (usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)))
 
 
+def _embedder_child(fd: int, model_dir: str, detector_model: str) -> None:
+    """Entry point of the child (``python -c``): serve on the inherited socket ``fd``."""
+    _embedder_main(Connection(fd), model_dir, detector_model)
+
+
+_CHILD_CODE = (
+    "import sys; from appliance.pipeline import _embedder_child; "
+    "_embedder_child(int(sys.argv[1]), sys.argv[2], sys.argv[3])"
+)
+
+
 class EmbedderProcess:
-    """:class:`appliance.vision.embedder.FaceEmbedder` in a child process (spawned, so no
-    thread or lock of the parent is inherited). One request at a time."""
+    """:class:`appliance.vision.embedder.FaceEmbedder` in a child process, one request at a
+    time over a socket pair (multiprocessing's Connection: pickled numpy arrays).
+
+    The child is a fresh interpreter (``python -c``), not a fork: no thread or lock of the
+    parent is inherited, and unlike multiprocessing's spawn it never re-imports the caller's
+    main script."""
 
     def __init__(self, model_dir: Path, detector_model: str = "full_range") -> None:
         self.model_dir, self.detector_model = Path(model_dir), detector_model
-        self._ctx = multiprocessing.get_context("spawn")
-        self._proc: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Any = None
         self.restarts = 0
         self.peak_rss_mb = 0.0
         self.cpu_s = 0.0  # the child's CPU time (user + system) at its latest answer
 
     def start(self, timeout: float = EMBEDDER_START_TIMEOUT_S) -> bool:
-        """Spawn the child and wait until its models are loaded; False if it did not come up."""
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_embedder_main, args=(child, str(self.model_dir), self.detector_model),
-            name="embedder", daemon=True)
-        proc.start()
-        child.close()
+        """Start the child and wait until its models are loaded; False if it did not come up."""
+        parent_sock, child_sock = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD_CODE, str(child_sock.fileno()),
+                 str(self.model_dir), self.detector_model],
+                pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except OSError as err:
+            _LOGGER.error("cannot start the descriptor process: %s", err)
+            parent_sock.close()
+            return False
+        finally:
+            child_sock.close()
+        parent = Connection(parent_sock.detach())
         self._proc, self._conn = proc, parent
         try:
             if parent.poll(timeout) and parent.recv() == "ready":
@@ -132,7 +160,7 @@ class EmbedderProcess:
         return False
 
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._proc is not None and self._proc.poll() is None
 
     def embed(self, crop: np.ndarray, det: Detection) -> tuple[np.ndarray | None, float]:
         """(descriptor or None, child ms). A dead or stuck child is restarted."""
@@ -168,10 +196,11 @@ class EmbedderProcess:
                 conn.send(None)
             conn.close()
         if proc is not None:
-            proc.join(5)
-            if proc.is_alive():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(5)
+                proc.wait(5)
 
 
 class _InProcessEmbedder:
@@ -341,6 +370,7 @@ class _EmbedJob:
     quality: float
     crop: np.ndarray
     det: Detection
+    frame_index: int = 0
     embedding: np.ndarray | None = None
     ms: float = 0.0
 
@@ -475,6 +505,9 @@ class Pipeline:
             maxsize=2 * rcfg.max_embeddings_per_frame)
         self._done: queue.SimpleQueue[_EmbedJob] = queue.SimpleQueue()
         self._pending_jobs = 0  # queued or running (processing thread only)
+        self._pending_frames: deque[int] = deque()  # frame index of each pending request
+        # replay: descriptors may lag this many frames behind detection, no more (below)
+        self.max_lag_frames: int | None = REPLAY_MAX_LAG_FRAMES if every_frame else None
         self._embed_thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -580,6 +613,8 @@ class Pipeline:
         self._pending_jobs -= len(jobs)
         for job in jobs:
             job.state.in_flight = False
+            with contextlib.suppress(ValueError):
+                self._pending_frames.remove(job.frame_index)
         done = [j for j in jobs if j.embedding is not None]
         self.embeddings += len(done)
         if done:
@@ -635,6 +670,7 @@ class Pipeline:
         """Run one frame through every stage (the processing thread calls this)."""
         now = frame.captured_at
         self._refresh_roster(now)
+        waited_ms = self._wait_for_lagging(frame.index)
         image = frame.image
         t0 = time.perf_counter()
         detections = self.detector.detect(image)
@@ -650,7 +686,7 @@ class Pipeline:
         # since the previous frame (its CPU work, accounted per frame)
         ms = {
             "decode": frame.decode_ms, "detect": (t1 - t0) * 1e3, "track": (t2 - t1) * 1e3,
-            "embed": (t3 - t2) * 1e3 + embed_ms, "match": (t4 - t3) * 1e3,
+            "embed": (t3 - t2) * 1e3 + embed_ms + waited_ms, "match": (t4 - t3) * 1e3,
         }
         metrics.FRAMES_PROCESSED.inc()
         metrics.DETECTION_SECONDS.observe(t1 - t0)
@@ -663,6 +699,24 @@ class Pipeline:
         metrics.FPS.set(fps)
         self._keep_preview(image, tracks)
         return tracks
+
+    def _wait_for_lagging(self, frame_index: int) -> float:
+        """Replay only: wait for descriptors requested more than ``max_lag_frames`` ago.
+
+        A replay runs faster than the video, and the descriptors (computed beside detection)
+        would otherwise come back later and later in video time, so what is recognised would
+        depend on the machine's speed. Live, frames are dropped instead and this never waits.
+        Returns the milliseconds spent waiting (descriptor results matched meanwhile)."""
+        if self.max_lag_frames is None:
+            return 0.0
+        ms = 0.0
+        while (self._pending_frames and frame_index - self._pending_frames[0]
+               > self.max_lag_frames and not self._stop.is_set()):
+            t0 = time.perf_counter()
+            self._collect(timeout=0.5)
+            ms += (time.perf_counter() - t0) * 1e3
+            self._heartbeat = time.monotonic()
+        return ms
 
     # -- recognition scheduling -----------------------------------------------------------------
     def _state(self, track: Track) -> TrackState:
@@ -690,14 +744,13 @@ class Pipeline:
             if not track.matched:
                 continue
             state = self._state(track)
-            if (state.vote.decided or state.in_flight
-                    or state.embedded >= rcfg.max_embeddings_per_track):
+            if state.vote.decided or state.embedded >= rcfg.max_embeddings_per_track:
                 continue
             q = float(self.quality(image, track.detection))
             if q >= rcfg.min_quality and (state.candidate is None or q > state.candidate[0]):
                 crop, det = crop_for_embedding(image, track.detection)
                 state.candidate = (q, crop, det, frame_index)
-            if state.candidate is None:
+            if state.candidate is None or state.in_flight:
                 continue
             since = frame_index - state.last_embed_frame
             age = frame_index - track.first_frame
@@ -713,7 +766,7 @@ class Pipeline:
             assert state.candidate is not None
             _, crop, det, _ = state.candidate
             try:
-                self._jobs.put_nowait(_EmbedJob(track, state, q, crop, det))
+                self._jobs.put_nowait(_EmbedJob(track, state, q, crop, det, frame_index))
             except queue.Full:  # the embedding thread is behind: keep the crop for later
                 break
             state.candidate = None
@@ -722,6 +775,7 @@ class Pipeline:
             state.embedded += 1
             state.best_quality = max(state.best_quality, q)
             self._pending_jobs += 1
+            self._pending_frames.append(frame_index)
             queued += 1
         return queued
 

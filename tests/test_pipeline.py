@@ -168,7 +168,7 @@ def test_embedder_process_survives_being_killed(hamilton: Path, model_dir: Path)
         assert np.abs(vector - expected).max() < 1e-5
         assert proc.peak_rss_mb > 10
         proc._proc.kill()
-        proc._proc.join(5)
+        proc._proc.wait(5)
         vector, _ = proc.embed(crop, det)  # restarted
         assert vector is not None and proc.restarts == 1
     finally:
