@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -124,12 +125,19 @@ class AggregatorSettings(TomlSettings):
         title="Maximum photo size",
         description="Largest enrollment photo accepted, in bytes (413 above).",
     )
+    detector_model: Literal["full_range", "short_range"] = Field(
+        default="full_range",
+        title="Enrollment detector model",
+        description="BlazeFace model used for server-side enrollment; keep it equal to the "
+        "devices' detector.model (the embedder's box calibration depends on it).",
+    )
     enroll_min_face_px: int = Field(
-        default=60,
+        default=40,
         ge=20,
         le=2000,
         title="Enrollment minimum face size",
-        description="Enrollment photos whose face is narrower than this many pixels are rejected.",
+        description="Enrollment photos whose face is narrower than this many pixels are "
+        "rejected (the devices' detector.min_face_px default).",
     )
     auth_cache_s: float = Field(
         default=30.0,

@@ -70,17 +70,18 @@ class FaceEncoder:
             return self._parts
         try:
             from appliance.vision import enroll
-            from appliance.vision.detector import FaceDetector
             from appliance.vision.embedder import FaceEmbedder
         except ImportError as err:
             raise UnavailableError(f"server-side enrollment unavailable: {err}") from err
-        from models import DEFAULT_MODEL_DIR
+        from models import DEFAULT_MODEL_DIR, ModelError
 
         model_dir = self.settings.model_dir or DEFAULT_MODEL_DIR
+        model = self.settings.detector_model
         try:
-            detector = FaceDetector(model_dir, min_face_px=self.settings.enroll_min_face_px)
-            embedder = FaceEmbedder(model_dir)
-        except (OSError, RuntimeError, ValueError) as err:
+            # Exactly what `appliance roster build` uses on the device side.
+            detector = enroll.enrollment_detector(model_dir, model)
+            embedder = FaceEmbedder(model_dir, detector_model=model)
+        except (ModelError, OSError, RuntimeError, ValueError) as err:
             raise UnavailableError(f"face models not loadable from {model_dir}: {err}") from err
         self._parts = (enroll, detector, embedder)
         return self._parts

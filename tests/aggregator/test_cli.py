@@ -1,0 +1,67 @@
+"""`aggregator` CLI: db upgrade, devices add, admin create-token, import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from cloud_sync.aggregator.cli import app as cli
+from cloud_sync.aggregator.db.migrate import current_revision, head_revision
+from cloud_sync.aggregator.db.models import AdminToken, Device, Student
+from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+from cloud_sync.aggregator.services.devices import authenticate_admin, authenticate_device
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqlite:///{tmp_path / 'cli' / 'agg.db'}"
+    monkeypatch.setenv("AGGREGATOR_DATABASE_URL", url)
+    monkeypatch.delenv("AGGREGATOR_CONFIG", raising=False)
+    return url
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_cli_end_to_end(db: str, tmp_path: Path) -> None:
+    code, out = _run("db", "upgrade")
+    assert code == 0 and head_revision() in out
+    rooms = tmp_path / "rooms.csv"
+    rooms.write_text("id,name,site,timezone\nLAB-301,Lab,north,Europe/Berlin\n,x,y,UTC\n")
+    code, out = _run("import", "rooms", str(rooms))
+    assert code == 1 and "1 created" in out and "line 3" in out
+    students = tmp_path / "students.csv"
+    students.write_text("id,name\nS001,Ada\nS002,Alan\n")
+    assert _run("import", "students", str(students))[0] == 0
+    assert _run("import", "teachers", str(students))[0] == 2
+    code, out = _run("devices", "add", "--room", "LAB-301", "--id", "pi-301")
+    assert code == 0, out
+    key = next(line.split(": ", 1)[1] for line in out.splitlines()
+               if line.startswith("api_key: "))
+    assert _run("devices", "add", "--room", "NOPE")[0] == 1
+    code, out = _run("admin", "create-token", "--name", "ops")
+    assert code == 0
+    token = out.splitlines()[0].strip()
+    engine = make_engine(db)
+    with make_session_factory(engine)() as session:
+        device = authenticate_device(session, key)
+        assert device is not None and device.id == "pi-301"
+        assert key not in session.scalars(select(Device.key_hash)).one()
+        assert authenticate_admin(session, token) is not None
+        assert token not in session.scalars(select(AdminToken.token_hash)).one()
+        assert authenticate_device(session, key[:-1] + "x") is None
+        assert session.scalars(select(Student.id).order_by(Student.id)).all() == ["S001", "S002"]
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+def test_config_describe_lists_new_settings() -> None:
+    code, out = _run("config", "describe")
+    assert code == 0
+    for name in ("late_after_min", "early_arrival_min", "rate_limit_per_min", "keep_photos"):
+        assert name in out
