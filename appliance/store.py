@@ -32,6 +32,7 @@ from cloud_sync.protocol import AttendanceRecord, Event, ScheduleResponse
 _LOGGER = logging.getLogger(__name__)
 
 DB_FILENAME = "appliance.db"
+DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")  # Store(path): a file with one of these, else a dir
 _BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 _SYSTEMD_BOOTED = Path("/run/systemd/system")
 _TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
@@ -95,11 +96,14 @@ def clock_synced() -> bool:
 
 
 class Store:
-    """Outbox, caches and state of one appliance, in one SQLite file. Thread-safe."""
+    """Outbox, caches and state of one appliance, in one SQLite file. Thread-safe.
+
+    ``path``: the database file (``*.db``, ``*.sqlite``, ``*.sqlite3``) or the data directory
+    (the file is then ``path/appliance.db``)."""
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
-        if path.suffix != ".db" and (path.is_dir() or not path.suffix):
+        if path.suffix.lower() not in DB_SUFFIXES:  # a data directory
             path = path / DB_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
