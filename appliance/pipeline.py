@@ -638,22 +638,25 @@ class Pipeline:
         from appliance.recognition import Matcher
 
         rcfg = self.settings.recognition
+        names = dict(zip(roster.student_ids, roster.names, strict=False))
+        matcher = Matcher(roster, rcfg.threshold, rcfg.margin)
+        switched = course_id != self._course[0]
+        present = self._seed_present(course_id, now, names) if switched else None
         with self._lock:
-            if course_id != self._course[0]:
+            if switched:
                 if self._matcher is not None:
                     _LOGGER.info("class switched: %s -> %s", self._course[0], course_id)
-                self._present = self._seed_present(course_id, now)
+                self._present = present or {}
                 self._unknown_in_class = 0
             self._course = (course_id, course_name)
-            self._roster = roster
-            self._names = dict(zip(roster.student_ids, roster.names, strict=False))
-            self._matcher = Matcher(roster, rcfg.threshold, rcfg.margin)
+            self._roster, self._names, self._matcher = roster, names, matcher
 
     def _seed_debounce(self, now: datetime) -> None:
         window = timedelta(seconds=self.settings.decision.debounce_s)
         self.debouncer.seed(self.store.last_seen_by_student(now - window))
 
-    def _seed_present(self, course_id: str | None, now: datetime) -> dict[str, PresentEntry]:
+    def _seed_present(self, course_id: str | None, now: datetime,
+                      names: dict[str, str]) -> dict[str, PresentEntry]:
         """Students already recorded today for this class (after a restart)."""
         if course_id is None:
             return {}
@@ -662,7 +665,7 @@ class Pipeline:
         for rec in self.store.records_since(day):
             if rec.course_id == course_id and rec.student_id not in present:
                 present[rec.student_id] = PresentEntry(
-                    rec.student_id, self._names.get(rec.student_id, rec.student_id),
+                    rec.student_id, names.get(rec.student_id, rec.student_id),
                     rec.seen_at, rec.confidence)
         return present
 

@@ -198,3 +198,44 @@ def test_bad_frames_do_not_stop_the_pipeline(hamilton: Path, model_dir: Path,
     finally:
         pipeline.stop()
     assert pipeline.frame_errors == 27 and pipeline.status().frames == 275 - 27
+
+
+class _ClassProvider:
+    """A scheduled class: course C1 with the two enrolled people (what the sync agent gives)."""
+
+    def __init__(self, roster_path: Path) -> None:
+        from appliance.recognition import Roster
+
+        self.roster = Roster.load(roster_path)
+        self.calls = 0
+
+    def current(self, now: datetime) -> tuple[str | None, str | None, object]:
+        self.calls += 1
+        return "C1", "Musical theatre", self.roster
+
+
+def test_course_from_provider_and_present_after_restart(hamilton: Path, model_dir: Path,
+                                                        roster_file: Path,
+                                                        tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, model_dir)
+    store = Store(settings.paths.data_dir)
+    earlier = datetime.now(UTC).replace(hour=0, minute=0, second=1)
+    store.add_record(AttendanceRecord(  # recorded earlier today by a previous run
+        key=uuid.uuid4(), student_id="S002", course_id="C1", room_id="LAB-301",
+        device_id="dev-appliance", seen_at=earlier, confidence=0.8))
+    provider = _ClassProvider(roster_file)
+    pipeline = Pipeline(settings, store, provider, source=VideoFileSource(hamilton),
+                        every_frame=True, paced=False)
+    pipeline.start()
+    try:
+        assert pipeline.wait_finished(120)
+    finally:
+        pipeline.stop()
+    st = pipeline.status()
+    assert (st.course_id, st.course_name, st.roster_size, st.note) == (
+        "C1", "Musical theatre", 2, None)
+    assert [(p.student_id, p.name) for p in st.present] == [
+        ("S002", "Alex Lacamoire"), ("S001", "Lin-Manuel Miranda")]
+    new = [r for r in store.unsent_records(10) if r.student_id == "S001"]
+    assert len(new) == 1 and new[0].course_id == "C1"
+    assert 1 <= provider.calls <= 20  # asked about once a second, not every frame
