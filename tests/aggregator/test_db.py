@@ -33,6 +33,12 @@ def test_health_and_metrics(world: World) -> None:
     assert metrics.status_code == 200
     assert 'aggregator_attendance_records_total{result="accepted"}' in metrics.text
     assert "aggregator_http_request_seconds_bucket" in metrics.text
+    assert world.client.get("/docs").status_code == 200
+    paths = world.client.get("/openapi.json").json()["paths"]
+    for path in ("/api/v1/schedule", "/api/v1/attendance", "/api/v1/heartbeat", "/api/v1/events",
+                 "/api/v1/attendance/student/{student_id}", "/api/v1/attendance/course/{course_id}",
+                 "/api/v1/students/{student_id}/faces", "/api/v1/import/{kind}"):
+        assert path in paths, path
 
 
 def test_health_reports_mqtt_bridge(settings: Any) -> None:

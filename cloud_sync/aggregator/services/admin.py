@@ -74,7 +74,6 @@ class StudentOut(BaseModel):
     name: str
     email: str | None
     created_at: datetime
-    faces: int = Field(default=0, description="Face embeddings stored.")
 
 
 class CourseIn(Strict):
