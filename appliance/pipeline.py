@@ -103,7 +103,11 @@ def _embedder_main(conn: Any, model_dir: str, detector_model: str) -> None:
 
 
 def _embedder_child(fd: int, model_dir: str, detector_model: str) -> None:
-    """Entry point of the child (``python -c``): serve on the inherited socket ``fd``."""
+    """Entry point of the child (``python -c``): serve on the inherited socket ``fd``.
+    Ctrl-C reaches the whole process group: the parent stops the child, so it ignores it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _embedder_main(Connection(fd), model_dir, detector_model)
 
 
