@@ -76,13 +76,16 @@ class Tracker:
         min_iou: float = 0.1,
         max_center_dist: float = 1.0,
         velocity_smoothing: float = 0.5,
+        max_size_ratio: float = 1.3,
     ) -> None:
         """``max_center_dist``: the largest centre distance accepted, in face widths;
-        ``max_missed``: frames a track survives without a detection."""
+        ``max_missed``: frames a track survives without a detection; ``max_size_ratio``: the
+        largest change of face width from one frame to the next."""
         self.max_missed = max_missed
         self.min_iou = min_iou
         self.max_center_dist = max_center_dist
         self.alpha = velocity_smoothing
+        self.max_size_ratio = max_size_ratio
         self._ids = itertools.count(1)
         self.tracks: list[Track] = []
         self.expired: list[Track] = []
@@ -99,12 +102,15 @@ class Tracker:
             ((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1]))[None, :] / 2,
         )
         dist = np.linalg.norm(pc[:, None, :] - dc[None, :, :], axis=2) / np.maximum(size, 1.0)
-        # size ratio: a face does not double its size between two frames
+        # size ratio: a face grows or shrinks by a few % per frame, not by a third (that is
+        # another face, e.g. after a cut); more latitude after missed frames
         wt = (pred[:, 2] - pred[:, 0])[:, None]
         wd = (boxes[:, 2] - boxes[:, 0])[None, :]
         ratio = np.maximum(wt, wd) / np.maximum(np.minimum(wt, wd), 1.0)
+        gaps = np.array([t.missed + 1 for t in tracks], dtype=np.float32)[:, None]
+        max_ratio = np.minimum(self.max_size_ratio ** gaps, 2.0)
         cost = (1.0 - iou) + dist
-        allowed = ((iou >= self.min_iou) | (dist <= self.max_center_dist)) & (ratio < 2.0)
+        allowed = ((iou >= self.min_iou) | (dist <= self.max_center_dist)) & (ratio < max_ratio)
         return np.where(allowed, cost, np.inf)
 
     def update(

@@ -86,6 +86,7 @@ def test_hamilton_clip_tracks_are_few_and_stable(faces_dir: Path, model_dir: Pat
     cap = cv2.VideoCapture(str(clip))
     frames = detections = 0
     hits: dict[int, int] = {}
+    span: dict[int, tuple[int, int]] = {}
     while True:
         ok, frame = cap.read()
         if not ok:
@@ -94,11 +95,14 @@ def test_hamilton_clip_tracks_are_few_and_stable(faces_dir: Path, model_dir: Pat
         detections += len(dets)
         for t in tracker.update(dets, frames):
             hits[t.track_id] = t.hits
+            span[t.track_id] = (t.first_frame, t.last_frame)
         frames += 1
     cap.release()
     assert frames == 275 and detections > 250
-    # a handful of people on stage: few tracks, and the main face keeps one id for most of
-    # the clip (detections were matched to an existing track, not restarted)
+    # a handful of people on stage: few tracks, and the main face keeps one id through its
+    # shot (detections were matched to an existing track, not restarted)...
     assert tracker.total_tracks <= 12
-    assert max(hits.values()) >= 150
+    assert max(hits.values()) >= 120
     assert sum(hits.values()) == detections
+    # ...but no track jumps to another face across the camera cut between frames 210 and 211
+    assert not [tid for tid, (a, b) in span.items() if a <= 210 < b]
