@@ -67,6 +67,7 @@ def test_sqlite_pragmas_and_upgrade_is_idempotent(tmp_path: Any) -> None:
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
         indexes = {row[1]: row[2] for row in conn.execute(text("PRAGMA index_list(attendance)"))}
     assert indexes["ix_attendance_key"] == 1  # unique
+    assert "ix_attendance_unsynced" in indexes
     assert current_revision(engine) == head_revision()
     engine.dispose()
 

@@ -36,7 +36,7 @@ router = APIRouter(prefix="/api/v1", tags=["admin"])
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
 Offset = Annotated[int, Query(ge=0, le=10**9, description="Rows to skip.")]
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1, description="Numeric id.")]
-ROSTER_KINDS = {"students", "rooms", "enrollments", "schedules"}
+ROSTER_KINDS = {"students", "courses", "rooms", "enrollments", "schedules"}  # change ETags
 
 
 def _after_write(ctx: AppContext, tasks: BackgroundTasks, kind: str) -> None:

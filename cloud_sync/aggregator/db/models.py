@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     Time,
     Uuid,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -168,11 +169,14 @@ class Attendance(Base):
         String(16), doc="none | heartbeat_sync | heartbeat_offset | uncertain"
     )
     __table_args__ = (
-        Index("ix_attendance_key", "key"),  # unique on SQLite; attendance_keys on PostgreSQL
+        # SQLite: unique index on key (migrations); PostgreSQL: attendance_keys instead.
         Index("ix_attendance_student_at", "student_id", "at"),
         Index("ix_attendance_course_at", "course_id", "at"),
         Index("ix_attendance_room_at", "room_id", "at"),
-        Index("ix_attendance_uncertain", "device_id", "boot_id", "time_uncertain"),
+        Index(
+            "ix_attendance_unsynced", "device_id", "boot_id",
+            postgresql_where=text("clock_synced = false"), sqlite_where=text("clock_synced = 0"),
+        ),
     )
 
 
