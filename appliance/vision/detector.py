@@ -246,7 +246,10 @@ def tile_windows(width: int, height: int, tiles: int) -> list[tuple[int, int, in
 
 
 class FaceDetector:
-    """BlazeFace detector returning :class:`Detection` objects in frame pixels."""
+    """BlazeFace detector returning :class:`Detection` objects in frame pixels.
+
+    Not thread-safe (one preallocated input buffer and interpreter): use one per thread.
+    """
 
     def __init__(
         self,
