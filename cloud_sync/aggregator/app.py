@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +30,7 @@ from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.services.faces import FaceEncoder
 from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY, invalidate_cache
 from cloud_sync.aggregator.services.reports import Rules
+from cloud_sync.protocol import AttendanceBatch
 
 _LOGGER = logging.getLogger(__name__)
 MAX_JSON_BYTES = 4_000_000  # a full batch of 1,000 records is ~0.4 MB
@@ -86,6 +88,23 @@ def _start_bridge(ctx: AppContext) -> None:
     ctx.mqtt_bridge = bridge
 
 
+def _document_batch_body(app: FastAPI) -> None:
+    """POST /api/v1/attendance reads its body itself (see api/device.py): put the
+    AttendanceBatch schema its OpenAPI entry refers to into the components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            batch = AttendanceBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(batch.pop("$defs", {}))
+            components["AttendanceBatch"] = batch
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: AggregatorSettings) -> FastAPI:
     engine = make_engine(
         settings.database_url.get_secret_value(), sqlite_synchronous=settings.sqlite_synchronous
@@ -123,6 +142,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    _document_batch_body(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, admin.router, ops.router):
         app.include_router(router)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
-from pydantic import AwareDatetime, BaseModel
+from fastapi.exceptions import RequestValidationError
+from pydantic import AwareDatetime, BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator.api.context import DevicePrincipal
@@ -61,13 +62,33 @@ def get_schedule(
     return Response(schedule.model_dump_json(), media_type="application/json", headers=headers)
 
 
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/AttendanceBatch"}}
+        },
+    }
+}
+
+
 @router.post(
     "/attendance",
     response_model=BatchResult,
     summary="A batch of up to 1,000 records; idempotent on the records' keys.",
-    responses={403: {"description": "The batch claims another device."}},
+    responses={403: {"description": "The batch claims another device."},
+               422: {"description": "Malformed batch (nothing stored)."}},
+    openapi_extra=BATCH_BODY,
 )
-async def post_attendance(request: Request, who: Device, batch: AttendanceBatch) -> Response:
+async def post_attendance(request: Request, who: Device) -> Response:
+    # The hot path of the fleet: the body is parsed by pydantic-core straight from the JSON
+    # bytes (faster than FastAPI's parse-then-validate) and the work takes one thread hop.
+    try:
+        batch = AttendanceBatch.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+        ) from err
     if batch.device_id != who.device_id:
         raise HTTPException(403, "batch device_id is not the authenticated device")
     sessions = context(request).sessions
@@ -76,7 +97,7 @@ async def post_attendance(request: Request, who: Device, batch: AttendanceBatch)
         with sessions() as session:
             return ingest.ingest_batch(session, who.device_id, batch)
 
-    result = await run_in_threadpool(work)  # the only thread hop of this request
+    result = await run_in_threadpool(work)
     return Response(result.model_dump_json(), media_type="application/json")
 
 
