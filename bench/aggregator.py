@@ -283,7 +283,8 @@ def _backend(url: str) -> dict[str, Any]:
         out["http_devices"].update(
             server_cpu_ms_per_request=round(
                 (sum(proc.cpu_times()[:2]) - cpu0) * 1000 / requests, 2),
-            server_side_p95_bucket_ms_incl_warmup_and_burst=_server_p95_bucket(server.base, "/api/v1/attendance"),
+            server_side_p95_bucket_ms_incl_warmup_and_burst=_server_p95_bucket(
+                server.base, "/api/v1/attendance"),
             load_avg_1m_before=round(load0, 2), load_avg_1m_after=round(os.getloadavg()[0], 2),
         )
     finally:
