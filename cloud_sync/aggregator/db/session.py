@@ -91,7 +91,9 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 
         event.listen(engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         _sqlite_hooks(engine)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+    # No pre-ping (a round trip per checkout): after a server restart the first use of a stale
+    # connection fails (503, the device retries) and the pool is refreshed at once.
+    return create_engine(url, pool_size=max(pool_size, 20), max_overflow=30, pool_recycle=1800)
 
 
 def make_session_factory(

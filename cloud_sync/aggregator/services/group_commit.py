@@ -2,12 +2,12 @@
 
 SQLite has one writer at a time, and with ``synchronous=FULL`` every commit waits for an
 fsync. Committing each device's small batch on its own makes concurrent requests queue behind
-each other's fsyncs. Here one writer thread per engine takes every insert waiting at that
-moment, runs them in ONE transaction (one fsync) and hands each caller its own result. If the
-shared transaction fails, each job is retried alone, so one bad job cannot fail the others.
-Callers block until their rows are durable: the acknowledgement still means "committed".
-On PostgreSQL the same saves a transaction (BEGIN/COMMIT round trips and a WAL flush) per
-batch and keeps the number of busy server connections low.
+each other's fsyncs. Here a writer thread per engine (a few on PostgreSQL) takes every insert
+waiting at that moment, runs them in ONE transaction (one fsync) and hands each caller its own
+result. If the shared transaction fails, each job is retried alone, so one bad job cannot
+fail the others. Callers block until their rows are durable: the acknowledgement still means
+"committed". On PostgreSQL the same saves a transaction (BEGIN/COMMIT round trips and a WAL
+flush) per batch and keeps the number of busy server connections low.
 """
 
 from __future__ import annotations
@@ -25,16 +25,21 @@ from cloud_sync.aggregator.db.session import WRITE
 
 _LOGGER = logging.getLogger(__name__)
 MAX_ROWS_PER_COMMIT = 20_000
+PG_WRITERS = 4
 
 Job = Callable[[Connection], Any]
 
 
 class GroupCommitter:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, writers: int = 1) -> None:
         self.engine = engine
         self._queue: queue.SimpleQueue[tuple[Job, int, Future[Any]]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"group-commit-{i}", daemon=True)
+            for i in range(writers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: Job, rows: int) -> Any:
         """Run ``job(connection)`` inside a shared write transaction; return its result once
@@ -83,6 +88,9 @@ def committer(engine: Engine) -> GroupCommitter:
     with _lock:
         found = _committers.get(id(engine))
         if found is None or found.engine is not engine:
-            found = GroupCommitter(engine)
+            # SQLite has one writer at a time; PostgreSQL overlaps a few transactions (each
+            # still groups what is waiting when it starts).
+            writers = PG_WRITERS if engine.dialect.name == "postgresql" else 1
+            found = GroupCommitter(engine, writers)
             _committers[id(engine)] = found
         return found

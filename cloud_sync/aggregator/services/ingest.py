@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, false, select
+from sqlalchemy import Connection, false, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -93,7 +93,7 @@ class _DeviceContext:
 
 _contexts: dict[tuple[int, str], _DeviceContext] = {}
 _contexts_lock = threading.Lock()
-CONTEXT_TTL_S = 5.0
+CONTEXT_TTL_S = 30.0  # admin writes through the API invalidate at once
 
 
 def invalidate_cache() -> None:
@@ -206,6 +206,7 @@ _COLUMNS = (
     "seen_at", "received_at", "confidence", "distance", "clock_synced", "boot_id", "monotonic_s",
     "time_uncertain", "correction",
 )
+COPY_MIN_ROWS = 100  # below this a multi-row INSERT costs less than setting up a COPY
 _COPY_SQL = f"COPY attendance ({', '.join(_COLUMNS)}) FROM STDIN"
 
 
@@ -237,8 +238,10 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
         def job(conn: Connection) -> int:
             new = set(conn.execute(keys_stmt, [{"key": r["key"]} for r in rows]).scalars())
             fresh = [r for r in rows if r["key"] in new]
-            if fresh:
+            if len(fresh) >= COPY_MIN_ROWS:
                 _copy_rows(conn, fresh)
+            elif fresh:
+                conn.execute(insert(Attendance.__table__), fresh)
             return len(fresh)
     else:
         stmt = (
