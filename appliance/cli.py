@@ -271,7 +271,7 @@ def identify(
     from appliance.recognition import Matcher, Roster, RosterError
     from appliance.vision.detector import FaceDetector
     from appliance.vision.embedder import FaceEmbedder
-    from appliance.vision.enroll import load_image
+    from appliance.vision.enroll import detect_still, load_image
 
     settings = load_or_exit(config)
     setup_logging("WARNING")
@@ -292,11 +292,14 @@ def identify(
             failed = True
             results.append({"image": str(path), "error": str(err), "faces": []})
             continue
-        detections = detector.detect(image)
+        detections = detect_still(image, detector)
         matches = matcher.match(embedder.embed(image, detections))
         faces = [
             {
-                "box": [round(v, 1) for v in det.box],
+                "box": [
+                    round(min(max(v, 0.0), float(image.shape[1 - i % 2])), 1)
+                    for i, v in enumerate(det.box)
+                ],
                 "student_id": m.student_id or "unknown",
                 "name": known.name_of(m.student_id) if m.student_id else None,
                 "distance": round(m.distance, 4) if math.isfinite(m.distance) else None,

@@ -88,3 +88,14 @@ def test_enroll_reads_webp_by_content(faces_dir: Path) -> None:
     assert decode_image(path.read_bytes()).shape == img.shape
     with pytest.raises(ValueError, match="not an image"):
         decode_image(b"not an image")
+
+
+def test_enroll_tight_crops_via_border_retry(enroll_detector: FaceDetector,
+                                             embedder: FaceEmbedder, faces_dir: Path) -> None:
+    crop = load_image(faces_dir / "faceapi_bbt/examples/images/amy/amy1.png")  # 150x150 grey
+    assert enroll_detector.detect(crop) == []  # the face fills the photo: full range misses it
+    result = embed_photo(crop, enroll_detector, embedder)
+    assert result.ok, result.reason
+    assert result.detection is not None
+    x1, y1, x2, y2 = result.detection.box
+    assert -20 < x1 < x2 < 170 and -20 < y1 < y2 < 170  # mapped back to the crop's pixels
