@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from cloud_sync.aggregator.api.context import DevicePrincipal
 from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
 from cloud_sync.aggregator.services import ingest
-from cloud_sync.aggregator.services.schedule import build_schedule, etag_of
+from cloud_sync.aggregator.services.schedule import build_schedule, render
 from cloud_sync.protocol import (
     AttendanceBatch,
     BatchResult,
@@ -45,21 +45,26 @@ def _etag_matches(header: str | None, etag: str) -> bool:
                403: {"description": "A device asked for another room."}},
     summary="The room's day: current course, sessions and rosters (enrolled students only).",
 )
-def get_schedule(
+async def get_schedule(
+    request: Request,
     who: DeviceOrAdmin,
-    session: DB,
     room_id: Annotated[Identifier, Query(description="Room id, e.g. LAB-301.")],
     at: Annotated[AwareDatetime | None, Query(description="ISO time (default: now).")] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     if isinstance(who, DevicePrincipal) and who.room_id != room_id:
         raise HTTPException(403, "a device may only read its own room's schedule")
-    schedule = build_schedule(session, room_id, at)
-    etag = etag_of(schedule)
+    sessions = context(request).sessions
+
+    def work() -> tuple[bytes, str]:
+        with sessions() as session:
+            return render(build_schedule(session, room_id, at))
+
+    body, etag = await run_in_threadpool(work)  # one thread hop
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
-    return Response(schedule.model_dump_json(), media_type="application/json", headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 BATCH_BODY = {

@@ -57,6 +57,7 @@ from cloud_sync.aggregator.services.common import (
     utcnow,
 )
 from cloud_sync.aggregator.services.timetable import Timetable, room_timetable
+from cloud_sync.aggregator.services.timetable import invalidate as timetable_invalidate
 from cloud_sync.protocol import (
     AttendanceBatch,
     AttendanceRecord,
@@ -100,6 +101,7 @@ def invalidate_cache() -> None:
     """Forget cached device rooms and timetables (after admin writes; on app start)."""
     with _contexts_lock:
         _contexts.clear()
+    timetable_invalidate()
 
 
 def _device_context(session: Session, device_id: str) -> _DeviceContext | None:

@@ -15,9 +15,9 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, Room, Student
+from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, Student
 from cloud_sync.aggregator.services.common import NotFoundError, utcnow
-from cloud_sync.aggregator.services.timetable import room_timetable, zone
+from cloud_sync.aggregator.services.timetable import cached_room, zone
 from cloud_sync.protocol import ClassSession, RosterEntry, ScheduleResponse
 
 
@@ -47,13 +47,13 @@ def rosters(session: Session, course_ids: list[str]) -> dict[str, list[RosterEnt
 
 
 def build_schedule(session: Session, room_id: str, at: datetime | None = None) -> ScheduleResponse:
-    room = session.get(Room, room_id)
+    room = cached_room(session, room_id)
     if room is None:
         raise NotFoundError(f"room {room_id!r} does not exist")
     at = at or utcnow()
     tz = zone(room.timezone)
     day = at.astimezone(tz).date()
-    occurrences = room_timetable(session, room).occurrences(day, room_id)
+    occurrences = room.timetable.occurrences(day, room_id)
     sessions = [
         ClassSession.model_construct(
             course_id=o.course_id, course_name=o.course_name, starts_at=o.starts_at,
@@ -67,6 +67,15 @@ def build_schedule(session: Session, room_id: str, at: datetime | None = None) -
         v=1, room_id=room_id, date=day, timezone=room.timezone, generated_at=utcnow(),
         current_course_id=current, sessions=sessions, rosters=rosters(session, course_ids),
     )
+
+
+def render(schedule: ScheduleResponse) -> tuple[bytes, str]:
+    """(JSON body, strong ETag) with one serialisation: the ETag hashes the content without
+    ``generated_at``, which is then put first in the body."""
+    core = schedule.model_dump_json(exclude={"generated_at"})
+    etag = '"' + hashlib.sha256(core.encode()).hexdigest() + '"'
+    stamp = schedule.generated_at.isoformat().replace("+00:00", "Z")
+    return ('{"generated_at":"' + stamp + '",' + core[1:]).encode(), etag
 
 
 def etag_of(schedule: ScheduleResponse) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import lru_cache
@@ -143,3 +145,42 @@ def room_timetable(session: Session, room: Room) -> Timetable:
 
 def course_timetable(session: Session, course_id: str) -> Timetable:
     return _load(session, Schedule.course_id == course_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    room_id: str
+    site: str
+    timezone: str
+    timetable: Timetable
+    expires: float
+
+
+_rooms: dict[tuple[int, str], RoomInfo] = {}
+_rooms_lock = threading.Lock()
+ROOM_TTL_S = 30.0  # admin writes through the API call invalidate() at once
+
+
+def invalidate() -> None:
+    with _rooms_lock:
+        _rooms.clear()
+
+
+def cached_room(session: Session, room_id: str) -> RoomInfo | None:
+    """A room and its timetable, cached for ROOM_TTL_S (one query less per request)."""
+    key = (id(session.get_bind()), room_id)
+    now = time.monotonic()
+    with _rooms_lock:
+        found = _rooms.get(key)
+    if found is not None and found.expires > now:
+        return found
+    room = session.get(Room, room_id)
+    if room is None:
+        return None
+    info = RoomInfo(room.id, room.site, room.timezone, room_timetable(session, room),
+                    now + ROOM_TTL_S)
+    with _rooms_lock:
+        if len(_rooms) > 10_000:
+            _rooms.clear()
+        _rooms[key] = info
+    return info
