@@ -40,7 +40,6 @@ from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.models import (
     Attendance,
-    AttendanceKey,
     DeadLetter,
     Device,
     EventRow,
@@ -211,6 +210,24 @@ _COLUMNS = (
 _COPY_SQL = f"COPY attendance ({', '.join(_COLUMNS)}) FROM STDIN"
 
 
+_CLAIM_SQL = (
+    "INSERT INTO attendance_keys (key) SELECT unnest(%s::uuid[]) "
+    "ON CONFLICT DO NOTHING RETURNING key"
+)
+
+
+def _claim_keys(conn: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PostgreSQL: claim the keys in attendance_keys (one statement, one array parameter);
+    returns the rows whose key was new."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(_CLAIM_SQL, [[r["key"] for r in rows]])
+        new = {key for (key,) in cursor.fetchall()}
+    finally:
+        cursor.close()
+    return [r for r in rows if r["key"] in new]
+
+
 def _copy_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """PostgreSQL: COPY the new rows (less client CPU than a multi-row INSERT even for 10
     rows: no statement to build); the keys were already claimed in attendance_keys, so no
@@ -233,13 +250,9 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
     if not rows:
         return 0
     if session.get_bind().dialect.name == "postgresql":
-        keys_stmt = (
-            pg_insert(AttendanceKey.__table__).on_conflict_do_nothing()
-            .returning(AttendanceKey.__table__.c.key)
-        )
+
         def job(conn: Connection) -> int:
-            new = set(conn.execute(keys_stmt, [{"key": r["key"]} for r in rows]).scalars())
-            fresh = [r for r in rows if r["key"] in new]
+            fresh = _claim_keys(conn, rows)
             if fresh:
                 _copy_rows(conn, fresh)
             return len(fresh)
