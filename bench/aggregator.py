@@ -279,11 +279,16 @@ def bench_roster(base: str, key: str) -> dict[str, Any]:
 
 
 def _settle(engine: Any) -> None:
-    """VACUUM ANALYZE after the bulk loads, as a live database would have been: otherwise
-    autovacuum/autoanalyze of the fresh tables runs during the next measurement."""
+    """VACUUM ANALYZE + CHECKPOINT after the bulk loads, as a live database would have been:
+    otherwise autovacuum/autoanalyze of the fresh tables, or a checkpoint flushing the load's
+    pages, runs during the next measurement."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.exec_driver_sql("VACUUM ANALYZE" if engine.dialect.name == "postgresql"
-                             else "ANALYZE")
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("VACUUM ANALYZE")
+            conn.exec_driver_sql("CHECKPOINT")
+        else:
+            conn.exec_driver_sql("ANALYZE")
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _backend(url: str) -> dict[str, Any]:
