@@ -288,7 +288,6 @@ def _settle(engine: Any) -> None:
             conn.exec_driver_sql("CHECKPOINT")
         else:
             conn.exec_driver_sql("ANALYZE")
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _backend(url: str) -> dict[str, Any]:
