@@ -21,6 +21,7 @@ Backends: a temporary SQLite file, and a temporary PostgreSQL database on 127.0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import socket
@@ -297,6 +298,7 @@ def _backend(url: str) -> dict[str, Any]:
     _settle(seeded["engine"])
     seeded["engine"].dispose()
     roster_key = seeded["keys"]["pi-1"]
+    gc.collect()  # the ingest phase's garbage must not be collected inside the measurement
     server = Server(url, rate_limit=100)
     try:
         proc = psutil.Process(server.proc.pid)
