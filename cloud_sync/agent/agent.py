@@ -132,7 +132,7 @@ class SyncAgent:
         self._mqtt: MqttTransport | None = None
         if sync.mqtt_url:
             url = sync.mqtt_url
-            if isinstance(url, SecretStr):  # (should the setting become a SecretStr)
+            if isinstance(url, SecretStr):
                 url = url.get_secret_value()
             self._mqtt = MqttTransport(
                 url, site=device.site, room_id=device.room_id,

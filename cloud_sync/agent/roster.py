@@ -17,7 +17,6 @@ from cloud_sync.protocol import ClassSession, Event, ScheduleResponse
 
 if TYPE_CHECKING:
     from appliance.recognition import Roster
-
     from appliance.store import Store
 
 _LOGGER = logging.getLogger(__name__)
