@@ -43,6 +43,12 @@ def config_show(config: ConfigOption = None) -> None:
     typer.echo(dump_settings(load_or_exit(config)))
 
 
+@config_app.command("example")
+def config_example() -> None:
+    """Print the documented example TOML (every key, its bounds and default)."""
+    typer.echo(appliance_config.example(), nl=False)
+
+
 @config_app.command("describe")
 def config_describe() -> None:
     """Print every setting with its type, default and description."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -99,3 +100,77 @@ def describe_fields(cls: type[BaseSettings]) -> list[tuple[str, str, str, str]]:
 
     walk(cls, "")
     return rows
+
+
+def _bounds(info: Any) -> str:
+    parts: list[str] = []
+    for meta in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                parts.append(f"{sym} {value}")
+        pattern = getattr(meta, "pattern", None)
+        if pattern:
+            parts.append(f"matches {pattern}")
+    args = getattr(info.annotation, "__args__", ())
+    if args and all(isinstance(a, str) for a in args):  # Literal[...]
+        parts.append("one of " + ", ".join(args))
+    return "; ".join(parts)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, SecretStr):  # a default or an example, never a real secret
+        value = value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string uses JSON's escapes
+
+
+def example_toml(
+    cls: type[BaseSettings],
+    header: str,
+    values: dict[str, Any],
+    shown_defaults: dict[str, str] | None = None,
+) -> str:
+    """A TOML file documenting every field of ``cls`` (title, description, bounds, default).
+
+    Keys named in ``values`` (dotted, e.g. ``"device.room_id"``) are set; every other key is
+    shown commented out at its default, so the file never drifts from the code's defaults.
+    ``shown_defaults`` replaces the shown default of keys whose default depends on where the
+    program is installed.
+    """
+    shown_defaults = shown_defaults or {}
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()]
+
+    def comment(text: str) -> None:
+        lines.extend(textwrap.wrap(text, width=98, initial_indent="# ", subsequent_indent="# "))
+
+    def emit(model: type, prefix: str) -> None:
+        nested: list[tuple[str, type]] = []
+        for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+            ann = info.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                nested.append((name, ann))
+                continue
+            dotted = f"{prefix}{name}"
+            lines.append("")
+            comment(f"{info.title}: {info.description}" if info.title else info.description)
+            bounds = _bounds(info)
+            if bounds:
+                comment(f"Allowed: {bounds}.")
+            if dotted in values:
+                lines.append(f"{name} = {_toml_value(values[dotted])}")
+                continue
+            default = info.get_default(call_default_factory=True)
+            shown = "(unset)" if default is None else _toml_value(default)
+            shown = shown_defaults.get(dotted, shown)
+            lines.append(f"# {name} = {shown}")
+        for name, sub in nested:
+            lines.append("")
+            lines.append(f"[{prefix}{name}]")
+            emit(sub, f"{prefix}{name}.")
+
+    emit(cls, "")
+    return "\n".join(lines) + "\n"

@@ -23,6 +23,18 @@ def test_example_configs_load() -> None:
     assert g.port > 0
 
 
+def test_example_configs_are_generated_from_the_models() -> None:
+    """The committed examples document every field and never drift from the defaults:
+    regenerate with `appliance config example > config/appliance.example.toml` (and the
+    aggregator's likewise)."""
+    assert (REPO / "config" / "appliance.example.toml").read_text() == appliance_config.example()
+    assert (REPO / "config" / "aggregator.example.toml").read_text() == aggregator_config.example()
+    text = appliance_config.example()
+    for name, _kind, _default, _text in describe_fields(appliance_config.ApplianceSettings):
+        assert f"{name.rsplit('.', 1)[-1]} = " in text, name
+    assert "# threshold = 0.48" in text and "# Allowed: >= 0.2; <= 0.8." in text
+
+
 def test_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "a.toml"
     path.write_text('[camera]\nsource = "video.mp4"\nfps = 10\n')
@@ -54,8 +66,12 @@ def test_missing_file_is_clear(tmp_path: Path) -> None:
 
 
 def test_secrets_masked() -> None:
-    settings = appliance_config.load(None, sync={"api_key": "super-secret-key"})
+    settings = appliance_config.load(None, sync={"api_key": "super-secret-key",
+                                                 "mqtt_url": "mqtt://dev:brokerpw@h:1883"})
     assert "super-secret-key" not in dump_settings(settings)
+    assert "brokerpw" not in dump_settings(settings)
+    assert settings.sync.mqtt_url is not None
+    assert settings.sync.mqtt_url.get_secret_value() == "mqtt://dev:brokerpw@h:1883"
     agg = aggregator_config.load(None, database_url="postgresql+psycopg://u:pw123@h/db")
     assert "pw123" not in dump_settings(agg)
 
