@@ -154,17 +154,26 @@ class Store:
             self._conn.close()
 
     # -- outbox ---------------------------------------------------------------------------------
-    def add_record(self, record: AttendanceRecord) -> None:
-        """Append a record to the outbox; durable once this returns. Same key twice: ignored."""
-        row = {
+    @staticmethod
+    def _record_row(record: AttendanceRecord) -> dict[str, str | None]:
+        return {
             "key": str(record.key), "student_id": record.student_id,
             "course_id": record.course_id, "room_id": record.room_id,
             "device_id": record.device_id, "seen_at": _iso(record.seen_at),
             "payload": record.model_dump_json(), "created_at": _iso(_utcnow()),
             "sent_at": None, "parked_reason": None,
         }
+
+    def add_record(self, record: AttendanceRecord) -> None:
+        """Append a record to the outbox; durable once this returns. Same key twice: ignored."""
         with self._lock:
-            self._db["records"].insert(row, ignore=True)
+            self._db["records"].insert(self._record_row(record), ignore=True)
+
+    def add_records(self, records: Iterable[AttendanceRecord]) -> None:
+        """Append many records in one transaction (one fsync); durable once this returns."""
+        rows = [self._record_row(r) for r in records]
+        with self._lock, self._conn:
+            self._db["records"].insert_all(rows, ignore=True, batch_size=500)
 
     def add_event(self, event: Event) -> None:
         """Append an event to the outbox; durable once this returns. Same key twice: ignored."""

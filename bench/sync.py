@@ -47,8 +47,7 @@ def _drain(transport: str, n: int, workdir: Path) -> dict[str, Any]:
                   sqlite_synchronous="FULL")
         records = make_records(n)
         t_fill = time.perf_counter()
-        for record in records:
-            store.add_record(record)
+        store.add_records(records)
         fill_s = time.perf_counter() - t_fill
         settings = appliance_settings(
             workdir / "dev", aggregator_url=agg.base_url, api_key=keys[DEVICE],

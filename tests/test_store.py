@@ -64,6 +64,18 @@ def test_outbox_roundtrip(tmp_path: Path) -> None:
     assert len(store.records_since(datetime.now(UTC) - timedelta(minutes=1))) == 5
 
 
+def test_add_records_in_one_transaction(tmp_path: Path) -> None:
+    store = Store(tmp_path / "appliance.db")
+    first = _record("S001")
+    store.add_record(first)
+    batch = [_record(f"S{i:03d}") for i in range(2, 1202)] + [first]  # one key already there
+    store.add_records(batch)
+    assert store.outbox_depth() == 1201
+    assert [r.key for r in store.unsent_records(3)] == [first.key, batch[0].key, batch[1].key]
+    store.close()
+    assert Store(tmp_path / "appliance.db").outbox_depth() == 1201
+
+
 def test_records_since_and_last_seen(tmp_path: Path) -> None:
     store = Store(tmp_path)
     t0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
