@@ -1,7 +1,7 @@
 """Prometheus metrics of the appliance, all under the ``attendance_`` prefix.
 
 Defined once here; the pipeline, the sync agent and the status page update them, and
-``GET /metrics`` on the status page exports them. Documented in docs/HTTP_API.md.
+``GET /metrics`` on the status page exports them. Documented in docs/STATUS_PAGE.md.
 """
 
 from __future__ import annotations

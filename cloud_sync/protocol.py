@@ -26,14 +26,14 @@ Embedding = Annotated[
 class Message(BaseModel):
     """Base of every wire message: strict about unknown fields, versioned."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     v: Literal[1] = Field(default=PROTOCOL_VERSION, description="Protocol version.")
 
 
 class AttendanceRecord(BaseModel):
     """One student seen by one device in one debounce window."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     key: uuid.UUID = Field(description="Idempotency key, made once on the device.")
     student_id: Identifier
     course_id: Identifier | None = Field(
@@ -88,12 +88,12 @@ class Heartbeat(Message):
     clock_synced: bool = True
     boot_id: str | None = Field(default=None, max_length=64)
     monotonic_s: float | None = Field(default=None, ge=0)
-    uptime_s: float = Field(ge=0)
-    cpu_temp_c: float | None = None
-    outbox_depth: int = Field(ge=0)
-    oldest_unsent_age_s: float | None = Field(default=None, ge=0)
+    uptime_s: float = Field(ge=0, le=1e10)
+    cpu_temp_c: float | None = Field(default=None, ge=-100, le=250)
+    outbox_depth: int = Field(ge=0, le=2**31 - 1)
+    oldest_unsent_age_s: float | None = Field(default=None, ge=0, le=1e10)
     last_frame_at: AwareDatetime | None = None
-    fps: float | None = Field(default=None, ge=0)
+    fps: float | None = Field(default=None, ge=0, le=10_000)
 
 
 EventKind = Literal[

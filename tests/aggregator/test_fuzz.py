@@ -82,7 +82,8 @@ def test_malformed_heartbeats_and_events(world: World, raw: TestClient) -> None:
           "sent_at": world.at(0, 9).isoformat(), "uptime_s": 1, "outbox_depth": 0}
     for changes in ({"outbox_depth": 10**30}, {"outbox_depth": -1}, {"cpu_temp_c": "hot"},
                     {"software_version": "x\u0000"}, {"sent_at": "9999-12-31T23:00:00-12:00"},
-                    {"uptime_s": None}, {"boot_id": "b" * 65}, {"fps": 1e400}):
+                    {"uptime_s": None}, {"boot_id": "b" * 65}, {"fps": 1e400},
+                    {"outbox_depth": 2**40}, {"cpu_temp_c": 1e6}, {"uptime_s": 1e300}):
         body = json.dumps({**hb, **changes}).replace("Infinity", "1e400")
         r = raw.post("/api/v1/heartbeat", content=body,
                      headers={**world.device, "Content-Type": "application/json"})
