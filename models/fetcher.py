@@ -75,19 +75,19 @@ def verify(spec: ModelSpec, path: Path) -> None:
     if not path.is_file():
         raise ModelError(
             f"model '{spec.name}' is missing: {path} does not exist. "
-            "Fix: run `appliance models fetch` (or `make setup`)."
+            f"Fix: run `appliance models fetch --model-dir {path.parent}` (or `make setup`)."
         )
     size = path.stat().st_size
     if size != spec.size:
         raise ModelError(
             f"model '{spec.name}' is corrupt: {path} has {size} bytes, expected {spec.size}. "
-            "Fix: run `appliance models fetch --force`."
+            f"Fix: run `appliance models fetch --force --model-dir {path.parent}`."
         )
     actual = sha256_of(path)
     if actual != spec.sha256:
         raise ModelError(
             f"model '{spec.name}' is corrupt: sha256 of {path} is {actual}, expected "
-            f"{spec.sha256}. Fix: run `appliance models fetch --force`."
+            f"{spec.sha256}. Fix: run `appliance models fetch --force --model-dir {path.parent}`."
         )
 
 
@@ -197,6 +197,7 @@ def fetch(
     try:
         _extract(spec, archive, tmp)
         verify(spec, tmp)
+        tmp.chmod(0o644)  # mkstemp makes 0600; the services read models as another user
         os.replace(tmp, target)
     except ModelError as err:
         tmp.unlink(missing_ok=True)

