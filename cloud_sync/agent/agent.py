@@ -58,6 +58,7 @@ class SyncStatus:
     last_error: str | None
     aggregator_reachable: bool
     mqtt_connected: bool | None
+    credentials_refused: bool = False  # the aggregator answers, but refuses this device's key
 
 
 @dataclass
@@ -193,6 +194,7 @@ class SyncAgent:
             last_error=self._last_error,
             aggregator_reachable=reachable,
             mqtt_connected=mqtt_connected,
+            credentials_refused=bool(self._http and self._http.refused),
         )
 
     def request_roster_refresh(self) -> None:

@@ -64,6 +64,7 @@ class HttpTransport:
             base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s
         )
         self.reachable = False
+        self.refused: str | None = None  # "HTTP 401 ..." while the aggregator refuses the key
 
     def close(self) -> None:
         self._client.close()
@@ -76,6 +77,7 @@ class HttpTransport:
             raise TransportError(f"{method} {path}: {type(err).__name__}: {err}") from err
         self.reachable = True
         status = response.status_code
+        self.refused = f"HTTP {status}: {_reason(response)}" if status in (401, 403) else None
         if status == 429 or status >= 500 or status in (401, 403, 408):
             # 401/403: a key problem an operator must fix; keep the records and retry slowly.
             raise TransportError(f"{method} {path}: {_reason(response)}", _retry_after(response))

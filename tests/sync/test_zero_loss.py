@@ -77,6 +77,41 @@ def test_aggregator_down_for_the_whole_capture(
     assert agent.stats.accepted == len(records)
 
 
+def test_refused_key_keeps_records_and_shows_in_status(
+    aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
+) -> None:
+    from appliance.store import Store
+    from cloud_sync.agent import SyncAgent
+
+    agg, keys = aggregator
+    agg.start()
+    store = Store(tmp_path / "dev" / "appliance.db")
+    records = make_records(50)
+    fill_store(store, records)
+    wrong = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
+                               api_key="dk_" + "0" * 43)
+    agent = SyncAgent(wrong, store)
+    agent.start()
+    try:
+        wait_until(lambda: agent.stats.failures > 0, 30, "the refused upload")
+        status = agent.status()
+        assert status.credentials_refused and status.aggregator_reachable
+        assert store.outbox_depth() == len(records)  # nothing marked sent, nothing parked
+        assert store.parked() == []
+    finally:
+        agent.stop()
+    agent = SyncAgent(appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
+                                         api_key=keys[DEVICE]), store)
+    agent.start()
+    try:
+        wait_until(lambda: store.outbox_depth() == 0, 60, "the backlog to drain")
+        assert agent.status().credentials_refused is False
+    finally:
+        agent.stop()
+        store.close()
+    assert_exactly_once(agg, records)
+
+
 def test_agent_killed_mid_drain_and_restarted(
     aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ class Sync:
     last_error: str | None = None
     aggregator_reachable: bool = True
     mqtt_connected: bool | None = None
+    credentials_refused: bool = False
 
 
 def client(settings, pipeline, store, host, sync=None) -> TestClient:
@@ -111,6 +112,11 @@ def test_aggregator_and_mqtt(tmp_path, pipeline, store, host) -> None:
     sync.aggregator_reachable, sync.mqtt_connected = True, True
     body = client(settings, pipeline, store, host, lambda: sync).get("/health").json()
     assert body["status"] == "healthy"
+    sync.credentials_refused = True  # reachable, but the key is refused: not healthy
+    body = client(settings, pipeline, store, host, lambda: sync).get("/health").json()
+    assert body["components"]["aggregator"]["status"] == "degraded"
+    assert "refuses this device's key" in body["components"]["aggregator"]["message"]
+    sync.credentials_refused = False
     # configured but no sync agent at all: degraded, never a crash
     body = client(settings, pipeline, store, host, None).get("/health").json()
     assert body["components"]["aggregator"]["status"] == "degraded"
