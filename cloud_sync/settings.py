@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -77,9 +78,26 @@ def load_settings(
         raise ConfigError(f"cannot read configuration {toml_path}: {err}") from err
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*):[^@/\s]+@")
+
+
+def mask_url_password(text: str) -> str:
+    """``rtsp://user:pw@cam/x`` -> ``rtsp://user:***@cam/x``; other text unchanged."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return mask_url_password(value) if isinstance(value, str) else value
+
+
 def dump_settings(settings: BaseSettings) -> str:
-    """The effective settings as JSON, with every secret masked."""
-    return json.dumps(settings.model_dump(mode="json"), indent=2, default=str)
+    """The effective settings as JSON, with every secret masked: secret fields entirely, and
+    the password of any URL in a plain field (e.g. an RTSP camera URL)."""
+    return json.dumps(_mask(settings.model_dump(mode="json")), indent=2, default=str)
 
 
 def describe_fields(cls: type[BaseSettings]) -> list[tuple[str, str, str, str]]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from appliance.capture.base import SourceError
+from cloud_sync.settings import mask_url_password
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class OpenCVCameraSource:
         self.spec = spec
         self.width, self.height, self.requested_fps = width, height, fps
         self.is_stream = "://" in spec
-        self.description = _redact(spec)
+        self.description = mask_url_password(spec)  # logs, status page
         self._cap: cv2.VideoCapture | None = None
 
     def open(self) -> None:
@@ -120,8 +120,3 @@ class VideoFileSource:
     @property
     def fps(self) -> float | None:
         return self._fps
-
-
-def _redact(spec: str) -> str:
-    """A stream URL without its password, for logs and the status page."""
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", spec)

@@ -70,6 +70,10 @@ def test_secrets_masked() -> None:
                                                  "mqtt_url": "mqtt://dev:brokerpw@h:1883"})
     assert "super-secret-key" not in dump_settings(settings)
     assert "brokerpw" not in dump_settings(settings)
+    cam = appliance_config.load(None, camera={"source": "rtsp://admin:campw@10.0.0.9:554/s1"})
+    shown = json.loads(dump_settings(cam))
+    assert shown["camera"]["source"] == "rtsp://admin:***@10.0.0.9:554/s1"
+    assert cam.camera.source == "rtsp://admin:campw@10.0.0.9:554/s1"  # only the output is masked
     assert settings.sync.mqtt_url is not None
     assert settings.sync.mqtt_url.get_secret_value() == "mqtt://dev:brokerpw@h:1883"
     agg = aggregator_config.load(None, database_url="postgresql+psycopg://u:pw123@h/db")
