@@ -451,6 +451,18 @@ class AlertsConfig(Section):
     )
 
 
+class StoreConfig(Section):
+    keep_sent_days: float = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        title="Keep sent records",
+        description="Records and events acknowledged by the aggregator are deleted from the "
+        "device this many days after they were sent (unsent and parked ones are never "
+        "deleted); cached schedules of older days go too.",
+    )
+
+
 class ApplianceSettings(TomlSettings):
     """Settings of one appliance."""
 
@@ -472,6 +484,7 @@ class ApplianceSettings(TomlSettings):
     decision: DecisionConfig = Field(
         default_factory=DecisionConfig, description="Voting and debounce."
     )
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Local SQLite store.")
     sync: SyncConfig = Field(default_factory=SyncConfig, description="Link to the aggregator.")
     web: WebConfig = Field(default_factory=WebConfig, description="Local status page.")
     alerts: AlertsConfig = Field(

@@ -9,7 +9,8 @@ Wiring (each component has a non-blocking ``start()`` and a ``stop()``):
            └─ AlertMonitor (appliance.alerts)
 
 The main thread then loops: it pings the systemd watchdog (WATCHDOG=1) only while the pipeline
-is alive, and stops everything in reverse order on SIGTERM/SIGINT (STOPPING=1).
+is alive, deletes records sent more than ``store.keep_sent_days`` ago once an hour, and stops
+everything in reverse order on SIGTERM/SIGINT (STOPPING=1).
 Optional components are imported lazily; if one is missing the appliance runs without it and
 says so in the log.
 """
@@ -19,10 +20,11 @@ from __future__ import annotations
 import importlib
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -37,6 +39,7 @@ from models import load_manifest, model_path
 _LOGGER = logging.getLogger(__name__)
 
 LOOP_S = 1.0
+PRUNE_EVERY_S = 3600.0
 
 
 def _optional(module: str, attr: str, what: str) -> Any:
@@ -142,11 +145,23 @@ def run_appliance(settings: ApplianceSettings, stop_event: threading.Event | Non
     return 0 if app.pipeline.error is None else 1
 
 
+def _prune(app: Appliance) -> None:
+    keep = timedelta(days=app.settings.store.keep_sent_days)
+    try:
+        app.store.prune(datetime.now(UTC) - keep)
+    except sqlite3.Error as err:  # housekeeping must never stop the device
+        _LOGGER.warning("store: pruning sent records failed: %s", err)
+
+
 def _main_loop(app: Appliance, notifier: Notifier, stop: threading.Event) -> None:
     interval = watchdog_interval_s()
     last_ping = 0.0
+    last_prune = -PRUNE_EVERY_S
     warned = False
     while not stop.wait(LOOP_S):
+        if time.monotonic() - last_prune >= PRUNE_EVERY_S:
+            _prune(app)
+            last_prune = time.monotonic()
         if app.pipeline.alive():
             warned = False
             now = time.monotonic()

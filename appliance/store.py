@@ -237,6 +237,24 @@ class Store:
             ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
+    def prune(self, sent_before: datetime) -> int:
+        """Delete records and events acknowledged before ``sent_before`` and cached schedules
+        of days before it; unsent and parked rows are never deleted. Returns rows deleted."""
+        cutoff = _iso(sent_before)
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            deleted = 0
+            for table in ("records", "events"):
+                deleted += self._conn.execute(
+                    f"DELETE FROM {table} WHERE sent_at < ?", (cutoff,)  # noqa: S608
+                ).rowcount
+            deleted += self._conn.execute(
+                "DELETE FROM schedules WHERE day < ?", (sent_before.date().isoformat(),)
+            ).rowcount
+        if deleted:
+            _LOGGER.info("store: deleted %d rows sent before %s", deleted, cutoff)
+        return deleted
+
     def outbox_depth(self) -> int:
         """Records and events not yet acknowledged, parked ones excluded."""
         with self._lock:

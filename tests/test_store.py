@@ -76,6 +76,23 @@ def test_add_records_in_one_transaction(tmp_path: Path) -> None:
     assert Store(tmp_path / "appliance.db").outbox_depth() == 1201
 
 
+def test_prune_deletes_only_old_sent_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "appliance.db")
+    sent, unsent, parked = _record("S001"), _record("S002"), _record("S003")
+    for r in (sent, unsent, parked):
+        store.add_record(r)
+    event = _event()
+    store.add_event(event)
+    store.mark_sent([sent.key, event.key])
+    store.park(parked.key, "bad")
+    today = datetime.now(UTC)
+    assert store.prune(today - timedelta(days=1)) == 0  # sent just now: kept
+    assert store.prune(today + timedelta(seconds=1)) == 2  # the sent record and event
+    assert store.outbox_depth() == 1 and store.parked() == [(str(parked.key), "bad")]
+    assert {r.key for r in store.records_since(today - timedelta(hours=1))} == {
+        unsent.key, parked.key}
+
+
 def test_records_since_and_last_seen(tmp_path: Path) -> None:
     store = Store(tmp_path)
     t0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
