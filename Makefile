@@ -10,10 +10,10 @@ FACE_RECOGNITION := face-recognition==1.3.0
 .PHONY: setup venv models run test lint bench clean help
 
 help:
-	@echo "make run    - start the appliance on embedded defaults (SQLite, no broker)"
+	@echo "make run    - start a local aggregator and the appliance (SQLite, HTTP, no broker)"
 	@echo "make test   - set everything up and run the test suite"
 	@echo "make lint   - ruff"
-	@echo "make bench  - pipeline and recognition benchmarks (JSON)"
+	@echo "make bench  - pipeline, recognition, aggregator and sync benchmarks (JSON)"
 	@echo "make setup  - venv + packages + models only"
 
 $(STAMP): pyproject.toml scripts/ensure-system-deps.sh

@@ -152,6 +152,10 @@ def web_set_password(
         bool, typer.Option("--print-hash", help="Print the hash (for web.password_hash in a "
                            "config) instead of storing it in the data directory.")
     ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Override paths.data_dir (the service's "
+                                  "data directory, e.g. /var/lib/classroom-attendance).")
+    ] = None,
 ) -> None:
     """Set the status page password (prompted twice, or --stdin); stored as a scrypt hash."""
     import sys
@@ -159,6 +163,8 @@ def web_set_password(
     from appliance.web.auth import PasswordError, hash_password, store_password_hash
 
     settings = load_or_exit(config)
+    if data_dir is not None:
+        settings.paths.data_dir = data_dir
     if stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\r\n")
     else:

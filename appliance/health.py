@@ -10,8 +10,8 @@ Each component is ``healthy``, ``degraded``, ``unhealthy`` or ``not_configured``
 components. Messages never carry names, faces, URLs or error texts that may contain credentials.
 
 The structural types the status page, health and alerts consume (the pipeline, the store, the
-sync agent's status) are declared here as Protocols, so they depend on the contracts in
-notes/INTERFACES.md and not on the concrete classes.
+sync agent's status) are declared here as Protocols, so health depends on what it reads and not
+on the concrete classes (the tests pass small fakes of the host readings and sync status).
 """
 
 from __future__ import annotations

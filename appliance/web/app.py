@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import re
+import shlex
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -254,6 +256,13 @@ def create_app(
         return JSONResponse({"detail": "login required"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
 
+    # The exact command for this device: `sudo` drops the service's environment, so name the
+    # program and the data directory it uses.
+    set_password_command = " ".join([
+        shlex.quote(str(Path(sys.executable).parent / "appliance")), "web", "set-password",
+        "--data-dir", shlex.quote(str(settings.paths.data_dir.resolve())),
+    ])
+
     def login_page(request: Request, status_code: int, error: str | None = None,
                    headers: dict[str, str] | None = None) -> HTMLResponse:
         return templates.TemplateResponse(
@@ -261,7 +270,8 @@ def create_app(
             {"configured": auth.configured(), "password_set": auth.password_set(),
              "error": error, "version": appliance.__version__,
              "device_id": settings.device.device_id,
-             "password_file": str(settings.paths.data_dir / PASSWORD_FILE)},
+             "password_file": str(settings.paths.data_dir / PASSWORD_FILE),
+             "set_password_command": set_password_command},
             status_code=status_code, headers=headers,
         )
 

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api import admin, device, ops, reports
 from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
@@ -107,7 +108,7 @@ def _document_batch_body(app: FastAPI) -> None:
 
 def create_app(settings: AggregatorSettings) -> FastAPI:
     engine = make_engine(
-        settings.database_url.get_secret_value(), sqlite_synchronous=settings.sqlite_synchronous
+        aggregator_config.database_url(settings), sqlite_synchronous=settings.sqlite_synchronous
     )
     sessions = make_session_factory(
         engine, info={EARLY_ARRIVAL_INFO_KEY: settings.early_arrival_min}

@@ -57,7 +57,7 @@ def _sessions(settings: aggregator_config.AggregatorSettings):  # type: ignore[n
     from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 
     engine = make_engine(
-        settings.database_url.get_secret_value(), sqlite_synchronous=settings.sqlite_synchronous
+        aggregator_config.database_url(settings), sqlite_synchronous=settings.sqlite_synchronous
     )
     upgrade_engine(engine)
     return engine, make_session_factory(engine)

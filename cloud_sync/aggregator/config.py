@@ -20,11 +20,12 @@ class AggregatorSettings(TomlSettings):
         extra="forbid",
     )
 
-    database_url: SecretStr = Field(
-        default=SecretStr("sqlite:///data/aggregator/aggregator.db"),
+    database_url: SecretStr | None = Field(
+        default=None,
         title="Database URL",
-        description="SQLAlchemy URL: sqlite:///path.db (default) or "
-        "postgresql+psycopg://user@host/db. Masked in `config show` (may hold a password).",
+        description="SQLAlchemy URL: sqlite:////abs/path.db or postgresql+psycopg://user@host/db; "
+        "unset = SQLite in data_dir/aggregator.db. Masked in `config show` (may hold a "
+        "password).",
     )
     host: str = Field(
         default="127.0.0.1", title="Bind address", description="Address the API listens on."
@@ -35,7 +36,8 @@ class AggregatorSettings(TomlSettings):
     data_dir: Path = Field(
         default=Path("data/aggregator"),
         title="Data directory",
-        description="Kept photos (only if keep_photos) and other local files.",
+        description="The SQLite database (unless database_url is set), kept photos (only if "
+        "keep_photos) and other local files (/var/lib/classroom-aggregator on a server).",
     )
     model_dir: Path | None = Field(
         default=None,
@@ -155,6 +157,13 @@ class AggregatorSettings(TomlSettings):
     )
 
 
+def database_url(settings: AggregatorSettings) -> str:
+    """The effective SQLAlchemy URL: ``database_url``, or SQLite in ``data_dir``."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return f"sqlite:///{settings.data_dir / 'aggregator.db'}"
+
+
 def load(path: Path | str | None = None, **overrides: object) -> AggregatorSettings:
     return load_settings(AggregatorSettings, path, env_var="AGGREGATOR_CONFIG", **overrides)
 
@@ -167,9 +176,7 @@ e.g. AGGREGATOR_DATABASE_URL=postgresql+psycopg://attendance@db.school.example/a
 `aggregator config show` prints the effective values, secrets masked.
 """
 
-EXAMPLE_VALUES: dict[str, object] = {
-    "database_url": "sqlite:///data/aggregator/aggregator.db",
-}
+EXAMPLE_VALUES: dict[str, object] = {}
 
 
 def example() -> str:

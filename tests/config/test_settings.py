@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,17 @@ def test_cli_config_show_and_bad_value_exit_code(tmp_path: Path) -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "web.port" in result.stderr
+    env = {**os.environ, "AGGREGATOR_DATABASE_URL": "postgresql+psycopg://u:pw9@h/db"}
     agg = subprocess.run([exe / "aggregator", "config", "show"], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=env)
     assert json.loads(agg.stdout)["database_url"] == "**********"
+    assert "pw9" not in agg.stdout
+
+
+def test_aggregator_database_defaults_to_sqlite_in_data_dir(tmp_path: Path) -> None:
+    settings = aggregator_config.load(None, data_dir=tmp_path / "agg")
+    assert aggregator_config.database_url(settings) == f"sqlite:///{tmp_path}/agg/aggregator.db"
+    assert aggregator_config.database_url(aggregator_config.load(None)) == (
+        "sqlite:///data/aggregator/aggregator.db")
+    pg = aggregator_config.load(None, database_url="postgresql+psycopg://u@h/db")
+    assert aggregator_config.database_url(pg) == "postgresql+psycopg://u@h/db"

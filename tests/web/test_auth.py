@@ -51,6 +51,7 @@ def test_no_password_set_refuses_logins(settings, pipeline, store, host) -> None
     r = c.get("/login")
     assert r.status_code == 403
     assert "appliance web set-password" in r.text and "No password is set" in r.text
+    assert f"--data-dir {settings.paths.data_dir.resolve()}" in r.text  # this device's dir
     assert 'type="password"' not in r.text  # no form to try
     for guess in ("", "admin", "password", "raspberry"):
         r = c.post("/login", data={"password": guess}, follow_redirects=False)

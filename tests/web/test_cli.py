@@ -20,6 +20,15 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def test_set_password_into_a_given_data_dir(env: Path, tmp_path: Path) -> None:
+    service_dir = tmp_path / "var-lib"  # what the login page names: sudo drops the unit's env
+    result = CliRunner().invoke(app, ["web", "set-password", "--stdin", "--data-dir",
+                                      str(service_dir)], input="another secret 123\n")
+    assert result.exit_code == 0, result.output
+    assert verify_password("another secret 123", (service_dir / PASSWORD_FILE).read_text().strip())
+    assert not (env / PASSWORD_FILE).exists()
+
+
 def test_set_password_from_stdin(env: Path) -> None:
     result = CliRunner().invoke(app, ["web", "set-password", "--stdin"],
                                 input="my classroom secret\n")
