@@ -212,14 +212,22 @@ def faces_encode(
                                         help="Folder of photos named <student_id>.jpg")],
     config: ConfigOption = None,
 ) -> None:
-    """Enrol every photo in a folder (photos/S001.jpg ...): one embedding per usable photo."""
+    """Enrol every photo in a folder (photos/S001.jpg, or photos/S001/*.jpg for several): one
+    embedding per usable photo."""
     from cloud_sync.aggregator.db.models import Student
     from cloud_sync.aggregator.services import faces
     from cloud_sync.aggregator.services.common import ServiceError
 
     settings = load_or_exit(config)
-    files = sorted(p for p in batch.iterdir()
-                   if p.is_file() and p.suffix.lower() in faces.PHOTO_SUFFIXES)
+    # photos/S001.jpg (student S001) or photos/S001/*.jpg (several photos of S001), as for
+    # `appliance roster build`
+    files: list[tuple[str, Path]] = []
+    for entry in sorted(batch.iterdir()):
+        if entry.is_dir():
+            files.extend((entry.name, p) for p in sorted(entry.iterdir())
+                         if p.is_file() and p.suffix.lower() in faces.PHOTO_SUFFIXES)
+        elif entry.is_file() and entry.suffix.lower() in faces.PHOTO_SUFFIXES:
+            files.append((entry.stem, entry))
     if not files:
         typer.echo(f"no photos in {batch}", err=True)
         raise typer.Exit(1)
@@ -234,9 +242,9 @@ def faces_encode(
     try:
         with Progress(*columns, console=console) as progress, sessions() as session:
             task = progress.add_task("encoding", total=len(files))
-            for path in files:
-                student_id = path.stem
-                progress.update(task, description=f"encoding {path.name}")
+            for student_id, path in files:
+                shown = str(path.relative_to(batch))
+                progress.update(task, description=f"encoding {shown}")
                 try:
                     if session.get(Student, student_id) is None:
                         raise ServiceError(f"unknown student {student_id!r}")
@@ -246,15 +254,15 @@ def faces_encode(
                     if result.embedding is None:
                         raise ServiceError(result.reason or "no usable face")
                     row = faces.store_embedding(session, settings, student_id, result.embedding,
-                                                result.quality, f"batch:{path.name}", data,
+                                                result.quality, f"batch:{shown}", data,
                                                 path.suffix.lower())
                 except ServiceError as err:
                     session.rollback()
-                    table.add_row(path.name, student_id, "[red]rejected[/red]", err.message)
+                    table.add_row(shown, student_id, "[red]rejected[/red]", err.message)
                 else:
                     ok += 1
                     quality = "" if row.quality is None else f"quality {row.quality:.2f}"
-                    table.add_row(path.name, student_id, "[green]enrolled[/green]", quality)
+                    table.add_row(shown, student_id, "[green]enrolled[/green]", quality)
                 progress.advance(task)
     finally:
         engine.dispose()

@@ -89,12 +89,15 @@ def test_cli_faces_encode_batch(world: World, faces_dir: Path, model_dir: Path,
     shutil.copy(faces_dir / "face_recognition" / "examples" / "two_people.jpg",
                 photos / "S002.jpg")
     shutil.copy(faces_dir / "face_recognition" / "examples" / "biden.jpg", photos / "S999.jpg")
+    (photos / "S001").mkdir()  # several photos of one student: a folder named by the id
+    shutil.copy(faces_dir / "face_recognition" / "examples" / "obama2.jpg",
+                photos / "S001" / "b.jpg")
     (photos / "notes.txt").write_text("ignored")
-    monkeypatch.setenv("AGGREGATOR_DATABASE_URL", settings.database_url.get_secret_value())
+    monkeypatch.setenv("AGGREGATOR_DATABASE_URL", aggregator_config.database_url(settings))
     monkeypatch.setenv("AGGREGATOR_MODEL_DIR", str(model_dir))
     result = CliRunner().invoke(cli, ["faces", "encode", "--batch", str(photos)])
     assert result.exit_code == 1, result.output
-    assert "1 of 3 photos enrolled" in result.output
+    assert "2 of 4 photos enrolled" in result.output
     assert "2 faces" in result.output and "unknown student" in result.output
     r = world.client.get("/api/v1/students/S001/faces", headers=world.admin).json()
-    assert [f["source"] for f in r] == ["batch:S001.jpg"]
+    assert sorted(f["source"] for f in r) == ["batch:S001.jpg", "batch:S001/b.jpg"]
