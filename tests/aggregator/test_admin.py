@@ -137,6 +137,24 @@ def test_events_idempotent(world: World) -> None:
     event["room_id"] = "LAB-302"
     assert world.client.post("/api/v1/events", json=event,
                              headers=world.device).status_code == 403
+    started = {**event, "key": str(uuid.uuid4()), "room_id": "LAB-301", "kind": "device_started",
+               "severity": "info", "message": "started", "at": world.at(0, 10).isoformat()}
+    assert world.client.post("/api/v1/events", json=started, headers=world.device).json()[
+        "stored"]
+    # the admin reads them, newest first, filtered; a device cannot
+    listed = world.client.get("/api/v1/events", headers=world.admin)
+    assert listed.status_code == 200
+    assert [e["kind"] for e in listed.json()] == ["device_started", "camera_offline"]
+    assert listed.json()[1]["data"] == {"seconds": 30}
+    only = world.client.get("/api/v1/events", params={"kind": "camera_offline",
+                            "device_id": "pi-301"}, headers=world.admin).json()
+    assert [e["message"] for e in only] == ["no frames for 30 s"]
+    later = world.client.get("/api/v1/events", params={"since": world.at(0, 9, 30).isoformat()},
+                             headers=world.admin).json()
+    assert [e["kind"] for e in later] == ["device_started"]
+    assert world.client.get("/api/v1/events", headers=world.device).status_code == 403
+    assert world.client.get("/api/v1/events", params={"kind": "meteor"},
+                            headers=world.admin).status_code == 422
 
 
 def test_rate_limit_429_with_retry_after(world: World, settings: Any) -> None:

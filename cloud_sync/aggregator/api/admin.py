@@ -4,6 +4,8 @@
 # see their real (closure) types.
 
 import logging
+import uuid
+from datetime import datetime
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 
@@ -18,7 +20,7 @@ from fastapi import (
     Response,
     UploadFile,
 )
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api.context import AppContext
@@ -29,7 +31,7 @@ from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import devices as device_svc
 from cloud_sync.aggregator.services import faces, ingest
 from cloud_sync.aggregator.services.common import NotFoundError
-from cloud_sync.protocol import Identifier
+from cloud_sync.protocol import EventKind, Identifier
 
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1", tags=["admin"])
@@ -118,6 +120,30 @@ def rotate_key(request: Request, _who: Admin, session: DB, key: Identifier) -> N
     new = device_svc.rotate_device_key(session, key)
     context(request).credentials.clear()
     return NewKey(device_id=key, api_key=new)
+
+
+class EventOut(BaseModel):
+    key: uuid.UUID
+    device_id: str
+    room_id: str
+    kind: str
+    severity: str
+    message: str
+    at: datetime = Field(description="Device time of the event.")
+    received_at: datetime
+    data: dict[str, Any]
+
+
+@router.get("/events", response_model=list[EventOut], tags=["devices"],
+            summary="Device events and alerts (camera offline, temperature, disk, stale "
+            "outbox, starts), newest first.")
+def list_events(_who: Admin, session: DB, device_id: Identifier | None = None,
+                room_id: Identifier | None = None, kind: EventKind | None = None,
+                since: AwareDatetime | None = None, limit: Limit = 100,
+                offset: Offset = 0) -> Any:
+    rows = device_svc.list_events(session, device_id=device_id, room_id=room_id, kind=kind,
+                                  since=since, limit=limit, offset=offset)
+    return [EventOut.model_validate(r, from_attributes=True) for r in rows]
 
 
 # ---- enrollments -----------------------------------------------------------------------------

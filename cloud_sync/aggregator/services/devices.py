@@ -5,11 +5,12 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_sync.aggregator.db.models import AdminToken, Device, Room
+from cloud_sync.aggregator.db.models import AdminToken, Device, EventRow, Room
 from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services.common import ConflictError, NotFoundError, utcnow
 from cloud_sync.aggregator.services.security import (
@@ -81,3 +82,27 @@ def create_admin_token(session: Session, name: str = "admin") -> tuple[AdminToke
     session.commit()
     _LOGGER.info("admin token %r created", name)
     return row, token
+
+
+def list_events(
+    session: Session,
+    *,
+    device_id: str | None = None,
+    room_id: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[EventRow]:
+    """Device events (alerts, starts, roster switches), newest first, filtered."""
+    query = select(EventRow)
+    if device_id is not None:
+        query = query.where(EventRow.device_id == device_id)
+    if room_id is not None:
+        query = query.where(EventRow.room_id == room_id)
+    if kind is not None:
+        query = query.where(EventRow.kind == kind)
+    if since is not None:
+        query = query.where(EventRow.at >= since)
+    query = query.order_by(EventRow.at.desc(), EventRow.received_at.desc())
+    return list(session.scalars(query.limit(limit).offset(offset)))
