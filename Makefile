@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS_STAMP := models/files/.fetched
 FACE_RECOGNITION := face-recognition==1.3.0
+# On a Raspberry Pi, picamera2 and libcamera's bindings come from Raspberry Pi OS's packages
+# (python3-picamera2, installed by ensure-system-deps.sh); the venv must see them.
+SYSTEM_PICAMERA2 := /usr/lib/python3/dist-packages/picamera2
 
 .PHONY: setup venv models run test lint bench clean help
 
@@ -18,7 +21,8 @@ help:
 
 $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	bash scripts/ensure-system-deps.sh base
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv \
+		$$(test -d $(SYSTEM_PICAMERA2) && echo --system-site-packages) $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	# face_recognition's metadata asks for the dlib sdist (a long source build); dlib-bin,

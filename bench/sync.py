@@ -80,6 +80,11 @@ def _drain(transport: str, n: int, workdir: Path) -> dict[str, Any]:
         "upload_failures": stats.failures,
         "exactly_once": set(counts) == expected and max(counts.values()) == 1,
         "outbox_fill_seconds": round(fill_s, 2),
+        # tests.sync.helpers.Aggregator.start raises the per-device rate limit: with the
+        # default 100 requests/min an HTTP drain is capped at 100 batches (20,000 records) a
+        # minute at batch size 200.
+        "aggregator_rate_limit_per_min": 100000,
+        "agent_backoff_max_s": 5,
     }
 
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages a step needs, if they are missing and we may install them.
-#   base: python3-venv (so `python3 -m venv` works on a fresh Debian/Raspberry Pi OS)
+#   base: python3-venv (so `python3 -m venv` works on a fresh Debian/Raspberry Pi OS); on a
+#         Raspberry Pi also python3-picamera2 (picamera2 needs libcamera's Python bindings,
+#         which only Raspberry Pi OS packages; the Makefile then makes the venv with
+#         --system-site-packages so it sees them)
 #   test: what the test suite drives for real: mosquitto, chromium
 set -euo pipefail
 what=${1:-base}
@@ -9,6 +12,10 @@ need=()
 case "$what" in
   base)
     python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv python3-pip)
+    if grep -qs "Raspberry Pi" /proc/device-tree/model \
+        && [ ! -d /usr/lib/python3/dist-packages/picamera2 ]; then
+      need+=(python3-picamera2)
+    fi
     ;;
   test)
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
