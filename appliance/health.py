@@ -209,7 +209,7 @@ def check_aggregator(settings: ApplianceSettings, sync: SyncStatusLike | None,
         return ComponentHealth(DEGRADED, "sync agent not running; records kept locally")
     age = _age_s(sync.last_success_at, now)
     details = {"last_success_age_s": None if age is None else round(age, 1)}
-    if getattr(sync, "credentials_refused", False):
+    if sync.credentials_refused:
         return ComponentHealth(
             DEGRADED, "reachable, but it refuses this device's key (HTTP 401/403): check "
             "sync.api_key and the device's registration; records kept locally", details)

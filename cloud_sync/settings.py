@@ -100,6 +100,12 @@ def dump_settings(settings: BaseSettings) -> str:
     return json.dumps(_mask(settings.model_dump(mode="json")), indent=2, default=str)
 
 
+def _section(annotation: Any) -> type | None:
+    """The model class of a nested settings section, or None for a leaf field."""
+    is_model = isinstance(annotation, type) and hasattr(annotation, "model_fields")
+    return annotation if is_model else None
+
+
 def describe_fields(cls: type[BaseSettings]) -> list[tuple[str, str, str, str]]:
     """(dotted name, type, default, description) for every leaf field, for docs and --help."""
     rows: list[tuple[str, str, str, str]] = []
@@ -107,8 +113,9 @@ def describe_fields(cls: type[BaseSettings]) -> list[tuple[str, str, str, str]]:
     def walk(model: type, prefix: str) -> None:
         for name, info in model.model_fields.items():  # type: ignore[attr-defined]
             ann = info.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                walk(ann, f"{prefix}{name}.")
+            section = _section(ann)
+            if section is not None:
+                walk(section, f"{prefix}{name}.")
                 continue
             default = info.get_default(call_default_factory=True)
             rows.append(
@@ -168,9 +175,9 @@ def example_toml(
     def emit(model: type, prefix: str) -> None:
         nested: list[tuple[str, type]] = []
         for name, info in model.model_fields.items():  # type: ignore[attr-defined]
-            ann = info.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                nested.append((name, ann))
+            section = _section(info.annotation)
+            if section is not None:
+                nested.append((name, section))
                 continue
             dotted = f"{prefix}{name}"
             lines.append("")

@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psutil
-from pydantic import SecretStr
 
 from appliance import __version__ as software_version
 from appliance import metrics
@@ -132,11 +131,8 @@ class SyncAgent:
             self._http = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s)
         self._mqtt: MqttTransport | None = None
         if sync.mqtt_url:
-            url = sync.mqtt_url
-            if isinstance(url, SecretStr):
-                url = url.get_secret_value()
             self._mqtt = MqttTransport(
-                url, site=device.site, room_id=device.room_id,
+                sync.mqtt_url.get_secret_value(), site=device.site, room_id=device.room_id,
                 device_id=device.device_id, ack_timeout_s=sync.ack_timeout_s,
                 on_roster_notice=self._on_roster_notice,
             )
