@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from cloud_sync.protocol import IDENTIFIER_PATTERN
 from cloud_sync.settings import TomlSettings, example_toml, load_settings
 from models import DEFAULT_MODEL_DIR
 
@@ -29,7 +30,7 @@ class DeviceConfig(Section):
         default="dev-appliance",
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9._-]+$",
+        pattern=IDENTIFIER_PATTERN,
         title="Device id",
         description="Unique id of this appliance, as registered at the aggregator.",
     )
@@ -37,7 +38,7 @@ class DeviceConfig(Section):
         default="LAB-301",
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9._-]+$",
+        pattern=IDENTIFIER_PATTERN,
         title="Room id",
         description="Room this appliance is mounted in; selects the roster.",
     )
@@ -45,7 +46,7 @@ class DeviceConfig(Section):
         default="main",
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9._-]+$",
+        pattern=IDENTIFIER_PATTERN,
         title="Site",
         description="School or campus id, used in MQTT topic names.",
     )

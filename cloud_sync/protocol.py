@@ -11,13 +11,29 @@ import uuid
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 PROTOCOL_VERSION = 1
 EMBEDDING_DIM = 128
 MAX_BATCH = 1000
 
-Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9._-]+$"
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+# MQTT user names of the aggregator's bridge and of Home Assistant (config/mosquitto/acl): a
+# device registered under one of them would get their broker rights.
+RESERVED_DEVICE_IDS = frozenset({"aggregator", "homeassistant"})
+
+
+def check_device_id(value: str) -> str:
+    """``value`` unless it is a reserved name (compared case-insensitively)."""
+    if value.lower() in RESERVED_DEVICE_IDS:
+        raise ValueError(
+            f"device id {value!r} is reserved (MQTT users of the aggregator and Home Assistant)"
+        )
+    return value
+
+
+DeviceId = Annotated[Identifier, AfterValidator(check_device_id)]
 Embedding = Annotated[
     list[float], Field(min_length=EMBEDDING_DIM, max_length=EMBEDDING_DIM)
 ]

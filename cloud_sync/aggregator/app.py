@@ -8,7 +8,6 @@ stop it and dispose of the engine on shutdown.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,12 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_sync.aggregator import config as aggregator_config
-from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api import admin, device, ops, reports
 from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
+from cloud_sync.aggregator.api.guard import GuardMiddleware
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
@@ -35,43 +33,8 @@ from cloud_sync.protocol import AttendanceBatch
 
 _LOGGER = logging.getLogger(__name__)
 MAX_JSON_BYTES = 4_000_000  # a full batch of 1,000 records is ~0.4 MB
-
-
-class GuardMiddleware:
-    """Pure ASGI: refuses bodies announced larger than ``limit`` (413) and records the
-    request count and latency per route template."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        length = dict(scope.get("headers") or []).get(b"content-length")
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                response = JSONResponse(
-                    {"detail": f"body larger than {self.limit} bytes"}, status_code=413
-                )
-                await response(scope, receive, send_wrapper)
-            else:
-                await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            label = getattr(route, "path", "unmatched")
-            metrics.REQUESTS.labels(scope.get("method", ""), label, str(status)).inc()
-            metrics.LATENCY.labels(label).observe(time.perf_counter() - started)
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around a photo or a CSV file
+UPLOAD_ROUTES = ("/api/v1/students/{student_id}/faces", "/api/v1/import/{kind}")
 
 
 def _start_bridge(ctx: AppContext) -> None:
@@ -148,8 +111,9 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     for router in (device.router, reports.router, admin.router, ops.router):
         app.include_router(router)
 
-    limit = max(MAX_JSON_BYTES, settings.max_photo_bytes + 100_000)
-    app.add_middleware(GuardMiddleware, limit=limit)
+    upload = settings.max_photo_bytes + MULTIPART_OVERHEAD
+    app.add_middleware(GuardMiddleware, router=app.router, default_limit=MAX_JSON_BYTES,
+                       limits=dict.fromkeys(UPLOAD_ROUTES, upload))
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, err: ServiceError) -> JSONResponse:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from cloud_sync.protocol import IDENTIFIER_PATTERN
 from cloud_sync.settings import TomlSettings, example_toml, load_settings
 
 
@@ -53,7 +54,7 @@ class AggregatorSettings(TomlSettings):
         default="aggregator-bridge",
         min_length=1,
         max_length=64,
-        pattern=r"^[A-Za-z0-9._-]+$",
+        pattern=IDENTIFIER_PATTERN,
         title="MQTT bridge client id",
         description="Fixed client id of the MQTT bridge; with a persistent session the broker "
         "keeps QoS 1 messages for it while it is down.",

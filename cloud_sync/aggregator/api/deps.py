@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -56,61 +56,82 @@ def _lookup(ctx: AppContext, secret: str) -> Principal | None:
     return None
 
 
-async def principal(
-    request: Request,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The caller, from ``Authorization: Bearer``. Async: a cached credential costs no
-    thread hop; a miss looks the hash up in the database in the thread pool."""
-    if creds is None or not creds.credentials:
+async def authenticate(ctx: AppContext, authorization: str | None, client: str) -> Principal:
+    """The caller, from an ``Authorization: Bearer`` header value, or a 401. A cached
+    credential costs no thread hop; a miss looks the hash up in the database in the thread pool
+    and records the credential's use."""
+    scheme, _, secret = (authorization or "").partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
         raise _unauthorised("missing credentials: send 'Authorization: Bearer <key>'")
-    secret = creds.credentials
-    ctx = context(request)
     digest = hash_secret(secret)
     found = ctx.credentials.get(digest)
     if found is not None:
         return found
     found = await run_in_threadpool(_lookup, ctx, secret)
     if found is None:
-        _LOGGER.info("rejected credentials from %s", request.client.host if request.client else "?")
+        _LOGGER.info("rejected credentials from %s", client)
         raise _unauthorised("invalid credentials")
     ctx.credentials.put(digest, found)
     return found
 
 
-def _rate_limit(request: Request, device: DevicePrincipal) -> None:
-    wait = context(request).limiter.acquire(device.device_id)
-    if wait > 0:
-        metrics.RATE_LIMITED.inc()
-        raise HTTPException(
-            429, "rate limit exceeded for this device",
-            headers={"Retry-After": context(request).limiter.retry_after(wait)},
-        )
+Role = Literal["admin", "device", "any"]
+
+
+def authorise(ctx: AppContext, who: Principal, role: Role) -> None:
+    """403 when ``who`` may not use a route needing ``role``; 429 when a device is over its
+    rate limit."""
+    if role == "admin" and not isinstance(who, AdminPrincipal):
+        raise HTTPException(403, "this endpoint needs an admin token")
+    if role == "device" and not isinstance(who, DevicePrincipal):
+        raise HTTPException(403, "this endpoint needs a device API key")
+    if isinstance(who, DevicePrincipal):
+        wait = ctx.limiter.acquire(who.device_id)
+        if wait > 0:
+            metrics.RATE_LIMITED.inc()
+            raise HTTPException(
+                429, "rate limit exceeded for this device",
+                headers={"Retry-After": ctx.limiter.retry_after(wait)},
+            )
+
+
+async def _checked(request: Request, role: Role) -> Principal:
+    """The principal the guard middleware (api/guard.py) authenticated and authorised before
+    the body was read; without the guard (never in create_app), the same checks here."""
+    found: Principal | None = getattr(request.state, "principal", None)
+    if found is not None:
+        return found
+    ctx = context(request)
+    who = await authenticate(ctx, request.headers.get("authorization"),
+                             request.client.host if request.client else "?")
+    authorise(ctx, who, role)
+    return who
+
+
+async def principal(
+    request: Request,
+    _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    return await _checked(request, "any")
 
 
 async def device(
-    request: Request, who: Annotated[Principal, Depends(principal)]
+    request: Request,
+    _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> DevicePrincipal:
-    if not isinstance(who, DevicePrincipal):
-        raise HTTPException(403, "this endpoint needs a device API key")
-    _rate_limit(request, who)
-    return who
+    return cast(DevicePrincipal, await _checked(request, "device"))
 
 
-async def admin(who: Annotated[Principal, Depends(principal)]) -> AdminPrincipal:
-    if not isinstance(who, AdminPrincipal):
-        raise HTTPException(403, "this endpoint needs an admin token")
-    return who
+async def admin(
+    request: Request,
+    _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AdminPrincipal:
+    return cast(AdminPrincipal, await _checked(request, "admin"))
 
 
-async def device_or_admin(
-    request: Request, who: Annotated[Principal, Depends(principal)]
-) -> Principal:
-    if isinstance(who, DevicePrincipal):
-        _rate_limit(request, who)
-    return who
-
+ROLE_OF: dict[Any, Role] = {principal: "any", device: "device", admin: "admin"}
 
 Device = Annotated[DevicePrincipal, Depends(device)]
 Admin = Annotated[AdminPrincipal, Depends(admin)]
-DeviceOrAdmin = Annotated[Principal, Depends(device_or_admin)]
+DeviceOrAdmin = Annotated[Principal, Depends(principal)]

@@ -6,15 +6,18 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections.abc import Callable
 from datetime import date, datetime, time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -38,7 +41,7 @@ from cloud_sync.aggregator.services.common import (
     utcnow,
 )
 from cloud_sync.aggregator.services.timetable import valid_zone
-from cloud_sync.protocol import Identifier
+from cloud_sync.protocol import DeviceId, Identifier
 
 _LOGGER = logging.getLogger(__name__)
 Name = Annotated[str, Field(min_length=1, max_length=200)]
@@ -144,12 +147,33 @@ def _weekday(value: Any) -> Any:
     return value
 
 
+LOCAL_TIME_PATTERN = r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$"
+
+
+def _local_time(value: Any) -> Any:
+    """A wall-clock time of the room's zone: ``HH:MM`` or ``HH:MM:SS``, never with an offset
+    (a fixed offset would be wrong half the year in a zone with summer time)."""
+    if isinstance(value, time) and value.tzinfo is None:
+        return value
+    if isinstance(value, str) and re.fullmatch(LOCAL_TIME_PATTERN, value.strip()):
+        return value.strip()
+    raise ValueError("a local time HH:MM or HH:MM:SS of the room's time zone, without an "
+                     "offset (schedules follow the room's zone, summer time included)")
+
+
+LocalTime = Annotated[
+    time, BeforeValidator(_local_time),
+    WithJsonSchema({"type": "string", "pattern": LOCAL_TIME_PATTERN, "example": "09:00",
+                    "description": "Room-local time HH:MM[:SS], no offset."}),
+]
+
+
 class ScheduleIn(Strict):
     course_id: Identifier
     room_id: Identifier
     weekday: int = Field(ge=0, le=6, description="0 = Monday ... 6 = Sunday (or 'Mon'...).")
-    start_time: time = Field(description="Local start time (room time zone), HH:MM.")
-    end_time: time = Field(description="Local end time, after start_time.")
+    start_time: LocalTime = Field(description="Local start time (room time zone), HH:MM.")
+    end_time: LocalTime = Field(description="Local end time, after start_time.")
     effective_from: date | None = None
     effective_to: date | None = None
 
@@ -168,8 +192,8 @@ class SchedulePatch(Strict):
     course_id: Identifier | None = None
     room_id: Identifier | None = None
     weekday: int | None = Field(default=None, ge=0, le=6)
-    start_time: time | None = None
-    end_time: time | None = None
+    start_time: LocalTime | None = None
+    end_time: LocalTime | None = None
     effective_from: date | None = None
     effective_to: date | None = None
 
@@ -181,15 +205,17 @@ class ScheduleOut(BaseModel):
     course_id: str
     room_id: str
     weekday: int
-    start_time: time
-    end_time: time
+    start_time: LocalTime
+    end_time: LocalTime
     effective_from: date | None
     effective_to: date | None
 
 
 class DeviceIn(Strict):
     room_id: Identifier
-    id: Identifier | None = Field(default=None, description="Default: generated from the room.")
+    id: DeviceId | None = Field(
+        default=None, description="Default: generated from the room. Not `aggregator` nor "
+        "`homeassistant` (reserved: MQTT users of the bridge and of Home Assistant).")
 
 
 class DevicePatch(Strict):
@@ -436,7 +462,11 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
     if kind not in REQUIRED:
         raise ServiceError(f"unknown import kind {kind!r}")
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
-    header = {h.strip() for h in (reader.fieldnames or []) if h}
+    try:
+        fieldnames = reader.fieldnames or []
+    except csv.Error as err:  # e.g. a header field over csv.field_size_limit() (128 KiB)
+        raise ServiceError(f"malformed CSV header: {err}") from err
+    header = {h.strip() for h in fieldnames if h}
     missing = REQUIRED[kind] - header
     if missing:
         raise ServiceError(f"CSV header lacks column(s): {', '.join(sorted(missing))}")

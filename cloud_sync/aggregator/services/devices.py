@@ -7,20 +7,28 @@ import logging
 import secrets
 from datetime import datetime
 
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import AdminToken, Device, EventRow, Room
 from cloud_sync.aggregator.db.session import begin_write
-from cloud_sync.aggregator.services.common import ConflictError, NotFoundError, utcnow
+from cloud_sync.aggregator.services.common import (
+    ConflictError,
+    NotFoundError,
+    ServiceError,
+    utcnow,
+)
 from cloud_sync.aggregator.services.security import (
     ADMIN_PREFIX,
     DEVICE_PREFIX,
     hash_secret,
     new_secret,
 )
+from cloud_sync.protocol import DeviceId
 
 _LOGGER = logging.getLogger(__name__)
+_DEVICE_ID: TypeAdapter[str] = TypeAdapter(DeviceId)
 
 
 def authenticate_device(session: Session, api_key: str) -> Device | None:
@@ -48,6 +56,11 @@ def authenticate_admin(session: Session, token: str) -> AdminToken | None:
 def add_device(session: Session, room_id: str, device_id: str | None = None) -> tuple[Device, str]:
     """Register a device in ``room_id``; returns it and its API key (shown once, stored hashed).
     Commits."""
+    if device_id is not None:
+        try:
+            device_id = _DEVICE_ID.validate_python(device_id)
+        except ValidationError as err:
+            raise ServiceError(f"invalid device id: {err.errors()[0]['msg']}") from err
     begin_write(session)
     if session.get(Room, room_id) is None:
         raise NotFoundError(f"room {room_id!r} does not exist")

@@ -5,7 +5,9 @@ A student is *present* at a class when a record of theirs counts for the course 
 decided on the corrected time at ingest) at a time in ``[start - early_arrival, end)``; *late*
 when the first such record is more than ``late_after_min`` minutes after the start; *absent*
 otherwise. The percentage is (present + late) / classes held, where classes held are the
-scheduled occurrences in the date range that have started.
+scheduled occurrences in the date range that have started. Without a ``from``, a course
+counts from its schedules' ``effective_from``, else from its creation or first recorded session
+(``course_start``); the report says which.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import Attendance, Course, Enrollment, Schedule, Student
@@ -24,7 +26,6 @@ from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, u
 from cloud_sync.aggregator.services.timetable import Occurrence, course_timetable
 
 MAX_RANGE_DAYS = 400
-DEFAULT_RANGE_DAYS = 120
 
 
 class StudentStatus(BaseModel):
@@ -65,11 +66,17 @@ class Percentage(BaseModel):
     percentage: float | None = Field(description="(present + late) / held * 100; None if none.")
 
 
+COUNTED_FROM = Field(description="Which day classes held are counted from, and why (the "
+                     "requested `from`, the schedules' effective_from, or the course's "
+                     "creation / first recorded session).")
+
+
 class CourseSummary(BaseModel):
     course_id: str
     course_name: str
     date_from: date
     date_to: date
+    counted_from: str = COUNTED_FROM
     late_after_min: float
     students: list[Percentage]
 
@@ -91,6 +98,7 @@ class StudentReport(BaseModel):
     name: str
     date_from: date
     date_to: date
+    counted_from: str = COUNTED_FROM
     courses: list[Percentage]
     records: list[RecordOut]
 
@@ -171,25 +179,48 @@ def course_day(session: Session, course_id: str, day: date, rules: Rules) -> Cou
                            late_after_min=rules.late_after_min, sessions=sessions)
 
 
+def course_start(session: Session, course: Course) -> tuple[date, str]:
+    """The first day a course's classes count from when no ``from`` is given: the schedules'
+    ``effective_from`` when every slot has one, else the earliest of those, the day the course
+    was created and its first recorded session (never a fixed span back: a course created today
+    has held no class last month)."""
+    starts = session.scalars(select(Schedule.effective_from)
+                             .where(Schedule.course_id == course.id)).all()
+    known = [d for d in starts if d is not None]
+    if known and len(known) == len(starts):
+        return min(known), "the schedules' effective_from"
+    candidates = [(course.created_at.date(), "the course's creation")]
+    first = session.scalar(select(func.min(Attendance.at)).where(Attendance.course_id == course.id))
+    if first is not None:
+        candidates.append((first.date(), "the course's first recorded session"))
+    day, reason = min(candidates)
+    if known and min(known) < day:
+        return min(known), "the schedules' effective_from"
+    return day, f"{reason} (a schedule slot has no effective_from)"
+
+
 def resolve_range(
-    session: Session, course_ids: list[str], date_from: date | None, date_to: date | None
-) -> tuple[date, date]:
+    session: Session, courses: list[Course], date_from: date | None, date_to: date | None
+) -> tuple[date, date, str]:
+    """(first day, last day, how the first day was chosen)."""
     date_to = date_to or utcnow().date()
-    if date_from is None:
-        starts = session.scalars(
-            select(Schedule.effective_from).where(Schedule.course_id.in_(course_ids))
-        ).all()
-        known = [d for d in starts if d is not None]
-        if known and len(known) == len(starts):
-            date_from = min(known)
-        else:
-            date_from = date_to - timedelta(days=DEFAULT_RANGE_DAYS)
-        date_from = max(date_from, date_to - timedelta(days=MAX_RANGE_DAYS))
+    if date_from is not None:
+        basis = "the requested range"
+    elif courses:
+        date_from, basis = min(course_start(session, c) for c in courses)
+    else:
+        date_from, basis = date_to, "no enrolled course"
     if date_from > date_to:
-        raise ServiceError("from is after to")
+        if basis != "the requested range":  # a course that starts after `to`
+            date_from = date_to
+        else:
+            raise ServiceError("from is after to")
     if (date_to - date_from).days > MAX_RANGE_DAYS:
-        raise ServiceError(f"date range longer than {MAX_RANGE_DAYS} days")
-    return date_from, date_to
+        if basis == "the requested range":
+            raise ServiceError(f"date range longer than {MAX_RANGE_DAYS} days")
+        date_from = date_to - timedelta(days=MAX_RANGE_DAYS)
+        basis += f", at most {MAX_RANGE_DAYS} days back"
+    return date_from, date_to, basis
 
 
 def _percentages(
@@ -221,13 +252,14 @@ def course_summary(
     session: Session, course_id: str, date_from: date | None, date_to: date | None, rules: Rules
 ) -> CourseSummary:
     course = _course(session, course_id)
-    start, end = resolve_range(session, [course_id], date_from, date_to)
+    start, end, basis = resolve_range(session, [course], date_from, date_to)
     students = [tuple(r) for r in session.execute(
         select(Student.id, Student.name).join(Enrollment, Enrollment.student_id == Student.id)
         .where(Enrollment.course_id == course_id).order_by(Student.id)
     ).all()]
     return CourseSummary(
         course_id=course_id, course_name=course.name, date_from=start, date_to=end,
+        counted_from=f"classes held are counted from {start.isoformat()}: {basis}",
         late_after_min=rules.late_after_min,
         students=_percentages(session, course, students, start, end, rules),  # type: ignore[arg-type]
     )
@@ -244,11 +276,12 @@ def student_report(
         select(Course).join(Enrollment, Enrollment.course_id == Course.id)
         .where(Enrollment.student_id == student_id).order_by(Course.id)
     ).all()
-    start, end = resolve_range(session, [c.id for c in courses], date_from, date_to)
+    start, end, basis = resolve_range(session, list(courses), date_from, date_to)
     percentages: list[Percentage] = []
     for course in courses:
+        first = start if date_from is not None else max(start, course_start(session, course)[0])
         percentages.extend(_percentages(
-            session, course, [(student.id, student.name)], start, end, rules, student.id
+            session, course, [(student.id, student.name)], first, end, rules, student.id
         ))
     lo = datetime.combine(start, datetime.min.time(), tzinfo=utcnow().tzinfo) - timedelta(days=1)
     hi = datetime.combine(end, datetime.min.time(), tzinfo=utcnow().tzinfo) + timedelta(days=2)
@@ -259,6 +292,8 @@ def student_report(
     ).all()
     return StudentReport(
         student_id=student.id, name=student.name, date_from=start, date_to=end,
+        counted_from=f"classes held are counted from {start.isoformat()}: {basis}"
+        + ("" if date_from is not None else " (each course from its own start)"),
         courses=percentages,
         records=[RecordOut(
             key=str(r.key), course_id=r.course_id, room_id=r.room_id, device_id=r.device_id,

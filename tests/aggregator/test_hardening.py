@@ -1,0 +1,127 @@
+"""Issue 12 (aggregator side): reserved device ids, schedule times with offsets, oversized CSV
+fields, the course report's first counted day."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cloud_sync.aggregator.cli import app as cli
+from tests.aggregator.conftest import World, batch, record
+
+
+@pytest.fixture
+def raw(world: World) -> TestClient:
+    return TestClient(world.client.app, raise_server_exceptions=False)
+
+
+def test_reserved_device_ids_refused(world: World, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("aggregator", "homeassistant", "HomeAssistant"):
+        r = world.client.post("/api/v1/devices", json={"room_id": "LAB-301", "id": name},
+                              headers=world.admin)
+        assert r.status_code == 422, r.text
+        assert "reserved" in r.text
+    monkeypatch.setenv("AGGREGATOR_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.delenv("AGGREGATOR_CONFIG", raising=False)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["import", "rooms", str(_write(tmp_path / "r.csv",
+                                                            "id\nLAB-1\n"))]).exit_code == 0
+    result = runner.invoke(cli, ["devices", "add", "--room", "LAB-1", "--id", "aggregator"])
+    assert result.exit_code == 1
+    assert "reserved" in result.output and "Traceback" not in result.output
+    assert runner.invoke(cli, ["devices", "add", "--room", "LAB-1", "--id", "pi-1"]).exit_code == 0
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_schedule_times_with_offsets_are_refused_with_a_reason(world: World, raw: TestClient
+                                                               ) -> None:
+    """Issue 12 #8: '08:00Z' was a 500 (naive vs aware comparison) and two offsets were
+    silently dropped. Schedules are room-local wall-clock times: an offset is a 422."""
+    slot = raw.get("/api/v1/schedules", headers=world.admin).json()[0]
+    for body in ({"start_time": "08:00Z"}, {"start_time": "08:00+02:00"},
+                 {"start_time": "08:00Z", "end_time": "09:00Z"}, {"end_time": "25:00"}):
+        r = raw.patch(f"/api/v1/schedules/{slot['id']}", json=body, headers=world.admin)
+        assert r.status_code == 422, (body, r.status_code, r.text)
+        assert "offset" in r.text or "local time" in r.text
+    new = {"course_id": "CS101", "room_id": "LAB-302", "weekday": "Tue"}
+    for start, end in (("09:00Z", "10:00"), ("09:00", "10:00+01:00"),
+                       ("09:00+01:00", "10:00+01:00")):
+        r = raw.post("/api/v1/schedules", json={**new, "start_time": start, "end_time": end},
+                     headers=world.admin)
+        assert r.status_code == 422, (start, end, r.status_code, r.text)
+    ok = raw.post("/api/v1/schedules", json={**new, "start_time": "10:00", "end_time": "11:15:30"},
+                  headers=world.admin)
+    assert ok.status_code == 201, ok.text
+    assert (ok.json()["start_time"], ok.json()["end_time"]) == ("10:00:00", "11:15:30")
+    moved = raw.patch(f"/api/v1/schedules/{ok.json()['id']}", json={"start_time": "10:30"},
+                      headers=world.admin)
+    assert moved.status_code == 200 and moved.json()["start_time"] == "10:30:00"
+
+
+def test_huge_csv_header_field(world: World, raw: TestClient, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header field over 128 KiB: a 400 with the reason (was a 500), and a clean CLI error
+    (was a traceback)."""
+    text = "id," + "n" * 200_000 + "\nS9,Ada\n"
+    r = raw.post("/api/v1/import/students", content=text.encode(),
+                 headers={**world.admin, "Content-Type": "text/csv"})
+    assert r.status_code == 400, r.text
+    assert "field larger than field limit" in r.json()["detail"]
+    monkeypatch.setenv("AGGREGATOR_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.delenv("AGGREGATOR_CONFIG", raising=False)
+    result = CliRunner().invoke(cli, ["import", "students", str(_write(tmp_path / "s.csv", text))])
+    assert result.exit_code == 2, result.output
+    assert "malformed CSV header" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def _held(world: World, course: str) -> dict[str, Any]:
+    r = world.client.get(f"/api/v1/attendance/course/{course}", headers=world.admin)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_course_report_counts_from_creation(world: World) -> None:
+    """Issue 12 #16: a course created today with no effective_from showed 'held 18' (counted
+    120 days back). It counts from its creation and says so."""
+    c = world.client
+    assert c.post("/api/v1/courses", json={"id": "NEW1", "name": "New"},
+                  headers=world.admin).status_code == 201
+    assert c.post("/api/v1/enrollments", json={"student_id": "S001", "course_id": "NEW1"},
+                  headers=world.admin).status_code == 201
+    for day in range(7):  # a class every day at 00:00-00:01 UTC: today's has started
+        assert c.post("/api/v1/schedules", json={
+            "course_id": "NEW1", "room_id": "LAB-302", "weekday": day,
+            "start_time": "00:00", "end_time": "00:01"}, headers=world.admin).status_code == 201
+    report = _held(world, "NEW1")
+    today = datetime.now(UTC).date().isoformat()
+    assert report["date_from"] == today
+    assert [p["held"] for p in report["students"]] == [1]
+    assert "creation" in report["counted_from"] and today in report["counted_from"]
+    student = c.get("/api/v1/attendance/student/S001", headers=world.admin).json()
+    assert {p["course_id"]: p["held"] for p in student["courses"]}["NEW1"] == 1
+    assert student["counted_from"]
+
+
+def test_course_report_counts_from_first_recorded_session(world: World) -> None:
+    """A course whose records are older than its row (e.g. imported later) counts from its
+    first recorded session."""
+    r = world.client.post("/api/v1/attendance", json=batch(world, [
+        record(world, "S001", world.at(0, 9, 1))]), headers=world.device)
+    assert r.json()["accepted"] == 1
+    report = _held(world, "CS101")
+    assert report["date_from"] == world.monday.date().isoformat()
+    this_monday_class = world.monday + timedelta(days=7, hours=9)
+    expected = 1 + (this_monday_class <= datetime.now(UTC))
+    assert {p["held"] for p in report["students"]} == {expected}
+    assert "first recorded session" in report["counted_from"]
