@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +28,37 @@ from appliance import metrics
 from appliance.config import ApplianceSettings
 from appliance.health import CAMERA_OK, PipelineSource, StoreSource
 from appliance.system import SystemSnapshot, read_system
-from cloud_sync.protocol import Event
+from cloud_sync.protocol import AlertPayload, Event, make_session_id
 
 _LOGGER = logging.getLogger(__name__)
 
 RAISED = "raised"
 CLEAR = "clear"
 ALERTS = ("camera", "temperature", "disk", "outbox")
+
+
+def alert_event(settings: ApplianceSettings, kind: str, severity: str, message: str,
+                at: datetime, details: dict[str, Any], *, course_id: str | None = None,
+                associated: list[str] | None = None) -> Event:
+    """An alert in the one event shape: ``data`` is an :class:`AlertPayload` (the
+    ``alert.triggered`` shape: level, message, associated events, details); the session is
+    the class running now, if any."""
+    payload = AlertPayload(
+        alert_level=severity.upper(),  # type: ignore[arg-type]
+        alert_message=message,
+        associated_events=[uuid.UUID(k) for k in associated or []],
+        details=details,
+    )
+    return Event(
+        device_id=settings.device.device_id,
+        room_id=settings.device.room_id,
+        kind=kind,  # type: ignore[arg-type]  # one of protocol.AlertKind
+        severity=severity,  # type: ignore[arg-type]
+        message=message,
+        at=at,
+        session_id=make_session_id(course_id, at.date()),
+        data=payload.model_dump(mode="json"),
+    )
 
 
 class AlertMonitor:
@@ -110,16 +135,10 @@ class AlertMonitor:
         self._store.set_state(f"alerts.{name}", value)
 
     def _emit(self, kind: str, severity: str, message: str, now: datetime,
-              data: dict[str, Any]) -> Event:
-        event = Event(
-            device_id=self._settings.device.device_id,
-            room_id=self._settings.device.room_id,
-            kind=kind,  # type: ignore[arg-type]  # one of protocol.EventKind
-            severity=severity,  # type: ignore[arg-type]
-            message=message,
-            at=now,
-            data=data,
-        )
+              data: dict[str, Any], associated: list[str] | None = None) -> Event:
+        event = alert_event(self._settings, kind, severity, message, now, data,
+                            course_id=self._pipeline.status().course_id,
+                            associated=associated)
         self._store.add_event(event)
         metrics.ALERTS_RAISED.labels(kind=kind).inc()
         _LOGGER.warning("alert %s: %s", kind, message)
@@ -131,8 +150,10 @@ class AlertMonitor:
             self._camera_bad_since = None
             if self._is_raised("camera"):
                 self._set("camera", CLEAR)
+                raised_by = self._store.get_state("alerts.camera.key")
                 return [self._emit("camera_online", "info", "camera delivers frames again", now,
-                                   {"state": st.camera_state})]
+                                   {"state": st.camera_state},
+                                   associated=[raised_by] if raised_by else None)]
             return []
         if self._camera_bad_since is None:
             self._camera_bad_since = now
@@ -140,11 +161,13 @@ class AlertMonitor:
         if down_s > self._cfg.camera_offline_s and not self._is_raised("camera"):
             self._set("camera", RAISED)
             last = st.last_frame_at.isoformat() if st.last_frame_at else None
-            return [self._emit(
+            event = self._emit(
                 "camera_offline", "critical",
                 f"camera {st.camera_state} for {down_s:.0f} s", now,
                 {"state": st.camera_state, "down_s": round(down_s, 1), "last_frame_at": last},
-            )]
+            )
+            self._store.set_state("alerts.camera.key", str(event.key))
+            return [event]
         return []
 
     def _check_temperature(self, system: SystemSnapshot, now: datetime) -> list[Event]:

@@ -11,7 +11,15 @@ import uuid
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 EMBEDDING_DIM = 128
@@ -112,26 +120,160 @@ class Heartbeat(Message):
     fps: float | None = Field(default=None, ge=0, le=10_000)
 
 
+EVENT_SCHEMA_VERSION = 2
+EVENT_SCHEMA_VERSIONS = (1, 2)  # what this side reads; v1: device alerts before the schema
+
+AlertKind = Literal[
+    "camera_offline",
+    "camera_online",
+    "cpu_temperature_high",
+    "disk_almost_full",
+    "outbox_stale",
+    "unknown_face",
+]
 EventKind = Literal[
     "camera_offline",
     "camera_online",
     "cpu_temperature_high",
     "disk_almost_full",
     "outbox_stale",
+    "unknown_face",
+    "occupancy",
+    "attention",
     "roster_switched",
     "device_started",
 ]
+EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
+ALERT_KINDS: tuple[str, ...] = AlertKind.__args__  # type: ignore[attr-defined]
+Severity = Literal["info", "warning", "critical"]
+SessionId = Annotated[str, Field(min_length=1, max_length=100,
+                                 pattern=r"^[A-Za-z0-9._-]+@\d{4}-\d{2}-\d{2}$")]
 
 
-class Event(Message):
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class AlertPayload(_Payload):
+    """``data`` of every alert kind: the ``alert.triggered`` shape (level, message, the events
+    it groups) plus the readings that raised it."""
+
+    alert_level: Literal["INFO", "WARNING", "CRITICAL"] = Field(
+        description="INFO (a recovery), WARNING, CRITICAL.")
+    alert_message: str = Field(max_length=500, description="One line for a person.")
+    associated_events: list[uuid.UUID] = Field(
+        default_factory=list, max_length=100,
+        description="Keys of earlier events this alert belongs to (e.g. the offline event a "
+                    "camera_online closes).")
+    details: dict[str, Any] = Field(default_factory=dict, description="The readings.")
+
+
+class OccupancyPayload(_Payload):
+    """``data`` of an ``occupancy`` event: people in the room, smoothed, against capacity."""
+
+    count: int = Field(ge=0, le=10_000, description="People now (smoothed over window_s).")
+    faces: int = Field(ge=0, le=10_000, description="Faces seen in the latest count.")
+    turned_away: int = Field(ge=0, le=10_000,
+                             description="Live tracks whose face was not seen in that count.")
+    capacity: int | None = Field(default=None, ge=1, le=10_000,
+                                 description="Seats in the room (None: not configured).")
+    free: int | None = Field(default=None, ge=0, le=10_000, description="capacity - count.")
+    occupied_share: float | None = Field(default=None, ge=0.0, le=100.0,
+                                         description="count / capacity (can exceed 1).")
+    window_s: float = Field(ge=0, le=3600, description="Smoothing window (median).")
+
+
+class AttentionPayload(_Payload):
+    """``data`` of an ``attention`` event: the class's share of faces facing the front."""
+
+    faces: int = Field(ge=0, le=10_000, description="Faces whose pose was estimated.")
+    facing_front: int = Field(ge=0, le=10_000)
+    share: float | None = Field(ge=0.0, le=1.0,
+                                description="Mean facing-front share over window_s (None: "
+                                            "no face).")
+    window_s: float = Field(ge=0, le=3600)
+    students: dict[str, bool] | None = Field(
+        default=None, max_length=1000,
+        description="Per named student: facing the front (only with "
+                    "events.attention_per_student = true; personal data about minors).")
+
+
+PAYLOADS: dict[str, type[_Payload]] = {
+    **dict.fromkeys(ALERT_KINDS, AlertPayload),
+    "occupancy": OccupancyPayload,
+    "attention": AttentionPayload,
+}
+
+
+class UnsupportedVersionError(ValueError):
+    """A message whose schema version this side does not read (dead-lettered, not a crash)."""
+
+
+def event_version(raw: bytes | str) -> int | None:
+    """The ``v`` of an event document without validating the rest (None: no readable v)."""
+    import json
+
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    v = doc.get("v", 1) if isinstance(doc, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def parse_event(raw: bytes | str) -> Event:
+    """Validate an event from JSON: :class:`UnsupportedVersionError` for a version this side
+    does not read (with the reason), pydantic's ValidationError for anything else wrong."""
+    v = event_version(raw)
+    if v is not None and v not in EVENT_SCHEMA_VERSIONS:
+        raise UnsupportedVersionError(
+            f"event schema version {v} is not supported (this side reads "
+            f"{', '.join(map(str, EVENT_SCHEMA_VERSIONS))})")
+    return Event.model_validate_json(raw)
+
+
+class Event(BaseModel):
+    """One versioned event, the same over MQTT and HTTP.
+
+    The schema's fields: event id = ``key``, type = ``kind``, time = ``at``, device =
+    ``device_id``, room = ``room_id``, session = ``session_id`` (``<course_id>@<date>``, None
+    outside a class), payload = ``data`` (validated against the kind's payload model from v2
+    on), schema version = ``v``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    v: Literal[1, 2] = Field(default=EVENT_SCHEMA_VERSION, description="Event schema version.")
     key: uuid.UUID = Field(default_factory=uuid.uuid4, description="Idempotency key.")
     device_id: Identifier
     room_id: Identifier
     kind: EventKind
-    severity: Literal["info", "warning", "critical"] = "warning"
+    severity: Severity = "warning"
     message: str = Field(max_length=500)
     at: AwareDatetime
+    session_id: SessionId | None = Field(
+        default=None, description="The class session: <course_id>@<YYYY-MM-DD> (v2).")
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _payload_matches_kind(self) -> Event:
+        if self.v == 1:
+            if self.session_id is not None:
+                raise ValueError("session_id needs event schema version 2")
+            return self
+        model = PAYLOADS.get(self.kind)
+        if model is not None:
+            try:
+                model.model_validate(self.data)
+            except ValidationError as err:
+                problems = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'data'}: {e['msg']}"
+                    for e in err.errors(include_url=False)[:5])
+                raise ValueError(f"data is not a {self.kind} payload ({problems})") from None
+        return self
+
+
+def make_session_id(course_id: str | None, day: date) -> str | None:
+    """The session id of a class: ``<course_id>@<YYYY-MM-DD>`` (None without a class)."""
+    return None if course_id is None else f"{course_id}@{day.isoformat()}"
 
 
 class RosterEntry(BaseModel):

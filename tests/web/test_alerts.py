@@ -36,7 +36,11 @@ def test_camera_offline_once_then_online(settings, pipeline, store, host) -> Non
     for k in range(10):                                          # still down: no repeat
         assert mon.check(T0 + timedelta(seconds=limit + 10 + k * 10)) == []
     pipeline.set(camera_state="ok")
-    assert [e.kind for e in mon.check(T0 + timedelta(seconds=500))] == ["camera_online"]
+    online = mon.check(T0 + timedelta(seconds=500))
+    assert [e.kind for e in online] == ["camera_online"]
+    # the alert.triggered shape: the recovery names the offline alert it closes
+    assert online[0].data["alert_level"] == "INFO"
+    assert online[0].data["associated_events"] == [str(events[0].key)]
     assert mon.check(T0 + timedelta(seconds=510)) == []
     assert kinds(store) == ["camera_offline", "camera_online"]
 
@@ -62,7 +66,8 @@ def test_temperature_hysteresis(settings, pipeline, store, host) -> None:
     # 71 raises; 69/68/71 stay inside the 5-degree band; 64 re-arms; 72 raises again
     assert raised == ["cpu_temperature_high", "cpu_temperature_high"]
     first = store.unsent_events(10)[0]
-    assert first.data["cpu_temp_c"] == 71.0 and first.data["limit_c"] == 70.0
+    assert first.data["details"]["cpu_temp_c"] == 71.0 and first.data["details"]["limit_c"] == 70.0
+    assert first.data["alert_level"] == "WARNING" and first.v == 2
 
 
 def test_no_sensor_no_temperature_alert(settings, pipeline, store, host) -> None:
@@ -88,7 +93,7 @@ def test_outbox_stale(settings, pipeline, store, host) -> None:
     assert mon.check(now + timedelta(minutes=5)) == []
     events = mon.check(now + timedelta(minutes=11))
     assert [e.kind for e in events] == ["outbox_stale"]
-    assert events[0].data["outbox_depth"] >= 1
+    assert events[0].data["details"]["outbox_depth"] >= 1
     assert mon.check(now + timedelta(minutes=20)) == []         # same episode
     # the sync agent delivers everything: re-armed
     store.mark_sent([record.key, events[0].key])
