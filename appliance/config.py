@@ -464,6 +464,131 @@ class StoreConfig(Section):
     )
 
 
+class EventsConfig(Section):
+    enabled: bool = Field(
+        default=True,
+        title="Classroom events",
+        description="Occupancy, attention and unknown-face alerts from the camera, sent as "
+        "events.",
+    )
+    room_capacity: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        title="Room capacity",
+        description="Seats in the room: occupancy events then carry free seats and the "
+        "occupied share (unset: count only).",
+    )
+    count_period_s: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=600,
+        title="Count period",
+        description="Seconds between two occupancy/attention counts (a tiled detection pass "
+        "over the frame when count_tiles > 0).",
+    )
+    count_tiles: int = Field(
+        default=3,
+        ge=0,
+        le=4,
+        title="Count tiles",
+        description="Tiles per row of the counting pass, for the small faces of a whole-room "
+        "view (20-30 px faces in 480x270 need 2-3); 0 = count the pipeline's own detections.",
+    )
+    count_min_face_px: int = Field(
+        default=10,
+        ge=6,
+        le=1000,
+        title="Smallest counted face",
+        description="Faces narrower than this many pixels are not counted.",
+    )
+    count_score_threshold: float = Field(
+        default=0.6,
+        ge=0.05,
+        le=0.99,
+        title="Count score threshold",
+        description="Minimum detector confidence of a counted face.",
+    )
+    window_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        title="Smoothing window",
+        description="Occupancy is the median, attention the mean, of the counts of this many "
+        "seconds.",
+    )
+    min_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        title="Minimum event interval",
+        description="At most one occupancy and one attention event per this many seconds "
+        "(a change waits until then).",
+    )
+    max_interval_s: float = Field(
+        default=300.0,
+        ge=10,
+        le=86400,
+        title="Maximum event interval",
+        description="An occupancy and an attention event at least this often during a class, "
+        "even without a change.",
+    )
+    attention_max_yaw_deg: float = Field(
+        default=30.0,
+        ge=5,
+        le=90,
+        title="Facing front: yaw",
+        description="A face turned further sideways than this is not facing the front.",
+    )
+    attention_max_pitch_deg: float = Field(
+        default=25.0,
+        ge=5,
+        le=90,
+        title="Facing front: pitch",
+        description="A face bent further up or down than this is not facing the front.",
+    )
+    attention_change: float = Field(
+        default=0.1,
+        ge=0.01,
+        le=1,
+        title="Attention change",
+        description="An attention event is sent when the facing-front share moved this much.",
+    )
+    attention_per_student: bool = Field(
+        default=False,
+        title="Attention per student",
+        description="Also send facing-front per recognised student. Personal data about "
+        "minors: enable only where the school has a legal basis for it.",
+    )
+    unknown_alert: bool = Field(
+        default=True,
+        title="Unknown-face alert",
+        description="Alert when a face not in the class's roster is seen during a class.",
+    )
+    unknown_cooldown_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        title="Unknown-face cooldown",
+        description="Seconds after an unknown-face alert before the room's next one of the "
+        "same severity.",
+    )
+    unknown_several: int = Field(
+        default=3,
+        ge=2,
+        le=100,
+        title="Several unknown faces",
+        description="This many unknown faces within unknown_window_s raise a critical alert.",
+    )
+    unknown_window_s: float = Field(
+        default=120.0,
+        ge=1,
+        le=3600,
+        title="Unknown-face window",
+        description="Seconds over which unknown faces are counted together.",
+    )
+
+
 class ApplianceSettings(TomlSettings):
     """Settings of one appliance."""
 
@@ -490,6 +615,10 @@ class ApplianceSettings(TomlSettings):
     web: WebConfig = Field(default_factory=WebConfig, description="Local status page.")
     alerts: AlertsConfig = Field(
         default_factory=AlertsConfig, description="Device alerts sent as events."
+    )
+    events: EventsConfig = Field(
+        default_factory=EventsConfig,
+        description="Classroom events: occupancy, attention, unknown faces.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",

@@ -43,3 +43,7 @@ WEB_LOGINS = Counter(
 ALERTS_RAISED = Counter(
     f"{PREFIX}alerts", "Alerts raised (events written to the outbox) by kind.", ["kind"]
 )
+CLASSROOM_EVENTS = Counter(
+    f"{PREFIX}classroom_events",
+    "Occupancy, attention and unknown-face events written to the outbox, by kind.", ["kind"]
+)

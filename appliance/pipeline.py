@@ -416,6 +416,15 @@ def detector_config_for_pipeline(settings: ApplianceSettings) -> Any:
     return cfg.model_copy(update={"threads": cap})
 
 
+def _classroom_events(settings: ApplianceSettings, store: Store) -> Any:
+    """Occupancy, attention and unknown-face events (``events.enabled``), or None."""
+    if not settings.events.enabled:
+        return None
+    from appliance.events import ClassroomEvents
+
+    return ClassroomEvents(settings, store)
+
+
 def crop_for_embedding(frame: np.ndarray, det: Detection,
                        margin: float = CROP_MARGIN) -> tuple[np.ndarray, Detection]:
     """A copy of the face region (with margin, so alignment has context) and the detection
@@ -513,6 +522,7 @@ class Pipeline:
         # replay: descriptors may lag this many frames behind detection, no more (below)
         self.max_lag_frames: int | None = REPLAY_MAX_LAG_FRAMES if every_frame else None
         self._embed_thread: threading.Thread | None = None
+        self.events = _classroom_events(settings, store)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -705,6 +715,9 @@ class Pipeline:
             fps = self._fps_locked()
         metrics.FPS.set(fps)
         self._keep_preview(image, tracks)
+        if self.events is not None:
+            roster_size = 0 if self._roster is None else len(self._roster.student_ids)
+            self.events.observe(image, now, tracks, self._course[0], roster_size)
         return tracks
 
     def _wait_for_lagging(self, frame_index: int) -> float:
