@@ -7,6 +7,8 @@ stop it and dispose of the engine on shutdown.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,9 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator import config as aggregator_config
-from cloud_sync.aggregator.api import admin, device, ops, reports
+from cloud_sync.aggregator.api import admin, device, ops, reports, timelines, ws
 from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
 from cloud_sync.aggregator.api.guard import GuardMiddleware
 from cloud_sync.aggregator.config import AggregatorSettings
@@ -26,12 +29,15 @@ from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
 from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 from cloud_sync.aggregator.services.common import ServiceError
+from cloud_sync.aggregator.services.events import prune_events
 from cloud_sync.aggregator.services.faces import FaceEncoder
 from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY, invalidate_cache
+from cloud_sync.aggregator.services.live import LIVE_FEED_INFO_KEY, LiveFeed
 from cloud_sync.aggregator.services.reports import Rules
-from cloud_sync.protocol import AttendanceBatch
+from cloud_sync.protocol import AttendanceBatch, Event
 
 _LOGGER = logging.getLogger(__name__)
+PRUNE_PERIOD_S = 3600.0
 MAX_JSON_BYTES = 4_000_000  # a full batch of 1,000 records is ~0.4 MB
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around a photo or a CSV file
 UPLOAD_ROUTES = ("/api/v1/students/{student_id}/faces", "/api/v1/import/{kind}")
@@ -52,6 +58,20 @@ def _start_bridge(ctx: AppContext) -> None:
     ctx.mqtt_bridge = bridge
 
 
+async def _prune_events_hourly(ctx: AppContext) -> None:
+    """Events older than ``events_keep_days`` go, on start and then every hour."""
+    while True:
+        def prune() -> None:
+            with ctx.sessions() as session:
+                prune_events(session, ctx.settings.events_keep_days)
+
+        try:
+            await run_in_threadpool(prune)
+        except SQLAlchemyError as err:  # try again next hour
+            _LOGGER.error("event retention failed: %s", err)
+        await asyncio.sleep(PRUNE_PERIOD_S)
+
+
 def _document_batch_body(app: FastAPI) -> None:
     """POST /api/v1/attendance reads its body itself (see api/device.py): put the
     AttendanceBatch schema its OpenAPI entry refers to into the components."""
@@ -60,10 +80,11 @@ def _document_batch_body(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            batch = AttendanceBatch.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(batch.pop("$defs", {}))
-            components["AttendanceBatch"] = batch
+            for model in (AttendanceBatch, Event):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -73,14 +94,16 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     engine = make_engine(
         aggregator_config.database_url(settings), sqlite_synchronous=settings.sqlite_synchronous
     )
+    live = LiveFeed(settings.ws_queue_messages, settings.ws_max_clients)
     sessions = make_session_factory(
-        engine, info={EARLY_ARRIVAL_INFO_KEY: settings.early_arrival_min}
+        engine, info={EARLY_ARRIVAL_INFO_KEY: settings.early_arrival_min,
+                      LIVE_FEED_INFO_KEY: live}
     )
     ctx = AppContext(
         settings=settings, engine=engine, sessions=sessions,
         credentials=CredentialCache(settings.auth_cache_s),
         limiter=RateLimiter(settings.rate_limit_per_min), encoder=FaceEncoder(settings),
-        rules=Rules(settings.late_after_min, settings.early_arrival_min),
+        rules=Rules(settings.late_after_min, settings.early_arrival_min), live=live,
     )
 
     @asynccontextmanager
@@ -91,9 +114,13 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         partitions.ensure_ahead(engine, settings.partition_months_ahead)
         _start_bridge(ctx)
         app.state.mqtt_bridge = ctx.mqtt_bridge
+        pruner = asyncio.create_task(_prune_events_hourly(ctx))
         try:
             yield
         finally:
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
             if ctx.mqtt_bridge is not None:
                 ctx.mqtt_bridge.stop()
             engine.dispose()
@@ -108,7 +135,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     app.state.ctx = ctx
     _document_batch_body(app)
     app.state.mqtt_bridge = None
-    for router in (device.router, reports.router, admin.router, ops.router):
+    for router in (device.router, reports.router, timelines.router, admin.router, ops.router,
+                   ws.router):
         app.include_router(router)
 
     upload = settings.max_photo_bytes + MULTIPART_OVERHEAD

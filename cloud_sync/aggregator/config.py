@@ -107,6 +107,29 @@ class AggregatorSettings(TomlSettings):
         description="A sighting up to this many minutes before a session starts (and in no "
         "other session of the room) counts for that session.",
     )
+    events_keep_days: int = Field(
+        default=180,
+        ge=1,
+        le=3650,
+        title="Keep events (days)",
+        description="Device events (alerts, occupancy, attention) older than this are deleted "
+        "(on start and hourly), so the events table stays bounded.",
+    )
+    ws_queue_messages: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        title="Live feed queue per client",
+        description="Messages a /ws/events client may fall behind by; a client further behind "
+        "is dropped (closed with code 1013), so a slow client cannot grow the server's memory.",
+    )
+    ws_max_clients: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        title="Live feed clients",
+        description="Most /ws/events clients at once (more are refused with code 1013).",
+    )
     partition_months_ahead: int = Field(
         default=3,
         ge=1,

@@ -38,3 +38,13 @@ ENROLLMENTS = Counter(
 MQTT_CONNECTED = Gauge(
     "aggregator_mqtt_bridge_connected", "1 when the MQTT bridge is connected.", registry=REGISTRY
 )
+WS_CLIENTS = Gauge(
+    "aggregator_ws_clients", "Clients connected to /ws/events.", registry=REGISTRY
+)
+WS_DROPPED = Counter(
+    "aggregator_ws_dropped_total", "/ws/events clients dropped for falling behind.",
+    registry=REGISTRY,
+)
+EVENTS_PRUNED = Counter(
+    "aggregator_events_pruned_total", "Events deleted after events_keep_days.", registry=REGISTRY
+)

@@ -58,10 +58,11 @@ from cloud_sync.aggregator.services.timetable import room_timetable, zone
 from cloud_sync.protocol import (
     AttendanceBatch,
     BatchResult,
-    Event,
     Heartbeat,
     RecordRejection,
+    UnsupportedVersionError,
     device_topic,
+    parse_event,
     roster_topic,
 )
 
@@ -258,7 +259,9 @@ class MqttBridge:
                 MESSAGES.labels(leaf, "ok").inc()
             else:
                 try:
-                    event = Event.model_validate_json(payload)
+                    event = parse_event(payload)
+                except UnsupportedVersionError as err:
+                    raise _RefusedError(str(err)) from err
                 except ValidationError as err:
                     raise _RefusedError(f"invalid event: {_short(err)}") from err
                 try:

@@ -190,7 +190,8 @@ class Aggregator:
             engine.dispose()
         return keys
 
-    def start(self, mqtt_url: str | None = None, sqlite_synchronous: str = "NORMAL") -> None:
+    def start(self, mqtt_url: str | None = None, sqlite_synchronous: str = "NORMAL",
+              extra_env: dict[str, str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
         env.update({
             "AGGREGATOR_DATABASE_URL": self.db_url,
@@ -200,6 +201,7 @@ class Aggregator:
         })
         if mqtt_url:
             env["AGGREGATOR_MQTT_URL"] = mqtt_url
+        env.update(extra_env or {})
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(VENV_BIN / "aggregator"), "serve", "--host", "127.0.0.1",

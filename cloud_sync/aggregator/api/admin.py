@@ -132,6 +132,8 @@ class EventOut(BaseModel):
     at: datetime = Field(description="Device time of the event.")
     received_at: datetime
     data: dict[str, Any]
+    session_id: str | None = Field(default=None, description="<course_id>@<date> (schema v2).")
+    v: int = Field(default=1, description="Event schema version.")
 
 
 @router.get("/events", response_model=list[EventOut], tags=["devices"],

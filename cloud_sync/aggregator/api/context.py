@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.services.faces import FaceEncoder
+from cloud_sync.aggregator.services.live import LiveFeed
 from cloud_sync.aggregator.services.reports import Rules
 
 
@@ -104,6 +105,7 @@ class AppContext:
     mqtt_bridge: Any = None
     mqtt_state: str = "disabled"
     extra: dict[str, Any] = field(default_factory=dict)
+    live: LiveFeed = field(default_factory=LiveFeed)  # /ws/events
 
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:

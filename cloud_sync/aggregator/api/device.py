@@ -16,10 +16,11 @@ from cloud_sync.aggregator.services.schedule import build_schedule, render
 from cloud_sync.protocol import (
     AttendanceBatch,
     BatchResult,
-    Event,
     Heartbeat,
     Identifier,
     ScheduleResponse,
+    UnsupportedVersionError,
+    parse_event,
 )
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
@@ -114,7 +115,43 @@ def post_heartbeat(who: Device, session: DB, heartbeat: Heartbeat) -> Stored:
     return Stored(stored=True)
 
 
-@router.post("/events", response_model=Stored, summary="A device event (idempotent on key).")
-def post_event(who: Device, session: DB, event: Event) -> Stored:
-    inserted = ingest.record_event(session, who.device_id, event)
+EVENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}},
+    }
+}
+
+
+@router.post(
+    "/events", response_model=Stored, summary="A device event (idempotent on key).",
+    responses={422: {"description": "Malformed event, or an event schema version this "
+                                    "aggregator does not read (kept as a dead letter)."}},
+    openapi_extra=EVENT_BODY,
+)
+async def post_event(request: Request, who: Device) -> Stored:
+    body = await request.body()
+    sessions = context(request).sessions
+    try:
+        event = parse_event(body)
+    except UnsupportedVersionError as err:
+        reason = str(err)
+
+        def keep() -> None:
+            with sessions() as session:
+                ingest.record_dead_letter(session, f"http:/api/v1/events:{who.device_id}",
+                                          body, reason)
+
+        await run_in_threadpool(keep)
+        raise HTTPException(422, reason) from err
+    except ValidationError as err:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+        ) from err
+
+    def work() -> bool:
+        with sessions() as session:
+            return ingest.record_event(session, who.device_id, event)
+
+    inserted = await run_in_threadpool(work)
     return Stored(stored=inserted, duplicate=not inserted)

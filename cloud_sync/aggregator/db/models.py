@@ -220,7 +220,13 @@ class EventRow(Base):
     at: Mapped[datetime] = mapped_column(UtcDateTime())
     received_at: Mapped[datetime] = mapped_column(UtcDateTime())
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    __table_args__ = (Index("ix_events_device_at", "device_id", "at"),)
+    session_id: Mapped[str | None] = mapped_column(String(100), default=None)
+    v: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
+    __table_args__ = (
+        Index("ix_events_device_at", "device_id", "at"),
+        Index("ix_events_room_session_kind", "room_id", "session_id", "kind", "at"),
+        Index("ix_events_at", "at"),
+    )
 
 
 class AdminToken(Base):

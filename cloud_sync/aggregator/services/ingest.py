@@ -48,7 +48,7 @@ from cloud_sync.aggregator.db.models import (
 )
 from cloud_sync.aggregator.db.models import Heartbeat as HeartbeatRow
 from cloud_sync.aggregator.db.session import begin_write
-from cloud_sync.aggregator.services import group_commit
+from cloud_sync.aggregator.services import group_commit, live
 from cloud_sync.aggregator.services.common import (
     ForbiddenError,
     NotFoundError,
@@ -241,21 +241,21 @@ def _copy_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
         cursor.close()
 
 
-def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
-    """Insert the rows whose key is new and commit; returns how many were inserted.
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
+    """Insert the rows whose key is new and commit; returns the keys inserted.
 
     The read transaction is ended first; the insert runs in the engine's group committer (one
     transaction and one fsync for every batch waiting at that moment, see group_commit.py)."""
     session.rollback()
     if not rows:
-        return 0
+        return set()
     if session.get_bind().dialect.name == "postgresql":
 
-        def job(conn: Connection) -> int:
+        def job(conn: Connection) -> set[uuid.UUID]:
             fresh = _claim_keys(conn, rows)
             if fresh:
                 _copy_rows(conn, fresh)
-            return len(fresh)
+            return {r["key"] for r in fresh}
     else:
         stmt = (
             sqlite_insert(Attendance.__table__)
@@ -263,11 +263,11 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
             .returning(Attendance.__table__.c.key)
         )
 
-        def job(conn: Connection) -> int:
-            return len(conn.execute(stmt, rows).scalars().all())
+        def job(conn: Connection) -> set[uuid.UUID]:
+            return set(conn.execute(stmt, rows).scalars().all())
 
     engine = session.get_bind()
-    return int(group_commit.committer(engine).submit(job, len(rows)))  # type: ignore[arg-type]
+    return set(group_commit.committer(engine).submit(job, len(rows)))  # type: ignore[arg-type]
 
 
 def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
@@ -335,8 +335,11 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
     # PostgreSQL: a month without a partition gets one (own connection; this transaction has
     # only read other tables, so it holds no lock the DDL waits for). No-op on SQLite.
     partitions.ensure_months(session.get_bind(), {partitions.month_start(r["at"]) for r in rows})
-    accepted = _insert_new(session, rows)
+    fresh = _insert_new(session, rows)
+    accepted = len(fresh)
     duplicate += len(rows) - accepted
+    if fresh:
+        live.publish_records(session, [r for r in rows if r["key"] in fresh])
     metrics.RECORDS.labels("accepted").inc(accepted)
     metrics.RECORDS.labels("duplicate").inc(duplicate)
     metrics.RECORDS.labels("rejected").inc(len(rejected))
@@ -442,7 +445,8 @@ def record_event(session: Session, device_id: str, event: Event) -> bool:
     values = {
         "key": event.key, "device_id": device_id, "room_id": event.room_id, "kind": event.kind,
         "severity": event.severity, "message": event.message, "at": event.at,
-        "received_at": utcnow(), "data": event.data,
+        "received_at": utcnow(), "data": event.data, "session_id": event.session_id,
+        "v": event.v,
     }
     table = EventRow.__table__
     if session.get_bind().dialect.name == "postgresql":
@@ -452,6 +456,8 @@ def record_event(session: Session, device_id: str, event: Event) -> bool:
     inserted = session.execute(stmt.returning(table.c.key)).first() is not None
     session.commit()
     metrics.EVENTS.labels(event.kind).inc()
+    if inserted:
+        live.publish_event(session, event)
     return inserted
 
 
