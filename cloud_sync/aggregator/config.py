@@ -73,6 +73,14 @@ class AggregatorSettings(TomlSettings):
         title="Home Assistant discovery prefix",
         description="Topic prefix Home Assistant listens on for discovery.",
     )
+    ha_device_url: str | None = Field(
+        default="http://{device_id}.local:8080/",
+        max_length=200,
+        pattern=r"^https?://.*\{device_id\}",
+        title="Device status page URL",
+        description="URL of a device's status page, with {device_id}; Home Assistant links "
+        "each room to its first device's page (configuration_url). Unset: no link.",
+    )
     rate_limit_per_min: int = Field(
         default=100,
         ge=1,

@@ -46,6 +46,7 @@ from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import Attendance, Device, Room
 from cloud_sync.aggregator.metrics import REGISTRY
 from cloud_sync.aggregator.services.common import ServiceError, utcnow
+from cloud_sync.aggregator.services.events import latest_occupancy, new_alerts
 from cloud_sync.aggregator.services.ingest import (
     DEFAULT_EARLY_ARRIVAL_MIN,
     EARLY_ARRIVAL_INFO_KEY,
@@ -54,7 +55,7 @@ from cloud_sync.aggregator.services.ingest import (
     record_event,
     record_heartbeat,
 )
-from cloud_sync.aggregator.services.timetable import room_timetable, zone
+from cloud_sync.aggregator.services.timetable import Occurrence, room_timetable, zone
 from cloud_sync.protocol import (
     AttendanceBatch,
     BatchResult,
@@ -62,6 +63,7 @@ from cloud_sync.protocol import (
     RecordRejection,
     UnsupportedVersionError,
     device_topic,
+    make_session_id,
     parse_event,
     roster_topic,
 )
@@ -128,6 +130,7 @@ class MqttBridge:
         self._dirty_rooms: set[tuple[str, str]] = set()
         self._last_sync: dict[tuple[str, str], datetime] = {}
         self._announced: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._alerts_since = utcnow()  # unknown-face alerts received after this go to HA
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._state_thread: threading.Thread | None = None
@@ -328,8 +331,11 @@ class MqttBridge:
             published = 0
             for room in rooms:
                 key = (room.site, room.id)
+                ids = tuple(sorted(by_room.get(room.id, [])))
+                template = self._settings.ha_device_url
                 info = ha_discovery.RoomInfo(
-                    room.site, room.id, room.name, tuple(sorted(by_room.get(room.id, [])))
+                    room.site, room.id, room.name, ids,
+                    template.format(device_id=ids[0]) if template and ids else None,
                 )
                 if self._announced.get(key) != info.device_ids:
                     for topic, payload in ha_discovery.discovery_messages(prefix, info):
@@ -340,29 +346,51 @@ class MqttBridge:
                     full_room = False
                 if not (full or full_room or key in dirty):
                     continue
-                count = self._present_count(session, room)
+                occ = self._running(session, room)
+                count = self._present_count(session, room, occ)
                 last = self._last_sync.get(key) or session.scalar(
                     select(func.max(Device.last_heartbeat_at)).where(Device.room_id == room.id)
                 )
+                occupancy = None if occ is None else latest_occupancy(
+                    session, room.id, make_session_id(occ.course_id, utcnow().date()))
                 self._client.publish(
                     ha_discovery.room_state_topic(room.site, room.id),
-                    ha_discovery.room_state_payload(count, last), qos=1, retain=True,
+                    ha_discovery.room_state_payload(
+                        count, last, occ.course_name if occ else None, occupancy),
+                    qos=1, retain=True,
                 )
                 published += 1
+            self._publish_alerts(session, {r.id: r.site for r in rooms})
         return published
 
+    def _publish_alerts(self, session: Session, sites: dict[str, str]) -> None:
+        """Unknown-face alerts stored since the last round (over MQTT or HTTP) fire the
+        rooms' Home Assistant device triggers."""
+        since = self._alerts_since
+        alerts = new_alerts(session, since)
+        for room_id, severity, received_at in alerts:
+            if room_id in sites:
+                self._client.publish(ha_discovery.room_alert_topic(sites[room_id], room_id),
+                                     severity, qos=1)
+            since = max(since, received_at)
+        self._alerts_since = since
+
     @staticmethod
-    def _present_count(session: Session, room: Room) -> int:
-        """Distinct students recorded for the class running now in the room (0 if none)."""
+    def _running(session: Session, room: Room) -> Occurrence | None:
+        """The class running now in the room, if any."""
         now = utcnow()
         day = now.astimezone(zone(room.timezone)).date()
         running = [
             o for o in room_timetable(session, room).occurrences(day, room.id)
             if o.starts_at <= now < o.ends_at
         ]
-        if not running:
+        return running[-1] if running else None
+
+    @staticmethod
+    def _present_count(session: Session, room: Room, occ: Occurrence | None) -> int:
+        """Distinct students recorded for the class running now in the room (0 if none)."""
+        if occ is None:
             return 0
-        occ = running[-1]
         early = float(session.info.get(EARLY_ARRIVAL_INFO_KEY, DEFAULT_EARLY_ARRIVAL_MIN))
         return int(session.scalar(
             select(func.count(func.distinct(Attendance.student_id))).where(

@@ -226,3 +226,63 @@ def test_bridge_persistent_session_gets_what_was_sent_while_it_was_down(
         dev.close()
         engine.dispose()
     assert uuid.UUID(str(_acks(dev)[0].batch_id)) == batch.batch_id
+
+
+def test_home_assistant_classroom_entities_and_unknown_face_trigger(
+    broker: Broker, bridge: object, aggregator_db: tuple[Aggregator, dict[str, str]]
+) -> None:
+    """Availability on the room sensors, configuration_url, class now, occupancy from the
+    devices' occupancy events, and unknown-face alerts firing the device triggers."""
+    from cloud_sync.aggregator.ha_discovery import room_alert_topic
+
+    ha = TestClient(broker, "homeassistant")
+    dev = _device(broker)
+    node = f"attendance_{SITE}_LAB-301"
+    try:
+        ha.wait_connected()
+        ha.subscribe("homeassistant/#")
+        ha.subscribe(f"classroom/{SITE}/{ROOM}/state")
+        ha.subscribe(room_alert_topic(SITE, ROOM))
+        configs = {name: f"homeassistant/{name}/config" for name in (
+            f"sensor/{node}/present", f"sensor/{node}/class_now", f"sensor/{node}/occupancy",
+            f"device_automation/{node}/unknown_face_warning",
+            f"device_automation/{node}/unknown_face_critical")}
+        wait_until(lambda: all(ha.received(t) for t in configs.values()), 20, "configs")
+        present = json.loads(ha.received(configs[f"sensor/{node}/present"])[-1])
+        assert present["availability_mode"] == "any"
+        assert present["availability"] == [{
+            "topic": device_topic(SITE, ROOM, DEVICE, "status"),
+            "payload_available": "online", "payload_not_available": "offline"}]
+        assert present["device"]["configuration_url"] == f"http://{DEVICE}.local:8080/"
+        trigger = json.loads(ha.received(
+            configs[f"device_automation/{node}/unknown_face_critical"])[-1])
+        assert trigger == {"automation_type": "trigger", "topic": room_alert_topic(SITE, ROOM),
+                           "type": "unknown_face", "subtype": "critical",
+                           "payload": "critical", "device": present["device"]}
+        now = datetime.now(UTC)
+        session = f"CS101@{now.date().isoformat()}"
+        occupancy = Event(device_id=DEVICE, room_id=ROOM, kind="occupancy", severity="info",
+                          message="17 of 30 people", at=now, session_id=session,
+                          data={"count": 17, "faces": 16, "turned_away": 1, "capacity": 30,
+                                "free": 13, "occupied_share": 0.567, "window_s": 10.0})
+        alert = Event(device_id=DEVICE, room_id=ROOM, kind="unknown_face", severity="critical",
+                      message="3 unknown faces during the class", at=now, session_id=session,
+                      data={"alert_level": "CRITICAL", "alert_message": "3 unknown faces",
+                            "details": {"unknown_faces": 3}})
+        for event in (occupancy, alert):
+            dev.publish(device_topic(SITE, ROOM, DEVICE, "events"), event.model_dump_json())
+
+        def state() -> dict[str, object] | None:
+            states = [json.loads(p) for p in ha.received(f"classroom/{SITE}/{ROOM}/state")]
+            return states[-1] if states else None
+
+        # the seeded schedule runs CS101 ("Intro to CS") in LAB-301 now
+        wait_until(lambda: (s := state()) and s["occupancy"] and s["class_now"], 30, "state")
+        latest = state()
+        assert latest is not None and latest["class_now"] == "Intro to CS"
+        assert latest["occupancy"]["count"] == 17 and latest["occupancy"]["free"] == 13
+        wait_until(lambda: ha.received(room_alert_topic(SITE, ROOM)), 30, "the alert trigger")
+        assert ha.received(room_alert_topic(SITE, ROOM)) == [b"critical"]
+    finally:
+        ha.close()
+        dev.close()

@@ -99,3 +99,28 @@ def session_timeline(session: Session, room_id: str, session_id: str) -> Session
                 unknown_faces=(d.get("details") or {}).get("unknown_faces")))
     return SessionTimeline(room_id=room_id, session_id=session_id, occupancy=occupancy,
                            attention=attention, unknown_face_alerts=alerts, truncated=truncated)
+
+
+def latest_occupancy(session: Session, room_id: str, session_id: str | None,
+                     ) -> dict[str, Any] | None:
+    """The payload of the room's latest occupancy event of that class session, if any."""
+    if session_id is None:
+        return None
+    data = session.scalar(
+        select(EventRow.data)
+        .where(EventRow.room_id == room_id, EventRow.session_id == session_id,
+               EventRow.kind == "occupancy")
+        .order_by(EventRow.at.desc()).limit(1))
+    return dict(data) if data else None
+
+
+def new_alerts(session: Session, since: datetime, limit: int = 1000,
+               ) -> list[tuple[str, str, datetime]]:
+    """(room_id, severity, received_at) of unknown-face alerts received after ``since``
+    (event time within a day before it: the at index bounds the scan)."""
+    rows = session.execute(
+        select(EventRow.room_id, EventRow.severity, EventRow.received_at)
+        .where(EventRow.kind == "unknown_face", EventRow.received_at > since,
+               EventRow.at > since - timedelta(days=1))
+        .order_by(EventRow.received_at).limit(limit)).all()
+    return [(r, s, t) for r, s, t in rows]
