@@ -480,7 +480,7 @@ class EventsConfig(Section):
         "occupied share (unset: count only).",
     )
     count_period_s: float = Field(
-        default=2.0,
+        default=5.0,
         ge=0.1,
         le=600,
         title="Count period",
@@ -510,7 +510,7 @@ class EventsConfig(Section):
         description="Minimum detector confidence of a counted face.",
     )
     window_s: float = Field(
-        default=10.0,
+        default=30.0,
         ge=0,
         le=3600,
         title="Smoothing window",

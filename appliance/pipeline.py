@@ -1029,4 +1029,5 @@ def replay_video(
         "roster_size": 0 if pipeline._roster is None else len(pipeline._roster.student_ids),
         "peak_rss_mb": peak_rss_mb(),  # this process
         "embedder_peak_rss_mb": round(pipeline.embedder.peak_rss_mb, 1),  # descriptor child
+        "events": None if pipeline.events is None else pipeline.events.status(),
     }

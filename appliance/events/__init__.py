@@ -1,7 +1,7 @@
 """Classroom events on the device: occupancy, attention and unknown-face alerts.
 
 :class:`ClassroomEvents` is called once per processed frame by the pipeline
-(:meth:`observe`, on the processing thread). Every ``events.count_period_s`` it runs the
+(:meth:`observe`, on the processing thread). Every ``events.count_period_s`` (5 s) it runs the
 counting pass (a tiled BlazeFace pass with a small minimum face size, for the 20-30 px faces of
 a whole-room view; ``count_tiles = 0`` uses the pipeline's own detections), counts people
 (faces + live tracks whose face is not seen), estimates each face's head pose, and writes
