@@ -75,7 +75,6 @@ class ClassroomEvents:
         self._session: str | None = None
         self._sent_occupancy: int | None = None
         self._sent_share: float | None = None
-        self.emitted: list[Event] = []  # this run's events, newest last (bounded)
         self.counts = 0
         self.count_ms = 0.0  # total time of the counting passes
 
@@ -170,9 +169,6 @@ class ClassroomEvents:
         metrics.CLASSROOM_EVENTS.labels(kind=event.kind).inc()
         if event.kind == "unknown_face":
             metrics.ALERTS_RAISED.labels(kind=event.kind).inc()
-        self.emitted.append(event)
-        if len(self.emitted) > 1000:
-            del self.emitted[:500]
 
     def _send_occupancy(self, now: datetime) -> None:
         payload = self.occupancy.payload()

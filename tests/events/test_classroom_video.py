@@ -68,6 +68,22 @@ def test_hamilton_occupancy_and_attention_timeline(hamilton: Path, roster_file: 
 
 
 @pytest.mark.slow
+def test_attention_per_student_only_when_enabled(hamilton: Path, roster_file: Path,  # noqa: F811
+                                                 model_dir: Path, tmp_path: Path) -> None:
+    """With events.attention_per_student the attention events name the recognised student
+    (Lin-Manuel Miranda, S001, facing the camera while he sings) and nobody else."""
+    settings = load(None, paths={"data_dir": tmp_path, "model_dir": model_dir},
+                    events={"count_period_s": 0.5, "window_s": 1.5, "min_interval_s": 0.5,
+                            "attention_per_student": True})
+    attention = [e for e in run(settings, hamilton, roster_file, Store(tmp_path / "s.db"))
+                 if e.kind == "attention"]
+    named = [e.data["students"] for e in attention if e.data["students"]]
+    assert named, "no attention event named a student"
+    assert {sid for students in named for sid in students} == {"S001"}
+    assert any(students["S001"] for students in named)
+
+
+@pytest.mark.slow
 def test_strangers_raise_unknown_face_once_per_cooldown(faces_dir: Path, roster_file: Path,  # noqa: F811
                                                         model_dir: Path, tmp_path: Path) -> None:
     clip = faces_dir / "walking" / "strangers_walking_1080p.mp4"
@@ -75,13 +91,15 @@ def test_strangers_raise_unknown_face_once_per_cooldown(faces_dir: Path, roster_
     # unknown after 2 non-matching descriptors (default 6: a pupil lingers longer in a room)
     settings = load(None, paths={"data_dir": tmp_path, "model_dir": model_dir},
                     decision={"max_samples": 2},
-                    events={"unknown_cooldown_s": 600, "unknown_several": 3})
+                    events={"unknown_cooldown_s": 600, "unknown_several": 2})
     store = Store(tmp_path / "s.db")
     alerts = [e for e in run(settings, clip, roster_file, store) if e.kind == "unknown_face"]
-    # several strangers walk by within seconds: one warning (the first), then one critical
+    # strangers walk by within seconds: one warning (the first), then one critical ("several"
+    # = 2 here: 3 tracks are decided unknown, the last one sometimes only after the clip's
+    # last frame, when the pipeline no longer observes)
     assert [a.severity for a in alerts] == ["warning", "critical"], alerts
     assert alerts[1].data["alert_level"] == "CRITICAL"
-    assert alerts[1].data["details"]["unknown_faces"] >= 3
+    assert alerts[1].data["details"]["unknown_faces"] >= 2
     assert alerts[0].session_id == f"{COURSE}@{alerts[0].at.date().isoformat()}"
     # the same clip again within the cooldown (a restart, same store): no new alert
     again = [e for e in run(settings, clip, roster_file, store) if e.kind == "unknown_face"]
@@ -100,9 +118,10 @@ def test_unknown_cooldown_unit(tmp_path: Path) -> None:
         if due:
             unk.alerted(now, due[0])
             fired.append((k, due[0]))
-    assert fired == [(0, "warning"), (20, "critical"), (300, "critical"), (600, "critical")]
+    assert fired == [(0, "warning"), (20, "critical"), (320, "critical"), (620, "critical")]
     assert unk.note(t0, track_id=0) is False  # a track is counted once
     # a restart keeps the cooldown (state in the store)
     unk2 = UnknownFaces(store, cooldown_s=300, several=3, window_s=60)
-    unk2.note(t0 + timedelta(seconds=700), track_id=5000)
-    assert unk2.check(t0 + timedelta(seconds=700)) is None
+    for k in range(3):
+        unk2.note(t0 + timedelta(seconds=650), track_id=5000 + k)
+    assert unk2.check(t0 + timedelta(seconds=650)) is None  # critical at 620 < 300 s ago
