@@ -131,18 +131,7 @@ AlertKind = Literal[
     "outbox_stale",
     "unknown_face",
 ]
-EventKind = Literal[
-    "camera_offline",
-    "camera_online",
-    "cpu_temperature_high",
-    "disk_almost_full",
-    "outbox_stale",
-    "unknown_face",
-    "occupancy",
-    "attention",
-    "roster_switched",
-    "device_started",
-]
+EventKind = Literal[AlertKind, "occupancy", "attention", "roster_switched", "device_started"]
 EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
 ALERT_KINDS: tuple[str, ...] = AlertKind.__args__  # type: ignore[attr-defined]
 Severity = Literal["info", "warning", "critical"]
