@@ -34,7 +34,8 @@ def _record(student: str = "S001", seen_at: datetime | None = None) -> Attendanc
 
 def _event() -> Event:
     return Event(device_id="D1", room_id="R1", kind="camera_offline", message="gone",
-                 at=datetime.now(UTC))
+                 at=datetime.now(UTC),
+                 data={"alert_level": "CRITICAL", "alert_message": "gone"})
 
 
 def test_outbox_roundtrip(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ def test_hamilton_occupancy_and_attention_timeline(hamilton: Path, roster_file: 
                                                    model_dir: Path, tmp_path: Path) -> None:
     settings = load(None, paths={"data_dir": tmp_path, "model_dir": model_dir},
                     events={"room_capacity": 30, "count_period_s": 0.5, "window_s": 1.5,
-                            "min_interval_s": 1.0, "max_interval_s": 60})
+                            "min_interval_s": 1.0, "max_interval_s": 60,
+                            "attention_per_student": True})
     store = Store(tmp_path / "s.db")
     events = run(settings, hamilton, roster_file, store)
     occupancy = [e for e in events if e.kind == "occupancy"]
@@ -64,23 +65,22 @@ def test_hamilton_occupancy_and_attention_timeline(hamilton: Path, roster_file: 
     assert all(g >= 1.0 - 1e-6 for g in gaps), gaps
     shares = [e.data["share"] for e in attention if e.data["share"] is not None]
     assert shares and all(0.0 <= s <= 1.0 for s in shares)
-    assert all(e.data["students"] is None for e in attention)  # per class only by default
-
-
-@pytest.mark.slow
-def test_attention_per_student_only_when_enabled(hamilton: Path, roster_file: Path,  # noqa: F811
-                                                 model_dir: Path, tmp_path: Path) -> None:
-    """With events.attention_per_student the attention events name the recognised student
-    (Lin-Manuel Miranda, S001, facing the camera while he sings) and nobody else."""
-    settings = load(None, paths={"data_dir": tmp_path, "model_dir": model_dir},
-                    events={"count_period_s": 0.5, "window_s": 1.5, "min_interval_s": 0.5,
-                            "attention_per_student": True})
-    attention = [e for e in run(settings, hamilton, roster_file, Store(tmp_path / "s.db"))
-                 if e.kind == "attention"]
+    # attention_per_student (off by default): the recognised student (Lin-Manuel Miranda,
+    # S001, facing the camera while he sings) is named, and nobody else
     named = [e.data["students"] for e in attention if e.data["students"]]
-    assert named, "no attention event named a student"
     assert {sid for students in named for sid in students} == {"S001"}
     assert any(students["S001"] for students in named)
+
+
+def test_attention_per_class_by_default() -> None:
+    from appliance.config import EventsConfig
+    from appliance.events.attention import Attention
+
+    assert EventsConfig().attention_per_student is False
+    att = Attention(window_s=10)
+    att.add(datetime(2026, 3, 2, 9, 0, tzinfo=UTC), [True, False], {"S001": True})
+    payload = att.payload(per_student=False)
+    assert payload is not None and payload.students is None and payload.share == 0.5
 
 
 @pytest.mark.slow

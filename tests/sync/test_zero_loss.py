@@ -246,7 +246,8 @@ def test_http_poison_record_parked_with_reason_and_events_sent(
     poison = make_records(1, students=["S999"])
     fill_store(store, good[:20] + poison + good[20:])
     event = Event(device_id=DEVICE, room_id="LAB-301", kind="camera_offline",
-                  message="camera unplugged", at=datetime.now(UTC))
+                  message="camera unplugged", at=datetime.now(UTC),
+                  data={"alert_level": "CRITICAL", "alert_message": "camera unplugged"})
     store.add_event(event)
     settings = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
                                   api_key=keys[DEVICE], batch_size=16)
