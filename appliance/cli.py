@@ -200,17 +200,25 @@ def roster_build(
 ) -> None:
     """Enrol every student photo (one face each); a `names.csv` (student_id,name) is optional.
 
-    A photo with no face, several faces, a too small or blurred face is rejected with its
-    reason and the rest go on; exits non-zero only if nobody could be enrolled.
+    A student's source is photos (`S001.jpg`, `S001/*.jpg`) and/or a short enrolment video
+    (`S001.mp4`, `S001/*.mp4`: a few seconds facing the camera), from which the best, most
+    varied frames are taken. 3-5 photos per student are recommended; students with fewer are
+    listed. A photo with no face, several faces, a too small or blurred face is rejected with
+    its reason and the rest go on; exits non-zero only if nobody could be enrolled. The
+    descriptors are the configured embedder's (`recognition.embedder`), and the roster
+    records it.
     """
     from rich.progress import Progress
 
     from appliance.recognition import Roster
-    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import (
+        RECOMMENDED_PHOTOS,
         collect_photos,
         embed_photo,
+        embed_video,
         enrollment_detector,
+        is_video,
         load_image,
         read_names,
     )
@@ -220,14 +228,16 @@ def roster_build(
     setup_logging("WARNING")
     photos = collect_photos(photos_dir)
     if not photos:
-        typer.echo(f"error: no student photos in {photos_dir} (S001.jpg or S001/*.jpg)", err=True)
+        typer.echo(f"error: no student photos in {photos_dir} (S001.jpg, S001/*.jpg or "
+                   "S001.mp4)", err=True)
         raise typer.Exit(1)
     names_file = photos_dir / "names.csv"
     names = read_names(names_file) if names_file.is_file() else {}
     model_dir, model = settings.paths.model_dir, settings.detector.model
     try:
         detector = enrollment_detector(model_dir, model)
-        embedder = FaceEmbedder(model_dir, detector_model=model)
+        embedder = create_embedder(settings.recognition.embedder, model_dir,
+                                   detector_model=model)
     except ModelError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
@@ -239,6 +249,19 @@ def roster_build(
         for student_id, paths in photos.items():
             embeddings: list[list[float]] = []
             for path in paths:
+                if is_video(path):
+                    try:
+                        taken = embed_video(path, detector, embedder,
+                                            settings.detector.min_face_px)
+                    except ValueError as err:
+                        rejects.append((path, str(err)))
+                    else:
+                        embeddings.extend([float(v) for v in r.embedding] for r in taken
+                                          if r.embedding is not None)
+                        if not taken:
+                            rejects.append((path, "no usable frame (one sharp face)"))
+                    progress.advance(task)
+                    continue
                 try:
                     result = embed_photo(
                         load_image(path), detector, embedder, settings.detector.min_face_px
@@ -263,10 +286,15 @@ def roster_build(
     if not entries:
         typer.echo("error: no student could be enrolled", err=True)
         raise typer.Exit(1)
-    Roster.from_entries(entries).save(output)
+    Roster.from_entries(entries, embedder_id(settings.recognition.embedder)).save(output)
     enrolled = sum(len(e.embeddings) for e in entries)
-    typer.echo(f"enrolled {len(entries)} students ({enrolled} photos, {len(rejects)} rejected) "
-               f"-> {output}")
+    few = [e.student_id for e in entries if len(e.embeddings) < RECOMMENDED_PHOTOS[0]]
+    if few:
+        typer.echo(f"{len(few)} students have fewer than {RECOMMENDED_PHOTOS[0]} usable photos "
+                   f"({RECOMMENDED_PHOTOS[0]}-{RECOMMENDED_PHOTOS[1]} recommended): "
+                   f"{', '.join(few)}", err=True)
+    typer.echo(f"enrolled {len(entries)} students ({enrolled} photos, {len(rejects)} rejected, "
+               f"{settings.recognition.embedder} descriptors) -> {output}")
 
 
 @app.command("identify")
@@ -280,21 +308,24 @@ def identify(
     import json
     import math
 
-    from appliance.recognition import Matcher, Roster, RosterError
+    from appliance.recognition import Matcher, Roster, RosterError, check_embedder
     from appliance.vision.detector import FaceDetector
-    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import detect_still, load_image
 
     settings = load_or_exit(config)
     setup_logging("WARNING")
+    rcfg = settings.recognition
     try:
         known = Roster.load(roster)
+        check_embedder(known.embedder, embedder_id(rcfg.embedder), f"roster {roster}")
         detector = FaceDetector.from_config(settings.detector, settings.paths.model_dir)
-        embedder = FaceEmbedder(settings.paths.model_dir, detector_model=settings.detector.model)
+        embedder = create_embedder(rcfg.embedder, settings.paths.model_dir,
+                                   detector_model=settings.detector.model)
     except (RosterError, ModelError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
-    matcher = Matcher(known, settings.recognition.threshold, settings.recognition.margin)
+    matcher = Matcher.for_embedder(known, rcfg)
     results: list[dict[str, object]] = []
     failed = False
     for path in images:

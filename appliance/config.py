@@ -151,19 +151,30 @@ class DetectorConfig(Section):
 
 
 class RecognitionConfig(Section):
-    threshold: float = Field(
-        default=0.48,
-        ge=0.2,
-        le=0.8,
-        title="Match distance threshold",
-        description="Largest embedding distance accepted as a match (lower is stricter).",
+    embedder: Literal["sface", "dlib"] = Field(
+        default="sface",
+        title="Face embedder",
+        description="Which descriptor the device computes: `sface` (OpenCV Zoo SFace, int8, "
+        "cosine distance; the default) or `dlib` (dlib ResNet as in face_recognition, the "
+        "alternative). A roster made by another embedder is refused (its descriptors are not "
+        "comparable); the aggregator computes both at enrolment.",
     )
-    margin: float = Field(
-        default=0.04,
+    threshold: float | None = Field(
+        default=None,
+        ge=0.05,
+        le=1.5,
+        title="Match distance threshold",
+        description="Largest descriptor distance accepted as a match (lower is stricter); unset: "
+        "the embedder's calibrated value (sface 0.50 cosine, dlib 0.48 Euclidean; see "
+        "docs/RECOGNITION.md).",
+    )
+    margin: float | None = Field(
+        default=None,
         ge=0.0,
         le=0.5,
         title="Best/second-best margin",
-        description="The best student must be at least this much closer than the next one.",
+        description="The best student must be at least this much closer than the next one; "
+        "unset: the embedder's calibrated value (sface 0.0, dlib 0.04).",
     )
     max_embeddings_per_track: int = Field(
         default=6,
@@ -203,6 +214,24 @@ class RecognitionConfig(Section):
         description="After this many frames a track gets a descriptor even if its crops did "
         "not beat its best earlier sample (so it still collects the votes it needs).",
     )
+    reverify_frames: int = Field(
+        default=25,
+        ge=2,
+        le=10000,
+        title="Re-verification period",
+        description="A decided track gets one more descriptor every this many frames (when a "
+        "frame has room after undecided tracks); if it disagrees with the track's earlier "
+        "ones, another person took the place of the face and the track is split.",
+    )
+    split_distance: float | None = Field(
+        default=None,
+        ge=0.05,
+        le=2.0,
+        title="Track split distance",
+        description="A descriptor farther than this from the mean of its track's earlier ones "
+        "is another person: the track is split. Unset: the embedder's value (sface 0.65 "
+        "cosine, dlib 0.6 Euclidean).",
+    )
     min_quality: float = Field(
         default=0.35,
         ge=0.0,
@@ -212,6 +241,25 @@ class RecognitionConfig(Section):
         "get a descriptor.",
     )
 
+
+    def match_threshold(self) -> float:
+        """``threshold``, or the configured embedder's calibrated one."""
+        from appliance.vision.embedding import spec
+
+        return self.threshold if self.threshold is not None else spec(self.embedder).threshold
+
+    def split_at(self) -> float:
+        """``split_distance``, or the configured embedder's."""
+        from appliance.vision.embedding import spec
+
+        return (self.split_distance if self.split_distance is not None
+                else spec(self.embedder).split_distance)
+
+    def match_margin(self) -> float:
+        """``margin``, or the configured embedder's calibrated one."""
+        from appliance.vision.embedding import spec
+
+        return self.margin if self.margin is not None else spec(self.embedder).margin
 
 class DecisionConfig(Section):
     votes_required: int = Field(

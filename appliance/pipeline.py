@@ -51,7 +51,7 @@ from appliance.capture import CaptureWorker, Frame, FrameSource, source_from_con
 from appliance.config import ApplianceSettings
 from appliance.decision import Debouncer, Decision, Sample, TrackVote
 from appliance.store import Store, boot_id, clock_synced
-from appliance.tracking import Track, Tracker
+from appliance.tracking import CutDetector, Track, Tracker
 from appliance.vision.detector import Detection, FaceDetector
 from cloud_sync.protocol import AttendanceRecord
 
@@ -73,14 +73,14 @@ EMBED_TIMEOUT_S = 30.0
 EMBEDDER_START_TIMEOUT_S = 120.0
 
 
-def _embedder_main(conn: Any, model_dir: str, detector_model: str) -> None:
-    """Child process: load the dlib models, then answer (crop, box, keypoints) requests with
-    (descriptor, ms, peak RSS MB) until it receives None or the pipe closes."""
+def _embedder_main(conn: Any, model_dir: str, detector_model: str, name: str) -> None:
+    """Child process: load the configured embedder's models, then answer (crop, box, keypoints)
+    requests with (descriptor, ms, peak RSS MB) until it receives None or the pipe closes."""
     import resource
 
-    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.embedding import create_embedder
 
-    embedder = FaceEmbedder(Path(model_dir), detector_model=detector_model)
+    embedder = create_embedder(name, Path(model_dir), detector_model=detector_model)
     conn.send("ready")
     while True:
         try:
@@ -102,31 +102,33 @@ def _embedder_main(conn: Any, model_dir: str, detector_model: str) -> None:
                    (usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)))
 
 
-def _embedder_child(fd: int, model_dir: str, detector_model: str) -> None:
+def _embedder_child(fd: int, model_dir: str, detector_model: str, name: str) -> None:
     """Entry point of the child (``python -c``): serve on the inherited socket ``fd``.
     Ctrl-C reaches the whole process group: the parent stops the child, so it ignores it."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _embedder_main(Connection(fd), model_dir, detector_model)
+    _embedder_main(Connection(fd), model_dir, detector_model, name)
 
 
 _CHILD_CODE = (
     "import sys; from appliance.pipeline import _embedder_child; "
-    "_embedder_child(int(sys.argv[1]), sys.argv[2], sys.argv[3])"
+    "_embedder_child(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])"
 )
 
 
 class EmbedderProcess:
-    """:class:`appliance.vision.embedder.FaceEmbedder` in a child process, one request at a
-    time over a socket pair (multiprocessing's Connection: pickled numpy arrays).
+    """The configured embedder (:func:`appliance.vision.embedding.create_embedder`: SFace or
+    dlib) in a child process, one request at a time over a socket pair (multiprocessing's
+    Connection: pickled numpy arrays).
 
     The child is a fresh interpreter (``python -c``), not a fork: no thread or lock of the
     parent is inherited, and unlike multiprocessing's spawn it never re-imports the caller's
     main script."""
 
-    def __init__(self, model_dir: Path, detector_model: str = "full_range") -> None:
-        self.model_dir, self.detector_model = Path(model_dir), detector_model
+    def __init__(self, model_dir: Path, detector_model: str = "full_range",
+                 name: str = "sface") -> None:
+        self.model_dir, self.detector_model, self.name = Path(model_dir), detector_model, name
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Any = None
         self.restarts = 0
@@ -142,7 +144,7 @@ class EmbedderProcess:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_CODE, str(child_sock.fileno()),
-                 str(self.model_dir), self.detector_model],
+                 str(self.model_dir), self.detector_model, self.name],
                 pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
         except OSError as err:
             _LOGGER.error("cannot start the descriptor process: %s", err)
@@ -473,7 +475,14 @@ class Pipeline:
             detector_config_for_pipeline(settings), model_dir)
         self.embedder: EmbedderProcess | _InProcessEmbedder = (
             _InProcessEmbedder(embedder) if embedder is not None
-            else EmbedderProcess(model_dir, settings.detector.model))
+            else EmbedderProcess(model_dir, settings.detector.model,
+                                 settings.recognition.embedder))
+        # `name/model_version` a roster must have been made by (descriptors of another
+        # embedder are not comparable): the configured one, or the injected embedder's
+        from appliance.vision.embedding import spec
+
+        self.embedder_spec = spec(getattr(embedder, "name", settings.recognition.embedder))
+        self.roster_error: str | None = None
         self.quality = quality or face_quality
         self.roster_provider: RosterProvider = roster_provider or FileRosterProvider(
             settings.recognition.roster_file)
@@ -484,6 +493,10 @@ class Pipeline:
             backoff_max_s=settings.camera.reopen_backoff_max_s,
         )
         self.tracker = Tracker()
+        self.cut_detector = CutDetector()
+        self.splits = 0  # tracks whose face changed (descriptors disagreed): new identity
+        self.reverified = 0  # descriptors computed for already decided tracks
+        self._now: tuple[datetime | None, float | None] = (None, None)  # current frame
         self.timer = StageTimer()
         self.recorded: list[RecordedSighting] = []
         self.unknown_tracks = 0
@@ -495,6 +508,7 @@ class Pipeline:
         self._seed_debounce(self.started_at)
         self._course: tuple[str | None, str | None] = (None, None)
         self._roster: Any = None
+        self._offered: Any = None  # the provider's roster (self._roster: empty if refused)
         self._matcher: Any = None
         self._names: dict[str, str] = {}
         self._provider_checked = -1e9
@@ -647,13 +661,25 @@ class Pipeline:
             if self._matcher is not None:
                 return
             course_id, course_name, roster = None, None, _empty_roster()
-        if roster is self._roster and (course_id, course_name) == self._course:
+        if roster is self._offered and (course_id, course_name) == self._course:
             return
-        from appliance.recognition import Matcher
+        from appliance.recognition import Matcher, RosterEmbedderError, check_embedder
 
         rcfg = self.settings.recognition
+        offered = roster
+        try:
+            if len(roster.student_ids):
+                check_embedder(roster.embedder, self.embedder_spec.id,
+                               f"the roster of {course_id or 'the roster file'}")
+            self.roster_error = None
+        except RosterEmbedderError as err:
+            if self.roster_error != str(err):
+                _LOGGER.error("%s", err)
+            self.roster_error = str(err)
+            roster = _empty_roster()
         names = dict(zip(roster.student_ids, roster.names, strict=False))
-        matcher = Matcher(roster, rcfg.threshold, rcfg.margin)
+        matcher = Matcher(roster, rcfg.match_threshold(), rcfg.match_margin(),
+                          metric=self.embedder_spec.metric)
         switched = course_id != self._course[0]
         present = self._seed_present(course_id, now, names) if switched else None
         with self._lock:
@@ -664,6 +690,7 @@ class Pipeline:
                 self._unknown_in_class = 0
             self._course = (course_id, course_name)
             self._roster, self._names, self._matcher = roster, names, matcher
+            self._offered = offered
 
     def _seed_debounce(self, now: datetime) -> None:
         window = timedelta(seconds=self.settings.decision.debounce_s)
@@ -692,6 +719,10 @@ class Pipeline:
         t0 = time.perf_counter()
         detections = self.detector.detect(image)
         t1 = time.perf_counter()
+        self._now = (now, frame.pts_s)
+        if self.cut_detector.update(image):
+            ended = self.tracker.cut()
+            _LOGGER.debug("frame %d: camera cut, %d tracks ended", frame.index, len(ended))
         tracks = self.tracker.update(detections, frame.index, at=now, pts_s=frame.pts_s)
         t2 = time.perf_counter()
         self._schedule(image, tracks, frame.index)
@@ -755,17 +786,26 @@ class Pipeline:
         ``embed_min_gap_frames`` passed since its last one and that best crop beats the
         quality of every earlier sample, or ``embed_refresh_frames`` passed and the crop is
         nearly as good as the best one (so a track whose first crop was its best still
-        collects the votes it needs, without spending descriptors on poor crops)."""
+        collects the votes it needs, without spending descriptors on poor crops).
+
+        A decided track (present or unknown) is re-verified: every ``reverify_frames`` it gets
+        one more descriptor if this frame has room after the undecided tracks; a descriptor
+        that disagrees with the track's earlier ones splits the track (see
+        :meth:`_match_and_decide`)."""
         rcfg = self.settings.recognition
         if self._roster is None or len(self._roster.student_ids) == 0:
             return 0
         due: list[tuple[float, Track, TrackState]] = []
+        recheck: list[tuple[float, Track, TrackState]] = []
         for track in tracks:
             if not track.matched:
                 continue
             state = self._state(track)
-            if state.vote.decided or state.embedded >= rcfg.max_embeddings_per_track:
+            decided = state.vote.decided
+            if not decided and state.embedded >= rcfg.max_embeddings_per_track:
                 continue
+            if decided and frame_index - state.last_embed_frame < rcfg.reverify_frames // 2:
+                continue  # a re-verification crop is picked in the second half of the period
             q = float(self.quality(image, track.detection))
             if q >= rcfg.min_quality and (state.candidate is None or q > state.candidate[0]):
                 crop, det = crop_for_embedding(image, track.detection)
@@ -773,6 +813,10 @@ class Pipeline:
             if state.candidate is None or state.in_flight:
                 continue
             since = frame_index - state.last_embed_frame
+            if decided:
+                if since >= rcfg.reverify_frames:
+                    recheck.append((state.candidate[0], track, state))
+                continue
             age = frame_index - track.first_frame
             if since < rcfg.embed_min_gap_frames or age + 1 < rcfg.embed_min_gap_frames:
                 continue
@@ -781,8 +825,9 @@ class Pipeline:
                                           and q >= REFRESH_QUALITY_RATIO * state.best_quality):
                 due.append((q, track, state))
         due.sort(key=lambda item: item[0], reverse=True)
+        recheck.sort(key=lambda item: item[0], reverse=True)
         queued = 0
-        for q, track, state in due[: rcfg.max_embeddings_per_frame]:
+        for q, track, state in (due + recheck)[: rcfg.max_embeddings_per_frame]:
             assert state.candidate is not None
             _, crop, det, _ = state.candidate
             try:
@@ -799,19 +844,62 @@ class Pipeline:
             queued += 1
         return queued
 
+    def _disagrees(self, state: TrackState, embedding: np.ndarray) -> bool:
+        """Whether a new descriptor is another person than the track's earlier ones (its
+        distance to their mean is above the embedder's ``split_distance``)."""
+        if state.desc_sum is None or state.desc_weight <= 0:
+            return False
+        mean = state.desc_sum / state.desc_weight
+        if self.embedder_spec.metric == "cosine":
+            denom = float(np.linalg.norm(mean) * np.linalg.norm(embedding)) or 1e-12
+            distance = 1.0 - float(np.dot(mean, embedding)) / denom
+        else:
+            distance = float(np.linalg.norm(mean - embedding))
+        return distance > self.settings.recognition.split_at()
+
+    def _split(self, job: _EmbedJob) -> TrackState:
+        """The track's face changed: a new identity (new id, new vote) that starts with this
+        descriptor; what the old identity decided stays decided."""
+        track = job.track
+        old = self.tracker.split(track, at=self._now[0], pts_s=self._now[1])
+        self.splits += 1
+        state = self._state(track)
+        state.embedded, state.best_quality = 1, job.quality
+        state.last_embed_frame = job.frame_index
+        _LOGGER.debug("track %d: descriptor disagrees with its earlier ones: now track %d",
+                      old, track.track_id)
+        return state
+
     def _match_and_decide(self, jobs: Sequence[_EmbedJob]) -> None:
         """Each new descriptor updates its track's quality-weighted mean descriptor, and the
         sample that goes to the vote is the match of that mean: the mean of several views of
         one face is closer to the person than any single view (one blurred or turned crop
-        counts less), so the vote gets steadier as the track collects descriptors."""
+        counts less), so the vote gets steadier as the track collects descriptors.
+
+        A descriptor far from the track's mean (another person took the place of the track's
+        face: a cut the detector missed, students swapping places) splits the track first; a
+        re-verification descriptor of a decided track that agrees changes nothing."""
         means = []
+        voting: list[_EmbedJob] = []
         for job in jobs:
-            state, w = job.state, max(job.quality, 1e-3)
             assert job.embedding is not None
+            if job.track.data.get("state") is not job.state:
+                continue  # the track was split since this crop was queued
+            if job.state.vote.decided:
+                self.reverified += 1
+            if self._disagrees(job.state, job.embedding):
+                job.state = self._split(job)
+            elif job.state.vote.decided:
+                continue
+            state, w = job.state, max(job.quality, 1e-3)
             state.desc_sum = (job.embedding * w if state.desc_sum is None
                               else state.desc_sum + job.embedding * w)
             state.desc_weight += w
             means.append(state.desc_sum / state.desc_weight)
+            voting.append(job)
+        if not voting:
+            return
+        jobs = voting
         matches = self._matcher.match(np.stack(means).astype(np.float32))
         for job, match in zip(jobs, matches, strict=True):
             track, state, q = job.track, job.state, job.quality
@@ -896,7 +984,7 @@ class Pipeline:
         size = 0 if roster is None else len(roster.student_ids)
         note = None
         if size == 0:
-            why = getattr(self.roster_provider, "error", None)
+            why = self.roster_error or getattr(self.roster_provider, "error", None)
             note = "no roster: every face is unknown" + (f" ({why})" if why else "")
         with self._lock:
             return PipelineStatus(
@@ -1025,6 +1113,9 @@ def replay_video(
         ],
         "unknown_tracks": pipeline.unknown_tracks,
         "tracks": pipeline.tracker.total_tracks,
+        "cuts": pipeline.cut_detector.cuts,
+        "track_splits": pipeline.splits,
+        "reverified": pipeline.reverified,
         "embeddings": pipeline.embeddings,
         "roster_size": 0 if pipeline._roster is None else len(pipeline._roster.student_ids),
         "peak_rss_mb": peak_rss_mb(),  # this process

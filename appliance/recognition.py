@@ -3,8 +3,9 @@
 Matching rule (see docs/RECOGNITION.md): each student is represented by the mean (centroid) of
 their descriptors (several photos per student: the centroid measured best on the tuning people,
 ahead of "closest photo"; ``aggregate="min"`` keeps the latter). For each query descriptor the
-Euclidean distance to every student is computed at once (numpy), and the query is the closest
-student only if
+distance to every student is computed at once (numpy): Euclidean for dlib descriptors, cosine
+(``1 - cos``, queries and centroids L2-normalised) for SFace's (``metric``). The query is the
+closest student only if
 
 - the best student distance is at most ``threshold``, and
 - the second-best *student* is at least ``margin`` further away (an ambiguous face is not
@@ -23,11 +24,12 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from cloud_sync.protocol import RosterEntry
+from cloud_sync.protocol import LEGACY_EMBEDDER, RosterEntry
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,11 +41,31 @@ class RosterFile(BaseModel):
     """``roster.json``: what `appliance roster build` writes and the pipeline reads."""
 
     v: int = Field(default=ROSTER_FILE_VERSION, description="Format version (1).")
+    embedder: str = Field(
+        default=LEGACY_EMBEDDER, max_length=100,
+        description="`name/model_version` of the embedder that made the descriptors (absent in "
+        "rosters made before it was recorded: those were dlib's).")
     students: list[RosterEntry] = Field(description="Students with their face descriptors.")
 
 
 class RosterError(ValueError):
     """A roster file is missing or malformed; the message names the file and the problem."""
+
+
+class RosterEmbedderError(RosterError):
+    """A roster's descriptors come from another embedder than the device's."""
+
+
+def check_embedder(roster_embedder: str, expected: str, where: str = "roster") -> None:
+    """Raise :class:`RosterEmbedderError` with the fix when the two differ."""
+    if roster_embedder == expected:
+        return
+    raise RosterEmbedderError(
+        f"{where} was made by the {roster_embedder} embedder but this device runs "
+        f"{expected}: its descriptors are not comparable, so it is refused (every face stays "
+        f"unknown). Fix: rebuild the roster with the device's embedder (`appliance roster "
+        f"build`, or the aggregator serving {expected.split('/')[0]} descriptors), or set "
+        f"recognition.embedder = \"{roster_embedder.split('/')[0]}\".")
 
 
 @dataclass
@@ -56,6 +78,7 @@ class Roster:
         default_factory=lambda: np.zeros((0, EMBEDDING_DIM), np.float32)
     )
     owners: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    embedder: str = LEGACY_EMBEDDER  # `name/model_version` that made the descriptors
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, np.float32).reshape(-1, EMBEDDING_DIM)
@@ -73,11 +96,12 @@ class Roster:
         return len(self.student_ids)
 
     @classmethod
-    def empty(cls) -> Roster:
-        return cls([], [])
+    def empty(cls, embedder: str = LEGACY_EMBEDDER) -> Roster:
+        return cls([], [], embedder=embedder)
 
     @classmethod
-    def from_entries(cls, entries: Iterable[RosterEntry]) -> Roster:
+    def from_entries(cls, entries: Iterable[RosterEntry],
+                     embedder: str = LEGACY_EMBEDDER) -> Roster:
         ids: list[str] = []
         names: list[str] = []
         embeddings: list[list[float]] = []
@@ -90,7 +114,8 @@ class Roster:
             embeddings.extend(entry.embeddings)
             ids.append(entry.student_id)
             names.append(entry.name)
-        return cls(ids, names, np.asarray(embeddings, np.float32), np.asarray(owners, np.int64))
+        return cls(ids, names, np.asarray(embeddings, np.float32), np.asarray(owners, np.int64),
+                   embedder=embedder)
 
     def to_entries(self) -> list[RosterEntry]:
         return [
@@ -121,7 +146,7 @@ class Roster:
         if data.v != ROSTER_FILE_VERSION:
             raise RosterError(f"roster {path}: unsupported version {data.v}")
         try:
-            return cls.from_entries(data.students)
+            return cls.from_entries(data.students, data.embedder)
         except ValueError as err:
             raise RosterError(f"roster {path}: {err}") from err
 
@@ -129,7 +154,8 @@ class Roster:
         """Write roster.json atomically (temp file + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = RosterFile(students=self.to_entries()).model_dump(mode="json")
+        doc = RosterFile(embedder=self.embedder, students=self.to_entries()).model_dump(
+            mode="json")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -171,16 +197,20 @@ class Matcher:
     """Vectorised open-set matching of descriptors against a roster."""
 
     def __init__(
-        self, roster: Roster, threshold: float, margin: float, *, aggregate: str = "centroid"
+        self, roster: Roster, threshold: float, margin: float, *, aggregate: str = "centroid",
+        metric: str = "euclidean",
     ) -> None:
         if aggregate not in ("centroid", "min"):
             raise ValueError(f"aggregate must be 'centroid' or 'min', not {aggregate!r}")
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"metric must be 'euclidean' or 'cosine', not {metric!r}")
         self.roster = roster
         self.threshold = threshold
         self.margin = margin
         self.aggregate = aggregate
+        self.metric = metric
         order = np.argsort(roster.owners, kind="stable")
-        embeddings = roster.embeddings[order].astype(np.float64)
+        embeddings = self._prepare(roster.embeddings[order])
         owners = roster.owners[order]
         starts = (
             np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
@@ -191,20 +221,40 @@ class Matcher:
         if aggregate == "centroid" and starts.size:
             counts = np.diff(np.r_[starts, len(owners)])
             embeddings = np.add.reduceat(embeddings, starts, axis=0) / counts[:, None]
+            embeddings = self._prepare(embeddings)
             starts = np.arange(len(starts))
         self._starts = starts
         self._embeddings = embeddings
         self._sq = (embeddings**2).sum(1)
 
+    @classmethod
+    def for_embedder(cls, roster: Roster, cfg: Any) -> Matcher:
+        """The matcher of a ``RecognitionConfig``: its embedder's metric, its threshold and
+        margin (or the embedder's calibrated ones)."""
+        from appliance.vision.embedding import spec
+
+        return cls(roster, cfg.match_threshold(), cfg.match_margin(),
+                   metric=spec(cfg.embedder).metric)
+
+    def _prepare(self, vectors: np.ndarray) -> np.ndarray:
+        """float64 copies; unit length for the cosine metric."""
+        v = np.asarray(vectors, np.float64).reshape(-1, EMBEDDING_DIM)
+        if self.metric == "cosine":
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        return v
+
     def student_distances(self, embeddings: np.ndarray) -> np.ndarray:
         """``(n, s)``: each query's distance to each student (to the centroid of their
         descriptors, or the closest one with ``aggregate="min"``), columns in the order of the
         students that have at least one descriptor."""
-        q = np.asarray(embeddings, np.float64).reshape(-1, EMBEDDING_DIM)
+        q = self._prepare(embeddings)
         if not self._starts.size:
             return np.zeros((len(q), 0))
-        sq = (q * q).sum(1)[:, None] + self._sq[None, :] - 2.0 * q @ self._embeddings.T
-        dist = np.sqrt(np.maximum(sq, 0.0))
+        if self.metric == "cosine":
+            dist = np.maximum(1.0 - q @ self._embeddings.T, 0.0)
+        else:
+            sq = (q * q).sum(1)[:, None] + self._sq[None, :] - 2.0 * q @ self._embeddings.T
+            dist = np.sqrt(np.maximum(sq, 0.0))
         if self.aggregate == "centroid":
             return dist
         return np.minimum.reduceat(dist, self._starts, axis=1)

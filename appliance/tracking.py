@@ -7,6 +7,12 @@ box is predicted one step ahead with its recent velocity before association. Ass
 greedy on the cost matrix (cheapest pair first): with the few faces of a door view it gives the
 same result as the Hungarian method at a fraction of the code. A track not seen for more than
 ``max_missed`` frames expires.
+
+Boxes alone cannot tell two people apart when one replaces the other at the same place: a
+camera cut (a video montage, a PTZ camera moving, a stream switching cameras) or two students
+swapping places at the door. :class:`CutDetector` finds cuts from the frames themselves, and
+:meth:`Tracker.cut` ends every track there; :meth:`Tracker.split` gives a track a new identity
+when the pipeline finds that its face changed (its descriptors disagree).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import cv2
 import numpy as np
 
 from appliance.vision.detector import Detection
@@ -172,6 +179,26 @@ class Tracker:
         track.hits += 1
         track.missed = 0
 
+    def cut(self) -> list[Track]:
+        """A camera cut: every track ends here (returned, and in :attr:`expired` until the
+        next update); faces after the cut start new tracks."""
+        ended = self.tracks
+        self.expired, self.tracks = self.expired + ended, []
+        return ended
+
+    def split(self, track: Track, *, at: datetime | None = None,
+              pts_s: float | None = None) -> int:
+        """The face of ``track`` is another person from now on: a new id, a new start, the
+        same box (returns the old id)."""
+        old = track.track_id
+        track.track_id = next(self._ids)
+        track.first_frame = track.last_frame
+        track.first_seen, track.first_pts_s = at, pts_s
+        track.hits = 1
+        track.data = {}
+        self.total_tracks += 1
+        return old
+
     def flush(self) -> list[Track]:
         """End every track (end of a video): returns them, as if they had expired."""
         self.expired, self.tracks = self.tracks, []
@@ -180,3 +207,45 @@ class Tracker:
 
 def _center(box: Box) -> tuple[float, float]:
     return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+
+
+class CutDetector:
+    """Shot cuts from consecutive frames: a cut changes the whole picture at once, both its
+    colours (Bhattacharyya distance of hue-saturation histograms of a 64x36 thumbnail) and its
+    layout (mean absolute difference of the grey thumbnails). Both must jump: a person walking
+    close to the camera changes the layout but hardly the colours; light switched on changes
+    brightness, not hue and saturation.
+
+    Thresholds measured on the montage test video (15 cuts: histogram >= 0.29, grey >= 23) and
+    on the Hamilton and walking clips (every frame that is not a cut: histogram <= 0.21, grey
+    <= 14; Hamilton's 3 real cuts: >= 0.41 and >= 27)."""
+
+    SIZE = (64, 36)
+
+    def __init__(self, hist_threshold: float = 0.25, grey_threshold: float = 18.0) -> None:
+        self.hist_threshold = hist_threshold
+        self.grey_threshold = grey_threshold
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None
+        self.cuts = 0
+
+    def _signature(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        small = cv2.resize(image, self.SIZE, interpolation=cv2.INTER_AREA)
+        if small.ndim == 2:
+            small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
+        hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
+        hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
+        cv2.normalize(hist, hist, 1.0, 0.0, cv2.NORM_L1)
+        grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        return hist, grey
+
+    def update(self, image: np.ndarray) -> bool:
+        """True when ``image`` starts a new shot (never for the first frame)."""
+        sig = self._signature(image)
+        prev, self._prev = self._prev, sig
+        if prev is None:
+            return False
+        hist = cv2.compareHist(prev[0], sig[0], cv2.HISTCMP_BHATTACHARYYA)
+        grey = float(np.abs(prev[1] - sig[1]).mean())
+        cut = hist >= self.hist_threshold and grey >= self.grey_threshold
+        self.cuts += cut
+        return cut

@@ -23,6 +23,10 @@ from pydantic import (
 
 PROTOCOL_VERSION = 1
 EMBEDDING_DIM = 128
+# The descriptor spaces, `name/model_version` per embedder name (appliance.vision.embedding).
+EMBEDDER_IDS = {"sface": "sface/sface-2021dec-int8bq", "dlib": "dlib/dlib-resnet-v1"}
+# ... of the descriptors made before the embedder was recorded (all dlib's)
+LEGACY_EMBEDDER = EMBEDDER_IDS["dlib"]
 MAX_BATCH = 1000
 
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9._-]+$"
@@ -291,6 +295,11 @@ class ScheduleResponse(Message):
     sessions: list[ClassSession] = Field(description="Every class in the room that day.")
     rosters: dict[str, list[RosterEntry]] = Field(
         description="Enrolled students (with embeddings) per course_id of `sessions`."
+    )
+    embedder: str = Field(
+        default=LEGACY_EMBEDDER, max_length=100,
+        description="`name/model_version` of the embedder that made the rosters' descriptors "
+        "(the `embedder` query parameter); a device refuses rosters of another embedder.",
     )
 
 

@@ -128,13 +128,15 @@ def test_bad_roster_files(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ real photos
 
 
-@pytest.fixture(scope="module")
-def pipeline(model_dir: Path):  # type: ignore[no-untyped-def]
-    from appliance.vision.embedder import FaceEmbedder
+@pytest.fixture(scope="module", params=["sface", "dlib"])
+def pipeline(model_dir: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """(enroll, faces, cfg, embedder) for each embedder: every real-photo test runs on both."""
+    from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
 
     detector = enrollment_detector(model_dir)
-    embedder = FaceEmbedder(model_dir)
+    embedder = create_embedder(request.param, model_dir)
+    cfg = RecognitionConfig(embedder=request.param)
 
     def enroll(paths: dict[str, list[Path]]) -> Roster:
         entries = []
@@ -145,23 +147,22 @@ def pipeline(model_dir: Path):  # type: ignore[no-untyped-def]
                 assert result.ok, f"{p}: {result.reason}"
                 embs.append(result.embedding.tolist())
             entries.append(RosterEntry(student_id=sid, name=sid, embeddings=embs))
-        return Roster.from_entries(entries)
+        return Roster.from_entries(entries, embedder_id(request.param))
 
     def faces(path: Path) -> np.ndarray:
         img = load_image(path)
         dets = detector.detect(img)
         return embedder.embed(img, dets)
 
-    return enroll, faces
+    return enroll, faces, cfg, embedder
 
 
 def test_knn_examples_people_recognised_across_photos(pipeline, faces_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    enroll, faces = pipeline
+    enroll, faces, cfg, _ = pipeline
     knn = faces_dir / "face_recognition/examples/knn_examples"
     train = {d.name: sorted(d.iterdir()) for d in sorted((knn / "train").iterdir())}
     roster = enroll(train)
-    cfg = RecognitionConfig()
-    matcher = Matcher(roster, cfg.threshold, cfg.margin)
+    matcher = Matcher.for_embedder(roster, cfg)
     (obama,) = matcher.match(faces(knn / "test/obama1.jpg"))
     assert obama.student_id == "obama"
     (alex,) = matcher.match(faces(knn / "test/alex_lacamoire1.jpg"))
@@ -171,29 +172,27 @@ def test_knn_examples_people_recognised_across_photos(pipeline, faces_dir: Path)
 
 
 def test_unenrolled_people_are_unknown(pipeline, faces_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    enroll, faces = pipeline
+    enroll, faces, cfg, _ = pipeline
     ex = faces_dir / "face_recognition/examples"
     roster = enroll({"obama": [ex / "obama.jpg"]})
-    cfg = RecognitionConfig()
-    matcher = Matcher(roster, cfg.threshold, cfg.margin)
+    matcher = Matcher.for_embedder(roster, cfg)
     (m,) = matcher.match(faces(ex / "obama2.jpg"))
     assert m.student_id == "obama" and m.confidence > 0.5
     (m,) = matcher.match(faces(ex / "biden.jpg"))
-    assert m.student_id is None and m.distance > cfg.threshold
+    assert m.student_id is None and m.distance > cfg.match_threshold()
 
 
 def test_hard_cases_couple_and_selfie(pipeline, faces_dir: Path) -> None:  # type: ignore[no-untyped-def]
     """At 0.6 an unenrolled man in couple.jpg lands 0.59 from jack_dorsey and an unknown woman in
     the selfie 0.58 from jennifer_aniston: the defaults must call both unknown."""
-    enroll, faces = pipeline
+    enroll, faces, cfg, _ = pipeline
     ds = faces_dir / "deepface/tests/unit/dataset"
     ids = {}
     for line in (faces_dir / "deepface/identities.csv").read_text().splitlines()[1:]:
         name, files, *_ = line.split(",")
         ids[name] = [ds / f for f in files.split() if "/" not in f and f != "img47.jpg"]
     roster = enroll({n: ids[n][:3] for n in ("jack_dorsey", "jennifer_aniston", "angelina_jolie")})
-    cfg = RecognitionConfig()
-    matcher = Matcher(roster, cfg.threshold, cfg.margin)
+    matcher = Matcher.for_embedder(roster, cfg)
     couple = matcher.match(faces(ds / "couple.jpg"))
     assert len(couple) == 2
     assert all(m.student_id != "jack_dorsey" for m in couple)
@@ -211,20 +210,17 @@ def test_bbt_group_photos_from_tight_crops(pipeline, faces_dir: Path, model_dir:
     """8 characters enrolled from 150x150 grey tight crops (found thanks to the still-photo
     border retry), then found left to right in the labelled group photos; stuart (enrolled) is
     in none of them."""
-    enroll, _ = pipeline
+    enroll, _, cfg, embedder = pipeline
     root = faces_dir / "faceapi_bbt"
     images = root / "examples/images"
     crops = {d.name: sorted(d.glob("*.png")) for d in sorted(images.iterdir()) if d.is_dir()}
     assert len(crops) == 8
     roster = enroll(crops)
-    cfg = RecognitionConfig()
-    matcher = Matcher(roster, cfg.threshold, cfg.margin)
+    matcher = Matcher.for_embedder(roster, cfg)
     from appliance.vision.detector import FaceDetector
-    from appliance.vision.embedder import FaceEmbedder
     from appliance.vision.enroll import load_image
 
     detector = FaceDetector(model_dir)
-    embedder = FaceEmbedder(model_dir)
     correct = total = 0
     for line in (root / "group_photo_labels.tsv").read_text().splitlines():
         if line.startswith("#") or not line.strip():

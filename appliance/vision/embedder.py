@@ -71,7 +71,11 @@ def hog_box(box: Sequence[float], calibration: BoxCalibration) -> tuple[float, f
 
 
 class FaceEmbedder:
-    """128-d dlib descriptors for detections in a BGR frame."""
+    """128-d dlib descriptors for detections in a BGR frame (the ``dlib`` embedder)."""
+
+    name = "dlib"
+    model_version = "dlib-resnet-v1"
+    metric = "euclidean"
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Enrollment: one photo in, exactly one face descriptor out, or the reason it was rejected.
+"""Enrollment: one photo in, exactly one face descriptor out, or the reason it was rejected;
+or a short enrolment video in, the best and most varied frames' descriptors out.
 
 Shared by ``appliance roster build`` and the aggregator's server-side enrollment, so it depends
 only on the vision modules, the config and the models (no appliance runtime).
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 
 from appliance.vision.detector import Detection, FaceDetector
-from appliance.vision.embedder import FaceEmbedder
+from appliance.vision.embedding import Embedder
 from appliance.vision.quality import face_quality, sharpness
 
 _LOGGER = logging.getLogger(__name__)
@@ -23,6 +24,13 @@ ENROLL_JITTERS = 5  # re-sampled descriptors averaged for roster photos (enrolme
 MIN_SHARPNESS = 40.0  # Laplacian variance; real LFW/press photos are above ~140, blurred ~10
 MAX_SIDE_PX = 1600  # larger photos are downscaled first (faces stay far above the minimum)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi")
+MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+RECOMMENDED_PHOTOS = (3, 5)  # per student (docs/RECOGNITION.md: the effect of 1, 2, 3, 5)
+VIDEO_FRAMES = 5  # descriptors taken from one enrolment video
+VIDEO_CANDIDATES = 12  # sharpest, most frontal frames considered for them
+VIDEO_MAX_SAMPLED = 60  # frames looked at, spread over the clip
+VIDEO_MAX_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -85,10 +93,39 @@ def detect_still(image_bgr: np.ndarray, detector: FaceDetector) -> list[Detectio
     ]
 
 
+def one_face(
+    image_bgr: np.ndarray,
+    detector: FaceDetector,
+    min_face_px: int = 40,
+    *,
+    min_sharpness: float = MIN_SHARPNESS,
+) -> tuple[np.ndarray, EnrollResult]:
+    """The (possibly downscaled) image and its one usable face (``embedding`` still None), or
+    the reason there is none: "no face", "2 faces", "face too small (N px)", "blurred"."""
+    scale = 1.0
+    if max(image_bgr.shape[:2]) > MAX_SIDE_PX:
+        scale = MAX_SIDE_PX / max(image_bgr.shape[:2])
+        image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    detections = detect_still(image_bgr, detector)
+    if not detections:
+        return image_bgr, EnrollResult(None, "no face")
+    big = [d for d in detections if d.width / scale >= min_face_px]
+    if not big:
+        largest = max(detections, key=lambda d: d.width)
+        return image_bgr, EnrollResult(
+            None, f"face too small ({round(largest.width / scale)} px)", largest)
+    if len(big) > 1:
+        return image_bgr, EnrollResult(None, f"{len(big)} faces")
+    det = big[0]
+    if sharpness(image_bgr, det) < min_sharpness:
+        return image_bgr, EnrollResult(None, "blurred", det)
+    return image_bgr, EnrollResult(None, None, det, face_quality(image_bgr, det))
+
+
 def embed_photo(
     image_bgr: np.ndarray,
     detector: FaceDetector,
-    embedder: FaceEmbedder,
+    embedder: Embedder,
     min_face_px: int = 40,
     *,
     num_jitters: int = ENROLL_JITTERS,
@@ -101,24 +138,81 @@ def embed_photo(
     rather than as no face; faces below ``min_face_px`` next to a big one are not counted as
     extra faces (background people).
     """
-    scale = 1.0
-    if max(image_bgr.shape[:2]) > MAX_SIDE_PX:
-        scale = MAX_SIDE_PX / max(image_bgr.shape[:2])
-        image_bgr = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    detections = detect_still(image_bgr, detector)
-    if not detections:
-        return EnrollResult(None, "no face")
-    big = [d for d in detections if d.width / scale >= min_face_px]
-    if not big:
-        largest = max(detections, key=lambda d: d.width)
-        return EnrollResult(None, f"face too small ({round(largest.width / scale)} px)", largest)
-    if len(big) > 1:
-        return EnrollResult(None, f"{len(big)} faces")
-    det = big[0]
-    if sharpness(image_bgr, det) < min_sharpness:
-        return EnrollResult(None, "blurred", det)
+    image_bgr, found = one_face(image_bgr, detector, min_face_px, min_sharpness=min_sharpness)
+    if found.detection is None or found.reason is not None:
+        return found
+    det = found.detection
     embedding = embedder.embed(image_bgr, [det], num_jitters=num_jitters)[0]
-    return EnrollResult(embedding, None, det, face_quality(image_bgr, det))
+    return EnrollResult(embedding, None, det, found.quality)
+
+
+def is_video(path: Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def video_frames(path: Path, max_frames: int = VIDEO_MAX_SAMPLED,
+                 max_seconds: float = VIDEO_MAX_SECONDS) -> list[np.ndarray]:
+    """Up to ``max_frames`` frames spread evenly over the first ``max_seconds`` of a video."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise ValueError(f"{path}: not a video OpenCV can read")
+        fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        limit = int(min(count if count > 0 else fps * max_seconds, fps * max_seconds))
+        step = max(1, limit // max_frames)
+        frames: list[np.ndarray] = []
+        index = 0
+        while index < limit and len(frames) < max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if index % step == 0:
+                frames.append(frame)
+            index += 1
+    finally:
+        cap.release()
+    if not frames:
+        raise ValueError(f"{path}: no frame could be read")
+    return frames
+
+
+def embed_video(
+    path: Path,
+    detector: FaceDetector,
+    embedder: Embedder,
+    min_face_px: int = 40,
+    *,
+    count: int = VIDEO_FRAMES,
+    num_jitters: int = ENROLL_JITTERS,
+) -> list[EnrollResult]:
+    """The descriptors of the best, most varied frames of a short enrolment video.
+
+    Frames spread over the clip are checked like photos (exactly one face, big and sharp
+    enough); the ``VIDEO_CANDIDATES`` of highest face quality get a descriptor, and ``count``
+    of them are chosen greedily: first the best, then each time the frame whose descriptor is
+    farthest from those already chosen (times its quality), so the roster holds different
+    views of the face rather than five copies of one."""
+    candidates: list[tuple[float, np.ndarray, Detection]] = []
+    for frame in video_frames(path):
+        image, found = one_face(frame, detector, min_face_px)
+        if found.reason is None and found.detection is not None:
+            candidates.append((found.quality, image, found.detection))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    candidates = candidates[:VIDEO_CANDIDATES]
+    if not candidates:
+        return []
+    vectors = np.stack([embedder.embed(img, [det], num_jitters=num_jitters)[0]
+                        for _, img, det in candidates]).astype(np.float64)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    chosen = [0]
+    while len(chosen) < min(count, len(candidates)):
+        spread = 1.0 - (unit @ unit[chosen].T).max(axis=1)
+        score = spread * np.array([c[0] for c in candidates])
+        score[chosen] = -1.0
+        chosen.append(int(np.argmax(score)))
+    return [EnrollResult(vectors[i].astype(np.float32), None, candidates[i][2],
+                         candidates[i][0]) for i in chosen]
 
 
 def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetector:
@@ -127,9 +221,11 @@ def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetec
 
 
 def collect_photos(photos_dir: Path) -> dict[str, list[Path]]:
-    """Student id -> photos: ``S001.jpg`` (one photo) and/or ``S001/*.jpg`` (several).
+    """Student id -> photos: ``S001.jpg`` (one photo) and/or ``S001/*.jpg`` (several); enrolment
+    videos (``S001.mp4``, ``S001/*.mp4``) are listed too (see :func:`is_video`).
 
-    Hidden files and files that are not images (by suffix) are ignored; ids are sorted.
+    Hidden files and files that are neither images nor videos (by suffix) are ignored; ids are
+    sorted.
     """
     found: dict[str, list[Path]] = {}
     for entry in sorted(Path(photos_dir).iterdir()):
@@ -138,11 +234,11 @@ def collect_photos(photos_dir: Path) -> dict[str, list[Path]]:
         if entry.is_dir():
             photos = [
                 p for p in sorted(entry.iterdir())
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in MEDIA_SUFFIXES
             ]
             if photos:
                 found.setdefault(entry.name, []).extend(photos)
-        elif entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES:
+        elif entry.is_file() and entry.suffix.lower() in MEDIA_SUFFIXES:
             found.setdefault(entry.stem, []).append(entry)
     return found
 

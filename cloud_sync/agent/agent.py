@@ -358,7 +358,8 @@ class SyncAgent:
         cached = self._store.load_schedule()
         etag = cached[1] if cached else None
         try:
-            fetched = self._http.fetch_schedule(room_id, etag)
+            fetched = self._http.fetch_schedule(
+                room_id, etag, self._settings.recognition.embedder)
         except TransportError as err:
             _LOGGER.info("schedule pull failed: %s (using the cached one)", err)
             self._last_error = f"schedule: {err}"

@@ -126,13 +126,13 @@ class HttpTransport:
             raise TransportError(f"POST {HEARTBEAT_PATH}: {_reason(response)}")
 
     def fetch_schedule(
-        self, room_id: str, etag: str | None
+        self, room_id: str, etag: str | None, embedder: str | None = None
     ) -> tuple[ScheduleResponse, str | None] | None:
-        """The room's schedule and rosters, or None when unchanged (304 on If-None-Match)."""
+        """The room's schedule and rosters (with ``embedder``'s descriptors), or None when
+        unchanged (304 on If-None-Match)."""
         headers = {"If-None-Match": etag} if etag else {}
-        response = self._request(
-            "GET", SCHEDULE_PATH, params={"room_id": room_id}, headers=headers
-        )
+        params = {"room_id": room_id} | ({"embedder": embedder} if embedder else {})
+        response = self._request("GET", SCHEDULE_PATH, params=params, headers=headers)
         if response.status_code == 304:
             return None
         if not response.is_success:

@@ -96,7 +96,9 @@ class ScheduleRosterProvider:
         if roster is None:
             assert self._schedule is not None
             entries = self._schedule.rosters.get(course_id, [])
-            roster = Roster.from_entries(entries) if entries else Roster.empty()
+            embedder = self._schedule.embedder
+            roster = (Roster.from_entries(entries, embedder) if entries
+                      else Roster.empty(embedder))
             self._rosters[course_id] = roster
         return roster
 

@@ -253,7 +253,8 @@ def faces_encode(
                     result = encoder.encode(faces.decode_image(data))
                     if result.embedding is None:
                         raise ServiceError(result.reason or "no usable face")
-                    row = faces.store_embedding(session, settings, student_id, result.embedding,
+                    row = faces.store_embedding(session, settings, student_id,
+                                                result.vectors or result.embedding,
                                                 result.quality, f"batch:{shown}", data,
                                                 path.suffix.lower())
                 except ServiceError as err:
@@ -269,6 +270,34 @@ def faces_encode(
     Console().print(table)
     typer.echo(f"{ok} of {len(files)} photos enrolled")
     if ok < len(files):
+        raise typer.Exit(1)
+
+
+@faces_app.command("reencode")
+def faces_reencode(config: ConfigOption = None) -> None:
+    """Add the descriptors of every configured embedder (setting `embedders`) to the photos
+    enrolled before it was configured, from the kept photos (`keep_photos`); lists the
+    students who still lack an embedder's descriptors (no photo kept: enrol them again).
+    The migration path for rosters enrolled with dlib only."""
+    from cloud_sync.aggregator.services import faces
+    from cloud_sync.protocol import EMBEDDER_IDS
+
+    settings = load_or_exit(config)
+    wanted = [EMBEDDER_IDS[n] for n in dict.fromkeys(settings.embedders)]
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            report = faces.reencode(session, faces.FaceEncoder(settings), wanted)
+    finally:
+        engine.dispose()
+    for line in report.failed:
+        typer.echo(f"failed {line}", err=True)
+    for student_id, lacking in report.need_photos.items():
+        typer.echo(f"student {student_id}: no {', '.join(lacking)} descriptor and no kept "
+                   "photo: enrol again", err=True)
+    typer.echo(f"{report.added} descriptors added; {len(report.need_photos)} students need "
+               "new photos")
+    if report.failed or report.need_photos:
         raise typer.Exit(1)
 
 

@@ -165,6 +165,15 @@ class AggregatorSettings(TomlSettings):
         description="BlazeFace model used for server-side enrollment; keep it equal to the "
         "devices' detector.model (the embedder's box calibration depends on it).",
     )
+    embedders: list[Literal["sface", "dlib"]] = Field(
+        default=["sface", "dlib"],
+        min_length=1,
+        max_length=2,
+        title="Face embedders",
+        description="Descriptors computed for every enrolled photo, one per embedder, so a "
+        "fleet can switch `recognition.embedder` without new photos. The first is what "
+        "`GET /schedule` serves when a device does not name its embedder.",
+    )
     enroll_min_face_px: int = Field(
         default=40,
         ge=20,

@@ -33,7 +33,8 @@ def test_example_configs_are_generated_from_the_models() -> None:
     text = appliance_config.example()
     for name, _kind, _default, _text in describe_fields(appliance_config.ApplianceSettings):
         assert f"{name.rsplit('.', 1)[-1]} = " in text, name
-    assert "# threshold = 0.48" in text and "# Allowed: >= 0.2; <= 0.8." in text
+    assert "# threshold = (unset)" in text and "# Allowed: >= 0.05; <= 1.5." in text
+    assert "# embedder = \"sface\"" in text
 
 
 def test_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -263,11 +263,15 @@ class FaceOut(BaseModel):
     quality: float | None
     photo_kept: bool
     created_at: Any
+    embedders: list[str] = Field(
+        default_factory=list,
+        description="`name/model_version` of every embedder with a descriptor of this photo.")
 
 
-def _face_out(row: Any) -> FaceOut:
+def _face_out(row: Any, embedders: list[str] | None = None) -> FaceOut:
     return FaceOut(id=row.id, student_id=row.student_id, source=row.source, quality=row.quality,
-                   photo_kept=row.photo_path is not None, created_at=row.created_at)
+                   photo_kept=row.photo_path is not None, created_at=row.created_at,
+                   embedders=embedders if embedders is not None else [row.embedder])
 
 
 @router.post(
@@ -297,18 +301,20 @@ def enroll_face(
         raise HTTPException(422, f"photo rejected: {result.reason}")
     suffix = FilePath(photo.filename or "photo.jpg").suffix.lower()
     row = faces.store_embedding(
-        session, ctx.settings, student_id, result.embedding, result.quality,
+        session, ctx.settings, student_id, result.vectors or result.embedding, result.quality,
         f"upload:{FilePath(photo.filename or 'photo').name}", data, suffix,
     )
     metrics.ENROLLMENTS.labels("accepted").inc()
     _after_write(ctx, tasks, "students")
-    return _face_out(row)
+    return _face_out(row, list(result.vectors) or None)
 
 
 @router.get("/students/{student_id}/faces", response_model=list[FaceOut], tags=["faces"],
             summary="A student's stored embeddings (metadata only).")
 def list_faces(_who: Admin, session: DB, student_id: Identifier) -> list[FaceOut]:
-    return [_face_out(r) for r in faces.list_faces(session, student_id)]
+    rows = faces.list_faces(session, student_id)
+    embedders = faces.embedders_of(session, [r.id for r in rows])
+    return [_face_out(r, embedders[r.id]) for r in rows]
 
 
 @router.delete("/students/{student_id}/faces/{face_id}", status_code=204, tags=["faces"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +14,7 @@ from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
 from cloud_sync.aggregator.services import ingest
 from cloud_sync.aggregator.services.schedule import build_schedule, render
 from cloud_sync.protocol import (
+    EMBEDDER_IDS,
     AttendanceBatch,
     BatchResult,
     Heartbeat,
@@ -51,15 +52,26 @@ async def get_schedule(
     who: DeviceOrAdmin,
     room_id: Annotated[Identifier, Query(description="Room id, e.g. LAB-301.")],
     at: Annotated[AwareDatetime | None, Query(description="ISO time (default: now).")] = None,
+    embedder: Annotated[Literal["sface", "dlib"] | None, Query(
+        description="The device's embedder (`recognition.embedder`): the rosters hold its "
+        "descriptors. Default: the aggregator's first configured embedder.")] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     if isinstance(who, DevicePrincipal) and who.room_id != room_id:
         raise HTTPException(403, "a device may only read its own room's schedule")
-    sessions = context(request).sessions
+    ctx = context(request)
+    name = embedder or ctx.settings.embedders[0]
+    if name not in ctx.settings.embedders:
+        raise HTTPException(
+            422, f"this aggregator computes no {name} descriptors (embedders = "
+            f"{list(ctx.settings.embedders)}); add {name!r} to `embedders` and run "
+            "`aggregator faces reencode`")
+    embedder_id = EMBEDDER_IDS[name]
+    sessions = ctx.sessions
 
     def work() -> tuple[bytes, str]:
         with sessions() as session:
-            return render(build_schedule(session, room_id, at))
+            return render(build_schedule(session, room_id, at, embedder_id))
 
     body, etag = await run_in_threadpool(work)  # one thread hop
     headers = {"ETag": etag, "Cache-Control": "no-cache"}

@@ -35,6 +35,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from cloud_sync.protocol import LEGACY_EMBEDDER
+
 ID_LEN = 64
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -137,11 +139,19 @@ class FaceEmbedding(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     student_id: Mapped[str] = mapped_column(ForeignKey("students.id", ondelete="CASCADE"))
     vector: Mapped[bytes] = mapped_column(LargeBinary, doc="128 little-endian float32")
+    embedder: Mapped[str] = mapped_column(
+        String(100), server_default=LEGACY_EMBEDDER,
+        doc="`name/model_version` that made the vector (rows before 0003: dlib)")
+    photo_of: Mapped[int | None] = mapped_column(
+        ForeignKey("face_embeddings.id", ondelete="CASCADE"), default=None,
+        doc="None: the row stands for its photo; else the id of the row that does (the same "
+        "photo's descriptor by another embedder)")
     source: Mapped[str] = mapped_column(String(200))
     quality: Mapped[float | None] = mapped_column(Float, default=None)
     photo_path: Mapped[str | None] = mapped_column(String(500), default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    __table_args__ = (Index("ix_face_embeddings_student", "student_id"),)
+    __table_args__ = (Index("ix_face_embeddings_student", "student_id"),
+                      Index("ix_face_embeddings_photo_of", "photo_of"))
 
 
 class Attendance(Base):

@@ -1,22 +1,26 @@
-"""Server-side enrollment: a photo -> exactly-one-face 128-d embedding, with the device's code.
+"""Server-side enrollment: a photo -> exactly-one-face 128-d embeddings, with the device's code.
 
 The detection, quality checks and embedding are the appliance's own
-(``appliance.vision.enroll.embed_photo`` with ``FaceDetector`` and ``FaceEmbedder``), so an
-embedding made here matches what the device computes at the door. Only the embedding is kept;
-the photo is written under ``data_dir/photos`` only when ``settings.keep_photos`` is true.
+(``appliance.vision.enroll.embed_photo`` with ``FaceDetector`` and the embedders of
+``appliance.vision.embedding``), so an embedding made here matches what the device computes at
+the door. One descriptor per configured embedder (``settings.embedders``) is kept for every
+photo, so devices of either embedder get a roster and a fleet can switch without new photos.
+The photo is written under ``data_dir/photos`` only when ``settings.keep_photos`` is true (it
+lets `aggregator faces reencode` add the descriptors of an embedder configured later).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.config import AggregatorSettings
@@ -28,7 +32,7 @@ from cloud_sync.aggregator.services.common import (
     UnavailableError,
     utcnow,
 )
-from cloud_sync.protocol import EMBEDDING_DIM
+from cloud_sync.protocol import EMBEDDING_DIM, LEGACY_EMBEDDER
 
 _LOGGER = logging.getLogger(__name__)
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"}
@@ -37,11 +41,14 @@ MAX_PIXELS = 40_000_000
 
 @dataclass(frozen=True)
 class Encoded:
-    """The outcome of one photo: an embedding (and quality) or the reason there is none."""
+    """The outcome of one photo: an embedding (and quality) or the reason there is none.
+    ``embedding`` is the first configured embedder's; ``vectors`` holds every configured
+    embedder's, by ``name/model_version``."""
 
     embedding: np.ndarray | None
     quality: float | None
     reason: str | None
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -58,19 +65,20 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 class FaceEncoder:
-    """Loads the device's detector and embedder once; thread-safe (one photo at a time)."""
+    """Loads the device's detector and the configured embedders once; thread-safe (one photo
+    at a time)."""
 
     def __init__(self, settings: AggregatorSettings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
-        self._parts: tuple[Any, Any, Any] | None = None
+        self._parts: tuple[Any, Any, list[Any]] | None = None
 
-    def _load(self) -> tuple[Any, Any, Any]:
+    def _load(self) -> tuple[Any, Any, list[Any]]:
         if self._parts is not None:
             return self._parts
         try:
             from appliance.vision import enroll
-            from appliance.vision.embedder import FaceEmbedder
+            from appliance.vision.embedding import create_embedder
         except ImportError as err:
             raise UnavailableError(f"server-side enrollment unavailable: {err}") from err
         from models import DEFAULT_MODEL_DIR, ModelError
@@ -80,43 +88,65 @@ class FaceEncoder:
         try:
             # Exactly what `appliance roster build` uses on the device side.
             detector = enroll.enrollment_detector(model_dir, model)
-            embedder = FaceEmbedder(model_dir, detector_model=model)
+            embedders = [create_embedder(name, model_dir, detector_model=model)
+                         for name in dict.fromkeys(self.settings.embedders)]
         except (ModelError, OSError, RuntimeError, ValueError) as err:
             raise UnavailableError(f"face models not loadable from {model_dir}: {err}") from err
-        self._parts = (enroll, detector, embedder)
+        self._parts = (enroll, detector, embedders)
         return self._parts
 
-    def encode(self, image_bgr: np.ndarray) -> Encoded:
+    def encode(self, image_bgr: np.ndarray, only: set[str] | None = None) -> Encoded:
+        """Every configured embedder's descriptor of the photo's one face (or those whose
+        ``name/model_version`` is in ``only``), or the reason there is none."""
         with self._lock:
-            enroll, detector, embedder = self._load()
-            result = enroll.embed_photo(
-                image_bgr, detector, embedder, self.settings.enroll_min_face_px
-            )
-        embedding = getattr(result, "embedding", None)
-        reason = getattr(result, "reason", None)
-        quality = getattr(result, "quality", None)
-        if embedding is None:
-            return Encoded(None, quality, reason or "no usable face")
-        vector = np.asarray(embedding, dtype=np.float32).reshape(-1)
-        if vector.shape != (EMBEDDING_DIM,) or not np.all(np.isfinite(vector)):
-            return Encoded(None, quality, "embedder returned an invalid vector")
-        return Encoded(vector, None if quality is None else float(quality), None)
+            enroll, detector, embedders = self._load()
+            wanted = [e for e in embedders
+                      if only is None or f"{e.name}/{e.model_version}" in only]
+            image, found = enroll.one_face(image_bgr, detector, self.settings.enroll_min_face_px)
+            if found.reason is not None or found.detection is None:
+                return Encoded(None, found.quality, found.reason or "no usable face")
+            vectors: dict[str, np.ndarray] = {}
+            for embedder in wanted:
+                raw = embedder.embed(image, [found.detection],
+                                     num_jitters=enroll.ENROLL_JITTERS)[0]
+                vector = np.asarray(raw, dtype=np.float32).reshape(-1)
+                if vector.shape != (EMBEDDING_DIM,) or not np.all(np.isfinite(vector)):
+                    return Encoded(None, found.quality, "embedder returned an invalid vector")
+                vectors[f"{embedder.name}/{embedder.model_version}"] = vector
+        if not vectors:
+            return Encoded(None, found.quality, "no embedder selected")
+        quality = float(found.quality)
+        return Encoded(next(iter(vectors.values())), quality, None, vectors)
+
 
 
 
 def store_embedding(
-    session: Session, settings: AggregatorSettings, student_id: str, vector: np.ndarray,
+    session: Session, settings: AggregatorSettings, student_id: str,
+    vector: np.ndarray | Mapping[str, np.ndarray],
     quality: float | None, source: str, photo: bytes | None = None, suffix: str = ".jpg",
 ) -> FaceEmbedding:
-    """Keep one embedding (and the photo only if ``keep_photos``). Commits."""
+    """Keep one photo's embeddings (``vector``: one per ``name/model_version``, or a single
+    dlib vector as before embedders were recorded) and the photo only if ``keep_photos``.
+    Returns the row that stands for the photo. Commits."""
     begin_write(session)
     if session.get(Student, student_id) is None:
         raise NotFoundError(f"student {student_id!r} does not exist")
-    row = FaceEmbedding(
-        student_id=student_id, vector=np.asarray(vector, dtype="<f4").tobytes(),
-        source=source[:200], quality=quality, created_at=utcnow(),
-    )
+    vectors = dict(vector) if isinstance(vector, Mapping) else {LEGACY_EMBEDDER: vector}
+    now = utcnow()
+    rows = [
+        FaceEmbedding(
+            student_id=student_id, vector=np.asarray(v, dtype="<f4").tobytes(),
+            embedder=embedder, source=source[:200], quality=quality, created_at=now,
+        )
+        for embedder, v in vectors.items()
+    ]
+    row = rows[0]
     session.add(row)
+    session.flush()
+    for other in rows[1:]:
+        other.photo_of = row.id
+        session.add(other)
     session.flush()
     if settings.keep_photos and photo is not None:
         directory = Path(settings.data_dir) / "photos" / student_id
@@ -132,17 +162,87 @@ def list_faces(session: Session, student_id: str) -> list[FaceEmbedding]:
     if session.get(Student, student_id) is None:
         raise NotFoundError(f"student {student_id!r} does not exist")
     return list(session.scalars(
-        select(FaceEmbedding).where(FaceEmbedding.student_id == student_id)
+        select(FaceEmbedding).where(FaceEmbedding.student_id == student_id,
+                                    FaceEmbedding.photo_of.is_(None))
         .order_by(FaceEmbedding.id)
     ))
+
+
+def embedders_of(session: Session, face_ids: list[int]) -> dict[int, list[str]]:
+    """Photo row id -> the embedders that have a descriptor of that photo."""
+    out: dict[int, list[str]] = {i: [] for i in face_ids}
+    if not face_ids:
+        return out
+    rows = session.execute(
+        select(FaceEmbedding.id, FaceEmbedding.photo_of, FaceEmbedding.embedder)
+        .where((FaceEmbedding.id.in_(face_ids)) | (FaceEmbedding.photo_of.in_(face_ids)))
+        .order_by(FaceEmbedding.id)
+    ).all()
+    for row_id, photo_of, embedder in rows:
+        out[photo_of if photo_of is not None else row_id].append(embedder)
+    return out
 
 
 def delete_face(session: Session, student_id: str, face_id: int) -> None:
     begin_write(session)
     row = session.get(FaceEmbedding, face_id)
-    if row is None or row.student_id != student_id:
+    if row is None or row.student_id != student_id or row.photo_of is not None:
         raise NotFoundError(f"face {face_id} of student {student_id!r} does not exist")
     if row.photo_path:
         Path(row.photo_path).unlink(missing_ok=True)
+    session.execute(delete(FaceEmbedding).where(FaceEmbedding.photo_of == row.id))
     session.delete(row)
     session.commit()
+
+
+@dataclass
+class ReencodeReport:
+    """What `aggregator faces reencode` did."""
+
+    added: int = 0  # descriptors computed from kept photos
+    failed: list[str] = field(default_factory=list)  # "photo: reason"
+    # students lacking a configured embedder's descriptor with no kept photo to compute it from
+    need_photos: dict[str, list[str]] = field(default_factory=dict)
+
+
+def reencode(session: Session, encoder: FaceEncoder, wanted: list[str]) -> ReencodeReport:
+    """Add the missing descriptors of every embedder in ``wanted`` (``name/model_version``)
+    to every enrolled photo that was kept; list the students who still have none of an
+    embedder's descriptors (their photos were not kept: they must be enrolled again)."""
+    report = ReencodeReport()
+    photos = list(session.scalars(
+        select(FaceEmbedding).where(FaceEmbedding.photo_of.is_(None))
+        .order_by(FaceEmbedding.id)))
+    have = embedders_of(session, [p.id for p in photos])
+    session.rollback()
+    for photo in photos:
+        missing = set(wanted) - set(have[photo.id])
+        if not missing or not photo.photo_path:
+            continue
+        try:
+            encoded = encoder.encode(decode_image(Path(photo.photo_path).read_bytes()), missing)
+        except (OSError, ServiceError) as err:
+            report.failed.append(f"{photo.photo_path}: {err}")
+            continue
+        if not encoded.vectors:
+            report.failed.append(f"{photo.photo_path}: {encoded.reason}")
+            continue
+        begin_write(session)
+        for embedder, vector in encoded.vectors.items():
+            session.add(FaceEmbedding(
+                student_id=photo.student_id, vector=np.asarray(vector, "<f4").tobytes(),
+                embedder=embedder, photo_of=photo.id, source=photo.source,
+                quality=photo.quality, created_at=utcnow()))
+            report.added += 1
+        session.commit()
+    students = session.execute(
+        select(FaceEmbedding.student_id, FaceEmbedding.embedder).distinct()).all()
+    by_student: dict[str, set[str]] = {}
+    for student_id, embedder in students:
+        by_student.setdefault(student_id, set()).add(embedder)
+    for student_id, embedders in sorted(by_student.items()):
+        lacking = sorted(set(wanted) - embedders)
+        if lacking:
+            report.need_photos[student_id] = lacking
+    session.rollback()
+    return report

@@ -18,11 +18,13 @@ from sqlalchemy.orm import Session
 from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, Student
 from cloud_sync.aggregator.services.common import NotFoundError, utcnow
 from cloud_sync.aggregator.services.timetable import cached_room, zone
-from cloud_sync.protocol import ClassSession, RosterEntry, ScheduleResponse
+from cloud_sync.protocol import LEGACY_EMBEDDER, ClassSession, RosterEntry, ScheduleResponse
 
 
-def rosters(session: Session, course_ids: list[str]) -> dict[str, list[RosterEntry]]:
-    """Enrolled students with their embeddings, per course (sorted by student id)."""
+def rosters(session: Session, course_ids: list[str],
+            embedder: str = LEGACY_EMBEDDER) -> dict[str, list[RosterEntry]]:
+    """Enrolled students with their embeddings made by ``embedder`` (``name/model_version``),
+    per course (sorted by student id)."""
     out: dict[str, list[RosterEntry]] = {c: [] for c in course_ids}
     if not course_ids:
         return out
@@ -30,7 +32,7 @@ def rosters(session: Session, course_ids: list[str]) -> dict[str, list[RosterEnt
         select(Enrollment.course_id, Student.id, Student.name, FaceEmbedding.vector)
         .join(Student, Student.id == Enrollment.student_id)
         .join(FaceEmbedding, FaceEmbedding.student_id == Student.id)
-        .where(Enrollment.course_id.in_(course_ids))
+        .where(Enrollment.course_id.in_(course_ids), FaceEmbedding.embedder == embedder)
         .order_by(Enrollment.course_id, Student.id, FaceEmbedding.id)
     ).all()
     grouped: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)
@@ -46,7 +48,8 @@ def rosters(session: Session, course_ids: list[str]) -> dict[str, list[RosterEnt
     return out
 
 
-def build_schedule(session: Session, room_id: str, at: datetime | None = None) -> ScheduleResponse:
+def build_schedule(session: Session, room_id: str, at: datetime | None = None,
+                   embedder: str = LEGACY_EMBEDDER) -> ScheduleResponse:
     room = cached_room(session, room_id)
     if room is None:
         raise NotFoundError(f"room {room_id!r} does not exist")
@@ -65,7 +68,8 @@ def build_schedule(session: Session, room_id: str, at: datetime | None = None) -
     course_ids = list(dict.fromkeys(o.course_id for o in occurrences))
     return ScheduleResponse.model_construct(
         v=1, room_id=room_id, date=day, timezone=room.timezone, generated_at=utcnow(),
-        current_course_id=current, sessions=sessions, rosters=rosters(session, course_ids),
+        current_course_id=current, sessions=sessions,
+        rosters=rosters(session, course_ids, embedder), embedder=embedder,
     )
 
 
