@@ -120,10 +120,8 @@ def build(faces_dir: Path, out: Path, model_dir: Path, seed: int = SEED) -> Mont
     strangers_cycle = list(STRANGERS) * 3
     rng.shuffle(strangers_cycle)
     for k in range(SHOTS):
-        if k % 2 == 0 and enrolled_cycle:
-            first = enrolled_cycle.pop()
-        else:
-            first = strangers_cycle.pop()
+        cycle = enrolled_cycle if k % 2 == 0 and enrolled_cycle else strangers_cycle
+        first = cycle.pop()
         shot = [first]
         if k % 5 == 3:  # a two-face shot: the other one a stranger
             shot.append(next(s for s in strangers_cycle if s != first))

@@ -627,17 +627,19 @@ def other_sets(name: str, calibration: dict[str, Any], cfg: Any) -> dict[str, An
         rng = np.random.default_rng(SEED + 7)
         eligible = sorted(n for n, ps in people.items() if len(ps) >= ENROLL_PHOTOS + 1)
         roster_names = sorted(rng.choice(eligible, len(eligible) // 2, replace=False).tolist())
-        paths = [p for n in sorted(people) for p in people[n]]
-        enrolled = _embed_map(paths, ENROLL_JITTERS, name)
-        plain = _embed_map(paths, 1, name)
+        picks = {n: set(rng.choice(len(people[n]), ENROLL_PHOTOS, replace=False).tolist())
+                 for n in roster_names}
+        to_enrol = [p for n in roster_names for i, p in enumerate(people[n]) if i in picks[n]]
+        enrolled = _embed_map(to_enrol, ENROLL_JITTERS, name)
+        plain = _embed_map([p for n in sorted(people) for p in people[n]
+                            if p not in enrolled], 1, name)
         roster: dict[str, list[np.ndarray]] = {}
         probes: list[tuple[str, np.ndarray | None]] = []
         for n in roster_names:
             photos = people[n]
-            chosen = set(rng.choice(len(photos), ENROLL_PHOTOS, replace=False).tolist())
-            roster[n] = [e for i, p in enumerate(photos) if i in chosen
+            roster[n] = [e for i, p in enumerate(photos) if i in picks[n]
                          if (e := enrolled[p]) is not None]
-            probes += [(n, plain[p]) for i, p in enumerate(photos) if i not in chosen]
+            probes += [(n, plain[p]) for i, p in enumerate(photos) if i not in picks[n]]
         strangers = [plain[p] for n in sorted(people) if n not in roster_names
                      for p in people[n]]
         if set_name == "deepface":

@@ -29,13 +29,26 @@ def hamilton(faces_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def roster_file(faces_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                 ) -> Path:
-    """Lin-Manuel Miranda and Alex Lacamoire enrolled with the product's enrollment code."""
+    """Lin-Manuel Miranda and Alex Lacamoire enrolled with the product's enrollment code and
+    the default embedder (sface)."""
+    return build_roster(faces_dir, model_dir, tmp_path_factory.mktemp("roster"), "sface")
+
+
+@pytest.fixture(scope="session")
+def dlib_roster_file(faces_dir: Path, model_dir: Path,
+                     tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same two people enrolled with the dlib embedder."""
+    return build_roster(faces_dir, model_dir, tmp_path_factory.mktemp("roster"), "dlib")
+
+
+def build_roster(faces_dir: Path, model_dir: Path, directory: Path, embedder_name: str) -> Path:
     from appliance.recognition import Roster
-    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
     from cloud_sync.protocol import RosterEntry
 
-    detector, embedder = enrollment_detector(model_dir), FaceEmbedder(model_dir)
+    detector = enrollment_detector(model_dir)
+    embedder = create_embedder(embedder_name, model_dir)
     entries = []
     for sid, (name, file) in KNOWN.items():
         result = embed_photo(load_image(faces_dir / "face_recognition" / "examples" / file),
@@ -43,8 +56,8 @@ def roster_file(faces_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempP
         assert result.embedding is not None, result.reason
         entries.append(RosterEntry(student_id=sid, name=name,
                                    embeddings=[result.embedding.tolist()]))
-    path = tmp_path_factory.mktemp("roster") / "roster.json"
-    Roster.from_entries(entries).save(path)
+    path = directory / "roster.json"
+    Roster.from_entries(entries, embedder_id(embedder_name)).save(path)
     return path
 
 
@@ -149,18 +162,22 @@ def test_report_is_json(hamilton: Path, model_dir: Path, roster_file: Path,
     assert report["embeddings"] < report["frames"] / 5  # never every face in every frame
 
 
-def test_embedder_process_survives_being_killed(hamilton: Path, model_dir: Path) -> None:
+@pytest.mark.parametrize("name", ["sface", "dlib"])
+def test_embedder_process_survives_being_killed(hamilton: Path, model_dir: Path,
+                                                name: str) -> None:
+    """The descriptor child hosts whichever embedder is configured: same numbers as in
+    process, and a killed child is restarted."""
     from appliance.pipeline import EmbedderProcess
     from appliance.vision.detector import FaceDetector
-    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.embedding import create_embedder
 
     cap = cv2.VideoCapture(str(hamilton))
     cap.set(cv2.CAP_PROP_POS_FRAMES, 150)
     ok, frame = cap.read()
     assert ok
     crop, det = crop_for_embedding(frame, FaceDetector(model_dir).detect(frame)[0])
-    expected = FaceEmbedder(model_dir).embed(crop, [det])[0]
-    proc = EmbedderProcess(model_dir)
+    expected = create_embedder(name, model_dir).embed(crop, [det])[0]
+    proc = EmbedderProcess(model_dir, name=name)
     assert proc.start()
     try:
         vector, ms = proc.embed(crop, det)
@@ -239,3 +256,35 @@ def test_course_from_provider_and_present_after_restart(hamilton: Path, model_di
     new = [r for r in store.unsent_records(10) if r.student_id == "S001"]
     assert len(new) == 1 and new[0].course_id == "C1"
     assert 1 <= provider.calls <= 20  # asked about once a second, not every frame
+
+
+def test_pipeline_refuses_a_roster_of_another_embedder(hamilton: Path, model_dir: Path,
+                                                       dlib_roster_file: Path,
+                                                       tmp_path: Path) -> None:
+    """A dlib roster on an sface device: nobody is matched against descriptors of another
+    space; the status says why and what to do."""
+    settings = settings_for(tmp_path, model_dir)
+    pipeline = Pipeline(settings, Store(settings.paths.data_dir),
+                        FileRosterProvider(dlib_roster_file), source=VideoFileSource(hamilton),
+                        every_frame=True, paced=False)
+    pipeline.start()
+    try:
+        assert pipeline.wait_finished(120)
+    finally:
+        pipeline.stop()
+    st = pipeline.status()
+    assert st.roster_size == 0 and pipeline.recorded == [] and pipeline.embeddings == 0
+    assert st.note is not None
+    assert "made by the dlib/dlib-resnet-v1 embedder but this device runs " \
+           "sface/sface-2021dec-int8bq" in st.note
+    assert 'recognition.embedder = "dlib"' in st.note
+
+
+@pytest.mark.slow
+def test_dlib_embedder_still_recognises_lin(hamilton: Path, model_dir: Path,
+                                            dlib_roster_file: Path, tmp_path: Path) -> None:
+    """The alternative embedder end to end: a dlib device with a dlib roster."""
+    settings = settings_for(tmp_path, model_dir, recognition={"embedder": "dlib"})
+    report = replay_video(settings, hamilton, dlib_roster_file)
+    assert [r["student_id"] for r in report["records"]] == ["S001"]
+    assert report["records"][0]["distance"] < settings.recognition.match_threshold()

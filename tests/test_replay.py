@@ -31,7 +31,7 @@ def test_hamilton_clip_records_lin_once(hamilton: Path, roster_file: Path,  # no
     assert lin[0]["name"] == "Lin-Manuel Miranda"
     assert 0 <= lin[0]["first_seen_s"] <= 9.2
     assert 0 < lin[0]["confidence"] <= 1
-    assert lin[0]["distance"] < settings.recognition.threshold
+    assert lin[0]["distance"] < settings.recognition.match_threshold()
     stored = Store(db).unsent_records(100)
     assert [r.student_id for r in stored] == [r["student_id"] for r in report["records"]]
     assert stored[0].room_id == settings.device.room_id and stored[0].boot_id

@@ -106,3 +106,41 @@ def test_hamilton_clip_tracks_are_few_and_stable(faces_dir: Path, model_dir: Pat
     assert sum(hits.values()) == detections
     # ...but no track jumps to another face across the camera cut between frames 210 and 211
     assert not [tid for tid, (a, b) in span.items() if a <= 210 < b]
+
+
+def test_cut_and_split_give_new_ids() -> None:
+    tracker = Tracker()
+    (a,) = tracker.update([det(100, 100)], 0)
+    ended = tracker.cut()
+    assert ended == [a] and tracker.tracks == [] and tracker.expired == [a]
+    (b,) = tracker.update([det(100, 100)], 1)  # the same place after the cut: a new face
+    assert b.track_id != a.track_id
+    b.data["state"] = "x"
+    old = tracker.split(b, pts_s=2.0)
+    assert old != b.track_id and b.data == {} and b.first_pts_s == 2.0
+    assert tracker.total_tracks == 3
+
+
+def _clip_cuts(path: Path) -> list[int]:
+    from appliance.tracking import CutDetector
+
+    cuts = CutDetector()
+    cap = cv2.VideoCapture(str(path))
+    found, index = [], 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if cuts.update(frame):
+            found.append(index)
+        index += 1
+    cap.release()
+    return found
+
+
+def test_cut_detector_on_real_clips(faces_dir: Path) -> None:
+    """The Hamilton clip's three camera cuts (frames 20, 82, 211) and nothing else; none in
+    the walking clip (one continuous shot of people close to the camera)."""
+    assert _clip_cuts(faces_dir / "face_recognition/examples/short_hamilton_clip.mp4") == \
+        [20, 82, 211]
+    assert _clip_cuts(faces_dir / "walking/strangers_walking_1080p.mp4") == []

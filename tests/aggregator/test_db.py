@@ -72,6 +72,30 @@ def test_sqlite_pragmas_and_upgrade_is_idempotent(tmp_path: Any) -> None:
     engine.dispose()
 
 
+def test_migration_0003_labels_existing_faces_as_dlib(db_url: str) -> None:
+    """Descriptors stored before 0003 were dlib's: after the upgrade they say so, stand for
+    their photo, and a down- and re-upgrade keeps them."""
+    from cloud_sync.aggregator.db.migrate import upgrade_engine
+
+    engine = make_engine(db_url)
+    try:
+        upgrade_engine(engine, "0002")
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO students (id, name, created_at) "
+                              "VALUES ('S1', 'one', :now)"), {"now": now})
+            conn.execute(text("INSERT INTO face_embeddings (student_id, vector, source, "
+                              "created_at) VALUES ('S1', :v, 'old', :now)"),
+                         {"v": b"\0" * 512, "now": now})
+        upgrade_engine(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT embedder, photo_of FROM face_embeddings")).all()
+        assert rows == [("dlib/dlib-resnet-v1", None)]
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_postgres_partitions(world: World, sessions: Any, db_url: str) -> None:
     assert db_url.startswith("postgresql")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from cloud_sync.aggregator.services.faces import store_embedding
-from cloud_sync.protocol import ScheduleResponse
+from cloud_sync.protocol import EMBEDDER_IDS, ScheduleResponse
 from tests.aggregator.conftest import World
 
 
@@ -15,7 +15,9 @@ def _add_faces(world: World, sessions: Any, settings: Any, students: list[str]) 
     rng = np.random.default_rng(1)
     with sessions() as session:
         for sid in students:
-            store_embedding(session, settings, sid, rng.normal(size=128).astype(np.float32),
+            vector = rng.normal(size=128).astype(np.float32)
+            store_embedding(session, settings, sid,
+                            {EMBEDDER_IDS["sface"]: vector, EMBEDDER_IDS["dlib"]: -vector},
                             0.9, "test")
 
 
@@ -69,3 +71,26 @@ def test_device_reads_only_its_room(world: World) -> None:
                              params={"room_id": "LAB-301", "at": "2026-01-05T09:00:00"},
                              headers=world.device)
     assert naive.status_code == 422
+
+
+def test_rosters_per_embedder(world: World, sessions: Any, settings: Any) -> None:
+    """Each device gets the descriptors of its own embedder; the response says which; an
+    embedder the aggregator does not compute is a 422 with the fix."""
+    _add_faces(world, sessions, settings, ["S001"])
+
+    def roster(**params: str) -> tuple[str, list[float]]:
+        r = world.client.get("/api/v1/schedule", headers=world.device,
+                             params={"room_id": "LAB-301", "at": world.at(0, 9, 30).isoformat(),
+                                     **params})
+        assert r.status_code == 200, r.text
+        sched = ScheduleResponse.model_validate(r.json())
+        return sched.embedder, sched.rosters["CS101"][0].embeddings[0]
+
+    default, vector = roster()
+    assert default == EMBEDDER_IDS["sface"]
+    assert roster(embedder="sface") == (default, vector)
+    dlib, other = roster(embedder="dlib")
+    assert dlib == EMBEDDER_IDS["dlib"] and np.allclose(other, -np.asarray(vector))
+    bad = world.client.get("/api/v1/schedule", headers=world.device,
+                           params={"room_id": "LAB-301", "embedder": "facenet"})
+    assert bad.status_code == 422

@@ -150,6 +150,7 @@ class Aggregator:
         )
         from cloud_sync.aggregator.db.session import make_engine, make_session_factory
         from cloud_sync.aggregator.services.devices import add_device, create_admin_token
+        from cloud_sync.protocol import EMBEDDER_IDS
 
         upgrade(self.db_url)
         engine = make_engine(self.db_url)
@@ -173,6 +174,7 @@ class Aggregator:
                     vec = rng.normal(size=128).astype("<f4")
                     vec /= np.linalg.norm(vec) * 2
                     session.add(FaceEmbedding(student_id=sid, vector=vec.tobytes(),
+                                              embedder=EMBEDDER_IDS["sface"],
                                               source="test", quality=0.9, created_at=now))
                 session.add(Schedule(
                     course_id="CS101", room_id=ROOM, weekday=local.weekday(),

@@ -10,24 +10,28 @@ from cloud_sync.aggregator.api.context import AppContext
 from cloud_sync.aggregator.db.models import Room
 from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.services.schedule import build_schedule, etag_of
+from cloud_sync.protocol import EMBEDDER_IDS
 
 _LOGGER = logging.getLogger(__name__)
 
 
 def notify_rosters(ctx: AppContext, room_ids: set[str] | None = None) -> int:
     """Publish the current ETag of ``room_ids`` (None: every room) through the MQTT bridge.
-    Runs as a background task after admin writes; returns how many rooms were notified."""
+    Runs as a background task after admin writes; returns how many rooms were notified.
+    The ETag is that of the default embedder's schedule (devices of another embedder see a
+    different ETag than theirs and simply pull)."""
     bridge = ctx.mqtt_bridge
     if bridge is None:
         return 0
     sent = 0
+    default = EMBEDDER_IDS[ctx.settings.embedders[0]]
     with ctx.sessions() as session:
         query = select(Room)
         if room_ids is not None:
             query = query.where(Room.id.in_(room_ids))
         for room in session.scalars(query).all():
             try:
-                etag = etag_of(build_schedule(session, room.id))
+                etag = etag_of(build_schedule(session, room.id, embedder=default))
                 bridge.notify_roster_changed(room.site, room.id, etag)
             except (ServiceError, OSError, RuntimeError, ValueError) as err:
                 _LOGGER.warning("roster notification for %s failed: %s", room.id, err)
