@@ -99,7 +99,21 @@ def _embedder_main(conn: Any, model_dir: str, detector_model: str, name: str) ->
             continue
         usage = resource.getrusage(resource.RUSAGE_SELF)
         conn.send((vector, (time.perf_counter() - t0) * 1e3,
-                   (usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime)))
+                   (_own_peak_rss_mb(usage.ru_maxrss / 1024.0),
+                    usage.ru_utime + usage.ru_stime)))
+
+
+def _own_peak_rss_mb(fallback: float) -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss of a child started by (v)fork + exec
+    also counts the parent's peak before the exec, which would double-count it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return fallback
 
 
 def _embedder_child(fd: int, model_dir: str, detector_model: str, name: str) -> None:

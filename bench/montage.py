@@ -169,6 +169,24 @@ def build(faces_dir: Path, out: Path, model_dir: Path, seed: int = SEED) -> Mont
     return montage
 
 
+def enrolment_clip(path: Path, photos: list[Path], size: int = 480) -> None:
+    """A few seconds 'facing the camera' for enrolment tests: each photo held 1 s with a slow
+    zoom (as a phone clip of a face turning a little), 25 fps, ``size`` x ``size``."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (size, size))
+    try:
+        for photo in photos:
+            image = cv2.imread(str(photo))
+            h, w = image.shape[:2]
+            for f in range(round(FPS)):
+                scale = size / max(h, w) * (1.0 + 0.004 * f)
+                matrix = np.array([[scale, 0, size / 2 - scale * w / 2],
+                                   [0, scale, size / 2 - scale * h / 2]], np.float32)
+                writer.write(cv2.warpAffine(image, matrix, (size, size),
+                                            borderMode=cv2.BORDER_REPLICATE))
+    finally:
+        writer.release()
+
+
 if __name__ == "__main__":
     import os
     import sys

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from appliance.cli import app
 from appliance.config import RecognitionConfig
 from appliance.recognition import Roster
+from bench.montage import enrolment_clip
 
 THRESHOLD = RecognitionConfig().match_threshold()  # the default embedder's (sface)
 
@@ -149,25 +150,6 @@ def test_identify_refuses_a_roster_of_another_embedder(runner: CliRunner, env: N
     assert "made by the dlib/dlib-resnet-v1 embedder" in result.output
 
 
-def _enrolment_clip(path: Path, photos: list[Path]) -> None:
-    """A few seconds 'facing the camera': each photo held ~1 s with a slow zoom (as a phone
-    clip of a face turning a little), 25 fps, 480x480."""
-    import cv2
-    import numpy as np
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (480, 480))
-    for photo in photos:
-        image = cv2.imread(str(photo))
-        h, w = image.shape[:2]
-        for f in range(25):
-            zoom = 1.0 + 0.004 * f
-            matrix = np.array([[480 / max(h, w) * zoom, 0, 0], [0, 480 / max(h, w) * zoom, 0]])
-            matrix[:, 2] = 240 - matrix[:, :2] @ np.array([w / 2, h / 2])
-            writer.write(cv2.warpAffine(image, matrix, (480, 480),
-                                        borderMode=cv2.BORDER_REPLICATE))
-    writer.release()
-
-
 def test_roster_build_from_an_enrolment_video(runner: CliRunner, env: None, tmp_path: Path,
                                               faces_dir: Path) -> None:
     """S001.mp4: the best, most varied frames become S001's descriptors (5 of them), and S001
@@ -175,7 +157,7 @@ def test_roster_build_from_an_enrolment_video(runner: CliRunner, env: None, tmp_
     train = faces_dir / "face_recognition/examples/knn_examples/train"
     photos = tmp_path / "photos"
     photos.mkdir()
-    _enrolment_clip(photos / "S001.mp4", sorted((train / "obama").iterdir()))
+    enrolment_clip(photos / "S001.mp4", sorted((train / "obama").iterdir()))
     _link(photos / "S002" / "biden.jpg", sorted((train / "biden").iterdir())[0])
     out = tmp_path / "roster.json"
     result = runner.invoke(app, ["roster", "build", str(photos), "-o", str(out)])

@@ -177,7 +177,18 @@ def video_frames(path: Path, max_frames: int = VIDEO_MAX_SAMPLED,
     return frames
 
 
-def embed_video(
+@dataclass(frozen=True)
+class VideoFrame:
+    """One frame chosen from an enrolment video: the (possibly downscaled) image, its face,
+    quality and the selecting embedder's descriptor."""
+
+    image: np.ndarray
+    detection: Detection
+    quality: float
+    embedding: np.ndarray
+
+
+def select_video_frames(
     path: Path,
     detector: FaceDetector,
     embedder: Embedder,
@@ -185,8 +196,8 @@ def embed_video(
     *,
     count: int = VIDEO_FRAMES,
     num_jitters: int = ENROLL_JITTERS,
-) -> list[EnrollResult]:
-    """The descriptors of the best, most varied frames of a short enrolment video.
+) -> list[VideoFrame]:
+    """The best, most varied frames of a short enrolment video.
 
     Frames spread over the clip are checked like photos (exactly one face, big and sharp
     enough); the ``VIDEO_CANDIDATES`` of highest face quality get a descriptor, and ``count``
@@ -211,8 +222,23 @@ def embed_video(
         score = spread * np.array([c[0] for c in candidates])
         score[chosen] = -1.0
         chosen.append(int(np.argmax(score)))
-    return [EnrollResult(vectors[i].astype(np.float32), None, candidates[i][2],
-                         candidates[i][0]) for i in chosen]
+    return [VideoFrame(candidates[i][1], candidates[i][2], candidates[i][0],
+                       vectors[i].astype(np.float32)) for i in chosen]
+
+
+def embed_video(
+    path: Path,
+    detector: FaceDetector,
+    embedder: Embedder,
+    min_face_px: int = 40,
+    *,
+    count: int = VIDEO_FRAMES,
+    num_jitters: int = ENROLL_JITTERS,
+) -> list[EnrollResult]:
+    """Descriptors of the frames :func:`select_video_frames` chooses."""
+    return [EnrollResult(f.embedding, None, f.detection, f.quality)
+            for f in select_video_frames(path, detector, embedder, min_face_px, count=count,
+                                         num_jitters=num_jitters)]
 
 
 def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetector:

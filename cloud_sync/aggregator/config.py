@@ -159,6 +159,14 @@ class AggregatorSettings(TomlSettings):
         title="Maximum photo size",
         description="Largest enrollment photo accepted, in bytes (413 above).",
     )
+    max_video_bytes: int = Field(
+        default=50_000_000,
+        ge=100_000,
+        le=1_000_000_000,
+        title="Maximum enrolment video size",
+        description="Largest enrolment video accepted, in bytes (413 above); a few seconds of "
+        "phone video is 5-20 MB.",
+    )
     detector_model: Literal["full_range", "short_range"] = Field(
         default="full_range",
         title="Enrollment detector model",

@@ -155,3 +155,31 @@ def test_cli_faces_encode_batch(world: World, faces_dir: Path, model_dir: Path,
     assert "2 faces" in result.output and "unknown student" in result.output
     r = world.client.get("/api/v1/students/S001/faces", headers=world.admin).json()
     assert sorted(f["source"] for f in r) == ["batch:S001.jpg", "batch:S001/b.jpg"]
+
+
+def test_enrol_from_a_video(world: World, faces_dir: Path, model_dir: Path, settings: Any,
+                            tmp_path: Path) -> None:
+    """POST .../faces/video: five varied frames, each with both embedders' descriptors; a
+    file that is not a video is a 422 with the reason."""
+    from bench.montage import enrolment_clip
+
+    train = faces_dir / "face_recognition/examples/knn_examples/train"
+    clip = tmp_path / "obama.mp4"
+    enrolment_clip(clip, sorted((train / "obama").iterdir()))
+    configured = aggregator_config.load(None, database_url=settings.database_url,
+                                        model_dir=model_dir, data_dir=tmp_path / "agg")
+    with TestClient(create_app(configured)) as client:
+        r = client.post("/api/v1/students/S001/faces/video", headers=world.admin,
+                        files={"video": ("obama.mp4", clip.read_bytes(), "video/mp4")})
+        assert r.status_code == 201, r.text
+        rows = r.json()
+        assert [f["source"] for f in rows] == [f"video:obama.mp4#{k}" for k in range(1, 6)]
+        assert all(f["embedders"] == [EMBEDDER_IDS["sface"], EMBEDDER_IDS["dlib"]]
+                   for f in rows)
+        bad = client.post("/api/v1/students/S001/faces/video", headers=world.admin,
+                          files={"video": ("x.mp4", b"not a video", "video/mp4")})
+        assert bad.status_code == 422 and "video rejected" in bad.json()["detail"]
+        sched = client.get("/api/v1/schedule", headers=world.device,
+                           params={"room_id": "LAB-301", "at": world.at(0, 9, 30).isoformat()})
+        (entry,) = ScheduleResponse.model_validate(sched.json()).rosters["CS101"]
+        assert entry.student_id == "S001" and len(entry.embeddings) == 5

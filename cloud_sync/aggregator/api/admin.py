@@ -309,6 +309,53 @@ def enroll_face(
     return _face_out(row, list(result.vectors) or None)
 
 
+@router.post(
+    "/students/{student_id}/faces/video", response_model=list[FaceOut], status_code=201,
+    tags=["faces"],
+    summary="Enrol from a short video facing the camera: its best, most varied frames are kept.",
+    responses={422: {"description": "No usable frame, or not a video (the reason is in "
+                                    "detail)."},
+               413: {"description": "Video too large."},
+               503: {"description": "Face models not available on this server."}},
+)
+def enroll_video(
+    request: Request, tasks: BackgroundTasks, _who: Admin, session: DB, student_id: Identifier,
+    video: Annotated[UploadFile, File(description="MP4/MOV/WebM clip, a few seconds of the "
+                                                   "student facing the camera.")],
+) -> list[FaceOut]:
+    import tempfile
+
+    ctx = context(request)
+    if session.get(Student, student_id) is None:
+        raise NotFoundError(f"student {student_id!r} does not exist")
+    session.rollback()
+    limit = ctx.settings.max_video_bytes
+    data = video.file.read(limit + 1)
+    if len(data) > limit:
+        metrics.ENROLLMENTS.labels("rejected").inc()
+        raise HTTPException(413, f"video larger than {limit} bytes")
+    name = FilePath(video.filename or "video.mp4").name
+    suffix = FilePath(name).suffix.lower()
+    with tempfile.NamedTemporaryFile(suffix=suffix if suffix in faces.VIDEO_SUFFIXES
+                                     else ".mp4") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            frames = ctx.encoder.encode_video(FilePath(tmp.name))
+        except faces.ServiceError as err:
+            metrics.ENROLLMENTS.labels("rejected").inc()
+            raise HTTPException(422, f"video rejected: {err.message}") from err
+    if not frames:
+        metrics.ENROLLMENTS.labels("rejected").inc()
+        raise HTTPException(422, "video rejected: no frame with exactly one sharp, big face")
+    rows = [faces.store_embedding(session, ctx.settings, student_id, f.vectors, f.quality,
+                                  f"video:{name}#{k + 1}")
+            for k, f in enumerate(frames)]
+    metrics.ENROLLMENTS.labels("accepted").inc(len(rows))
+    _after_write(ctx, tasks, "students")
+    return [_face_out(r, list(f.vectors)) for r, f in zip(rows, frames, strict=True)]
+
+
 @router.get("/students/{student_id}/faces", response_model=list[FaceOut], tags=["faces"],
             summary="A student's stored embeddings (metadata only).")
 def list_faces(_who: Admin, session: DB, student_id: Identifier) -> list[FaceOut]:

@@ -35,6 +35,7 @@ from cloud_sync.aggregator.services.common import (
 from cloud_sync.protocol import EMBEDDING_DIM, LEGACY_EMBEDDER
 
 _LOGGER = logging.getLogger(__name__)
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000
 
@@ -118,6 +119,27 @@ class FaceEncoder:
         quality = float(found.quality)
         return Encoded(next(iter(vectors.values())), quality, None, vectors)
 
+
+
+    def encode_video(self, path: Path) -> list[Encoded]:
+        """The best, most varied frames of an enrolment video, each with every configured
+        embedder's descriptor (frames chosen by the first embedder's descriptors)."""
+        with self._lock:
+            enroll, detector, embedders = self._load()
+            try:
+                frames = enroll.select_video_frames(
+                    path, detector, embedders[0], self.settings.enroll_min_face_px)
+            except ValueError as err:
+                raise ServiceError(str(err)) from err
+            out = []
+            for frame in frames:
+                vectors = {f"{embedders[0].name}/{embedders[0].model_version}": frame.embedding}
+                for embedder in embedders[1:]:
+                    vectors[f"{embedder.name}/{embedder.model_version}"] = np.asarray(
+                        embedder.embed(frame.image, [frame.detection],
+                                       num_jitters=enroll.ENROLL_JITTERS)[0], np.float32)
+                out.append(Encoded(frame.embedding, float(frame.quality), None, vectors))
+        return out
 
 
 
