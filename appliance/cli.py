@@ -216,11 +216,11 @@ def roster_build(
         RECOMMENDED_PHOTOS,
         collect_photos,
         embed_photo,
-        embed_video,
         enrollment_detector,
         is_video,
         load_image,
         read_names,
+        select_video_frames,
     )
     from cloud_sync.protocol import RosterEntry
 
@@ -251,13 +251,12 @@ def roster_build(
             for path in paths:
                 if is_video(path):
                     try:
-                        taken = embed_video(path, detector, embedder,
-                                            settings.detector.min_face_px)
+                        taken = select_video_frames(path, detector, embedder,
+                                                    settings.detector.min_face_px)
                     except ValueError as err:
                         rejects.append((path, str(err)))
                     else:
-                        embeddings.extend([float(v) for v in r.embedding] for r in taken
-                                          if r.embedding is not None)
+                        embeddings.extend([float(v) for v in f.embedding] for f in taken)
                         if not taken:
                             rejects.append((path, "no usable frame (one sharp face)"))
                     progress.advance(task)

@@ -226,21 +226,6 @@ def select_video_frames(
                        vectors[i].astype(np.float32)) for i in chosen]
 
 
-def embed_video(
-    path: Path,
-    detector: FaceDetector,
-    embedder: Embedder,
-    min_face_px: int = 40,
-    *,
-    count: int = VIDEO_FRAMES,
-    num_jitters: int = ENROLL_JITTERS,
-) -> list[EnrollResult]:
-    """Descriptors of the frames :func:`select_video_frames` chooses."""
-    return [EnrollResult(f.embedding, None, f.detection, f.quality)
-            for f in select_video_frames(path, detector, embedder, min_face_px, count=count,
-                                         num_jitters=num_jitters)]
-
-
 def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetector:
     """A detector for still photos: low size floor (sizes are checked by embed_photo)."""
     return FaceDetector(model_dir, model=model, score_threshold=0.5, min_face_px=8)

@@ -274,6 +274,20 @@ def _face_out(row: Any, embedders: list[str] | None = None) -> FaceOut:
                    embedders=embedders if embedders is not None else [row.embedder])
 
 
+def _read_upload(session: Any, student_id: str, upload: UploadFile, limit: int,
+                 what: str) -> bytes:
+    """The uploaded bytes for an existing student: 404 for an unknown one, 413 above
+    ``limit``."""
+    if session.get(Student, student_id) is None:
+        raise NotFoundError(f"student {student_id!r} does not exist")
+    session.rollback()
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        metrics.ENROLLMENTS.labels("rejected").inc()
+        raise HTTPException(413, f"{what} larger than {limit} bytes")
+    return data
+
+
 @router.post(
     "/students/{student_id}/faces", response_model=FaceOut, status_code=201, tags=["faces"],
     summary="Enrol a photo: exactly one face, big and sharp enough; the embedding is kept.",
@@ -286,14 +300,7 @@ def enroll_face(
     photo: Annotated[UploadFile, File(description="JPEG/PNG/WebP photo of the student.")],
 ) -> FaceOut:
     ctx = context(request)
-    if session.get(Student, student_id) is None:
-        raise NotFoundError(f"student {student_id!r} does not exist")
-    session.rollback()
-    limit = ctx.settings.max_photo_bytes
-    data = photo.file.read(limit + 1)
-    if len(data) > limit:
-        metrics.ENROLLMENTS.labels("rejected").inc()
-        raise HTTPException(413, f"photo larger than {limit} bytes")
+    data = _read_upload(session, student_id, photo, ctx.settings.max_photo_bytes, "photo")
     image = faces.decode_image(data)
     result = ctx.encoder.encode(image)
     if result.embedding is None:
@@ -326,14 +333,7 @@ def enroll_video(
     import tempfile
 
     ctx = context(request)
-    if session.get(Student, student_id) is None:
-        raise NotFoundError(f"student {student_id!r} does not exist")
-    session.rollback()
-    limit = ctx.settings.max_video_bytes
-    data = video.file.read(limit + 1)
-    if len(data) > limit:
-        metrics.ENROLLMENTS.labels("rejected").inc()
-        raise HTTPException(413, f"video larger than {limit} bytes")
+    data = _read_upload(session, student_id, video, ctx.settings.max_video_bytes, "video")
     name = FilePath(video.filename or "video.mp4").name
     suffix = FilePath(name).suffix.lower()
     with tempfile.NamedTemporaryFile(suffix=suffix if suffix in faces.VIDEO_SUFFIXES
