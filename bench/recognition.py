@@ -715,7 +715,8 @@ def hamilton_per_frame(every: int = 2) -> dict[str, Any]:
         cfg = RecognitionConfig(embedder=name)
         matcher = Matcher(roster, cfg.match_threshold(), cfg.match_margin(),
                           metric=spec(name).metric)
-        lin_total = lin_ok = other_total = other_accepted = 0
+        lin_total = lin_ok = other_total = 0
+        accepted_elsewhere: dict[int, dict[str, int]] = {}
         for frame, dets, ids in frames:
             matches = matcher.match(emb.embed(frame, dets))
             for tid, m in zip(ids, matches, strict=True):
@@ -724,10 +725,20 @@ def hamilton_per_frame(every: int = 2) -> dict[str, Any]:
                     lin_ok += m.student_id == "lin"
                 else:
                     other_total += 1
-                    other_accepted += m.student_id is not None
-        out[name] = {"lin_frames": lin_total,
-                     "lin_frames_accepted": round(lin_ok / max(1, lin_total), 4),
-                     "other_faces": other_total, "other_faces_accepted": other_accepted}
+                    if m.student_id is not None:
+                        per = accepted_elsewhere.setdefault(tid, {})
+                        per[m.student_id] = per.get(m.student_id, 0) + 1
+        out[name] = {
+            "lin_frames": lin_total,
+            "lin_frames_accepted": round(lin_ok / max(1, lin_total), 4),
+            "other_faces": other_total,
+            # faces of other tracks accepted as someone: which track, its size, as whom (Lin
+            # and Alex appear in other shots too: look before calling one a false accept)
+            "other_faces_accepted": [
+                {"track": tid, "faces": len(lengths[tid]),
+                 "median_px": round(float(np.median(lengths[tid]))), "accepted_as": per}
+                for tid, per in sorted(accepted_elsewhere.items())],
+        }
     return out
 
 
