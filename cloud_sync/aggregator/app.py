@@ -41,6 +41,7 @@ PRUNE_PERIOD_S = 3600.0
 MAX_JSON_BYTES = 4_000_000  # a full batch of 1,000 records is ~0.4 MB
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around a photo or a CSV file
 UPLOAD_ROUTES = ("/api/v1/students/{student_id}/faces", "/api/v1/import/{kind}")
+VIDEO_ROUTE = "/api/v1/students/{student_id}/faces/video"
 
 
 def _start_bridge(ctx: AppContext) -> None:
@@ -140,8 +141,10 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         app.include_router(router)
 
     upload = settings.max_photo_bytes + MULTIPART_OVERHEAD
+    limits = dict.fromkeys(UPLOAD_ROUTES, upload)
+    limits[VIDEO_ROUTE] = settings.max_video_bytes + MULTIPART_OVERHEAD
     app.add_middleware(GuardMiddleware, router=app.router, default_limit=MAX_JSON_BYTES,
-                       limits=dict.fromkeys(UPLOAD_ROUTES, upload))
+                       limits=limits)
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, err: ServiceError) -> JSONResponse:

@@ -72,14 +72,14 @@ def test_sqlite_pragmas_and_upgrade_is_idempotent(tmp_path: Any) -> None:
     engine.dispose()
 
 
-def test_migration_0003_labels_existing_faces_as_dlib(db_url: str) -> None:
-    """Descriptors stored before 0003 were dlib's: after the upgrade they say so, stand for
+def test_migration_0004_labels_existing_faces_as_dlib(db_url: str) -> None:
+    """Descriptors stored before 0004 were dlib's: after the upgrade they say so, stand for
     their photo, and a down- and re-upgrade keeps them."""
     from cloud_sync.aggregator.db.migrate import upgrade_engine
 
     engine = make_engine(db_url)
     try:
-        upgrade_engine(engine, "0002")
+        upgrade_engine(engine, "0003")
         now = datetime.now(UTC)
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO students (id, name, created_at) "

@@ -79,7 +79,7 @@ def test_enroll_real_photos(world: World, faces_dir: Path, model_dir: Path, sett
 def test_reencode_migrates_dlib_only_enrolments(world: World, sessions: Any, faces_dir: Path,
                                                 model_dir: Path, settings: Any, tmp_path: Path,
                                                 monkeypatch: Any) -> None:
-    """Photos enrolled before embedders were recorded (dlib rows only, as migration 0003 labels
+    """Photos enrolled before embedders were recorded (dlib rows only, as migration 0004 labels
     them): `aggregator faces reencode` adds the SFace descriptors from the kept photos, lists
     the students whose photos were not kept, and devices of both embedders get a roster."""
     from cloud_sync.aggregator.services.faces import store_embedding

@@ -141,7 +141,7 @@ class FaceEmbedding(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary, doc="128 little-endian float32")
     embedder: Mapped[str] = mapped_column(
         String(100), server_default=LEGACY_EMBEDDER,
-        doc="`name/model_version` that made the vector (rows before 0003: dlib)")
+        doc="`name/model_version` that made the vector (rows before 0004: dlib)")
     photo_of: Mapped[int | None] = mapped_column(
         ForeignKey("face_embeddings.id", ondelete="CASCADE"), default=None,
         doc="None: the row stands for its photo; else the id of the row that does (the same "
