@@ -1064,12 +1064,15 @@ def _annotate_jpeg(image: np.ndarray, boxes: Sequence[tuple[tuple[float, float, 
 # --- replay -----------------------------------------------------------------------------------
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (ru_maxrss), in MB."""
+    """Peak resident set size of this process, in MB: its own (VmHWM) where Linux says it,
+    else ru_maxrss (which, in a process started by (v)fork + exec, includes its parent's peak:
+    a replay started from a large test process would report that process's size)."""
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+    return round(_own_peak_rss_mb(peak / (1024 * 1024 if sys.platform == "darwin" else 1024)),
+                 1)
 
 
 def replay_video(

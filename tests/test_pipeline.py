@@ -61,6 +61,19 @@ def build_roster(faces_dir: Path, model_dir: Path, directory: Path, embedder_nam
     return path
 
 
+def run_to_end(settings: ApplianceSettings, store: Store, provider: object,
+               clip: Path) -> Pipeline:
+    """The pipeline over every frame of ``clip`` (unpaced), stopped at the end."""
+    pipeline = Pipeline(settings, store, provider, source=VideoFileSource(clip),  # type: ignore[arg-type]
+                        every_frame=True, paced=False)
+    pipeline.start()
+    try:
+        assert pipeline.wait_finished(120)
+    finally:
+        pipeline.stop()
+    return pipeline
+
+
 def settings_for(tmp_path: Path, model_dir: Path, **overrides: object) -> ApplianceSettings:
     return load(None, paths={"data_dir": tmp_path / "data", "model_dir": model_dir},
                 **overrides)
@@ -241,13 +254,7 @@ def test_course_from_provider_and_present_after_restart(hamilton: Path, model_di
         key=uuid.uuid4(), student_id="S002", course_id="C1", room_id="LAB-301",
         device_id="dev-appliance", seen_at=earlier, confidence=0.8))
     provider = _ClassProvider(roster_file)
-    pipeline = Pipeline(settings, store, provider, source=VideoFileSource(hamilton),
-                        every_frame=True, paced=False)
-    pipeline.start()
-    try:
-        assert pipeline.wait_finished(120)
-    finally:
-        pipeline.stop()
+    pipeline = run_to_end(settings, store, provider, hamilton)
     st = pipeline.status()
     assert (st.course_id, st.course_name, st.roster_size, st.note) == (
         "C1", "Musical theatre", 2, None)
@@ -264,14 +271,8 @@ def test_pipeline_refuses_a_roster_of_another_embedder(hamilton: Path, model_dir
     """A dlib roster on an sface device: nobody is matched against descriptors of another
     space; the status says why and what to do."""
     settings = settings_for(tmp_path, model_dir)
-    pipeline = Pipeline(settings, Store(settings.paths.data_dir),
-                        FileRosterProvider(dlib_roster_file), source=VideoFileSource(hamilton),
-                        every_frame=True, paced=False)
-    pipeline.start()
-    try:
-        assert pipeline.wait_finished(120)
-    finally:
-        pipeline.stop()
+    pipeline = run_to_end(settings, Store(settings.paths.data_dir),
+                          FileRosterProvider(dlib_roster_file), hamilton)
     st = pipeline.status()
     assert st.roster_size == 0 and pipeline.recorded == [] and pipeline.embeddings == 0
     assert st.note is not None

@@ -32,18 +32,18 @@ RECOGNISE_TIMEOUT_S = 150
 
 def build_roster(examples: Path, model_dir: Path, path: Path) -> None:
     from appliance.recognition import Roster
-    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
 
     detector = enrollment_detector(model_dir)
-    embedder = FaceEmbedder(model_dir)
+    embedder = create_embedder("sface", model_dir)  # the devices' default embedder
     entries = []
     for student_id, name in STUDENTS.items():
         result = embed_photo(load_image(examples / f"{student_id}.png"), detector, embedder)
         assert result.ok, f"{student_id}: {result.reason}"
         entries.append(RosterEntry(student_id=student_id, name=name,
                                    embeddings=[result.embedding.tolist()]))
-    Roster.from_entries(entries).save(path)
+    Roster.from_entries(entries, embedder_id("sface")).save(path)
 
 
 def test_status_page_in_chromium(tmp_path: Path, faces_dir: Path, model_dir: Path) -> None:
