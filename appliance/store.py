@@ -113,6 +113,8 @@ class Store:
                                timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # Deleted rows (rosters with face descriptors) are overwritten, not left in free pages.
+        conn.execute("PRAGMA secure_delete=ON")
         conn.execute("PRAGMA busy_timeout=30000")
         self._conn = conn
         self._db = sqlite_utils.Database(conn)
@@ -299,13 +301,32 @@ class Store:
 
     # -- schedule / roster cache ----------------------------------------------------------------
     def save_schedule(self, schedule: ScheduleResponse, etag: str | None) -> None:
-        """Cache the room's schedule (with rosters) of one day; replaces that day's copy."""
+        """Cache the room's schedule (with rosters) of one day; replaces that day's copy and
+        deletes the days before it (a roster holds only the coming classes). The replaced
+        descriptors are overwritten (secure_delete) and the WAL truncated, so a student
+        dropped from the roster (consent withdrawn) is gone from the files too."""
         row = {
             "day": schedule.date.isoformat(), "payload": schedule.model_dump_json(),
             "etag": etag, "saved_at": _iso(_utcnow()),
         }
         with self._lock:
-            self._db["schedules"].upsert(row, pk="day")
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO schedules (day, payload, etag, saved_at) "
+                    "VALUES (:day, :payload, :etag, :saved_at)", row)
+                self._conn.execute("DELETE FROM schedules WHERE day < ?", (row["day"],))
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def wipe_rosters(self) -> int:
+        """Delete every cached schedule and roster (the device was deregistered); returns
+        how many days were deleted."""
+        with self._lock:
+            deleted = self._conn.execute("DELETE FROM schedules").rowcount
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if deleted:
+            _LOGGER.warning("store: cached rosters wiped (%d day(s))", deleted)
+        return deleted
 
     def load_schedule(self, day: date | None = None) -> tuple[ScheduleResponse, str | None] | None:
         """The cached schedule of ``day`` (default: the one saved last), with its etag."""

@@ -32,7 +32,12 @@ import psutil
 from appliance import __version__ as software_version
 from appliance import metrics
 from cloud_sync.agent.backoff import Backoff
-from cloud_sync.agent.errors import BatchRefusedError, NotSupportedError, TransportError
+from cloud_sync.agent.errors import (
+    BatchRefusedError,
+    CredentialsRefusedError,
+    NotSupportedError,
+    TransportError,
+)
 from cloud_sync.agent.http_transport import HttpTransport
 from cloud_sync.agent.mqtt_transport import MqttTransport
 from cloud_sync.agent.roster import ScheduleRosterProvider
@@ -360,6 +365,13 @@ class SyncAgent:
         try:
             fetched = self._http.fetch_schedule(
                 room_id, etag, self._settings.recognition.embedder)
+        except CredentialsRefusedError as err:
+            # Deregistered (or the key was rotated): the rosters are not ours to keep.
+            _LOGGER.warning("schedule pull refused: %s; wiping the cached rosters", err)
+            self._last_error = f"schedule: {err}"
+            if self._store.wipe_rosters():
+                self.roster_provider.invalidate()
+            return False
         except TransportError as err:
             _LOGGER.info("schedule pull failed: %s (using the cached one)", err)
             self._last_error = f"schedule: {err}"

@@ -11,6 +11,10 @@ class TransportError(Exception):
         self.retry_after_s = retry_after_s
 
 
+class CredentialsRefusedError(TransportError):
+    """The aggregator refused the device's key (401/403): deregistered, or its key rotated."""
+
+
 class BatchRefusedError(Exception):
     """The aggregator refused the whole batch as malformed (HTTP 400/413/422).
 

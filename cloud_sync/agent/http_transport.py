@@ -13,7 +13,12 @@ from email.utils import parsedate_to_datetime
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from cloud_sync.agent.errors import BatchRefusedError, NotSupportedError, TransportError
+from cloud_sync.agent.errors import (
+    BatchRefusedError,
+    CredentialsRefusedError,
+    NotSupportedError,
+    TransportError,
+)
 from cloud_sync.protocol import AttendanceBatch, BatchResult, Event, Heartbeat, ScheduleResponse
 
 _LOGGER = logging.getLogger(__name__)
@@ -135,6 +140,8 @@ class HttpTransport:
         response = self._request("GET", SCHEDULE_PATH, params=params, headers=headers)
         if response.status_code == 304:
             return None
+        if response.status_code in (401, 403):
+            raise CredentialsRefusedError(f"GET {SCHEDULE_PATH}: {_reason(response)}")
         if not response.is_success:
             raise TransportError(f"GET {SCHEDULE_PATH}: {_reason(response)}")
         try:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlche
 from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator import config as aggregator_config
-from cloud_sync.aggregator.api import admin, device, ops, reports, timelines, ws
+from cloud_sync.aggregator.api import admin, device, ops, privacy, reports, timelines, ws
 from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
 from cloud_sync.aggregator.api.guard import GuardMiddleware
 from cloud_sync.aggregator.config import AggregatorSettings
@@ -29,11 +29,11 @@ from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
 from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 from cloud_sync.aggregator.services.common import ServiceError
-from cloud_sync.aggregator.services.events import prune_events
 from cloud_sync.aggregator.services.faces import FaceEncoder
 from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY, invalidate_cache
 from cloud_sync.aggregator.services.live import LIVE_FEED_INFO_KEY, LiveFeed
 from cloud_sync.aggregator.services.reports import Rules
+from cloud_sync.aggregator.services.retention import purge
 from cloud_sync.protocol import AttendanceBatch, Event
 
 _LOGGER = logging.getLogger(__name__)
@@ -59,17 +59,17 @@ def _start_bridge(ctx: AppContext) -> None:
     ctx.mqtt_bridge = bridge
 
 
-async def _prune_events_hourly(ctx: AppContext) -> None:
-    """Events older than ``events_keep_days`` go, on start and then every hour."""
+async def _retention_hourly(ctx: AppContext) -> None:
+    """The retention purge (services/retention.py), on start and then every hour."""
     while True:
-        def prune() -> None:
+        def run() -> None:
             with ctx.sessions() as session:
-                prune_events(session, ctx.settings.events_keep_days)
+                purge(session, ctx.settings)
 
         try:
-            await run_in_threadpool(prune)
+            await run_in_threadpool(run)
         except SQLAlchemyError as err:  # try again next hour
-            _LOGGER.error("event retention failed: %s", err)
+            _LOGGER.error("retention purge failed: %s", err)
         await asyncio.sleep(PRUNE_PERIOD_S)
 
 
@@ -115,7 +115,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         partitions.ensure_ahead(engine, settings.partition_months_ahead)
         _start_bridge(ctx)
         app.state.mqtt_bridge = ctx.mqtt_bridge
-        pruner = asyncio.create_task(_prune_events_hourly(ctx))
+        pruner = asyncio.create_task(_retention_hourly(ctx))
         try:
             yield
         finally:
@@ -136,8 +136,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     app.state.ctx = ctx
     _document_batch_body(app)
     app.state.mqtt_bridge = None
-    for router in (device.router, reports.router, timelines.router, admin.router, ops.router,
-                   ws.router):
+    for router in (device.router, reports.router, timelines.router, admin.router,
+                   privacy.router, ops.router, ws.router):
         app.include_router(router)
 
     upload = settings.max_photo_bytes + MULTIPART_OVERHEAD

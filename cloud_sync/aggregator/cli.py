@@ -6,7 +6,7 @@ import gc
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,11 +24,14 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 devices_app = typer.Typer(help="Room devices.", no_args_is_help=True)
 admin_app = typer.Typer(help="Admin credentials.", no_args_is_help=True)
 faces_app = typer.Typer(help="Face enrollment.", no_args_is_help=True)
+students_app = typer.Typer(help="Students' privacy: consent, erasure, export, retention.",
+                           no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(devices_app, name="devices")
 app.add_typer(admin_app, name="admin")
 app.add_typer(faces_app, name="faces")
+app.add_typer(students_app, name="students")
 
 ConfigOption = Annotated[
     Path | None,
@@ -217,6 +220,7 @@ def faces_encode(
     from cloud_sync.aggregator.db.models import Student
     from cloud_sync.aggregator.services import faces
     from cloud_sync.aggregator.services.common import ServiceError
+    from cloud_sync.aggregator.services.privacy import require_consent
 
     settings = load_or_exit(config)
     # photos/S001.jpg (student S001) or photos/S001/*.jpg (several photos of S001), as for
@@ -248,6 +252,7 @@ def faces_encode(
                 try:
                     if session.get(Student, student_id) is None:
                         raise ServiceError(f"unknown student {student_id!r}")
+                    require_consent(session, student_id)
                     session.rollback()
                     data = path.read_bytes()
                     result = encoder.encode(faces.decode_image(data))
@@ -299,6 +304,144 @@ def faces_reencode(config: ConfigOption = None) -> None:
                "new photos")
     if report.failed or report.need_photos:
         raise typer.Exit(1)
+
+
+def _notify_devices(settings: aggregator_config.AggregatorSettings, sessions: Any) -> str:
+    """Publish the changed rosters' retained notices (as the server's bridge does) so devices
+    pull at once; without MQTT they pull within their roster_refresh_s."""
+    from cloud_sync.aggregator.api.notify import publish_notices
+
+    if settings.mqtt_url is None:
+        return "devices pull the new roster within their sync.roster_refresh_s (no MQTT here)"
+    from cloud_sync.aggregator.mqtt_bridge import publish_once
+    from cloud_sync.protocol import EMBEDDER_IDS
+
+    notices: list[tuple[str, str, str]] = []
+    publish_notices(sessions, lambda *notice: notices.append(notice),
+                    EMBEDDER_IDS[settings.embedders[0]])
+    try:
+        publish_once(settings, notices)
+    except (OSError, RuntimeError, ValueError) as err:
+        return f"roster notice not published ({err}): devices pull within roster_refresh_s"
+    return f"roster notice published to {len(notices)} room(s): devices pull at once"
+
+
+@students_app.command("consent")
+def students_consent(
+    student_id: Annotated[str, typer.Argument(help="Student id, e.g. S001.")],
+    action: Annotated[str, typer.Argument(help="grant | withdraw | show")],
+    note: Annotated[str, typer.Option(help="e.g. the consent form's reference.")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Record consent to face recognition granted or withdrawn (withdrawal deletes the
+    student's face data and tells devices to drop it), or show it."""
+    from cloud_sync.aggregator.services import audit, privacy
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    states = {"grant": "granted", "withdraw": "withdrawn"}
+    if action not in {*states, "show"}:
+        typer.echo("error: action must be grant, withdraw or show", err=True)
+        raise typer.Exit(2)
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            if action == "show":
+                out = privacy.consent_of(session, student_id)
+            else:
+                out = privacy.set_consent(session, student_id, states[action],  # type: ignore[arg-type]
+                                          audit.cli_actor(), note)
+        if action == "withdraw":
+            privacy.scrub(engine)
+            typer.echo(_notify_devices(settings, sessions), err=True)
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
+    typer.echo(out.model_dump_json(indent=2))
+
+
+@students_app.command("erase")
+def students_erase(
+    student_id: Annotated[str, typer.Argument(help="Student id, e.g. S001.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Erase a student: face data deleted everywhere, records deleted or pseudonymised by
+    erasure_policy, the student removed. Cannot be undone."""
+    from cloud_sync.aggregator.services import audit, privacy
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    settings = load_or_exit(config)
+    if not yes:
+        typer.confirm(f"Erase {student_id} ({settings.erasure_policy} records)? This cannot "
+                      "be undone", abort=True)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            out = privacy.erase(session, student_id, settings.erasure_policy,
+                                audit.cli_actor())
+        privacy.scrub(engine)
+        typer.echo(_notify_devices(settings, sessions), err=True)
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
+    typer.echo(out.model_dump_json(indent=2))
+
+
+@students_app.command("export")
+def students_export(
+    student_id: Annotated[str, typer.Argument(help="Student id, e.g. S001.")],
+    fmt: Annotated[str, typer.Option("--format", help="json or csv")] = "json",
+    out: Annotated[Path | None, typer.Option("--out", help="File (default: stdout).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Everything held about a student (subject access request) as JSON or CSV."""
+    import json
+
+    from cloud_sync.aggregator.services import audit, privacy
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    if fmt not in {"json", "csv"}:
+        typer.echo("error: --format must be json or csv", err=True)
+        raise typer.Exit(2)
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            data = privacy.export(session, student_id)
+            audit.record_now(session, audit.cli_actor(), "student.export",
+                             privacy.subject(student_id), f"format={fmt}")
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
+    text = (privacy.export_csv(data) if fmt == "csv"
+            else json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"written to {out}", err=True)
+
+
+@students_app.command("purge")
+def students_purge(config: ConfigOption = None) -> None:
+    """Run the retention purge now (the server runs it on start and hourly); print counts."""
+    from cloud_sync.aggregator.services.retention import purge
+
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            counts = purge(session, settings)
+    finally:
+        engine.dispose()
+    typer.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 def main() -> None:

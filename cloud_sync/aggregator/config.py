@@ -123,6 +123,30 @@ class AggregatorSettings(TomlSettings):
         description="Device events (alerts, occupancy, attention) older than this are deleted "
         "(on start and hourly), so the events table stays bounded.",
     )
+    attendance_keep_days: int = Field(
+        default=400,
+        ge=1,
+        le=3650,
+        title="Keep attendance records (days)",
+        description="Attendance records older than this (by class time) are deleted by the "
+        "retention purge (on start and hourly): a school year and the next term for "
+        "disputes. Set it to your school's records-retention rule (docs/PRIVACY.md).",
+    )
+    audit_keep_days: int = Field(
+        default=730,
+        ge=30,
+        le=3650,
+        title="Keep audit log (days)",
+        description="Audit log entries (who viewed, exported, corrected, erased what) older "
+        "than this are deleted by the retention purge.",
+    )
+    erasure_policy: Literal["delete", "pseudonymise"] = Field(
+        default="pseudonymise",
+        title="Erasure policy",
+        description="What `students erase` does with an erased student's attendance records "
+        "(face data is always deleted): 'delete' them, or 'pseudonymise' them (moved to a "
+        "random id nothing links back to the student, so class statistics stay right).",
+    )
     ws_queue_messages: int = Field(
         default=256,
         ge=1,

@@ -406,3 +406,32 @@ def _short(err: ValidationError) -> str:
     first: dict[str, Any] = dict(err.errors()[0]) if err.errors() else {}
     loc = ".".join(str(p) for p in first.get("loc", ()))
     return f"{err.error_count()} error(s), first: {loc}: {first.get('msg', '')}"[:400]
+
+
+def publish_once(settings: AggregatorSettings, notices: list[tuple[str, str, str]],
+                 timeout_s: float = 10.0) -> None:
+    """Publish retained roster notices ``(site, room_id, etag)`` with a short-lived client of
+    its own (the CLI: the server's bridge keeps its fixed client id). Raises OSError when the
+    broker does not take them within ``timeout_s``."""
+    if settings.mqtt_url is None:
+        raise ValueError("no mqtt_url configured")
+    host, port, user, password, tls = parse_url(settings.mqtt_url.get_secret_value())
+    client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                         client_id=f"{settings.mqtt_client_id}-cli"[:64],
+                         protocol=MQTTProtocolVersion.MQTTv5)
+    if user is not None:
+        client.username_pw_set(user, password)
+    if tls:
+        client.tls_set()
+    client.connect(host, port, keepalive=30)
+    client.loop_start()
+    try:
+        for site, room_id, etag in notices:
+            info = client.publish(roster_topic(site, room_id),
+                                  RosterNotice(etag=etag).model_dump_json(), qos=1, retain=True)
+            info.wait_for_publish(timeout_s)
+            if not info.is_published():
+                raise OSError(f"broker did not take the roster notice of {room_id}")
+    finally:
+        client.disconnect()
+        client.loop_stop()

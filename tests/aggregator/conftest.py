@@ -31,7 +31,7 @@ from tests.conftest import require
 PG_ADMIN = os.environ.get("AGGREGATOR_TEST_PG", "host=127.0.0.1 port=5432 user=postgres")
 TABLES = ("attendance", "attendance_keys", "heartbeats", "events", "face_embeddings",
           "enrollments", "schedules", "devices", "students", "courses", "rooms",
-          "admin_tokens", "dead_letters")
+          "admin_tokens", "dead_letters", "audit_log")
 
 
 def _pg_connect(dbname: str = "postgres") -> Any:
@@ -135,6 +135,8 @@ def world(app_client: TestClient, sessions: Any) -> World:
     for i in range(1, 6):
         assert c.post("/api/v1/students", json={"id": f"S00{i}", "name": f"Student {i}"},
                       headers=admin).status_code == 201
+        assert c.post(f"/api/v1/students/S00{i}/consent", json={"state": "granted"},
+                      headers=admin).status_code == 200
     for sid, course in (("S001", "CS101"), ("S002", "CS101"), ("S003", "CS101"),
                         ("S004", "CS101"), ("S004", "MA201"), ("S005", "PH1")):
         assert c.post("/api/v1/enrollments", json={"student_id": sid, "course_id": course},

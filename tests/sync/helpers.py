@@ -165,7 +165,9 @@ class Aggregator:
                     session.add(Room(id=room, name=room, site=SITE, timezone=ROOM_TZ,
                                      created_at=now))
                 for sid in STUDENTS:
-                    session.add(Student(id=sid, name=f"Student {sid}", created_at=now))
+                    session.add(Student(id=sid, name=f"Student {sid}", created_at=now,
+                                        consent="granted", consent_at=now,
+                                        consent_by="tests"))
                 session.add(Course(id="CS101", name="Intro to CS", created_at=now))
                 session.flush()
                 for sid in ENROLLED:

@@ -26,11 +26,10 @@ from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api.context import AppContext
 from cloud_sync.aggregator.api.deps import DB, Admin, context
 from cloud_sync.aggregator.api.notify import notify_rosters
-from cloud_sync.aggregator.db.models import Student
+from cloud_sync.aggregator.api.privacy import actor
 from cloud_sync.aggregator.services import admin as svc
+from cloud_sync.aggregator.services import audit, faces, ingest, privacy
 from cloud_sync.aggregator.services import devices as device_svc
-from cloud_sync.aggregator.services import faces, ingest
-from cloud_sync.aggregator.services.common import NotFoundError
 from cloud_sync.protocol import EventKind, Identifier
 
 _LOGGER = logging.getLogger(__name__)
@@ -57,8 +56,11 @@ def _simple_routes(kind: str, create: type[BaseModel], patch: type[BaseModel],
     def list_rows(_who: Admin, session: DB, limit: Limit = 100, offset: Offset = 0) -> Any:
         return svc.list_rows(session, kind, limit, offset)
 
-    def get_row(_who: Admin, session: DB, key: Identifier) -> Any:
-        return svc.get_row(session, kind, key)
+    def get_row(who: Admin, session: DB, key: Identifier) -> Any:
+        row = svc.get_row(session, kind, key)
+        if kind == "students":
+            audit.record_now(session, actor(who), "student.view", privacy.subject(key))
+        return row
 
     def create_row(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
                    body: create) -> Any:  # type: ignore[valid-type]
@@ -276,10 +278,9 @@ def _face_out(row: Any, embedders: list[str] | None = None) -> FaceOut:
 
 def _read_upload(session: Any, student_id: str, upload: UploadFile, limit: int,
                  what: str) -> bytes:
-    """The uploaded bytes for an existing student: 404 for an unknown one, 413 above
-    ``limit``."""
-    if session.get(Student, student_id) is None:
-        raise NotFoundError(f"student {student_id!r} does not exist")
+    """The uploaded bytes for an existing student with consent: 404 for an unknown one, 409
+    without consent (checked before the upload is read), 413 above ``limit``."""
+    privacy.require_consent(session, student_id)
     session.rollback()
     data = upload.file.read(limit + 1)
     if len(data) > limit:
@@ -290,13 +291,15 @@ def _read_upload(session: Any, student_id: str, upload: UploadFile, limit: int,
 
 @router.post(
     "/students/{student_id}/faces", response_model=FaceOut, status_code=201, tags=["faces"],
-    summary="Enrol a photo: exactly one face, big and sharp enough; the embedding is kept.",
-    responses={422: {"description": "No usable face (the reason is in detail)."},
+    summary="Enrol a photo: exactly one face, big and sharp enough; the embedding is kept. "
+    "Only for a student whose consent to face recognition is granted (else 409).",
+    responses={409: {"description": "No consent recorded for the student."},
+               422: {"description": "No usable face (the reason is in detail)."},
                413: {"description": "Photo too large."},
                503: {"description": "Face models not available on this server."}},
 )
 def enroll_face(
-    request: Request, tasks: BackgroundTasks, _who: Admin, session: DB, student_id: Identifier,
+    request: Request, tasks: BackgroundTasks, who: Admin, session: DB, student_id: Identifier,
     photo: Annotated[UploadFile, File(description="JPEG/PNG/WebP photo of the student.")],
 ) -> FaceOut:
     ctx = context(request)
@@ -312,6 +315,8 @@ def enroll_face(
         f"upload:{FilePath(photo.filename or 'photo').name}", data, suffix,
     )
     metrics.ENROLLMENTS.labels("accepted").inc()
+    audit.record_now(session, actor(who), "face.enrol", privacy.subject(student_id),
+                     f"face={row.id}")
     _after_write(ctx, tasks, "students")
     return _face_out(row, list(result.vectors) or None)
 
@@ -358,16 +363,21 @@ def enroll_video(
 
 @router.get("/students/{student_id}/faces", response_model=list[FaceOut], tags=["faces"],
             summary="A student's stored embeddings (metadata only).")
-def list_faces(_who: Admin, session: DB, student_id: Identifier) -> list[FaceOut]:
+def list_faces(who: Admin, session: DB, student_id: Identifier) -> list[FaceOut]:
     rows = faces.list_faces(session, student_id)
     embedders = faces.embedders_of(session, [r.id for r in rows])
-    return [_face_out(r, embedders[r.id]) for r in rows]
+    out = [_face_out(r, embedders[r.id]) for r in rows]
+    audit.record_now(session, actor(who), "face.list", privacy.subject(student_id))
+    return out
 
 
 @router.delete("/students/{student_id}/faces/{face_id}", status_code=204, tags=["faces"],
                summary="Delete one embedding (and its photo, if kept).")
-def delete_face(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
+def delete_face(request: Request, tasks: BackgroundTasks, who: Admin, session: DB,
                 student_id: Identifier, face_id: RowId) -> Response:
     faces.delete_face(session, student_id, face_id)
+    audit.record_now(session, actor(who), "face.delete", privacy.subject(student_id),
+                     f"face={face_id}")
+    tasks.add_task(privacy.scrub, context(request).engine)
     _after_write(context(request), tasks, "students")
     return Response(status_code=204)

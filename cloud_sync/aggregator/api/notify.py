@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_sync.aggregator.api.context import AppContext
 from cloud_sync.aggregator.db.models import Room
@@ -23,16 +25,23 @@ def notify_rosters(ctx: AppContext, room_ids: set[str] | None = None) -> int:
     bridge = ctx.mqtt_bridge
     if bridge is None:
         return 0
+    return publish_notices(ctx.sessions, bridge.notify_roster_changed,
+                           EMBEDDER_IDS[ctx.settings.embedders[0]], room_ids)
+
+
+def publish_notices(sessions: sessionmaker[Session], publish: Callable[[str, str, str], None],
+                    embedder: str, room_ids: set[str] | None = None) -> int:
+    """``publish(site, room_id, etag)`` for each room (the ETag of ``embedder``'s schedule);
+    returns how many were published."""
     sent = 0
-    default = EMBEDDER_IDS[ctx.settings.embedders[0]]
-    with ctx.sessions() as session:
+    with sessions() as session:
         query = select(Room)
         if room_ids is not None:
             query = query.where(Room.id.in_(room_ids))
         for room in session.scalars(query).all():
             try:
-                etag = etag_of(build_schedule(session, room.id, embedder=default))
-                bridge.notify_roster_changed(room.site, room.id, etag)
+                etag = etag_of(build_schedule(session, room.id, embedder=embedder))
+                publish(room.site, room.id, etag)
             except (ServiceError, OSError, RuntimeError, ValueError) as err:
                 _LOGGER.warning("roster notification for %s failed: %s", room.id, err)
                 continue

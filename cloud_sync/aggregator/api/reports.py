@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 
 from cloud_sync.aggregator.api.deps import DB, Admin, context
-from cloud_sync.aggregator.services import reports
+from cloud_sync.aggregator.api.privacy import actor
+from cloud_sync.aggregator.services import audit, privacy, reports
 from cloud_sync.protocol import Identifier
 
 router = APIRouter(prefix="/api/v1/attendance", tags=["reports"])
@@ -53,7 +54,7 @@ def _pct_rows(items: list[reports.Percentage]) -> list[list[Any]]:
     summary="A student's records and attendance percentage per enrolled course.",
 )
 def student(
-    request: Request, _who: Admin, session: DB, student_id: Identifier,
+    request: Request, who: Admin, session: DB, student_id: Identifier,
     date_from: From = None, date_to: To = None, format: Format = None,
     limit: Annotated[int, Query(ge=1, le=10000, description="Most records listed.")] = 1000,
     view: Annotated[
@@ -64,6 +65,8 @@ def student(
     report = reports.student_report(
         session, student_id, date_from, date_to, context(request).rules, limit
     )
+    audit.record_now(session, actor(who), "report.student", privacy.subject(student_id),
+                     f"format={'csv' if wants_csv(request, format) else 'json'}")
     if wants_csv(request, format) and view == "summary":
         return csv_response(
             f"attendance-{student_id}-summary", PCT_HEADER, _pct_rows(report.courses)

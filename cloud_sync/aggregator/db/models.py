@@ -73,6 +73,12 @@ class Student(Base):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str | None] = mapped_column(String(254), default=None)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    consent: Mapped[str | None] = mapped_column(
+        String(16), default=None,
+        doc="granted | withdrawn | None (never recorded): only 'granted' allows face data")
+    consent_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    consent_by: Mapped[str | None] = mapped_column(
+        String(200), default=None, doc="who recorded the consent state (token, user, CLI)")
 
 
 class Course(Base):
@@ -256,3 +262,17 @@ class DeadLetter(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     reason: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class AuditLog(Base):
+    """Append-only: who viewed, exported, corrected, erased or purged what (no contents, no
+    face data). Rows are only ever inserted, and deleted by retention (``audit_keep_days``)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    actor: Mapped[str] = mapped_column(String(200), doc="token:<name>, cli:<user>, system")
+    action: Mapped[str] = mapped_column(String(64), doc="e.g. student.view, student.erase")
+    subject: Mapped[str] = mapped_column(String(200), doc="e.g. student:S001")
+    detail: Mapped[str] = mapped_column(String(1000), default="")
+    __table_args__ = (Index("ix_audit_log_at", "at"), Index("ix_audit_log_subject", "subject"))

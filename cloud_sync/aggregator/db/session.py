@@ -20,6 +20,8 @@ def _sqlite_pragmas(synchronous: str) -> Any:
         try:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # Deleted rows (face descriptors above all) are overwritten, not left in free space.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA busy_timeout=10000")
         finally:

@@ -77,6 +77,9 @@ class StudentOut(BaseModel):
     name: str
     email: str | None
     created_at: datetime
+    consent: str | None = Field(default=None, description="Consent to face recognition: "
+                                "granted, withdrawn, or null (never recorded).")
+    consent_at: datetime | None = None
 
 
 class CourseIn(Strict):

@@ -32,6 +32,7 @@ from cloud_sync.aggregator.services.common import (
     UnavailableError,
     utcnow,
 )
+from cloud_sync.aggregator.services.privacy import require_consent
 from cloud_sync.protocol import EMBEDDING_DIM, LEGACY_EMBEDDER
 
 _LOGGER = logging.getLogger(__name__)
@@ -150,10 +151,10 @@ def store_embedding(
 ) -> FaceEmbedding:
     """Keep one photo's embeddings (``vector``: one per ``name/model_version``, or a single
     dlib vector as before embedders were recorded) and the photo only if ``keep_photos``.
-    Returns the row that stands for the photo. Commits."""
+    Returns the row that stands for the photo. ConflictError unless the student's consent is
+    granted. Commits."""
     begin_write(session)
-    if session.get(Student, student_id) is None:
-        raise NotFoundError(f"student {student_id!r} does not exist")
+    require_consent(session, student_id)  # also: NotFoundError for an unknown student
     vectors = dict(vector) if isinstance(vector, Mapping) else {LEGACY_EMBEDDER: vector}
     now = utcnow()
     rows = [

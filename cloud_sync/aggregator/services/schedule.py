@@ -1,7 +1,8 @@
 """`GET /api/v1/schedule`: a room's day (sessions) and the rosters of its courses.
 
-Rosters hold only the students enrolled in the day's courses who have at least one face
-embedding (a student without one cannot be recognised). The ETag is the sha256 of the response
+Rosters hold only the students enrolled in the day's courses whose consent to face recognition
+is granted and who have at least one face embedding (a student without one cannot be
+recognised). The ETag is the sha256 of the response
 without ``generated_at``, so it changes exactly when the content does.
 """
 
@@ -32,7 +33,8 @@ def rosters(session: Session, course_ids: list[str],
         select(Enrollment.course_id, Student.id, Student.name, FaceEmbedding.vector)
         .join(Student, Student.id == Enrollment.student_id)
         .join(FaceEmbedding, FaceEmbedding.student_id == Student.id)
-        .where(Enrollment.course_id.in_(course_ids), FaceEmbedding.embedder == embedder)
+        .where(Enrollment.course_id.in_(course_ids), FaceEmbedding.embedder == embedder,
+               Student.consent == "granted")
         .order_by(Enrollment.course_id, Student.id, FaceEmbedding.id)
     ).all()
     grouped: dict[tuple[str, str, str], list[list[float]]] = defaultdict(list)

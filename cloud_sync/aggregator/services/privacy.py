@@ -1,0 +1,270 @@
+"""Consent, erasure and subject access (GDPR Art. 7, 15, 17; docs/PRIVACY.md).
+
+- Consent: a student's face data is enrolled and sent to devices only while their consent is
+  ``granted``. Withdrawing it deletes every descriptor of the student (every embedder's, and
+  kept photos); the roster ETag changes, so devices drop the student at their next pull.
+- Erasure: the face data goes as on withdrawal, and the student's records are deleted or
+  pseudonymised by ``erasure_policy``.
+- Export: everything held about one student, as JSON or CSV.
+
+Deleted face data is also scrubbed from the database files: SQLite runs with
+``secure_delete`` (deleted content is zeroed) and its WAL is checkpointed and truncated after
+an erasure; PostgreSQL rewrites the face table (``VACUUM FULL``) so no dead tuple keeps a
+descriptor in the table's files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import secrets
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+from sqlalchemy import Engine, String, cast, delete, select, text, update
+from sqlalchemy.orm import Session
+
+from cloud_sync.aggregator.db.models import (
+    Attendance,
+    AttendanceKey,
+    AuditLog,
+    Enrollment,
+    EventRow,
+    FaceEmbedding,
+    Student,
+)
+from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services import audit
+from cloud_sync.aggregator.services.common import ConflictError, NotFoundError, utcnow
+
+_LOGGER = logging.getLogger(__name__)
+ConsentState = Literal["granted", "withdrawn"]
+ErasurePolicy = Literal["delete", "pseudonymise"]
+FACE_TABLES = ("face_embeddings",)  # every table that holds a student's descriptors
+
+
+class ConsentOut(BaseModel):
+    student_id: str
+    state: ConsentState | None = Field(description="None: never recorded (no face data).")
+    at: datetime | None
+    by: str | None
+    descriptors_deleted: int = 0
+
+
+class ErasureOut(BaseModel):
+    student_id: str
+    policy: ErasurePolicy
+    descriptors_deleted: int
+    photos_deleted: int
+    attendance_deleted: int
+    attendance_pseudonymised: int
+    events_scrubbed: int
+    pseudonym: str | None = Field(description="The id the records now carry (pseudonymise).")
+
+
+def subject(student_id: str) -> str:
+    return f"student:{student_id}"
+
+
+def _student(session: Session, student_id: str) -> Student:
+    row = session.get(Student, student_id)
+    if row is None:
+        raise NotFoundError(f"student {student_id!r} does not exist")
+    return row
+
+
+def require_consent(session: Session, student_id: str) -> None:
+    """ConflictError unless the student's consent to face recognition is granted."""
+    state = _student(session, student_id).consent
+    if state != "granted":
+        raise ConflictError(
+            f"student {student_id!r} has no consent to face recognition recorded "
+            f"({state or 'never recorded'}): record it first (aggregator students consent "
+            f"{student_id} grant, or POST /api/v1/students/{student_id}/consent)")
+
+
+def consent_of(session: Session, student_id: str) -> ConsentOut:
+    row = _student(session, student_id)
+    return ConsentOut(student_id=row.id, state=row.consent,  # type: ignore[arg-type]
+                      at=row.consent_at, by=row.consent_by)
+
+
+def _delete_face_data(session: Session, student_id: str) -> tuple[int, int]:
+    """Delete every descriptor of the student (all embedders) and kept photos; (rows, photos).
+    Runs inside the caller's transaction."""
+    paths = [p for p in session.scalars(
+        select(FaceEmbedding.photo_path).where(FaceEmbedding.student_id == student_id)) if p]
+    rows = session.execute(
+        delete(FaceEmbedding).where(FaceEmbedding.student_id == student_id)).rowcount or 0
+    photos = 0
+    for path in paths:
+        try:
+            Path(path).unlink()
+        except FileNotFoundError:
+            continue
+        photos += 1
+    return int(rows), photos
+
+
+def set_consent(session: Session, student_id: str, state: ConsentState, actor: str,
+                note: str = "") -> ConsentOut:
+    """Record granted or withdrawn (now, by ``actor``). Withdrawal deletes the student's face
+    data at once. Commits; the caller scrubs (:func:`scrub`) and notifies devices."""
+    begin_write(session)
+    row = _student(session, student_id)
+    removed = 0
+    if state == "withdrawn":
+        removed, _ = _delete_face_data(session, student_id)
+    row.consent, row.consent_at, row.consent_by = state, utcnow(), actor[:200]
+    detail = f"state={state}" + (f" descriptors_deleted={removed}" if removed else "")
+    audit.record(session, actor, f"consent.{'grant' if state == 'granted' else 'withdraw'}",
+                 subject(student_id), detail + (f" note={note}" if note else ""))
+    session.commit()
+    _LOGGER.info("consent of %s: %s (%d descriptor(s) deleted)", student_id, state, removed)
+    out = consent_of(session, student_id)
+    out.descriptors_deleted = removed
+    return out
+
+
+def _scrub_attention(session: Session, student_id: str, pseudonym: str | None) -> int:
+    """Per-student attention in events (data.students) loses or renames the student."""
+    needle = f'"{student_id}"'
+    changed = 0
+    for row in session.scalars(select(EventRow).where(
+            EventRow.kind == "attention", cast(EventRow.data, String).contains(needle))):
+        data = dict(row.data or {})
+        students = dict(data.get("students") or {})
+        if student_id not in students:
+            continue
+        value = students.pop(student_id)
+        if pseudonym is not None:
+            students[pseudonym] = value
+        data["students"] = students
+        row.data = data
+        changed += 1
+    return changed
+
+
+def erase(session: Session, student_id: str, policy: ErasurePolicy, actor: str) -> ErasureOut:
+    """Erase a student: face data deleted; records deleted (``delete``) or moved to a random
+    pseudonym that nothing links back to the student (``pseudonymise``); the student row goes.
+    Commits; the caller scrubs (:func:`scrub`) and notifies devices."""
+    begin_write(session)
+    _student(session, student_id)
+    descriptors, photos = _delete_face_data(session, student_id)
+    deleted = moved = 0
+    pseudonym: str | None = None
+    if policy == "delete":
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(delete(AttendanceKey).where(AttendanceKey.key.in_(
+                select(Attendance.key).where(Attendance.student_id == student_id))))
+        deleted = session.execute(
+            delete(Attendance).where(Attendance.student_id == student_id)).rowcount or 0
+    else:
+        pseudonym = f"erased-{secrets.token_hex(8)}"
+        session.add(Student(id=pseudonym, name="(erased)", created_at=utcnow()))
+        session.flush()
+        moved = session.execute(update(Attendance).where(Attendance.student_id == student_id)
+                                .values(student_id=pseudonym)).rowcount or 0
+    events = _scrub_attention(session, student_id, pseudonym)
+    session.execute(delete(Enrollment).where(Enrollment.student_id == student_id))
+    session.execute(delete(Student).where(Student.id == student_id))
+    audit.record(session, actor, "student.erase", subject(student_id),
+                 f"policy={policy} descriptors={descriptors} photos={photos} "
+                 f"attendance_deleted={deleted} attendance_pseudonymised={moved} "
+                 f"events_scrubbed={events}")
+    session.commit()
+    _LOGGER.info("erased %s (%s)", student_id, policy)
+    return ErasureOut(student_id=student_id, policy=policy, descriptors_deleted=descriptors,
+                      photos_deleted=photos, attendance_deleted=int(deleted),
+                      attendance_pseudonymised=int(moved), events_scrubbed=events,
+                      pseudonym=pseudonym)
+
+
+def scrub(engine: Engine) -> None:
+    """Make deleted face data unreadable in the database files (see the module docstring).
+    Run after the transaction that deleted it committed."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for table in FACE_TABLES:
+                conn.execute(text(f"VACUUM FULL {table}"))
+
+
+# ---- subject access ----------------------------------------------------------------------
+
+def export(session: Session, student_id: str) -> dict[str, Any]:
+    """Everything held about the student (GDPR Art. 15), JSON-ready."""
+    row = _student(session, student_id)
+    faces = session.scalars(select(FaceEmbedding).where(FaceEmbedding.student_id == student_id)
+                            .order_by(FaceEmbedding.id)).all()
+    attendance = session.scalars(select(Attendance).where(Attendance.student_id == student_id)
+                                 .order_by(Attendance.at)).all()
+    needle = f'"{student_id}"'
+    attention = session.execute(select(EventRow.at, EventRow.room_id, EventRow.data).where(
+        EventRow.kind == "attention", cast(EventRow.data, String).contains(needle))
+        .order_by(EventRow.at)).all()
+    log = session.scalars(select(AuditLog).where(AuditLog.subject == subject(student_id))
+                          .order_by(AuditLog.id)).all()
+    return {
+        "student": {"id": row.id, "name": row.name, "email": row.email,
+                    "created_at": row.created_at.isoformat()},
+        "consent": {"state": row.consent, "at": row.consent_at and row.consent_at.isoformat(),
+                    "by": row.consent_by},
+        "enrollments": list(session.scalars(select(Enrollment.course_id).where(
+            Enrollment.student_id == student_id).order_by(Enrollment.course_id))),
+        "face_descriptors": [{
+            "id": f.id, "source": f.source, "quality": f.quality,
+            "created_at": f.created_at.isoformat(), "photo_kept": f.photo_path is not None,
+            "descriptor": np.frombuffer(f.vector, dtype="<f4").astype(float).tolist(),
+        } for f in faces],
+        "attendance": [{
+            "key": str(a.key), "at": a.at.isoformat(), "seen_at": a.seen_at.isoformat(),
+            "course_id": a.course_id, "room_id": a.room_id, "device_id": a.device_id,
+            "confidence": a.confidence, "distance": a.distance, "correction": a.correction,
+        } for a in attendance],
+        "attention": [{"at": at.isoformat(), "room_id": room,
+                       "facing_front": (data or {}).get("students", {}).get(student_id)}
+                      for at, room, data in attention],
+        "audit": [{"at": e.at.isoformat(), "actor": e.actor, "action": e.action,
+                   "detail": e.detail} for e in log],
+    }
+
+
+CSV_COLUMNS = ("section", "at", "key", "course_id", "room_id", "device_id", "detail")
+
+
+def export_csv(data: dict[str, Any]) -> str:
+    """The export as one CSV table (one row per item, ``section`` says which kind)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    student, consent = data["student"], data["consent"]
+    writer.writerow(("student", student["created_at"], student["id"], "", "", "",
+                     f"name={student['name']}; email={student['email'] or ''}"))
+    writer.writerow(("consent", consent["at"] or "", consent["state"] or "never recorded", "",
+                     "", "", f"by={consent['by'] or ''}"))
+    for course in data["enrollments"]:
+        writer.writerow(("enrollment", "", "", course, "", "", ""))
+    for face in data["face_descriptors"]:
+        writer.writerow(("face_descriptor", face["created_at"], face["id"], "", "", "",
+                         f"source={face['source']}; descriptor="
+                         + " ".join(f"{v:.6g}" for v in face["descriptor"])))
+    for rec in data["attendance"]:
+        writer.writerow(("attendance", rec["at"], rec["key"], rec["course_id"] or "",
+                         rec["room_id"], rec["device_id"],
+                         f"confidence={rec['confidence']:.3f}; correction={rec['correction']}"))
+    for item in data["attention"]:
+        writer.writerow(("attention", item["at"], "", "", item["room_id"], "",
+                         f"facing_front={item['facing_front']}"))
+    for entry in data["audit"]:
+        writer.writerow(("audit", entry["at"], "", "", "", "",
+                         f"{entry['actor']} {entry['action']} {entry['detail']}"))
+    return out.getvalue()
