@@ -83,8 +83,12 @@ class HttpTransport:
         self.reachable = True
         status = response.status_code
         self.refused = f"HTTP {status}: {_reason(response)}" if status in (401, 403) else None
-        if status == 429 or status >= 500 or status in (401, 403, 408):
-            # 401/403: a key problem an operator must fix; keep the records and retry slowly.
+        if status in (401, 403):
+            # A key problem an operator must fix (deregistered, rotated): keep the records and
+            # retry slowly; the agent wipes its cached rosters (not ours to keep any more).
+            raise CredentialsRefusedError(f"{method} {path}: {_reason(response)}",
+                                          _retry_after(response))
+        if status == 429 or status >= 500 or status == 408:
             raise TransportError(f"{method} {path}: {_reason(response)}", _retry_after(response))
         return response
 
@@ -140,8 +144,6 @@ class HttpTransport:
         response = self._request("GET", SCHEDULE_PATH, params=params, headers=headers)
         if response.status_code == 304:
             return None
-        if response.status_code in (401, 403):
-            raise CredentialsRefusedError(f"GET {SCHEDULE_PATH}: {_reason(response)}")
         if not response.is_success:
             raise TransportError(f"GET {SCHEDULE_PATH}: {_reason(response)}")
         try:
