@@ -65,3 +65,64 @@ def test_config_describe_lists_new_settings() -> None:
     assert code == 0
     for name in ("late_after_min", "early_arrival_min", "rate_limit_per_min", "keep_photos"):
         assert name in out
+
+
+def _stdout(*args: str) -> tuple[int, str]:
+    """As _run, with standard output only (the commands print notes on stderr)."""
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout
+
+
+def test_students_consent_erase_export_purge(db: str, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from cloud_sync.aggregator.config import load
+    from cloud_sync.aggregator.db.models import AuditLog, FaceEmbedding
+    from cloud_sync.aggregator.services.common import ConflictError
+    from cloud_sync.aggregator.services.faces import store_embedding
+
+    assert _stdout("db", "upgrade")[0] == 0
+    students = tmp_path / "students.csv"
+    students.write_text("id,name\nS001,Ada\nS002,Alan\n")
+    assert _stdout("import", "students", str(students))[0] == 0
+    code, out = _stdout("students", "consent", "S001", "show")
+    assert code == 0 and json.loads(out)["state"] is None
+    engine = make_engine(db)
+    sessions = make_session_factory(engine)
+    settings = load(None)
+    vec = np.linspace(-1, 1, 128, dtype=np.float32)
+    try:
+        with sessions() as session, pytest.raises(ConflictError, match="no consent"):
+            store_embedding(session, settings, "S001", vec, 0.9, "test")
+        code, out = _stdout("students", "consent", "S001", "grant", "--note", "form 17")
+        assert code == 0 and json.loads(out)["state"] == "granted"
+        assert json.loads(out)["by"].startswith("cli:")
+        with sessions() as session:
+            store_embedding(session, settings, "S001", vec, 0.9, "test")
+        code, out = _stdout("students", "export", "S001")
+        assert code == 0 and json.loads(out)["face_descriptors"][0]["descriptor"][0] == -1.0
+        csv_file = tmp_path / "s001.csv"
+        assert _stdout("students", "export", "S001", "--format", "csv", "--out",
+                    str(csv_file))[0] == 0
+        assert csv_file.read_text().startswith("section,at,key,")
+        code, out = _stdout("students", "consent", "S001", "withdraw")
+        assert code == 0 and json.loads(out)["descriptors_deleted"] == 1
+        with sessions() as session:
+            assert session.scalars(select(FaceEmbedding)).all() == []
+        assert _stdout("students", "consent", "S001", "maybe")[0] == 2
+        assert _stdout("students", "consent", "S404", "grant")[0] == 1
+        assert _stdout("students", "erase", "S002")[0] != 0  # no --yes, no confirmation
+        code, out = _stdout("students", "erase", "S002", "--yes")
+        assert code == 0 and json.loads(out)["policy"] == "pseudonymise"
+        with sessions() as session:
+            assert session.get(Student, "S002") is None
+            actions = [a for (a,) in session.execute(select(AuditLog.action)
+                                                      .order_by(AuditLog.id))]
+        assert actions == ["consent.grant", "student.export", "student.export",
+                           "consent.withdraw", "student.erase"]
+        code, out = _stdout("students", "purge")
+        assert code == 0 and out.strip() == "attendance=0 events=0 audit=0"
+    finally:
+        engine.dispose()
