@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -306,6 +308,31 @@ def faces_reencode(config: ConfigOption = None) -> None:
         raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def _service(settings: aggregator_config.AggregatorSettings) -> Iterator[tuple[Any, Any]]:
+    """(engine, session factory) on the migrated database; a ServiceError is printed as
+    ``error: ...`` with exit code 1; the engine is disposed of at the end."""
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    engine, sessions = _sessions(settings)
+    try:
+        yield engine, sessions
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
+
+
+def _after_face_change(settings: aggregator_config.AggregatorSettings, engine: Any,
+                       sessions: Any) -> None:
+    """Deleted face data: scrub the database files, tell the devices (printed on stderr)."""
+    from cloud_sync.aggregator.services.privacy import scrub
+
+    scrub(engine)
+    typer.echo(_notify_devices(settings, sessions), err=True)
+
+
 def _notify_devices(settings: aggregator_config.AggregatorSettings, sessions: Any) -> str:
     """Publish the changed rosters' retained notices (as the server's bridge does) so devices
     pull at once; without MQTT they pull within their roster_refresh_s."""
@@ -336,15 +363,13 @@ def students_consent(
     """Record consent to face recognition granted or withdrawn (withdrawal deletes the
     student's face data and tells devices to drop it), or show it."""
     from cloud_sync.aggregator.services import audit, privacy
-    from cloud_sync.aggregator.services.common import ServiceError
 
     states = {"grant": "granted", "withdraw": "withdrawn"}
     if action not in {*states, "show"}:
         typer.echo("error: action must be grant, withdraw or show", err=True)
         raise typer.Exit(2)
     settings = load_or_exit(config)
-    engine, sessions = _sessions(settings)
-    try:
+    with _service(settings) as (engine, sessions):
         with sessions() as session:
             if action == "show":
                 out = privacy.consent_of(session, student_id)
@@ -352,13 +377,7 @@ def students_consent(
                 out = privacy.set_consent(session, student_id, states[action],  # type: ignore[arg-type]
                                           audit.cli_actor(), note)
         if action == "withdraw":
-            privacy.scrub(engine)
-            typer.echo(_notify_devices(settings, sessions), err=True)
-    except ServiceError as err:
-        typer.echo(f"error: {err.message}", err=True)
-        raise typer.Exit(1) from err
-    finally:
-        engine.dispose()
+            _after_face_change(settings, engine, sessions)
     typer.echo(out.model_dump_json(indent=2))
 
 
@@ -371,24 +390,16 @@ def students_erase(
     """Erase a student: face data deleted everywhere, records deleted or pseudonymised by
     erasure_policy, the student removed. Cannot be undone."""
     from cloud_sync.aggregator.services import audit, privacy
-    from cloud_sync.aggregator.services.common import ServiceError
 
     settings = load_or_exit(config)
     if not yes:
         typer.confirm(f"Erase {student_id} ({settings.erasure_policy} records)? This cannot "
                       "be undone", abort=True)
-    engine, sessions = _sessions(settings)
-    try:
+    with _service(settings) as (engine, sessions):
         with sessions() as session:
             out = privacy.erase(session, student_id, settings.erasure_policy,
                                 audit.cli_actor())
-        privacy.scrub(engine)
-        typer.echo(_notify_devices(settings, sessions), err=True)
-    except ServiceError as err:
-        typer.echo(f"error: {err.message}", err=True)
-        raise typer.Exit(1) from err
-    finally:
-        engine.dispose()
+        _after_face_change(settings, engine, sessions)
     typer.echo(out.model_dump_json(indent=2))
 
 
@@ -403,23 +414,15 @@ def students_export(
     import json
 
     from cloud_sync.aggregator.services import audit, privacy
-    from cloud_sync.aggregator.services.common import ServiceError
 
     if fmt not in {"json", "csv"}:
         typer.echo("error: --format must be json or csv", err=True)
         raise typer.Exit(2)
     settings = load_or_exit(config)
-    engine, sessions = _sessions(settings)
-    try:
-        with sessions() as session:
-            data = privacy.export(session, student_id)
-            audit.record_now(session, audit.cli_actor(), "student.export",
-                             privacy.subject(student_id), f"format={fmt}")
-    except ServiceError as err:
-        typer.echo(f"error: {err.message}", err=True)
-        raise typer.Exit(1) from err
-    finally:
-        engine.dispose()
+    with _service(settings) as (_engine, sessions), sessions() as session:
+        data = privacy.export(session, student_id)
+        audit.record_now(session, audit.cli_actor(), "student.export",
+                         privacy.subject(student_id), f"format={fmt}")
     text = (privacy.export_csv(data) if fmt == "csv"
             else json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     if out is None:

@@ -10,7 +10,9 @@ real aggregator (subprocess), a real Mosquitto and the device's real Store and S
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 
 from tests.sync.helpers import (
     DEVICE,
+    VENV_BIN,
     Aggregator,
     Broker,
     appliance_settings,
@@ -128,6 +131,20 @@ def test_withdrawn_consent_leaves_the_device_after_one_sync(
         assert stored not in _files(store.path), "S001's descriptor is still in the device DB"
         wait_until(lambda: obama.tobytes() not in _files(agg.db_path), 10,
                    "S001's descriptor to leave the aggregator's database files")
+
+        # The same from the CLI (a process of its own): it publishes the notice itself.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
+        env.update({"AGGREGATOR_DATABASE_URL": agg.db_url,
+                    "AGGREGATOR_MQTT_URL": broker.url("aggregator")})
+        done = subprocess.run([str(VENV_BIN / "aggregator"), "students", "consent", "S002",
+                               "withdraw"], env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "roster notice published" in done.stderr
+        wait_until(lambda: "S002" not in {e.student_id for e in store.load_schedule()[0]
+                                          .rosters.get("CS101", [])}, 20,
+                   "the roster without S002 (notice published by the CLI)")
+        assert agent.stats.schedule_updates == 3
     finally:
         agent.stop()
         store.close()
