@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from cloud_sync.protocol import EMBEDDER_IDS
 from tests.sync.helpers import (
     DEVICE,
     VENV_BIN,
@@ -35,26 +36,29 @@ EXAMPLES = ("face_recognition", "examples")
 
 
 def _descriptor(faces_dir: Path, model_dir: Path, name: str) -> np.ndarray:
-    from appliance.vision.embedder import FaceEmbedder
+    from appliance.vision.embedding import create_embedder
     from appliance.vision.enroll import embed_photo, enrollment_detector
 
     image = cv2.imread(str(faces_dir.joinpath(*EXAMPLES, name)))
-    result = embed_photo(image, enrollment_detector(model_dir), FaceEmbedder(model_dir), 40)
+    result = embed_photo(image, enrollment_detector(model_dir),
+                         create_embedder("sface", model_dir), 40)
     assert result.embedding is not None, name
     return np.asarray(result.embedding, dtype="<f4")
 
 
 def _enrol_real_faces(agg: Aggregator, faces: dict[str, np.ndarray]) -> None:
-    """Replace the seeded random descriptors of these students with real ones."""
+    """Replace the seeded random descriptors of these students with real ones (SFace, the
+    devices' default embedder)."""
     conn = sqlite3.connect(str(agg.db_path))
     try:
         with conn:
             for sid, vec in faces.items():
                 conn.execute("DELETE FROM face_embeddings WHERE student_id = ?", (sid,))
                 conn.execute(
-                    "INSERT INTO face_embeddings (student_id, vector, source, quality, "
-                    "created_at) VALUES (?, ?, 'test photo', 0.9, ?)",
-                    (sid, vec.tobytes(), datetime.now(UTC).isoformat(" ")[:26]))
+                    "INSERT INTO face_embeddings (student_id, vector, embedder, source, quality, "
+                    "created_at) VALUES (?, ?, ?, 'test photo', 0.9, ?)",
+                    (sid, vec.tobytes(), EMBEDDER_IDS["sface"],
+                     datetime.now(UTC).isoformat(" ")[:26]))
     finally:
         conn.close()
 
@@ -95,7 +99,6 @@ def test_withdrawn_consent_leaves_the_device_after_one_sync(
     settings = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
                                   api_key=keys[DEVICE], mqtt_url=broker.url(DEVICE),
                                   roster_refresh_s=3600)
-    rcfg = settings.recognition
     agent = SyncAgent(settings, store)
     agent.start()
     try:
@@ -103,7 +106,7 @@ def test_withdrawn_consent_leaves_the_device_after_one_sync(
                    30, "first pull and MQTT connection")
         _, _, roster = agent.roster_provider.current(datetime.now(UTC))
         assert "S001" in roster.student_ids
-        match = Matcher(roster, rcfg.threshold, rcfg.margin).match(probe[None, :])[0]
+        match = Matcher.for_embedder(roster, settings.recognition).match(probe[None, :])[0]
         assert match.student_id == "S001", match
         stored = _roster_text(store.path, "S001")
         assert stored in _files(store.path)
@@ -126,7 +129,7 @@ def test_withdrawn_consent_leaves_the_device_after_one_sync(
         assert agent.stats.schedule_updates == 2  # one sync
         _, _, roster = agent.roster_provider.current(datetime.now(UTC))
         assert "S001" not in roster.student_ids and "S002" in roster.student_ids
-        match = Matcher(roster, rcfg.threshold, rcfg.margin).match(probe[None, :])[0]
+        match = Matcher.for_embedder(roster, settings.recognition).match(probe[None, :])[0]
         assert match.student_id is None, match  # Obama is a stranger now
         assert stored not in _files(store.path), "S001's descriptor is still in the device DB"
         wait_until(lambda: obama.tobytes() not in _files(agg.db_path), 10,

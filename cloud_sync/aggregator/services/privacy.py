@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, String, cast, delete, select, text, update
+from sqlalchemy import Engine, String, cast, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import (
@@ -98,8 +98,10 @@ def _delete_face_data(session: Session, student_id: str) -> tuple[int, int]:
     Runs inside the caller's transaction."""
     paths = [p for p in session.scalars(
         select(FaceEmbedding.photo_path).where(FaceEmbedding.student_id == student_id)) if p]
-    rows = session.execute(
-        delete(FaceEmbedding).where(FaceEmbedding.student_id == student_id)).rowcount or 0
+    # Counted first: SQLite's rowcount leaves out the rows its cascade (photo_of) deleted.
+    rows = session.scalar(select(func.count()).select_from(FaceEmbedding)
+                          .where(FaceEmbedding.student_id == student_id)) or 0
+    session.execute(delete(FaceEmbedding).where(FaceEmbedding.student_id == student_id))
     photos = 0
     for path in paths:
         try:
@@ -221,7 +223,7 @@ def export(session: Session, student_id: str) -> dict[str, Any]:
         "enrollments": list(session.scalars(select(Enrollment.course_id).where(
             Enrollment.student_id == student_id).order_by(Enrollment.course_id))),
         "face_descriptors": [{
-            "id": f.id, "source": f.source, "quality": f.quality,
+            "id": f.id, "embedder": f.embedder, "source": f.source, "quality": f.quality,
             "created_at": f.created_at.isoformat(), "photo_kept": f.photo_path is not None,
             "descriptor": np.frombuffer(f.vector, dtype="<f4").astype(float).tolist(),
         } for f in faces],
@@ -255,7 +257,7 @@ def export_csv(data: dict[str, Any]) -> str:
         writer.writerow(("enrollment", "", "", course, "", "", ""))
     for face in data["face_descriptors"]:
         writer.writerow(("face_descriptor", face["created_at"], face["id"], "", "", "",
-                         f"source={face['source']}; descriptor="
+                         f"embedder={face['embedder']}; source={face['source']}; descriptor="
                          + " ".join(f"{v:.6g}" for v in face["descriptor"])))
     for rec in data["attendance"]:
         writer.writerow(("attendance", rec["at"], rec["key"], rec["course_id"] or "",
