@@ -301,6 +301,24 @@ def appliance_settings(data_dir: Path, **kwargs: Any) -> Any:
     return load(None, **appliance_overrides(data_dir, **kwargs))
 
 
+def start_pushed_agent(agg: Aggregator, broker: Any, keys: dict[str, str],
+                       data_dir: Path) -> tuple[Any, Any, Any]:
+    """(store, settings, agent): the device's real Store and SyncAgent on MQTT with the hourly
+    poll (a roster change can only arrive by the pushed notice), started, its first schedule
+    pulled and MQTT connected. The caller stops the agent and closes the store."""
+    from appliance.store import Store
+    from cloud_sync.agent import SyncAgent
+
+    store = Store(data_dir / "appliance.db")
+    settings = appliance_settings(data_dir, aggregator_url=agg.base_url, api_key=keys[DEVICE],
+                                  mqtt_url=broker.url(DEVICE), roster_refresh_s=3600)
+    agent = SyncAgent(settings, store)
+    agent.start()
+    wait_until(lambda: agent.stats.schedule_updates >= 1 and agent.status().mqtt_connected,
+               30, "first pull and MQTT connection")
+    return store, settings, agent
+
+
 def write_appliance_toml(path: Path, overrides: dict[str, Any]) -> None:
     lines: list[str] = []
     for section, values in overrides.items():

@@ -29,6 +29,7 @@ from tests.sync.helpers import (
     Aggregator,
     Broker,
     appliance_settings,
+    start_pushed_agent,
     wait_until,
 )
 
@@ -86,8 +87,6 @@ def test_withdrawn_consent_leaves_the_device_after_one_sync(
         broker: Broker, aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path,
         faces_dir: Path, model_dir: Path) -> None:
     from appliance.recognition import Matcher
-    from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
 
     agg, keys = aggregator
     obama = _descriptor(faces_dir, model_dir, "obama.jpg")
@@ -95,15 +94,8 @@ def test_withdrawn_consent_leaves_the_device_after_one_sync(
                                                               "biden.jpg")})
     probe = _descriptor(faces_dir, model_dir, "obama2.jpg")  # another photo of S001
     agg.start(mqtt_url=broker.url("aggregator"))
-    store = Store(tmp_path / "dev" / "appliance.db")
-    settings = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
-                                  api_key=keys[DEVICE], mqtt_url=broker.url(DEVICE),
-                                  roster_refresh_s=3600)
-    agent = SyncAgent(settings, store)
-    agent.start()
+    store, settings, agent = start_pushed_agent(agg, broker, keys, tmp_path / "dev")
     try:
-        wait_until(lambda: agent.stats.schedule_updates >= 1 and agent.status().mqtt_connected,
-                   30, "first pull and MQTT connection")
         _, _, roster = agent.roster_provider.current(datetime.now(UTC))
         assert "S001" in roster.student_ids
         match = Matcher.for_embedder(roster, settings.recognition).match(probe[None, :])[0]

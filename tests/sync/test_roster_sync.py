@@ -21,6 +21,7 @@ from tests.sync.helpers import (
     Aggregator,
     Broker,
     appliance_settings,
+    start_pushed_agent,
     wait_until,
 )
 
@@ -93,20 +94,10 @@ def test_schedule_pulled_with_etag_and_kept_for_offline(
 def test_roster_change_pushed_over_mqtt_is_pulled_at_once(
     broker: Broker, aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
 ) -> None:
-    from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
-
     agg, keys = aggregator
     agg.start(mqtt_url=broker.url("aggregator"))
-    store = Store(tmp_path / "dev" / "appliance.db")
-    settings = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
-                                  api_key=keys[DEVICE], mqtt_url=broker.url(DEVICE),
-                                  roster_refresh_s=3600)
-    agent = SyncAgent(settings, store)
-    agent.start()
+    store, _, agent = start_pushed_agent(agg, broker, keys, tmp_path / "dev")
     try:
-        wait_until(lambda: agent.stats.schedule_updates >= 1 and agent.status().mqtt_connected,
-                   30, "first pull and MQTT connection")
         time.sleep(0.5)
         newcomer = STUDENTS[20]
         started = time.monotonic()
