@@ -1,0 +1,195 @@
+"""``python -m fleet``: the commands behind make image, make flash and make deploy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fleet import disk
+from fleet.bundle import REPO, BundleError, build_bundle, release_version
+
+_LOGGER = logging.getLogger(__name__)
+app = typer.Typer(help="SD card image, flashing and fleet deploys.", no_args_is_help=True,
+                  add_completion=False)
+BUILD = REPO / "build"
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def image_path(version: str, suffix: str = "") -> Path:
+    return BUILD / f"classroom-appliance-{version}{suffix}-arm64.img.xz"
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.echo(f"error: {err}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def bundle(
+    out: Annotated[Path, typer.Option(help="Bundle directory to (re)create.")],
+    platform: Annotated[str, typer.Option(help="arm64 (the Pi) or native (this machine).")] = "arm64",
+) -> None:
+    """Build a release bundle: wheels for the platform, the manifest's models, the installer."""
+    _setup_logging()
+    try:
+        build_bundle(out, platform=platform)
+    except (BundleError, OSError) as err:
+        raise _fail(err) from err
+    typer.echo(out)
+
+
+@app.command()
+def image(
+    base: Annotated[Path | None, typer.Option(
+        help="A Raspberry Pi OS Lite image (.img or .img.xz) to customise instead.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output .img.xz.")] = None,
+) -> None:
+    """make image: the flashable image (Debian arm64), or a customised Raspberry Pi OS Lite."""
+    from fleet.image import build_image, customize_raspios
+
+    _setup_logging()
+    version = release_version()
+    timings: dict[str, float] = {}
+    work = BUILD / "image-work"
+    work.mkdir(parents=True, exist_ok=True)
+    bundle_dir = work / "bundle"
+    start = time.monotonic()
+    try:
+        t = time.monotonic()
+        build_bundle(bundle_dir, platform="arm64")
+        timings["bundle"] = round(time.monotonic() - t, 1)
+        if base is not None:
+            target = out or image_path(version, "-raspios")
+            customize_raspios(base, target, bundle=bundle_dir, workdir=work, timings=timings)
+        else:
+            if os.geteuid() != 0:
+                raise disk.DiskError("make image needs root: the base system is built by "
+                                     "mmdebstrap and the appliance installed in a chroot under "
+                                     "qemu-user (run it with sudo)")
+            t = time.monotonic()
+            tarball = subprocess.run(
+                ["bash", str(REPO / "image_build/rootfs.sh"), str(BUILD / "cache")],
+                check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+            timings["base root (cached after the first build)"] = round(time.monotonic() - t, 1)
+            target = out or image_path(version)
+            build_image(target, base_tar=Path(tarball), bundle=bundle_dir,
+                        units_dir=REPO / "systemd", workdir=work, timings=timings)
+    except (BundleError, disk.DiskError, subprocess.CalledProcessError, OSError) as err:
+        raise _fail(err) from err
+    timings["total"] = round(time.monotonic() - start, 1)
+    (target.with_name(target.name + ".timings.json")).write_text(json.dumps(timings, indent=2))
+    for name, seconds in timings.items():
+        typer.echo(f"{name:<45} {seconds:8.1f} s")
+    typer.echo(target)
+
+
+def _latest_image() -> Path:
+    images = sorted(BUILD.glob("classroom-appliance-*-arm64.img.xz"), key=lambda p: p.stat().st_mtime)
+    if not images:
+        raise typer.BadParameter("no image in build/: run `make image` or give IMAGE=...")
+    return images[-1]
+
+
+def _admin_token(token_file: Path | None) -> str:
+    if token_file is not None:
+        return token_file.read_text().strip()
+    token = os.environ.get("AGGREGATOR_ADMIN_TOKEN", "").strip()
+    if not token:
+        raise typer.BadParameter("set AGGREGATOR_ADMIN_TOKEN (or ADMIN_TOKEN_FILE=...): an "
+                                 "admin token from `aggregator admin create-token`")
+    return token
+
+
+@app.command()
+def flash(
+    aggregator: Annotated[str, typer.Option(help="Aggregator base URL (https://...).")],
+    room: Annotated[str | None, typer.Option(help="Room id, e.g. LAB-301.")] = None,
+    device: Annotated[Path | None, typer.Option(help="The card, e.g. /dev/sdb.")] = None,
+    image_only: Annotated[Path | None, typer.Option(help="Write a file instead.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image (default: newest in build/).")] = None,
+    device_id: Annotated[str | None, typer.Option(help="Default: pi-<room>.")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Default: the device id.")] = None,
+    wifi_ssid: Annotated[str | None, typer.Option()] = None,
+    wifi_psk: Annotated[str | None, typer.Option(envvar="WIFI_PSK")] = None,
+    ssh_key: Annotated[Path | None, typer.Option(help="Public key file for root login.")] = None,
+    camera_source: Annotated[str | None, typer.Option(help="Default: USB camera 0.")] = None,
+    devices_csv: Annotated[Path | None, typer.Option(help="Batch: one card per row.")] = None,
+    admin_token_file: Annotated[Path | None, typer.Option(
+        help="File with the admin token (default: env AGGREGATOR_ADMIN_TOKEN).")] = None,
+) -> None:
+    """make flash: the image plus this card's settings (the device key comes from the API)."""
+    from fleet.flash import CardRequest, FlashError, flash_batch, read_csv
+    from fleet.flash import flash as flash_one
+
+    _setup_logging()
+    token = _admin_token(admin_token_file)
+    source = image or _latest_image()
+    key = ssh_key.expanduser().read_text() if ssh_key else None
+    card = CardRequest(room_id=room or "", device_id=device_id, hostname=hostname,
+                       wifi_ssid=wifi_ssid, wifi_psk=wifi_psk, ssh_key=key,
+                       camera_source=camera_source)
+    try:
+        if devices_csv is not None:
+            if device is None:
+                raise FlashError("DEVICES_CSV needs DEVICE=/dev/sdX (the card reader)")
+            done = flash_batch(source, read_csv(devices_csv), aggregator=aggregator,
+                               admin_token=token, device=device, defaults=card)
+            typer.echo(f"{len(done)} card(s) written: {', '.join(done)}")
+            return
+        if not room:
+            raise FlashError("ROOM=... is required (e.g. ROOM=LAB-301)")
+        settings = flash_one(source, card, aggregator=aggregator, admin_token=token,
+                             device=device, image_only=image_only)
+    except (FlashError, disk.DiskError) as err:
+        raise _fail(err) from err
+    typer.echo(f"written {settings.device_id} (room {settings.room_id}, host "
+               f"{settings.hostname}) to {device or image_only}")
+
+
+@app.command()
+def deploy(
+    hosts: Annotated[str, typer.Option(help='e.g. "pi-lab301 root@10.0.0.7:22".')] = "",
+    inventory: Annotated[Path | None, typer.Option(help="TOML inventory of hosts.")] = None,
+    version: Annotated[str | None, typer.Option(
+        help="Deploy an earlier bundle from build/releases/ (default: build this tree).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=64, help="Hosts at a time.")] = 4,
+    health_timeout: Annotated[float, typer.Option(min=5, max=3600)] = 180.0,
+    identity: Annotated[Path | None, typer.Option(help="SSH private key.")] = None,
+    platform: Annotated[str, typer.Option(help="arm64 or native.")] = "arm64",
+) -> None:
+    """make deploy: update devices over SSH, roll back any whose health check fails."""
+    from fleet.deploy import DeployError, parse_hosts
+    from fleet.deploy import deploy as run_deploy
+
+    _setup_logging()
+    releases = BUILD / "releases"
+    try:
+        targets = parse_hosts(hosts, inventory)
+        if version:
+            bundle_dir = releases / f"{version}-{platform}"
+            if not bundle_dir.exists():
+                raise DeployError(f"no bundle {bundle_dir}: known: "
+                                  + ", ".join(p.name for p in sorted(releases.glob("*"))))
+        else:
+            bundle_dir = releases / f"{release_version()}-{platform}"
+            build_bundle(bundle_dir, platform=platform)
+        results = run_deploy(bundle_dir, targets, limit=limit, health_timeout=health_timeout,
+                             client_keys=[str(identity)] if identity else None)
+    except (DeployError, BundleError, OSError) as err:
+        raise _fail(err) from err
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

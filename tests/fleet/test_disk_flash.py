@@ -1,0 +1,174 @@
+"""Partition layout, image assembly, flash customisation (IMAGE_ONLY) and first boot, checked
+with the real tools: sfdisk, fsck.vfat, e2fsck, debugfs, mtools."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fleet import disk, firstboot
+from fleet.flash import CardRequest, FlashError, check_device, flash, image_size, read_csv
+from fleet.settings import SETTINGS_FILE, load
+from tests.fleet.conftest import Aggregator, fabricated_root
+
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd2pF1Yq3k0mY4s6n5x0Zc4ZfS0oJ0Qk6b6m3t2v8wQ tech@laptop"
+
+
+def sh(*cmd: str, ok: tuple[int, ...] = (0,)) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert result.returncode in ok, f"{cmd}: {result.returncode} {result.stderr}{result.stdout}"
+    return result.stdout
+
+
+def partition_file(image: Path, part: disk.Partition, dest: Path) -> Path:
+    disk.extract_partition(image, part, dest)
+    return dest
+
+
+def test_layout_follows_raspberry_pi_os() -> None:
+    layout = disk.plan_layout(256 * disk.MIB, 1000 * disk.MIB + 1)
+    assert layout.boot.start == 8192  # 4 MiB, like Raspberry Pi OS
+    assert layout.boot.size == 256 * disk.MIB // 512
+    assert layout.root.start == 8192 + layout.boot.size
+    assert layout.root.start % 8192 == 0 and layout.root.size % 8192 == 0
+    assert layout.root.size * 512 >= 1000 * disk.MIB + 1  # rounded up, never down
+    odd = disk.plan_layout(3 * disk.MIB, disk.MIB)
+    assert odd.boot.size == 8192 and odd.root.start == 16384
+
+
+def test_assembled_image_checks_clean(tmp_path: Path) -> None:
+    root = fabricated_root(tmp_path / "root")
+    (root / "etc/classroom-attendance").mkdir()
+    (root / "etc/classroom-attendance/secret").write_text("s")
+    (root / "etc/classroom-attendance/secret").chmod(0o600)
+    boot = tmp_path / "boot"
+    (boot / "overlays").mkdir(parents=True)
+    (boot / "config.txt").write_text("arm_64bit=1\n")
+    (boot / "overlays/README").write_text("x")
+    image = tmp_path / "out.img"
+    layout = disk.assemble(image, boot, root, boot_bytes=40 * disk.MIB,
+                           root_bytes=20 * disk.MIB, workdir=tmp_path)
+    table = json.loads(sh("sfdisk", "--json", str(image)))["partitiontable"]
+    assert table["label"] == "dos"
+    parts = table["partitions"]
+    assert [(p["start"], p["size"], p["type"]) for p in parts] == [
+        (layout.boot.start, layout.boot.size, "c"), (layout.root.start, layout.root.size, "83")]
+    assert parts[0].get("bootable") is True
+    assert image.stat().st_size == layout.total_bytes
+    fat = partition_file(image, layout.boot, tmp_path / "p1")
+    sh("fsck.vfat", "-n", str(fat))
+    assert disk.fat_label(image, layout.boot) == "BOOTFS"
+    assert sorted(disk.fat_list(image, layout.boot)) == ["config.txt", "overlays"]
+    assert disk.fat_read(image, layout.boot, "overlays/README") == b"x"
+    ext4 = partition_file(image, layout.root, tmp_path / "p2")
+    sh("e2fsck", "-f", "-n", str(ext4))
+    assert sh("e2label", str(ext4)).strip() == "rootfs"
+    assert sh("debugfs", "-R", "cat /etc/hostname", str(ext4)) == "debian\n"
+    mode = sh("debugfs", "-R", "stat /etc/classroom-attendance/secret", str(ext4))
+    assert "Mode:  0600" in mode and "User:     0" in mode
+    assert "Fast link dest: \"python3\"" in sh("debugfs", "-R", "stat /usr/bin/python", str(ext4))
+
+
+def test_flash_image_only_writes_settings_and_first_boot_applies_them(
+        tmp_path: Path, small_image: tuple[Path, disk.Layout], aggregator: Aggregator) -> None:
+    xz, layout = small_image
+    out = tmp_path / "card.img"
+    settings = flash(xz, CardRequest(room_id="LAB-301", wifi_ssid="school", wifi_psk="s3cret-psk",
+                                     ssh_key=SSH_KEY + "\n"),
+                     aggregator=aggregator.url, admin_token=aggregator.admin_token,
+                     image_only=out, client=aggregator.client)
+    assert settings.device_id == "pi-lab-301" and settings.hostname == "pi-lab-301"
+    # the card: same table, both file systems clean, the settings file in the FAT partition
+    assert disk.read_layout(out) == layout
+    assert out.stat().st_size == image_size(xz)
+    sh("fsck.vfat", "-n", str(partition_file(out, layout.boot, tmp_path / "p1")))
+    sh("e2fsck", "-f", "-n", str(partition_file(out, layout.root, tmp_path / "p2")))
+    text = disk.fat_read(out, layout.boot, SETTINGS_FILE).decode()
+    on_card = load(text)
+    key = on_card.device_key.get_secret_value()
+    assert key.startswith("dev_") or len(key) >= 16
+    # the key works at the aggregator (it was issued by it, not typed)
+    ok = aggregator.client.get("/api/v1/schedule", params={"room_id": "LAB-301"},
+                               headers={"Authorization": f"Bearer {key}"})
+    assert ok.status_code == 200, ok.text
+    assert on_card.ssh_authorized_keys == [SSH_KEY]
+
+    # first boot, on a root tree holding that FAT content
+    root = fabricated_root(tmp_path / "device")
+    (root / "boot/firmware" / SETTINGS_FILE).write_text(text)
+    report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    assert report.provisioned, report.missing
+    assert not (root / "boot/firmware" / SETTINGS_FILE).exists()  # secrets off the FAT
+    conf = root / "etc/classroom-attendance/appliance.toml"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    assert f'device_key = "{key}"' in conf.read_text()
+    assert 'room_id = "LAB-301"' in conf.read_text()
+    wpa = root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
+    assert stat.S_IMODE(wpa.stat().st_mode) == 0o600 and 'psk="s3cret-psk"' in wpa.read_text()
+    assert (root / "etc/hostname").read_text() == "pi-lab-301\n"
+    assert "127.0.1.1\tpi-lab-301" in (root / "etc/hosts").read_text()
+    assert (root / "root/.ssh/authorized_keys").read_text() == SSH_KEY + "\n"
+    status = json.loads((root / "var/lib/classroom-attendance/provisioning.json").read_text())
+    assert status["provisioned"] is True and status["device_id"] == "pi-lab-301"
+    assert "schedule pulled" in status["steps"]["aggregator"]
+
+    # flashing a second card for the same device issues a new key; the first one stops working
+    flash(xz, CardRequest(room_id="LAB-301"), aggregator=aggregator.url,
+          admin_token=aggregator.admin_token, image_only=tmp_path / "card2.img",
+          client=aggregator.client)
+    refused = aggregator.client.get("/api/v1/schedule", params={"room_id": "LAB-301"},
+                                    headers={"Authorization": f"Bearer {key}"})
+    assert refused.status_code == 401
+
+
+def test_first_boot_reports_what_is_missing(tmp_path: Path, aggregator: Aggregator) -> None:
+    root = fabricated_root(tmp_path / "device")
+    report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    assert not report.provisioned and "no classroom-device.toml" in report.missing[0]
+    (root / "boot/firmware" / SETTINGS_FILE).write_text(
+        'device_id = "pi-x"\nroom_id = "LAB-301"\naggregator_url = "http://testserver"\n'
+        'device_key = "dev_wrong_wrong_wrong_key"\nhostname = "pi-x"\n')
+    report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    assert not report.provisioned
+    assert report.missing == ["aggregator: answered 401"]
+    status = json.loads((root / "var/lib/classroom-attendance/provisioning.json").read_text())
+    assert status["missing"] == ["aggregator: answered 401"]
+    (root / "boot/firmware" / SETTINGS_FILE).write_text('device_id = "bad id!"\n')
+    report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    assert report.steps["settings"].startswith("failed: classroom-device.toml is invalid")
+
+
+def test_flash_refuses_bad_targets_and_input(tmp_path: Path,
+                                             small_image: tuple[Path, disk.Layout],
+                                             aggregator: Aggregator) -> None:
+    xz, _ = small_image
+    with pytest.raises(FlashError, match="not a block device"):
+        check_device(tmp_path, 1)
+    with pytest.raises(FlashError, match="does not exist"):
+        check_device(tmp_path / "sdz", 1)
+    system = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    if system.startswith("/dev/") and Path(system).is_block_device():
+        parent = subprocess.run(["lsblk", "-n", "-o", "PKNAME", system], capture_output=True,
+                                text=True, check=False).stdout.strip()
+        whole = Path(f"/dev/{parent}") if parent else Path(system)
+        with pytest.raises(FlashError, match="mounted|running system|not a whole disk"):
+            check_device(whole, 1)
+    with pytest.raises(FlashError, match="refused the admin token"):
+        flash(xz, CardRequest(room_id="LAB-301"), aggregator=aggregator.url,
+              admin_token="adm_not_a_token", image_only=tmp_path / "x.img",
+              client=aggregator.client)
+    with pytest.raises(FlashError, match="refused device"):
+        flash(xz, CardRequest(room_id="NO-SUCH-ROOM"), aggregator=aggregator.url,
+              admin_token=aggregator.admin_token, image_only=tmp_path / "x.img",
+              client=aggregator.client)
+    assert not (tmp_path / "x.img").exists()  # nothing written before the key was issued
+    rooms = tmp_path / "rooms.csv"
+    rooms.write_text("room_id,device_id,wifi_ssid\nLAB-301,pi-a,net\nLAB-302,,\n")
+    cards = read_csv(rooms)
+    assert [(c.room_id, c.resolved_id(), c.wifi_ssid) for c in cards] == [
+        ("LAB-301", "pi-a", "net"), ("LAB-302", "pi-lab-302", None)]
