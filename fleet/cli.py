@@ -37,7 +37,8 @@ def _fail(err: Exception) -> typer.Exit:
 @app.command()
 def bundle(
     out: Annotated[Path, typer.Option(help="Bundle directory to (re)create.")],
-    platform: Annotated[str, typer.Option(help="arm64 (the Pi) or native (this machine).")] = "arm64",
+    platform: Annotated[str, typer.Option(
+        help="arm64 (the Pi) or native (this machine).")] = "arm64",
 ) -> None:
     """Build a release bundle: wheels for the platform, the manifest's models, the installer."""
     _setup_logging()
@@ -94,7 +95,8 @@ def image(
 
 
 def _latest_image() -> Path:
-    images = sorted(BUILD.glob("classroom-appliance-*-arm64.img.xz"), key=lambda p: p.stat().st_mtime)
+    images = sorted(BUILD.glob("classroom-appliance-*-arm64.img.xz"),
+                    key=lambda p: p.stat().st_mtime)
     if not images:
         raise typer.BadParameter("no image in build/: run `make image` or give IMAGE=...")
     return images[-1]
@@ -126,6 +128,8 @@ def flash(
     devices_csv: Annotated[Path | None, typer.Option(help="Batch: one card per row.")] = None,
     admin_token_file: Annotated[Path | None, typer.Option(
         help="File with the admin token (default: env AGGREGATOR_ADMIN_TOKEN).")] = None,
+    admin_url: Annotated[str | None, typer.Option(
+        help="Where this machine reaches the admin API, if not at --aggregator.")] = None,
 ) -> None:
     """make flash: the image plus this card's settings (the device key comes from the API)."""
     from fleet.flash import CardRequest, FlashError, flash_batch, read_csv
@@ -143,13 +147,14 @@ def flash(
             if device is None:
                 raise FlashError("DEVICES_CSV needs DEVICE=/dev/sdX (the card reader)")
             done = flash_batch(source, read_csv(devices_csv), aggregator=aggregator,
-                               admin_token=token, device=device, defaults=card)
+                               admin_token=token, device=device, defaults=card,
+                               admin_url=admin_url)
             typer.echo(f"{len(done)} card(s) written: {', '.join(done)}")
             return
         if not room:
             raise FlashError("ROOM=... is required (e.g. ROOM=LAB-301)")
         settings = flash_one(source, card, aggregator=aggregator, admin_token=token,
-                             device=device, image_only=image_only)
+                             device=device, image_only=image_only, admin_url=admin_url)
     except (FlashError, disk.DiskError) as err:
         raise _fail(err) from err
     typer.echo(f"written {settings.device_id} (room {settings.room_id}, host "

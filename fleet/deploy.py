@@ -124,7 +124,7 @@ def pipeline_runs(doc: dict[str, object], version: str) -> str | None:
     detector = components.get("detector", {})
     if camera.get("status") != "healthy":
         return f"camera {camera.get('status')}: {camera.get('message')}"
-    frames = (detector.get("details") or {}).get("frames", 0)
+    frames = detector.get("frames", 0)  # /health flattens a component's details
     if not frames:
         return f"detector: {detector.get('message')}"
     return None
@@ -151,6 +151,9 @@ class Deployer:
                 return await self.deploy(host)
 
         return list(await asyncio.gather(*(one(h) for h in hosts)))
+
+    def run_sync(self, hosts: list[Host]) -> list[Result]:
+        return asyncio.run(self.run(hosts))
 
     async def deploy(self, host: Host) -> Result:
         result = Result(host.name, new=self.version)
@@ -294,6 +297,6 @@ def summary_table(results: list[Result]) -> Table:
 
 
 def deploy(bundle: Path, hosts: list[Host], **kwargs: object) -> list[Result]:
-    results = asyncio.run(Deployer(bundle, **kwargs).run(hosts))  # type: ignore[arg-type]
+    results = Deployer(bundle, **kwargs).run_sync(hosts)  # type: ignore[arg-type]
     Console(width=160).print(summary_table(results))
     return results

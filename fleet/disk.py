@@ -146,7 +146,11 @@ def assemble(image: Path, boot_dir: Path, root_dir: Path, *, boot_bytes: int,
 
 def read_layout(image: Path) -> Layout:
     """The two partitions of an image or card (FAT first, Linux second), from sfdisk --json."""
-    data = json.loads(run(["sfdisk", "--json", str(image)]).stdout)
+    try:
+        data = json.loads(run(["sfdisk", "--json", str(image)]).stdout)
+    except DiskError as err:
+        raise DiskError(f"{image} has no MBR table with a boot and a root partition "
+                        f"({err})") from err
     parts = data.get("partitiontable", {}).get("partitions", [])
     if data.get("partitiontable", {}).get("label") != "dos" or len(parts) < 2:
         raise DiskError(f"{image} has no MBR table with a boot and a root partition")

@@ -154,7 +154,7 @@ def write_image(image: Path, target: Path, *, device: bool) -> None:
     try:
         with opener(image, "rb") as src:  # type: ignore[operator]
             while block := src.read(CHUNK):
-                if not device and not block.count(0) == len(block):
+                if not device and block.count(0) != len(block):
                     os.write(fd, block)
                 elif not device:
                     os.lseek(fd, len(block), os.SEEK_CUR)  # keep the file sparse
@@ -175,8 +175,12 @@ def write_settings(target: Path, settings: DeviceSettings) -> None:
 
 def flash(image: Path, request: CardRequest, *, aggregator: str, admin_token: str,
           device: Path | None = None, image_only: Path | None = None,
-          client: httpx.Client | None = None) -> DeviceSettings:
-    """One card: checks first, then the key, then the image, then the settings."""
+          client: httpx.Client | None = None, admin_url: str | None = None) -> DeviceSettings:
+    """One card: checks first, then the key, then the image, then the settings.
+
+    ``aggregator`` is the URL the device will use; ``admin_url`` the one this machine reaches
+    the admin API at, when it differs (e.g. a VPN address, or qemu's 10.0.2.2 in image-test).
+    """
     if (device is None) == (image_only is None):
         raise FlashError("give exactly one of DEVICE=/dev/sdX or IMAGE_ONLY=out.img")
     if not image.exists():
@@ -192,7 +196,8 @@ def flash(image: Path, request: CardRequest, *, aggregator: str, admin_token: st
                  wifi_psk=request.wifi_psk, ssh_authorized_keys=ssh_keys,
                  camera_source=request.camera_source)
     DeviceSettings.model_validate({**draft, "device_key": "x" * 16})
-    key = obtain_device_key(aggregator, admin_token, device_id, request.room_id, client=client)
+    key = obtain_device_key(admin_url or aggregator, admin_token, device_id, request.room_id,
+                            client=client)
     settings = DeviceSettings.model_validate({**draft, "device_key": key})
     target = device or image_only
     assert target is not None
@@ -224,7 +229,7 @@ def read_csv(path: Path) -> list[CardRequest]:
 
 def flash_batch(image: Path, cards: list[CardRequest], *, aggregator: str, admin_token: str,
                 device: Path, prompt: Callable[[str], str] = input,
-                defaults: CardRequest | None = None) -> list[str]:
+                defaults: CardRequest | None = None, admin_url: str | None = None) -> list[str]:
     """A technician's batch: for each row, wait for the next card, flash it, say it is done."""
     done = []
     for index, card in enumerate(cards, 1):
@@ -239,7 +244,8 @@ def flash_batch(image: Path, cards: list[CardRequest], *, aggregator: str, admin
             break
         if answer == "s":
             continue
-        flash(image, card, aggregator=aggregator, admin_token=admin_token, device=device)
+        flash(image, card, aggregator=aggregator, admin_token=admin_token, device=device,
+              admin_url=admin_url)
         print(f"done: {card.resolved_id()} ({card.room_id}); remove the card")
         done.append(card.resolved_id())
     return done

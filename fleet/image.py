@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -150,8 +151,9 @@ def install_bundle(root: Path, bundle: Path) -> str:
     shutil.copytree(bundle, staging)
     version = bundle_version(bundle)
     try:
-        disk.run(["chroot", str(root), "/bin/sh", "/tmp/bundle/install-release.sh",
-                  "/tmp/bundle", "/" + PREFIX], env={**os.environ, "HOME": "/root",
+        inside = "/tmp/bundle"  # noqa: S108 (a path inside the image's root, not on this host)
+        disk.run(["chroot", str(root), "/bin/sh", f"{inside}/install-release.sh",
+                  inside, "/" + PREFIX], env={**os.environ, "HOME": "/root",
                                                      "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -228,32 +230,9 @@ def build_image(out: Path, *, base_tar: Path, bundle: Path, units_dir: Path, wor
 
 # --- Raspberry Pi OS Lite ------------------------------------------------------------------------
 
-FIRSTRUN = r"""#!/bin/bash
-# Installed by `make image BASE=...` on a Raspberry Pi OS Lite card: runs once, the way Raspberry
-# Pi Imager's first-run customisation does (systemd.run= on the kernel command line), installs the
-# appliance from the offline bundle beside this script, then reboots into the normal system, where
-# classroom-firstboot.service applies the card's settings (make flash).
-set -eu
-here=$(dirname "$(readlink -f "$0")")
-boot=$(dirname "$here")
-# never run twice: drop our arguments from the kernel command line first
-sed -i 's| systemd\.run=[^ ]*||; s| systemd\.run_success_action=[^ ]*||; s| systemd\.unit=kernel-command-line\.target||' "$boot/cmdline.txt"
-id attendance >/dev/null 2>&1 || useradd --system --user-group --groups video \
-  --home-dir /var/lib/classroom-attendance --no-create-home --shell /usr/sbin/nologin attendance
-mkdir -p /etc/classroom-attendance
-# --system-site-packages: the venv sees the OS's python3-picamera2 (the Pi camera)
-sh "$here/bundle/install-release.sh" "$here/bundle" /opt/classroom-attendance --system-site-packages
-ln -sfn "releases/$(cat "$here/bundle/VERSION")" /opt/classroom-attendance/current
-install -m 0644 "$here"/bundle/systemd/classroom-*.service /etc/systemd/system/
-mkdir -p /etc/systemd/journald.conf.d
-install -m 0644 "$here/journald.conf" /etc/systemd/journald.conf.d/50-classroom-sdcard.conf
-grep -q '^tmpfs /tmp ' /etc/fstab || echo 'tmpfs /tmp tmpfs defaults,nosuid,nodev,size=128M,mode=1777 0 0' >> /etc/fstab
-sed -i -E '/^[^#].*[[:space:]]\/[[:space:]]+ext4/ s/defaults([^,[:space:]]*)/defaults,noatime\1/; s/noatime,noatime/noatime/' /etc/fstab
-systemctl enable classroom-firstboot.service classroom-appliance.service ssh.service
-rm -rf "$here/bundle"   # frees the FAT partition
-sync
-exit 0
-"""
+# Raspberry Pi OS: the installer started once from the kernel command line (as Imager does)
+FIRSTRUN = (Path(__file__).resolve().parent.parent / "image_build"
+            / "raspios-firstrun.sh").read_text()
 
 RASPIOS_ARGS = (" systemd.run=/boot/firmware/classroom/firstrun.sh "
                 "systemd.run_success_action=reboot systemd.unit=kernel-command-line.target")
@@ -263,7 +242,8 @@ def fat_free_bytes(image: Path, boot: disk.Partition) -> int:
     out = disk.run(["mdir", "-i", disk.fat_spec(image, boot), "::"]).stdout
     for line in out.splitlines():
         if "bytes free" in line:
-            return int(line.split("bytes free")[0].split()[-1].replace(",", "").replace(" ", ""))
+            # mdir groups digits with spaces (or the locale's separator): keep the digits
+            return int(re.sub(r"\D", "", line.split("bytes free")[0]))
     raise disk.DiskError("cannot read the free space of the FAT partition")
 
 

@@ -15,7 +15,8 @@ from fleet.flash import CardRequest, FlashError, check_device, flash, image_size
 from fleet.settings import SETTINGS_FILE, load
 from tests.fleet.conftest import Aggregator, fabricated_root
 
-SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd2pF1Yq3k0mY4s6n5x0Zc4ZfS0oJ0Qk6b6m3t2v8wQ tech@laptop"
+SSH_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd2pF1Yq3k0mY4s6n5x0Zc4ZfS0oJ0Qk6b6m3t2v8wQ "
+           "tech@laptop")
 
 
 def sh(*cmd: str, ok: tuple[int, ...] = (0,)) -> str:
@@ -156,7 +157,7 @@ def test_flash_refuses_bad_targets_and_input(tmp_path: Path,
         parent = subprocess.run(["lsblk", "-n", "-o", "PKNAME", system], capture_output=True,
                                 text=True, check=False).stdout.strip()
         whole = Path(f"/dev/{parent}") if parent else Path(system)
-        with pytest.raises(FlashError, match="mounted|running system|not a whole disk"):
+        with pytest.raises(FlashError, match=r"mounted|running system|not a whole disk"):
             check_device(whole, 1)
     with pytest.raises(FlashError, match="refused the admin token"):
         flash(xz, CardRequest(room_id="LAB-301"), aggregator=aggregator.url,
