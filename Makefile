@@ -10,7 +10,7 @@ FACE_RECOGNITION := face-recognition==1.3.0
 # (python3-picamera2, installed by ensure-system-deps.sh); the venv must see them.
 SYSTEM_PICAMERA2 := /usr/lib/python3/dist-packages/picamera2
 
-.PHONY: setup venv models run test lint bench clean help
+.PHONY: setup venv models run test lint bench clean help image image-test flash deploy
 
 help:
 	@echo "make run    - start a local aggregator and the appliance (SQLite, HTTP, no broker)"
@@ -18,13 +18,19 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench  - pipeline, recognition, aggregator and sync benchmarks (JSON)"
 	@echo "make setup  - venv + packages + models only"
+	@echo "make image  - SD card image build/classroom-appliance-<version>-arm64.img.xz (root;"
+	@echo "              BASE=raspios-lite.img.xz customises Raspberry Pi OS Lite instead)"
+	@echo "make flash  - DEVICE=/dev/sdX (or IMAGE_ONLY=out.img) ROOM=LAB-301 AGGREGATOR=https://..."
+	@echo "              [WIFI_SSID= WIFI_PSK= SSH_KEY= HOSTNAME= DEVICE_ID= CAMERA=] or DEVICES_CSV=rooms.csv"
+	@echo "make deploy - HOSTS=\"pi-lab301 pi-lab302\" [VERSION=... INVENTORY=... LIMIT=4]"
+	@echo "make image-test - boot the image under qemu-system-aarch64 and identify a photo in it"
 
 $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	bash scripts/ensure-system-deps.sh base
 	test -x $(BIN)/python || $(PYTHON) -m venv \
 		$$(test -d $(SYSTEM_PICAMERA2) && echo --system-site-packages) $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fleet]'
 	# face_recognition's metadata asks for the dlib sdist (a long source build); dlib-bin,
 	# installed above, already provides the dlib module, so install it without its deps.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(FACE_RECOGNITION)
@@ -53,6 +59,37 @@ lint: venv
 
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# --- fleet: image, flash, deploy (docs/OPERATIONS.md) ---------------------------------------------
+# HOSTNAME is set by many shells: only a HOSTNAME given on make's command line counts.
+FLASH_ARGS = --aggregator "$(AGGREGATOR)" \
+	$(if $(ROOM),--room "$(ROOM)") $(if $(DEVICE),--device "$(DEVICE)") \
+	$(if $(IMAGE_ONLY),--image-only "$(IMAGE_ONLY)") $(if $(IMAGE),--image "$(IMAGE)") \
+	$(if $(DEVICE_ID),--device-id "$(DEVICE_ID)") \
+	$(if $(filter command line,$(origin HOSTNAME)),--hostname "$(HOSTNAME)") \
+	$(if $(WIFI_SSID),--wifi-ssid "$(WIFI_SSID)") $(if $(SSH_KEY),--ssh-key "$(SSH_KEY)") \
+	$(if $(CAMERA),--camera-source "$(CAMERA)") $(if $(DEVICES_CSV),--devices-csv "$(DEVICES_CSV)") \
+	$(if $(ADMIN_TOKEN_FILE),--admin-token-file "$(ADMIN_TOKEN_FILE)") \
+	$(if $(ADMIN_URL),--admin-url "$(ADMIN_URL)")
+
+image: setup
+	bash scripts/ensure-system-deps.sh $(if $(BASE),image-base,image)
+	$(BIN)/python -m fleet image $(if $(BASE),--base "$(BASE)") $(IMAGE_ARGS)
+
+# WIFI_PSK goes through the environment, not the command line (ps would show it)
+flash: setup
+	@test -n "$(AGGREGATOR)" || { echo "AGGREGATOR=https://... is required"; exit 2; }
+	WIFI_PSK="$(WIFI_PSK)" $(BIN)/python -m fleet flash $(FLASH_ARGS)
+
+deploy: setup
+	$(BIN)/python -m fleet deploy --hosts "$(HOSTS)" $(if $(VERSION),--version "$(VERSION)") \
+		$(if $(INVENTORY),--inventory "$(INVENTORY)") $(if $(LIMIT),--limit $(LIMIT)) \
+		$(if $(SSH_IDENTITY),--identity "$(SSH_IDENTITY)")
+
+image-test: setup
+	bash scripts/ensure-system-deps.sh image-test
+	$(BIN)/python -m fleet image --reuse
+	$(BIN)/python -m fleet.imagetest
 
 clean:
 	rm -rf $(VENV) models/files data test-output bench-output

@@ -16,11 +16,13 @@ on the concrete classes (the tests pass small fakes of the host readings and syn
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import appliance
@@ -37,7 +39,9 @@ NOT_CONFIGURED = "not_configured"
 _RANK = {NOT_CONFIGURED: -1, HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
 
 COMPONENTS = ("camera", "detector", "recogniser", "database", "aggregator", "mqtt", "disk",
-              "temperature")
+              "temperature", "provisioning")
+# Written by the first boot of a card made with `make flash` (fleet.firstboot).
+PROVISIONING_FILE = "provisioning.json"
 # A stage slower than this on average (ms) makes its component "degraded": a Pi 4 needs
 # roughly 5x this machine's time, and the pipeline stays useful well below 1 frame/s.
 SLOW_STAGE_MS = 2000.0
@@ -250,6 +254,21 @@ def check_temperature(system: SystemSnapshot, settings: ApplianceSettings) -> Co
     return ComponentHealth(HEALTHY, f"{temp:.1f} °C", details)
 
 
+def check_provisioning(data_dir: Path) -> ComponentHealth:
+    """Whether first boot applied the card's settings, and what is still missing."""
+    try:
+        doc = json.loads((data_dir / PROVISIONING_FILE).read_text())
+    except FileNotFoundError:
+        return ComponentHealth(NOT_CONFIGURED, "no first-boot record (installed by hand)")
+    except (OSError, ValueError):
+        return ComponentHealth(DEGRADED, "first-boot record unreadable")
+    if doc.get("provisioned"):
+        return ComponentHealth(HEALTHY, "provisioned", {"provisioned": True})
+    missing = [str(m) for m in doc.get("missing") or []] or ["unknown"]
+    return ComponentHealth(DEGRADED, "not provisioned: " + "; ".join(missing),
+                           {"provisioned": False, "missing": missing})
+
+
 # --- all together ------------------------------------------------------------------------------
 
 def check_health(
@@ -279,6 +298,7 @@ def check_health(
     components["mqtt"] = check_mqtt(settings, sync)
     components["disk"] = check_disk(system, settings)
     components["temperature"] = check_temperature(system, settings)
+    components["provisioning"] = check_provisioning(settings.paths.data_dir)
     return {
         "status": overall_status(components),
         "timestamp": now.isoformat().replace("+00:00", "Z"),

@@ -54,12 +54,18 @@ def image(
     base: Annotated[Path | None, typer.Option(
         help="A Raspberry Pi OS Lite image (.img or .img.xz) to customise instead.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output .img.xz.")] = None,
+    reuse: Annotated[bool, typer.Option(
+        help="Keep an existing image of this version (make image-test).")] = False,
 ) -> None:
     """make image: the flashable image (Debian arm64), or a customised Raspberry Pi OS Lite."""
     from fleet.image import build_image, customize_raspios
 
     _setup_logging()
     version = release_version()
+    existing = out or image_path(version, "-raspios" if base else "")
+    if reuse and existing.exists():
+        typer.echo(f"reusing {existing}")
+        return
     timings: dict[str, float] = {}
     work = BUILD / "image-work"
     work.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,10 +95,12 @@ def appliance_toml(settings: DeviceSettings) -> str:
         "# Written by the first boot from the card's settings (make flash). 0600: holds the key.",
         "[device]", f"device_id = {q(settings.device_id)}", f"room_id = {q(settings.room_id)}",
         "", "[sync]", f"aggregator_url = {q(str(settings.aggregator_url).rstrip('/'))}",
-        f"device_key = {q(settings.device_key.get_secret_value())}",
+        f"api_key = {q(settings.device_key.get_secret_value())}",
     ]
     if settings.camera_source:
         lines += ["", "[camera]", f"source = {q(settings.camera_source)}"]
+    # the status page on the classroom network (locked until `appliance web set-password`)
+    lines += ["", "[web]", 'host = "0.0.0.0"']
     return "\n".join(lines) + "\n"
 
 
@@ -238,8 +241,7 @@ def provision(root: Path = Path("/"), *, wait_s: float = 120.0, grow: bool = Tru
     source = find_settings(root)
     if source is None:
         if (root / CONFIG_DIR / "appliance.toml").exists() and status_path.exists():
-            return Report(**{k: v for k, v in json.loads(status_path.read_text()).items()
-                             if k != "at"})
+            return recheck(root, status_path, wait_s=wait_s, client=client)
         report.missing.append("settings: no classroom-device.toml on the boot partition "
                               "(flash the card with `make flash`)")
         _save(report, status_path, root)
@@ -262,6 +264,30 @@ def provision(root: Path = Path("/"), *, wait_s: float = 120.0, grow: bool = Tru
     _ssh(settings, root, report)
     if grow and root == Path("/"):
         grow_root(report)
+    check_aggregator(settings, report, wait_s=wait_s, client=client)
+    report.provisioned = not report.missing
+    _save(report, status_path, root)
+    return report
+
+
+def recheck(root: Path, status_path: Path, *, wait_s: float,
+            client: httpx.Client | None) -> Report:
+    """A later boot: if the aggregator check failed before (no network at first boot), try it
+    again with the settings now in /etc; everything else was done once."""
+    saved = json.loads(status_path.read_text())
+    report = Report(**{k: v for k, v in saved.items() if k != "at"})
+    if report.provisioned or any(not m.startswith("aggregator:") for m in report.missing):
+        return report
+    try:
+        conf = tomllib.loads((root / CONFIG_DIR / "appliance.toml").read_text())
+        settings = DeviceSettings.model_validate({
+            "device_id": conf["device"]["device_id"], "room_id": conf["device"]["room_id"],
+            "aggregator_url": conf["sync"]["aggregator_url"],
+            "device_key": conf["sync"]["api_key"],
+            "hostname": (root / "etc/hostname").read_text().strip()})
+    except (KeyError, OSError, ValueError, ValidationError):
+        return report
+    report.missing = []
     check_aggregator(settings, report, wait_s=wait_s, client=client)
     report.provisioned = not report.missing
     _save(report, status_path, root)

@@ -135,10 +135,26 @@ def configure_root(root: Path, units_dir: Path, *, hostname: str = "classroom-ap
     config = root / "etc/classroom-attendance"
     config.mkdir(parents=True, exist_ok=True)
     config.chmod(0o755)
+    # before first boot (or on a card flashed without settings) the appliance still runs,
+    # offline, and its status page says what is missing; first boot replaces this file
+    conf = config / "appliance.toml"
+    conf.write_text("# Replaced by the first boot with the card's settings (make flash).\n"
+                    '[web]\nhost = "0.0.0.0"\n')
+    conf.chmod(0o600)
+    uid, gid = _ids(root, SERVICE_USER)
+    os.chown(conf, uid, gid)
     for unit in UNITS:
         shutil.copy2(units_dir / unit, root / "etc/systemd/system" / unit)
     disk.run(["systemctl", f"--root={root}", "enable", *ENABLED])
     (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
+
+
+def _ids(root: Path, user: str) -> tuple[int, int]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise disk.DiskError(f"user {user} missing in {root}/etc/passwd")
 
 
 def install_bundle(root: Path, bundle: Path) -> str:
@@ -211,10 +227,10 @@ def build_image(out: Path, *, base_tar: Path, bundle: Path, units_dir: Path, wor
     with step("appliance layer", timings):
         configure_root(root, units_dir)
         install_bundle(root, bundle)
-        # the service user owns its state directory; models are part of the release
-        disk.run(["chroot", str(root), "/bin/chown", "-R", f"{SERVICE_USER}:{SERVICE_USER}",
-                  "/var/lib/classroom-attendance"]) if (
-            root / "var/lib/classroom-attendance").exists() else None
+        # the service user's state directory (systemd's StateDirectory= would make it too)
+        state = root / "var/lib/classroom-attendance"
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(state, *_ids(root, SERVICE_USER))
     with step("boot files", timings):
         boot_files(root, workdir / "boot")
     with step("assemble", timings):

@@ -4,11 +4,25 @@
 #         Raspberry Pi also python3-picamera2 (picamera2 needs libcamera's Python bindings,
 #         which only Raspberry Pi OS packages; the Makefile then makes the venv with
 #         --system-site-packages so it sees them)
-#   test: what the test suite drives for real: mosquitto, chromium
+#   test: what the test suite drives for real: mosquitto, chromium; for the fleet tests the disk
+#         tools (sfdisk, mkfs.vfat/fsck.vfat, mtools, mkfs.ext4/e2fsck/debugfs, xz), sshd and
+#         ssh-keygen (two test hosts), systemd-analyze
+#   image: make image (Debian arm64 from this machine): mmdebstrap, qemu-user-static and
+#         binfmt-support (foreign binaries), arch-test, and the disk tools
+#   image-base: make image BASE=... (no foreign code runs): the disk tools
+#   image-test: qemu-system-aarch64 and ssh
 set -euo pipefail
 what=${1:-base}
 
 need=()
+disk_tools() {
+  for pair in sfdisk:fdisk mkfs.vfat:dosfstools fsck.vfat:dosfstools mcopy:mtools \
+      mkfs.ext4:e2fsprogs debugfs:e2fsprogs xz:xz-utils lsblk:util-linux; do
+    tool=${pair%%:*}
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/sbin/$tool" ] || [ -x "/usr/sbin/$tool" ] \
+      || need+=("${pair#*:}")
+  done
+}
 case "$what" in
   base)
     python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv python3-pip)
@@ -20,6 +34,25 @@ case "$what" in
   test)
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    disk_tools
+    [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+    command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
+    command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+    ;;
+  image)
+    disk_tools
+    command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+    command -v arch-test >/dev/null 2>&1 || need+=(arch-test)
+    [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static binfmt-support)
+    command -v useradd >/dev/null 2>&1 || need+=(passwd)
+    ;;
+  image-base)
+    disk_tools
+    ;;
+  image-test)
+    disk_tools
+    command -v qemu-system-aarch64 >/dev/null 2>&1 || need+=(qemu-system-arm)
+    command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
     ;;
 esac
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -191,6 +191,7 @@ class StatusView:
             },
             "health": {name: c["status"] for name, c in health["components"].items()},
             "health_status": health["status"],
+            "provisioning": health["components"]["provisioning"]["message"],
         }
 
 

@@ -106,8 +106,13 @@ def test_flash_image_only_writes_settings_and_first_boot_applies_them(
     assert not (root / "boot/firmware" / SETTINGS_FILE).exists()  # secrets off the FAT
     conf = root / "etc/classroom-attendance/appliance.toml"
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
-    assert f'device_key = "{key}"' in conf.read_text()
-    assert 'room_id = "LAB-301"' in conf.read_text()
+    from appliance.config import load as load_appliance_settings
+
+    applied = load_appliance_settings(conf)  # the appliance's own settings model reads it
+    assert applied.sync.api_key is not None and applied.sync.api_key.get_secret_value() == key
+    assert (applied.device.device_id, applied.device.room_id) == ("pi-lab-301", "LAB-301")
+    assert str(applied.sync.aggregator_url).rstrip("/") == "http://testserver"
+    assert applied.web.host == "0.0.0.0"
     wpa = root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
     assert stat.S_IMODE(wpa.stat().st_mode) == 0o600 and 'psk="s3cret-psk"' in wpa.read_text()
     assert (root / "etc/hostname").read_text() == "pi-lab-301\n"
@@ -138,6 +143,14 @@ def test_first_boot_reports_what_is_missing(tmp_path: Path, aggregator: Aggregat
     assert report.missing == ["aggregator: answered 401"]
     status = json.loads((root / "var/lib/classroom-attendance/provisioning.json").read_text())
     assert status["missing"] == ["aggregator: answered 401"]
+    # the next boot checks the aggregator again with the settings now in /etc
+    again = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    assert again.missing == ["aggregator: answered 401"] and not again.provisioned
+    key = aggregator.client.post("/api/v1/devices", json={"id": "pi-x", "room_id": "LAB-301"},
+                                 headers=aggregator.admin()).json()["api_key"]
+    conf = root / "etc/classroom-attendance/appliance.toml"
+    conf.write_text(conf.read_text().replace("dev_wrong_wrong_wrong_key", key))
+    assert firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client).provisioned
     (root / "boot/firmware" / SETTINGS_FILE).write_text('device_id = "bad id!"\n')
     report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
     assert report.steps["settings"].startswith("failed: classroom-device.toml is invalid")
@@ -173,3 +186,17 @@ def test_flash_refuses_bad_targets_and_input(tmp_path: Path,
     cards = read_csv(rooms)
     assert [(c.room_id, c.resolved_id(), c.wifi_ssid) for c in cards] == [
         ("LAB-301", "pi-a", "net"), ("LAB-302", "pi-lab-302", None)]
+
+
+def test_health_says_whether_provisioned(tmp_path: Path, aggregator: Aggregator) -> None:
+    from appliance.health import DEGRADED, HEALTHY, NOT_CONFIGURED, check_provisioning
+
+    data = tmp_path / "device/var/lib/classroom-attendance"
+    assert check_provisioning(data).status == NOT_CONFIGURED  # installed by hand
+    root = fabricated_root(tmp_path / "device")
+    firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    state = check_provisioning(data)
+    assert state.status == DEGRADED
+    assert state.message.startswith("not provisioned: settings: no classroom-device.toml")
+    (data / "provisioning.json").write_text(json.dumps({"provisioned": True, "missing": []}))
+    assert check_provisioning(data).status == HEALTHY

@@ -53,6 +53,8 @@
       var li = document.createElement("li");
       li.className = "chip " + s.health[n];
       li.textContent = n + ": " + s.health[n];
+      // first boot (make flash): say what the device is still missing
+      if (n === "provisioning" && s.provisioning) { li.textContent = s.provisioning; }
       health.appendChild(li);
     });
     markStates();

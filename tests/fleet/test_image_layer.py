@@ -1,0 +1,75 @@
+"""The appliance layer and boot partition of `make image`, on a small fabricated root
+directory (no mmdebstrap, no chroot): files, user, enabled units, then a whole image."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from fleet import disk
+from fleet.image import CMDLINE, ENABLED, boot_files, configure_root
+from tests.fleet.conftest import fabricated_root
+
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
+
+
+def debian_like(root: Path) -> Path:
+    fabricated_root(root)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc/group").write_text("root:x:0:\nvideo:x:44:\n")
+    (root / "etc/gshadow").write_text("root:*::\nvideo:*::\n")
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/ssh_host_ed25519_key").write_text("shared by every card: must go")
+    (root / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    for unit in ("ssh.service", "systemd-networkd.service", "systemd-resolved.service",
+                 "systemd-timesyncd.service"):
+        lib = root / "lib/systemd/system" / unit
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        lib.write_text("[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
+    (root / "usr/lib/raspi-firmware").mkdir(parents=True)
+    (root / "usr/lib/raspi-firmware/start4.elf").write_bytes(b"fw")
+    (root / "boot/vmlinuz-6.1.0-50-arm64").write_bytes(b"kernel")
+    (root / "boot/initrd.img-6.1.0-50-arm64").write_bytes(b"initrd")
+    dtbs = root / "usr/lib/linux-image-6.1.0-50-arm64/broadcom"
+    dtbs.mkdir(parents=True)
+    (dtbs / "bcm2711-rpi-4-b.dtb").write_bytes(b"dtb")
+    return root
+
+
+def test_appliance_layer_and_boot_partition(tmp_path: Path) -> None:
+    root = debian_like(tmp_path / "root")
+    configure_root(root, UNITS)
+    passwd = (root / "etc/passwd").read_text()
+    assert "attendance:" in passwd and "/usr/sbin/nologin" in passwd
+    assert "video:x:44:attendance" in (root / "etc/group").read_text()
+    fstab = (root / "etc/fstab").read_text()
+    assert "noatime" in fstab and "tmpfs            /tmp" in fstab
+    assert "LABEL=rootfs" in fstab and "LABEL=bootfs" in fstab
+    journald = (root / "etc/systemd/journald.conf.d/50-classroom-sdcard.conf").read_text()
+    assert "Storage=volatile" in journald and "RateLimitBurst" in journald
+    assert not list((root / "etc/ssh").glob("ssh_host_*"))  # made per card at first boot
+    assert (root / "etc/machine-id").read_text() == ""
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    assert {p.name for p in wants.iterdir()} >= set(ENABLED)
+    boot = tmp_path / "boot"
+    boot_files(root, boot)
+    assert (boot / "cmdline.txt").read_text() == CMDLINE
+    assert "root=LABEL=rootfs" in CMDLINE  # not Debian's /dev/mmcblk0p2
+    assert {p.name for p in boot.iterdir()} == {
+        "start4.elf", "vmlinuz", "initrd.img", "bcm2711-rpi-4-b.dtb", "config.txt", "cmdline.txt"}
+
+    image = tmp_path / "img"
+    layout = disk.assemble(image, boot, root, boot_bytes=64 * disk.MIB,
+                           root_bytes=16 * disk.MIB, workdir=tmp_path)
+    ext4 = tmp_path / "p2"
+    disk.extract_partition(image, layout.root, ext4)
+    subprocess.run(["e2fsck", "-f", "-n", str(ext4)], check=True, capture_output=True)
+    conf = subprocess.run(["debugfs", "-R", "stat /etc/classroom-attendance/appliance.toml",
+                           str(ext4)], capture_output=True, text=True, check=True).stdout
+    uid = next(line.split(":")[2] for line in passwd.splitlines()
+               if line.startswith("attendance:"))
+    assert "Mode:  0600" in conf and f"User: {uid:>5}" in conf
+    link = subprocess.run(["debugfs", "-R", "stat /etc/resolv.conf", str(ext4)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "stub-resolv.conf" in link
+    assert disk.fat_read(image, layout.boot, "cmdline.txt").decode() == CMDLINE
