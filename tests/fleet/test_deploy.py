@@ -205,7 +205,7 @@ def test_deploy_then_failed_release_rolls_back(hosts: list[TestHost], bundles: t
     print(f"release 1 on two hosts: {first:.0f} s", summary_table(results))
 
     # release 2: health fails (camera), rolled back to release 1 whose pipeline runs again
-    results = Deployer(broken, **{**kwargs, "health_timeout": 25.0}).run_sync([a.host])
+    results = Deployer(broken, **{**kwargs, "health_timeout": 15.0}).run_sync([a.host])
     (r,) = results
     assert r.result == "rolled back", r
     assert (r.old, r.new) == ("0.1.0+gtest1", "0.1.0+gtest2")
