@@ -92,7 +92,8 @@ def make_fat(path: Path, size_bytes: int, label: str = BOOT_LABEL,
              files: Path | None = None) -> None:
     """A FAT32 file system image of ``size_bytes``, filled with the contents of ``files``."""
     path.unlink(missing_ok=True)
-    run(["mkfs.vfat", "-C", "-F", "32", "-n", label.upper(), str(path), str(size_bytes // 1024)])
+    # lower case like Raspberry Pi OS: fstab and udev match labels case-sensitively
+    run(["mkfs.vfat", "-C", "-F", "32", "-n", label, str(path), str(size_bytes // 1024)])
     if files is not None:
         entries = sorted(files.iterdir())
         if entries:

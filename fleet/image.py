@@ -50,7 +50,7 @@ ENABLED = ("classroom-appliance.service", "classroom-firstboot.service",
 FSTAB = """\
 # <file system>  <mount point>   <type>  <options>                                  <dump> <pass>
 LABEL=rootfs     /               ext4    defaults,noatime,commit=60,errors=remount-ro 0 1
-LABEL=bootfs     /boot/firmware  vfat    defaults,noatime,umask=0077                  0 2
+LABEL=bootfs     /boot/firmware  vfat    defaults,noatime,umask=0077,nofail           0 2
 # /tmp in RAM: no temporary file ever reaches the SD card
 tmpfs            /tmp            tmpfs   defaults,nosuid,nodev,size=128M,mode=1777   0 0
 """

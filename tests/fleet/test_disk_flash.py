@@ -62,7 +62,7 @@ def test_assembled_image_checks_clean(tmp_path: Path) -> None:
     assert image.stat().st_size == layout.total_bytes
     fat = partition_file(image, layout.boot, tmp_path / "p1")
     sh("fsck.vfat", "-n", str(fat))
-    assert disk.fat_label(image, layout.boot) == "BOOTFS"
+    assert disk.fat_label(image, layout.boot) == "bootfs"
     assert sorted(disk.fat_list(image, layout.boot)) == ["config.txt", "overlays"]
     assert disk.fat_read(image, layout.boot, "overlays/README") == b"x"
     ext4 = partition_file(image, layout.root, tmp_path / "p2")
