@@ -94,6 +94,10 @@ def appliance_toml(settings: DeviceSettings) -> str:
     lines = [
         "# Written by the first boot from the card's settings (make flash). 0600: holds the key.",
         "[device]", f"device_id = {q(settings.device_id)}", f"room_id = {q(settings.room_id)}",
+        # the unit sets these by environment; here too, so commands run by hand with
+        # --config use the same directories
+        "", "[paths]", 'data_dir = "/var/lib/classroom-attendance"',
+        'model_dir = "/opt/classroom-attendance/current/models"',
         "", "[sync]", f"aggregator_url = {q(str(settings.aggregator_url).rstrip('/'))}",
         f"api_key = {q(settings.device_key.get_secret_value())}",
     ]
