@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The cached arm64 base root file system of the SD card image (Debian bookworm, ~17 min under
-# qemu-user on 2 cores). Only this script's text is the cache key: a code change of the
-# appliance never rebuilds it (the appliance layer goes on top in image_build/build.py).
+# qemu-user on 2 cores). Only this script and initramfs-modules are the cache key: a code change
+# of the appliance never rebuilds it (the appliance layer goes on top in fleet/image.py).
 #   usage: image_build/rootfs.sh OUT_DIR   -> prints the path of OUT_DIR/rootfs-<key>.tar
 set -euo pipefail
 out_dir=${1:?usage: rootfs.sh OUT_DIR}
-key=$(sha256sum "$0" | cut -c1-16)
+here=$(cd "$(dirname "$0")" && pwd)
+key=$(cat "$0" "$here/initramfs-modules" | sha256sum | cut -c1-16)
 tarball="$out_dir/rootfs-$key.tar"
 if [ -s "$tarball" ]; then echo "$tarball"; exit 0; fi
 mkdir -p "$out_dir"
@@ -17,7 +18,8 @@ fi
 
 # Everything but the kernel in one apt run; the kernel in a second run with INITRD=No so its
 # postinst does not build an initramfs that the initramfs-tools trigger then builds again (the
-# slowest step under emulation): it is built exactly once, in the last hook.
+# slowest step under emulation): it is built exactly once, in the last hook, with the modules
+# listed in initramfs-modules only (MODULES=most takes over 40 minutes under qemu-user).
 base_packages=(
   systemd-sysv udev kmod dbus systemd-timesyncd
   openssh-server sudo
@@ -32,6 +34,8 @@ tmp="$out_dir/partial-rootfs-$key.tar"
 mmdebstrap --arch=arm64 --variant=minbase --components=main,non-free-firmware \
   --include="$(IFS=,; echo "${base_packages[*]}")" \
   --customize-hook='chroot "$1" env DEBIAN_FRONTEND=noninteractive INITRD=No apt-get install -y --no-install-recommends '"${kernel_packages[*]}" \
+  --customize-hook='sed -i "s/^MODULES=.*/MODULES=list/" "$1/etc/initramfs-tools/initramfs.conf"' \
+  --customize-hook="cp '$here/initramfs-modules' \"\$1/etc/initramfs-tools/modules\"" \
   --customize-hook='chroot "$1" update-initramfs -c -k all' \
   --customize-hook='chroot "$1" apt-get clean' \
   bookworm "$tmp" http://deb.debian.org/debian
