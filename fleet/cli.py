@@ -150,11 +150,9 @@ def flash(
                        camera_source=camera_source)
     try:
         if devices_csv is not None:
-            if device is None:
-                raise FlashError("DEVICES_CSV needs DEVICE=/dev/sdX (the card reader)")
             done = flash_batch(source, read_csv(devices_csv), aggregator=aggregator,
-                               admin_token=token, device=device, defaults=card,
-                               admin_url=admin_url)
+                               admin_token=token, device=device, image_only_dir=image_only,
+                               defaults=card, admin_url=admin_url)
             typer.echo(f"{len(done)} card(s) written: {', '.join(done)}")
             return
         if not room:

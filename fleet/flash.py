@@ -228,9 +228,15 @@ def read_csv(path: Path) -> list[CardRequest]:
 
 
 def flash_batch(image: Path, cards: list[CardRequest], *, aggregator: str, admin_token: str,
-                device: Path, prompt: Callable[[str], str] = input,
-                defaults: CardRequest | None = None, admin_url: str | None = None) -> list[str]:
-    """A technician's batch: for each row, wait for the next card, flash it, say it is done."""
+                device: Path | None = None, image_only_dir: Path | None = None,
+                prompt: Callable[[str], str] = input, defaults: CardRequest | None = None,
+                admin_url: str | None = None, client: httpx.Client | None = None) -> list[str]:
+    """A technician's batch: for each row, wait for the next card, flash it, say it is done.
+
+    With ``image_only_dir`` each card becomes a file ``<device id>.img`` there instead."""
+    if (device is None) == (image_only_dir is None):
+        raise FlashError("a batch needs DEVICE=/dev/sdX (the card reader) or IMAGE_ONLY=dir/")
+    where = device or image_only_dir
     done = []
     for index, card in enumerate(cards, 1):
         if defaults is not None:
@@ -238,14 +244,18 @@ def flash_batch(image: Path, cards: list[CardRequest], *, aggregator: str, admin
                 if getattr(card, field) is None:
                     setattr(card, field, getattr(defaults, field))
         answer = prompt(f"[{index}/{len(cards)}] insert the card for {card.room_id} "
-                        f"({card.resolved_id()}) into {device}, then press Enter (s = skip, "
+                        f"({card.resolved_id()}) into {where}, then press Enter (s = skip, "
                         "q = quit): ").strip().lower()
         if answer == "q":
             break
         if answer == "s":
             continue
+        image_only = None
+        if image_only_dir is not None:
+            image_only_dir.mkdir(parents=True, exist_ok=True)
+            image_only = image_only_dir / f"{card.resolved_id()}.img"
         flash(image, card, aggregator=aggregator, admin_token=admin_token, device=device,
-              admin_url=admin_url)
+              image_only=image_only, admin_url=admin_url, client=client)
         print(f"done: {card.resolved_id()} ({card.room_id}); remove the card")
         done.append(card.resolved_id())
     return done

@@ -200,3 +200,30 @@ def test_health_says_whether_provisioned(tmp_path: Path, aggregator: Aggregator)
     assert state.message.startswith("not provisioned: settings: no classroom-device.toml")
     (data / "provisioning.json").write_text(json.dumps({"provisioned": True, "missing": []}))
     assert check_provisioning(data).status == HEALTHY
+
+
+def test_batch_prompts_for_each_card(tmp_path: Path, small_image: tuple[Path, disk.Layout],
+                                     aggregator: Aggregator) -> None:
+    from fleet.flash import flash_batch
+
+    xz, layout = small_image
+    rooms = tmp_path / "rooms.csv"
+    rooms.write_text("room_id,device_id\nLAB-301,pi-a\nLAB-302,pi-b\nLAB-301,pi-c\n")
+    answers = iter(["", "s", "q"])
+    asked: list[str] = []
+
+    def prompt(text: str) -> str:
+        asked.append(text)
+        return next(answers)
+
+    out = tmp_path / "cards"
+    done = flash_batch(xz, read_csv(rooms), aggregator=aggregator.url,
+                       admin_token=aggregator.admin_token, image_only_dir=out, prompt=prompt,
+                       defaults=CardRequest(room_id="", wifi_ssid="school"),
+                       client=aggregator.client)
+    assert done == ["pi-a"]
+    assert asked[0].startswith("[1/3] insert the card for LAB-301 (pi-a)")
+    assert len(asked) == 3  # skipped pi-b, quit before pi-c
+    assert sorted(p.name for p in out.iterdir()) == ["pi-a.img"]
+    settings = load(disk.fat_read(out / "pi-a.img", layout.boot, SETTINGS_FILE).decode())
+    assert settings.wifi_ssid == "school"  # the command line's value fills empty columns
