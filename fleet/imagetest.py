@@ -159,13 +159,16 @@ def compare(here: list[dict], there: list[dict]) -> list[dict[str, object]]:  # 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    images = sorted((REPO / "build").glob("classroom-appliance-*[0-9a-z]-arm64.img.xz"),
-                    key=lambda p: p.stat().st_mtime)
-    images = [p for p in images if "-raspios-" not in p.name]
-    if not images:
-        print("no image: run `make image` first", file=sys.stderr)
-        return 1
-    image = images[-1]
+    if len(sys.argv) > 1:
+        image = Path(sys.argv[1]).resolve()
+    else:
+        images = sorted((REPO / "build").glob("classroom-appliance-*[0-9a-z]-arm64.img.xz"),
+                        key=lambda p: p.stat().st_mtime)
+        images = [p for p in images if "-raspios-" not in p.name]
+        if not images:
+            print("no image: run `make image` first", file=sys.stderr)
+            return 1
+        image = images[-1]
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     timer = Timer()
