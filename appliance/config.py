@@ -8,10 +8,11 @@ itself: ``appliance config show`` prints the effective values (secrets masked) a
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud_sync.protocol import IDENTIFIER_PATTERN
@@ -408,7 +409,33 @@ class WebConfig(Section):
         ge=1,
         le=100,
         title="Login failures per minute",
-        description="Failed logins allowed per client address per minute; more get HTTP 429.",
+        description="Login attempts allowed per client address per minute (a correct password "
+        "clears its address's count); more get HTTP 429 until the minute has passed.",
+    )
+    login_max_failures_hour: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        title="Login failures per hour",
+        description="Login attempts allowed per client address per hour: the second step of "
+        "the back-off (an address that keeps guessing waits up to an hour).",
+    )
+    login_max_failures_global: int = Field(
+        default=30,
+        ge=1,
+        le=10000,
+        title="Login attempts per minute, all addresses",
+        description="Password checks allowed per minute from all client addresses together: a "
+        "ceiling against guessing from many addresses; more get HTTP 429 for up to a minute.",
+    )
+    trusted_proxies: str = Field(
+        default="",
+        max_length=1000,
+        pattern=r"^[0-9A-Fa-f.:/, ]*$",
+        title="Trusted reverse proxies",
+        description="Comma-separated addresses or networks (CIDR) of reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto headers are believed; empty = none: the client "
+        "address is the connection's (the login limit counts per client address).",
     )
     metrics_public: bool = Field(
         default=True,
@@ -423,6 +450,20 @@ class WebConfig(Section):
         title="Live update period",
         description="Seconds between status updates pushed to an open status page (SSE).",
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for item in value.split(","):
+            if item.strip():
+                try:
+                    ipaddress.ip_network(item.strip(), strict=False)
+                except ValueError as err:
+                    raise ValueError(f"not an address or network: {item.strip()!r}") from err
+        return value
+
+    def trusted_proxy_list(self) -> list[str]:
+        return [item.strip() for item in self.trusted_proxies.split(",") if item.strip()]
 
 
 class AlertsConfig(Section):

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import FastAPI, Form, Request
@@ -64,7 +65,9 @@ MJPEG_BOUNDARY = "frame"
 _SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin: no referrer to other sites, and the browser still names this page's origin
+    # on its own form posts (with no-referrer it sends "Origin: null"); see same_origin()
+    "Referrer-Policy": "same-origin",
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
     "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
 }
@@ -77,6 +80,42 @@ def mask_url(source: str) -> str:
 
 def _mask_optional(text: str | None) -> str | None:
     return None if text is None else mask_url(text)
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _host_port(netloc: str, scheme: str) -> tuple[str, int | None]:
+    parts = urlsplit(f"{scheme}://{netloc}")
+    try:
+        port = parts.port
+    except ValueError:
+        return "", None
+    return (parts.hostname or "").lower(), port
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the request comes from another page than this one's:
+    ``Sec-Fetch-Site`` other than ``same-origin``/``none``, or (older browsers) an ``Origin``
+    naming another host or port. Requests with neither header (curl, scripts with the Bearer
+    key) do not come from a browser page."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:  # set by the browser itself (Chrome, Firefox, Safari 16.4+)
+        return fetch_site in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:  # "null", file://, junk
+        return False
+    o_host, o_port = _host_port(parts.netloc, parts.scheme)
+    h_host, h_port = _host_port(request.headers.get("host", ""), request.url.scheme)
+    if not h_host or o_host != h_host:
+        return False
+    if h_port is None:  # a default port (a TLS proxy may hide which scheme): so must Origin's
+        return o_port is None
+    return (o_port or _DEFAULT_PORTS[parts.scheme]) == h_port
 
 
 def _zone(name: str) -> tzinfo:
@@ -236,6 +275,17 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.middleware("http")
+    async def same_origin_only(request: Request, call_next: Callable[..., Any]) -> Response:
+        # A page elsewhere must not post forms here (log in as someone, log out): a browser
+        # names the page's origin on every POST; it must be this page's own.
+        if request.method not in SAFE_METHODS and not same_origin(request):
+            _LOGGER.warning("cross-origin %s %s refused (Origin %r)", request.method,
+                            request.url.path, request.headers.get("origin"))
+            return JSONResponse({"detail": "cross-origin request refused"}, status_code=403,
+                                headers=_SECURITY_HEADERS)
+        return await call_next(request)
+
+    @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable[..., Any]) -> Response:
         response: Response = await call_next(request)
         for name, value in _SECURITY_HEADERS.items():
@@ -244,8 +294,12 @@ def create_app(
             response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    def client_key(request: Request) -> str:
+    def client_address(request: Request) -> str:
         return request.client.host if request.client else "unknown"
+
+    def cookie_secure(request: Request) -> bool:
+        # https: served over TLS (directly, or by a proxy in web.trusted_proxies that says so)
+        return settings.web.cookie_secure or request.url.scheme == "https"
 
     def authorized(request: Request) -> bool:
         header = request.headers.get("authorization", "")
@@ -307,13 +361,13 @@ def create_app(
     @app.post("/login")
     async def login(request: Request,
                     password: Annotated[str, Form(max_length=1024)] = "") -> Response:
-        result = await run_in_threadpool(auth.login, client_key(request), password)
+        result = await run_in_threadpool(auth.login, client_address(request), password)
         metrics.WEB_LOGINS.labels(result=result.reason).inc()
         if result.ok:
             response = RedirectResponse("/", status_code=303)
             response.set_cookie(COOKIE_NAME, auth.issue_session(), max_age=auth.ttl_s,
                                 httponly=True, samesite="strict",
-                                secure=settings.web.cookie_secure, path="/")
+                                secure=cookie_secure(request), path="/")
             return response
         if result.reason == "rate_limited":
             wait = max(1, math.ceil(result.retry_after_s))
@@ -326,10 +380,12 @@ def create_app(
     # --- login required ------------------------------------------------------------------------
 
     @app.post("/logout")
-    async def logout() -> Response:
+    async def logout(request: Request) -> Response:
+        if auth.revoke(request.cookies.get(COOKIE_NAME)):  # the old cookie is dead server-side
+            _LOGGER.info("status page logout from %s", client_address(request))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict",
-                               secure=settings.web.cookie_secure)
+                               secure=cookie_secure(request))
         return response
 
     @app.get("/", response_class=HTMLResponse)

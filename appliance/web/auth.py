@@ -9,7 +9,11 @@
 - A login gets a session cookie ``<issued>.<nonce>.<hmac>``, HMAC-SHA256 with a per-device random
   secret kept in ``<data_dir>/web_session.key`` (mode 0600); the MAC also covers a fingerprint of
   the current credentials, so changing the password logs every session out.
-- Failed logins are limited per client address (``web.login_max_failures`` per minute).
+- Login attempts are limited per client address (``web.login_max_failures`` a minute and
+  ``web.login_max_failures_hour`` an hour) and for all addresses together
+  (``web.login_max_failures_global`` a minute); the attempt is taken before the password is
+  checked, so concurrent guesses cannot overrun it. A correct password clears its address.
+- ``POST /logout`` revokes the session on the server (``<data_dir>/web_revoked.json``).
 - Comparisons are constant-time; the password is never logged.
 """
 
@@ -18,23 +22,33 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
+import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
 from appliance.config import ApplianceSettings
+from appliance.logging_setup import LogThrottle
 
 _LOGGER = logging.getLogger(__name__)
+# A guessing attack must not flood the log: one line per kind and minute, with a count.
+_THROTTLE = LogThrottle(60.0)
 
 PASSWORD_FILE = "web_password"  # noqa: S105 (a file name, not a password)
 SECRET_FILE = "web_session.key"  # noqa: S105 (a file name)
+REVOKED_FILE = "web_revoked.json"
 COOKIE_NAME = "appliance_session"
+MAX_REVOKED = 10_000  # logged-out sessions remembered until they expire
 MIN_PASSWORD_LENGTH = 8
 # scrypt cost: 2**14 x 8 x 1 = 16 MiB, ~50 ms here, a few hundred ms on a Pi: fine for a login.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -137,43 +151,67 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     return data
 
 
-class RateLimiter:
-    """At most ``max_failures`` failures per ``window_s`` per client key (sliding window)."""
+def client_key(address: str | None) -> str:
+    """The rate-limit key of a client address: the address itself for IPv4, its /64 network for
+    IPv6 (one host holds a whole /64, so counting single IPv6 addresses could be sprayed)."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
-    def __init__(self, max_failures: int, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
+
+class LoginLimiter:
+    """Login attempts allowed per client address (a back-off in steps: ``per_client`` limits,
+    e.g. 5 a minute and 20 an hour) and for every address together (``overall``, a ceiling
+    against guessing from many addresses), as moving windows of the ``limits`` library.
+
+    :meth:`reserve` checks every limit and takes one attempt from each under one lock, *before*
+    the password is checked, so concurrent wrong passwords cannot get more checks than the
+    limit allows. A correct password gives the address its attempts back (:meth:`forgive`)."""
+
+    def __init__(self, per_client: Sequence[RateLimitItem],
+                 overall: Sequence[RateLimitItem]) -> None:
+        self._windows = MovingWindowRateLimiter(MemoryStorage())
+        self._per_client = list(per_client)
+        self._overall = list(overall)
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        times = self._failures.setdefault(key, deque())
-        while times and now - times[0] >= self.window_s:
-            times.popleft()
-        return times
+    @classmethod
+    def from_settings(cls, settings: ApplianceSettings) -> LoginLimiter:
+        web = settings.web
+        return cls([RateLimitItemPerMinute(web.login_max_failures),
+                    RateLimitItemPerHour(web.login_max_failures_hour)],
+                   [RateLimitItemPerMinute(web.login_max_failures_global)])
 
-    def retry_after(self, key: str) -> float:
-        """Seconds until ``key`` may try again (0 = now)."""
-        with self._lock:
-            now = self._clock()
-            times = self._recent(key, now)
-            if len(times) < self.max_failures:
-                return 0.0
-            return max(0.0, self.window_s - (now - times[0]))
+    def _limits(self, key: str) -> list[tuple[RateLimitItem, tuple[str, ...]]]:
+        return ([(item, ("client", key)) for item in self._per_client]
+                + [(item, ("all",)) for item in self._overall])
 
-    def failure(self, key: str) -> None:
+    def reserve(self, key: str) -> float:
+        """Take one attempt for ``key``: 0.0 when granted, else the seconds to wait (nothing
+        taken)."""
+        limits = self._limits(key)
         with self._lock:
-            now = self._clock()
-            self._recent(key, now).append(now)
-            if len(self._failures) > 10_000:  # bound memory against address spraying
-                for stale in [k for k, v in self._failures.items() if not v]:
-                    del self._failures[stale]
+            waits = [self._windows.get_window_stats(item, *ids).reset_time - time.time()
+                     for item, ids in limits if not self._windows.test(item, *ids)]
+            if waits:
+                return max(1.0, max(waits))
+            for item, ids in limits:
+                self._windows.hit(item, *ids)
+        return 0.0
 
-    def reset(self, key: str) -> None:
+    def forgive(self, key: str) -> None:
+        """The address proved it knows the password: clear its own counts."""
         with self._lock:
-            self._failures.pop(key, None)
+            for item in self._per_client:
+                self._windows.clear(item, "client", key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +229,11 @@ class Authenticator:
         self._settings = settings
         self._clock = clock
         self._secret = load_or_create_secret(settings.paths.data_dir)
-        self.limiter = RateLimiter(settings.web.login_max_failures)
+        self.limiter = LoginLimiter.from_settings(settings)
         self.ttl_s = settings.web.session_ttl_s
+        self._revoked_path = settings.paths.data_dir / REVOKED_FILE
+        self._revoked_lock = threading.Lock()
+        self._revoked = self._load_revoked()
 
     # --- credentials -----------------------------------------------------------------------------
 
@@ -222,19 +263,22 @@ class Authenticator:
         return ok_password or self.check_api_key(candidate)
 
     def login(self, client: str, candidate: str) -> LoginResult:
-        wait = self.limiter.retry_after(client)
-        if wait > 0:
-            _LOGGER.warning("status page login from %s refused: rate limited", client)
-            return LoginResult(False, "rate_limited", wait)
+        """Check ``candidate`` for the client address ``client`` (rate limited)."""
         if not self.configured():
             _LOGGER.warning("status page login from %s refused: no password set", client)
             return LoginResult(False, "not_configured")
+        key = client_key(client)
+        wait = self.limiter.reserve(key)  # before the ~50 ms scrypt: atomic check-and-take
+        if wait > 0:
+            _THROTTLE.log(_LOGGER, logging.WARNING, "rate-limited",
+                          "status page login from %s refused: rate limited", client)
+            return LoginResult(False, "rate_limited", wait)
         if self.check_secret(candidate):
-            self.limiter.reset(client)
+            self.limiter.forgive(key)
             _LOGGER.info("status page login from %s", client)
             return LoginResult(True, "ok")
-        self.limiter.failure(client)
-        _LOGGER.warning("status page login from %s failed", client)
+        _THROTTLE.log(_LOGGER, logging.WARNING, "wrong",
+                      "status page login from %s failed", client)
         return LoginResult(False, "wrong")
 
     # --- sessions --------------------------------------------------------------------------------
@@ -253,14 +297,60 @@ class Authenticator:
         payload = f"{int(self._clock())}.{secrets.token_urlsafe(12)}"
         return f"{payload}.{self._mac(payload)}"
 
-    def valid_session(self, cookie: str | None) -> bool:
+    def _parse(self, cookie: str | None) -> tuple[int, str] | None:
+        """(issued, nonce) of a cookie with a good MAC, unexpired; else None."""
         if not cookie or cookie.count(".") != 2:
-            return False
+            return None
         issued, nonce, mac = cookie.split(".")
         if not hmac.compare_digest(mac.encode(), self._mac(f"{issued}.{nonce}").encode()):
-            return False
+            return None
         try:
-            age = self._clock() - int(issued)
+            issued_s = int(issued)
         except ValueError:
+            return None
+        age = self._clock() - issued_s
+        return (issued_s, nonce) if 0 <= age < self.ttl_s else None
+
+    def valid_session(self, cookie: str | None) -> bool:
+        parsed = self._parse(cookie)
+        if parsed is None or not self.configured():
             return False
-        return 0 <= age < self.ttl_s and self.configured()
+        with self._revoked_lock:
+            return parsed[1] not in self._revoked
+
+    def revoke(self, cookie: str | None) -> bool:
+        """Log a session out on the server: its cookie is refused from now on, also after a
+        restart (the revoked nonces are kept in ``<data_dir>/web_revoked.json`` until they
+        would have expired anyway)."""
+        parsed = self._parse(cookie)
+        if parsed is None:
+            return False
+        issued, nonce = parsed
+        with self._revoked_lock:
+            now = self._clock()
+            self._revoked = {n: exp for n, exp in self._revoked.items() if exp > now}
+            self._revoked[nonce] = issued + self.ttl_s
+            if len(self._revoked) > MAX_REVOKED:  # keep the newest; older ones expire first
+                newest = sorted(self._revoked.items(), key=lambda kv: kv[1])[-MAX_REVOKED:]
+                self._revoked = dict(newest)
+            try:
+                _write_private(self._revoked_path, json.dumps(self._revoked).encode())
+            except OSError as err:  # still revoked in memory until a restart
+                _LOGGER.error("cannot save the logged-out sessions to %s: %s",
+                              self._revoked_path, err)
+        return True
+
+    def _load_revoked(self) -> dict[str, float]:
+        try:
+            data = json.loads(self._revoked_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            _LOGGER.error("cannot read the logged-out sessions in %s: %s", self._revoked_path,
+                          err)
+            return {}
+        now = self._clock()
+        if not isinstance(data, dict):
+            return {}
+        return {str(n): float(exp) for n, exp in data.items()
+                if isinstance(exp, int | float) and exp > now}

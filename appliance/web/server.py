@@ -45,10 +45,15 @@ class WebServer:
     def start(self) -> None:
         if self._thread is not None:
             return
+        proxies = self._settings.web.trusted_proxy_list()
         config = uvicorn.Config(
             self.app,
             host=self._settings.web.host,
             port=self._settings.web.port,
+            # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: anyone on the device
+            # could then pick the address the login limit counts. Only configured proxies.
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=proxies or None,
             log_level="warning",
             access_log=False,  # logs would carry client addresses for every poll
             timeout_graceful_shutdown=3,

@@ -73,3 +73,65 @@ def test_port_in_use_does_not_raise(settings, pipeline, store, caplog) -> None:
         assert not server.running
         assert "could not start" in caplog.text
         server.stop()
+
+
+def test_concurrent_wrong_passwords_get_only_the_limit_checked(settings, pipeline,
+                                                                store) -> None:
+    """200 wrong passwords at once: 5 are checked (401), the rest refused before the check."""
+    import asyncio
+
+    store_password_hash(settings.paths.data_dir, hash_password(PASSWORD))
+    server = WebServer(settings, pipeline, store)
+    server.start()
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
+            answers = await asyncio.gather(*(
+                c.post("/login", data={"password": f"guess {n}"}) for n in range(200)))
+        return [r.status_code for r in answers]
+
+    try:
+        codes = asyncio.run(burst())
+    finally:
+        server.stop()
+    assert codes.count(401) == settings.web.login_max_failures
+    assert codes.count(429) == 200 - settings.web.login_max_failures
+
+
+def test_forwarded_for_is_ignored_unless_from_a_trusted_proxy(settings, pipeline,
+                                                              store) -> None:
+    store_password_hash(settings.paths.data_dir, hash_password(PASSWORD))
+    server = WebServer(settings, pipeline, store)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            codes = [c.post("/login", data={"password": "guess"},
+                            headers={"X-Forwarded-For": f"198.51.100.{n}"}).status_code
+                     for n in range(settings.web.login_max_failures + 3)]
+    finally:
+        server.stop()
+    assert codes.count(401) == settings.web.login_max_failures  # one client: 127.0.0.1
+    assert codes[-1] == 429
+
+
+def test_trusted_proxy_names_the_client_and_the_scheme(settings, pipeline, store) -> None:
+    store_password_hash(settings.paths.data_dir, hash_password(PASSWORD))
+    settings = settings.model_copy(update={"web": settings.web.model_copy(
+        update={"trusted_proxies": "127.0.0.1"})})
+    server = WebServer(settings, pipeline, store)
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            for _ in range(settings.web.login_max_failures):
+                c.post("/login", data={"password": "guess"},
+                       headers={"X-Forwarded-For": "198.51.100.1"})
+            blocked = c.post("/login", data={"password": PASSWORD},
+                             headers={"X-Forwarded-For": "198.51.100.1"})
+            other = c.post("/login", data={"password": PASSWORD},
+                           headers={"X-Forwarded-For": "198.51.100.2",
+                                    "X-Forwarded-Proto": "https"})
+    finally:
+        server.stop()
+    assert blocked.status_code == 429
+    assert other.status_code == 303 and "Secure" in other.headers["set-cookie"]
