@@ -114,6 +114,7 @@ def replay(
     """The full pipeline over every frame of a video: fps, ms per stage, attendance records."""
     import json
 
+    from appliance.capture import SourceError, VideoFileSource
     from appliance.pipeline import replay_video
 
     settings = load_or_exit(config)
@@ -121,6 +122,14 @@ def replay(
     if not video.is_file():
         typer.echo(f"error: {video} does not exist", err=True)
         raise typer.Exit(2)
+    probe = VideoFileSource(video)  # before the models load: not a video at all?
+    try:
+        probe.open()
+    except SourceError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        probe.close()
     try:
         report = replay_video(settings, video, roster or settings.recognition.roster_file,
                               realtime=realtime, store_path=store)

@@ -1098,6 +1098,7 @@ def replay_video(
             raise FileNotFoundError(provider.error)
         pipeline = Pipeline(settings, store, provider, source=VideoFileSource(video),
                             every_frame=True, paced=realtime, loop=False)
+        pipeline.capture.fail_fast = True  # a damaged file is an error, not a reopen loop
         pipeline.start()  # returns once the descriptor process has loaded its models
         t0, cpu0, child_cpu0 = time.perf_counter(), time.process_time(), pipeline.embedder.cpu_s
         try:
@@ -1110,8 +1111,8 @@ def replay_video(
     cap = pipeline.capture
     if pipeline.error is not None:
         raise RuntimeError(f"replay failed: {pipeline.error}") from pipeline.error
-    if cap.frames_read == 0:
-        raise ValueError(f"{video}: {cap.last_error or 'no frame could be read'}")
+    if cap.fatal_error is not None or cap.frames_read == 0:
+        raise ValueError(cap.fatal_error or cap.last_error or f"{video}: no frame could be read")
     frames = pipeline.timer.frames
     return {
         "video": str(video),

@@ -70,3 +70,23 @@ def test_replay_cli_json(hamilton: Path, roster_file: Path, model_dir: Path,  # 
         [sys.executable, "-m", "appliance", "replay", str(tmp_path / "none.mp4"), "--json"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_replay_cli_refuses_damaged_files(hamilton: Path, model_dir: Path,  # noqa: F811
+                                          tmp_path: Path) -> None:
+    """A truncated, corrupt or non-video file: one clear line and exit 1, not a reopen loop."""
+    from tests.capture.test_capture import damaged_copies
+
+    env = {**os.environ, "APPLIANCE_PATHS__MODEL_DIR": str(model_dir),
+           "APPLIANCE_PATHS__DATA_DIR": str(tmp_path)}
+    expected = {"truncated": "is not a readable video (not a video, or truncated or damaged",
+                "text": "is not a readable video", "corrupt": "decoding stopped at frame"}
+    for kind, path in damaged_copies(hamilton, tmp_path).items():
+        out = subprocess.run([sys.executable, "-m", "appliance", "replay", str(path)],
+                             capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+                             check=False)
+        assert out.returncode == 1, (kind, out.stdout[-500:], out.stderr[-500:])
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: video file {path}") and expected[kind] in last, last
+        assert "Traceback" not in out.stderr + out.stdout

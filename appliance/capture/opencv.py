@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,20 @@ from cloud_sync.settings import mask_url_password
 _LOGGER = logging.getLogger(__name__)
 
 STREAM_TIMEOUT_MS = 5000
+_VIDEO_NODE = re.compile(r"video(\d+)")
+# OpenCV's own warnings ("[ WARN:0@5.024] global cap_v4l.cpp:914 ... can't open camera by
+# index") go straight to stderr at every reopen; the capture worker logs what went wrong and
+# what to do instead. Errors still show.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+def v4l2_device(spec: str) -> int | str:
+    """The V4L2 index of ``0``, ``/dev/video0`` or a link to it (``/dev/v4l/by-id/...``):
+    OpenCV's V4L2 backend opens cameras by index, not by file name."""
+    if spec.isdigit():
+        return int(spec)
+    match = _VIDEO_NODE.fullmatch(Path(spec).resolve().name)
+    return int(match.group(1)) if match else spec
 
 
 def _release(cap: cv2.VideoCapture | None) -> None:
@@ -43,8 +58,9 @@ class OpenCVCameraSource:
                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
             ])
         else:
-            device: int | str = int(self.spec) if self.spec.isdigit() else self.spec
-            cap = cv2.VideoCapture(device, cv2.CAP_V4L2)
+            device = v4l2_device(self.spec)
+            cap = cv2.VideoCapture(device, cv2.CAP_V4L2 if isinstance(device, int)
+                                   else cv2.CAP_ANY)
         if not cap.isOpened():
             _release(cap)
             raise SourceError(f"cannot open camera {self.description}")
@@ -85,6 +101,7 @@ class VideoFileSource:
         self.description = str(self.path)
         self._cap: cv2.VideoCapture | None = None
         self._fps: float | None = None
+        self.expected_frames: int | None = None  # from the container, when it says
         self._delivered = 0
 
     def open(self) -> None:
@@ -96,9 +113,12 @@ class VideoFileSource:
         cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
         if not cap.isOpened():
             _release(cap)
-            raise SourceError(f"video file {self.path} is not a readable video")
+            raise SourceError(f"video file {self.path} is not a readable video (not a video, "
+                              "or truncated or damaged: FFmpeg cannot open it)")
         value = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         self._fps = value if 0 < value < 1000 else None
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.expected_frames = count if count > 0 else None
         self._cap = cap
         self._delivered = 0
 
@@ -108,7 +128,13 @@ class VideoFileSource:
         ok, frame = self._cap.read()
         if not ok or frame is None:
             if self._delivered == 0:
-                raise SourceError(f"video file {self.path} has no readable frame")
+                raise SourceError(f"video file {self.path} has no readable frame (damaged, or "
+                                  "a codec FFmpeg cannot decode)")
+            expected = self.expected_frames
+            if expected is not None and self._delivered < expected - max(2, expected // 50):
+                raise SourceError(
+                    f"video file {self.path}: decoding stopped at frame {self._delivered} of "
+                    f"{expected}: the file is damaged or truncated")
             return None
         self._delivered += 1
         return frame

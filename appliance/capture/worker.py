@@ -9,8 +9,9 @@ Two hand-over modes:
 
 A source that fails to open or stops delivering is closed and reopened after an exponential
 backoff (0.5 s, 1 s, 2 s ... up to ``backoff_max_s``); the thread never dies of it and
-:attr:`CaptureWorker.state` says what is going on. Video files can be paced at their own frame
-rate and looped.
+:attr:`CaptureWorker.state` says what is going on. Except with ``fail_fast`` (replay): a video
+file that cannot be opened or decoded ends the worker with :attr:`CaptureWorker.fatal_error`.
+Video files can be paced at their own frame rate and looped.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from typing import Literal
 
 from appliance import metrics
 from appliance.capture.base import Frame, FrameSource, SourceError
+from appliance.logging_setup import LogThrottle
 
 _LOGGER = logging.getLogger(__name__)
 
 CameraState = Literal["starting", "ok", "reopening", "failed", "ended"]
 DEFAULT_FILE_FPS = 25.0
+RETRY_LOG_EVERY_S = 300.0
+CAMERA_HINT = ("is the camera connected? Otherwise set camera.source in the config (or "
+               "APPLIANCE_CAMERA__SOURCE): a USB index such as 0, /dev/videoN, picamera2, an "
+               "rtsp:// URL or a video file")
 
 
 class CaptureWorker:
@@ -44,16 +50,22 @@ class CaptureWorker:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         queue_size: int = 4,
+        fail_fast: bool = False,
     ) -> None:
         """``every_frame``: hand over every frame (replay) instead of the newest only;
         ``paced``: deliver a video file at its own frame rate (live sources are never paced);
-        ``loop``: restart a video file at its end."""
+        ``loop``: restart a video file at its end; ``fail_fast``: a video file that cannot be
+        opened or decoded ends the worker ("failed", :attr:`fatal_error`) instead of being
+        reopened (replay; a live source is always reopened)."""
         self.source = source
         self.every_frame = every_frame
         self.paced = paced
         self.loop = loop
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = max(backoff_max_s, backoff_initial_s)
+        self.fail_fast = fail_fast
+        self.fatal_error: str | None = None
+        self._retry_log = LogThrottle(RETRY_LOG_EVERY_S)
         self.state: CameraState = "starting"
         self.last_error: str | None = None
         self.last_frame_at: datetime | None = None
@@ -134,7 +146,11 @@ class CaptureWorker:
     def _set_state(self, state: CameraState, error: str | None = None) -> None:
         if state != self.state:
             if state == "ok":
+                self._retry_log.reset("retry")
                 _LOGGER.info("camera %s: ok", self.description)
+            elif state == "failed" and not self._ever_ok and self.fatal_error is None:
+                _LOGGER.warning("camera %s: %s (%s); %s", self.description, state, error,
+                                CAMERA_HINT)
             elif state in ("reopening", "failed"):
                 _LOGGER.warning("camera %s: %s (%s)", self.description, state, error)
             else:
@@ -172,10 +188,15 @@ class CaptureWorker:
             try:
                 self.source.open()
             except SourceError as err:
+                if self._give_up(err):
+                    return
                 self._failures += 1
                 delay = self._backoff(self._failures)
                 self._set_state("reopening" if self._ever_ok else "failed", str(err))
-                _LOGGER.info("retrying %s in %.1f s", self.description, delay)
+                # at every retry: the first line, then one every few minutes (with a count)
+                self._retry_log.log(_LOGGER, logging.INFO, "retry",
+                                    "camera %s still unavailable (%s): retrying, next in %.1f s",
+                                    self.description, err, delay)
                 self._stop.wait(delay)
                 continue
             self.fps = self.source.fps
@@ -183,6 +204,8 @@ class CaptureWorker:
                 outcome, played_s = self._read_loop(file_offset_s)
             except SourceError as err:
                 self.source.close()
+                if self._give_up(err):
+                    return
                 self._failures += 1
                 delay = self._backoff(self._failures)
                 self._set_state("reopening", str(err))
@@ -202,6 +225,17 @@ class CaptureWorker:
                     self._cond.notify_all()
                 return
         self.source.close()
+
+    def _give_up(self, err: SourceError) -> bool:
+        """fail_fast and a video file: end in "failed" (a reopen would fail the same way)."""
+        if not self.fail_fast or self.source.live:
+            return False
+        self.fatal_error = str(err)
+        self._set_state("failed", str(err))
+        self._ended.set()
+        with self._cond:
+            self._cond.notify_all()
+        return True
 
     def _read_loop(self, file_offset_s: float) -> tuple[str, float]:
         """Read until the end of a file ("end") or stop ("stopped"); SourceError on failure."""

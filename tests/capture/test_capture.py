@@ -166,3 +166,76 @@ def test_unreachable_rtsp_fails_fast(tmp_path: Path) -> None:
     t0 = time.monotonic()
     worker.stop()
     assert time.monotonic() - t0 < 3 and not worker.is_alive()
+
+
+def damaged_copies(clip: Path, tmp_path: Path) -> dict[str, Path]:
+    """The clip cut in half (no index at the end), with bytes overwritten from 2 kB on, and a
+    text file named .mp4: what `appliance replay` gets handed by mistake."""
+    data = clip.read_bytes()
+    out = {"truncated": tmp_path / "truncated.mp4", "corrupt": tmp_path / "corrupt.mp4",
+           "text": tmp_path / "notes.mp4"}
+    out["truncated"].write_bytes(data[: len(data) // 3])
+    damaged = bytearray(data)
+    for i in range(2000, len(damaged), 997):
+        damaged[i] = (damaged[i] * 7 + 13) % 256
+    out["corrupt"].write_bytes(bytes(damaged))
+    out["text"].write_text("lesson notes, not a video\n" * 50)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt", "text"])
+def test_fail_fast_ends_on_a_damaged_file(clip: Path, tmp_path: Path, kind: str) -> None:
+    path = damaged_copies(clip, tmp_path)[kind]
+    worker = CaptureWorker(VideoFileSource(path), every_frame=True, paced=False, loop=False,
+                           backoff_initial_s=0.05, backoff_max_s=0.1, fail_fast=True)
+    worker.start()
+    frames = 0
+    deadline = time.monotonic() + 30
+    while not worker.finished and time.monotonic() < deadline:
+        if worker.get(timeout=0.1) is not None:
+            frames += 1
+    assert worker.finished and worker.state == "failed"
+    assert wait_for(lambda: not worker.is_alive(), 5)  # the thread ended: no reopen loop
+    assert worker.fatal_error and str(path) in worker.fatal_error
+    expected = {"truncated": "not a readable video", "text": "not a readable video",
+                "corrupt": "decoding stopped at frame"}[kind]
+    assert expected in worker.fatal_error
+    assert frames < 275
+
+
+def test_fail_fast_still_reopens_a_live_camera(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = CaptureWorker(OpenCVCameraSource(f"rtsp://127.0.0.1:{port}/stream"),
+                           backoff_initial_s=0.05, backoff_max_s=0.1, fail_fast=True)
+    worker.start()
+    try:
+        assert wait_for(lambda: worker._failures >= 3, timeout=20)
+        assert worker.is_alive() and worker.fatal_error is None and not worker.finished
+    finally:
+        worker.stop()
+
+
+def test_missing_camera_logs_once_with_a_hint(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """No camera: one warning that says to set camera.source, not a line (and an OpenCV
+    warning on stderr) at every retry."""
+    import logging
+
+    from appliance.capture.opencv import v4l2_device
+
+    caplog.set_level(logging.INFO)
+    assert v4l2_device("/dev/video99") == 99 and v4l2_device("2") == 2
+    worker = CaptureWorker(OpenCVCameraSource("/dev/video99"), backoff_initial_s=0.02,
+                           backoff_max_s=0.05)
+    worker.start()
+    try:
+        assert wait_for(lambda: worker._failures >= 15, timeout=20)
+    finally:
+        worker.stop()
+    lines = [r for r in caplog.records if r.name.startswith("appliance.capture")
+             and r.levelno >= logging.INFO]
+    assert len(lines) <= 3, [r.getMessage() for r in lines]
+    assert any("camera.source" in r.getMessage() for r in lines)
+    assert "[ WARN" not in capfd.readouterr().err
