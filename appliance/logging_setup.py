@@ -21,9 +21,9 @@ def setup_logging(level: str = "INFO") -> None:
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.basicConfig(level=level, format=fmt, stream=sys.stdout, force=True)
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # DEBUG: show everything
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG  # DEBUG: everything
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
 
 
 class LogThrottle:

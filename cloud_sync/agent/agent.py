@@ -31,6 +31,7 @@ import psutil
 
 from appliance import __version__ as software_version
 from appliance import metrics
+from appliance.logging_setup import LogThrottle
 from cloud_sync.agent.backoff import Backoff
 from cloud_sync.agent.errors import (
     BatchRefusedError,
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 EVENTS_PER_ROUND = 50
+FAILURE_LOG_EVERY_S = 300.0  # a failing aggregator: one log line per kind this often
+REFUSED_RETRY_S = 60.0  # a refused key does not fix itself in a second: retry this slowly
 
 
 @dataclass
@@ -157,6 +160,9 @@ class SyncAgent:
         self._last_error: str | None = None
         self._events_retry_at = 0.0
         self._next_drain = 0.0
+        self._failure_log = LogThrottle(FAILURE_LOG_EVERY_S)
+        self._has_fallback = fallback_roster is not None and \
+            settings.recognition.roster_file is not None
         self.stats = DrainStats()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -230,14 +236,14 @@ class SyncAgent:
                     next_roster = now + sync.roster_refresh_s
                 else:
                     next_roster = now + min(sync.roster_refresh_s,
-                                            self._roster_backoff.next_delay())
+                                            self._roster_backoff.next_delay(self._refused_s()))
             if now >= next_heartbeat:
                 if self._send_heartbeat():
                     self._heartbeat_backoff.reset()
                     next_heartbeat = now + sync.heartbeat_s
                 else:
-                    next_heartbeat = now + min(sync.heartbeat_s,
-                                               self._heartbeat_backoff.next_delay())
+                    next_heartbeat = now + min(
+                        sync.heartbeat_s, self._heartbeat_backoff.next_delay(self._refused_s()))
             if now >= self._next_drain:
                 self._drain_step(now)
             wait = min(next_roster if self._http else float("inf"), next_heartbeat,
@@ -253,14 +259,37 @@ class SyncAgent:
             more = self.drain_once()
         except TransportError as err:
             self._note_failure(f"upload: {err}")
-            delay = self._drain_backoff.next_delay(err.retry_after_s or 0.0)
-            _LOGGER.info("upload failed (%s); next attempt in %.1f s", err, delay)
+            delay = self._drain_backoff.next_delay(max(err.retry_after_s or 0.0,
+                                                       self._refused_s()))
+            self._log_failure("upload", "upload failed (%s); next attempt in %.1f s", err, delay)
             self._next_drain = now + delay
             return
         self._drain_backoff.reset()
         self._next_drain = now if more else now + self._settings.sync.idle_poll_s
 
+    def _refused_s(self) -> float:
+        """The least wait before the next try while the aggregator refuses the key."""
+        refused = self._http is not None and self._http.refused
+        return min(REFUSED_RETRY_S, self._settings.sync.backoff_max_s) if refused else 0.0
+
+    def _log_failure(self, kind: str, msg: str, *args: object) -> None:
+        """One line per kind of failure every few minutes (with a count), not one per retry;
+        a refused key is one warning that says what to do, whichever request met it."""
+        refused = self._http.refused if self._http is not None else None
+        if refused:
+            self._failure_log.log(
+                _LOGGER, logging.WARNING, "refused",
+                "the aggregator refuses this device's key (%s): check sync.api_key (with "
+                "`make run`: data/local-sync.env) and that device %s is registered there "
+                "(`aggregator devices add`); records are kept and sent once it is accepted",
+                refused, self._settings.device.device_id)
+            return
+        self._failure_log.log(_LOGGER, logging.INFO, kind, msg, *args)
+
     def _note_success(self) -> None:
+        if self._last_error is not None or self._last_success_at is None:
+            for kind in ("refused", "upload", "schedule", "heartbeat"):
+                self._failure_log.reset(kind)
         self._last_success_at = datetime.now(UTC)
         self._last_error = None
         if self._drain_backoff.failures:
@@ -373,7 +402,15 @@ class SyncAgent:
                 self.roster_provider.invalidate()
             return False
         except TransportError as err:
-            _LOGGER.info("schedule pull failed: %s (using the cached one)", err)
+            if cached is not None:
+                self._log_failure("schedule", "schedule pull failed: %s (using the cached one "
+                                  "of %s)", err, cached[0].date)
+            else:
+                self._log_failure(
+                    "schedule", "schedule pull failed: %s; no schedule cached yet, so no class "
+                    "is known: %s until a pull succeeds", err,
+                    "recognition.roster_file is the roster" if self._has_fallback
+                    else "every face is unknown")
             self._last_error = f"schedule: {err}"
             return False
         self._note_success()
@@ -422,7 +459,7 @@ class SyncAgent:
         try:
             self._uplink.send_heartbeat(self.build_heartbeat())
         except TransportError as err:
-            _LOGGER.info("heartbeat failed: %s", err)
+            self._log_failure("heartbeat", "heartbeat failed: %s", err)
             self._last_error = f"heartbeat: {err}"
             return False
         self.stats.heartbeats += 1
