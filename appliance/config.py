@@ -524,6 +524,14 @@ class AlertsConfig(Section):
         title="Disk usage critical",
         description="Usage (%) at which disk health is unhealthy.",
     )
+    disk_min_free_mb: int = Field(
+        default=200,
+        ge=0,
+        le=1_000_000,
+        title="Disk free space minimum",
+        description="Free space (MB) of the data directory's file system below which disk "
+        "health is unhealthy, whatever the percentage (a small card fills at a high %).",
+    )
     disk_clear_percent: float = Field(
         default=2.0,
         ge=0,

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import appliance
 from appliance.config import ApplianceSettings
+from appliance.store import WriteFailure
 from appliance.system import SystemSnapshot
 from cloud_sync.protocol import Event
 
@@ -81,6 +82,8 @@ class PipelineSource(Protocol):
 
 
 class StoreSource(Protocol):
+    write_failure: WriteFailure | None  # the last failed write, until a write succeeds
+
     def add_event(self, event: Event) -> None: ...
     def outbox_depth(self) -> int: ...
     def oldest_unsent_age_s(self, now: datetime | None = None) -> float | None: ...
@@ -191,15 +194,26 @@ def check_recogniser(st: PipelineStatusLike) -> ComponentHealth:
     )
 
 
-def check_database(store: StoreSource, now: datetime, max_age_s: float) -> ComponentHealth:
+def check_database(store: StoreSource, now: datetime, max_age_s: float,
+                   system: SystemSnapshot | None = None) -> ComponentHealth:
+    free = {} if system is None else {"disk_free_mb": round(system.disk_free_gb * 1024)}
+    failure = store.write_failure
+    if failure is not None:  # a full disk: records are not being saved
+        why = "the disk is full" if failure.disk_full else "see the device log"
+        return ComponentHealth(
+            UNHEALTHY, f"outbox writes failing since {failure.at:%Y-%m-%d %H:%M:%S} UTC "
+            f"({why}): new records are not saved",
+            {"write_ok": False, "write_failed_at": failure.at.isoformat().replace("+00:00", "Z"),
+             "disk_full": failure.disk_full, **free})
     try:
         depth = store.outbox_depth()
         age = store.oldest_unsent_age_s(now)
     except (sqlite3.Error, OSError) as err:
         _LOGGER.warning("health: store unreadable: %s", err)
-        return ComponentHealth(UNHEALTHY, f"store unreadable ({type(err).__name__})")
+        return ComponentHealth(UNHEALTHY, f"store unreadable ({type(err).__name__})", free)
     details: dict[str, Any] = {"outbox_depth": depth,
-                               "oldest_unsent_age_s": None if age is None else round(age, 1)}
+                               "oldest_unsent_age_s": None if age is None else round(age, 1),
+                               "write_ok": True, **free}
     if age is not None and age > max_age_s:
         return ComponentHealth(DEGRADED, f"outbox not drained for {_fmt_age(age)}", details)
     return ComponentHealth(HEALTHY, f"{depth} unsent", details)
@@ -233,8 +247,13 @@ def check_mqtt(settings: ApplianceSettings, sync: SyncStatusLike | None) -> Comp
 
 
 def check_disk(system: SystemSnapshot, settings: ApplianceSettings) -> ComponentHealth:
-    details = {"disk_percent": system.disk_percent, "disk_free_gb": system.disk_free_gb}
+    free_mb = round(system.disk_free_gb * 1024)
+    details = {"disk_percent": system.disk_percent, "disk_free_gb": system.disk_free_gb,
+               "disk_free_mb": free_mb}
     text = f"{system.disk_percent:.0f} % used, {system.disk_free_gb:.1f} GB free"
+    if free_mb < settings.alerts.disk_min_free_mb:
+        return ComponentHealth(UNHEALTHY, f"{text}: below {settings.alerts.disk_min_free_mb} MB",
+                               details)
     if system.disk_percent >= settings.alerts.disk_critical_percent:
         return ComponentHealth(UNHEALTHY, text, details)
     if system.disk_percent >= settings.alerts.disk_max_percent:
@@ -292,7 +311,8 @@ def check_health(
         components["camera"] = check_camera(st, now, settings.alerts.camera_offline_s)
         components["detector"] = check_detector(st)
         components["recogniser"] = check_recogniser(st)
-    components["database"] = check_database(store, now, settings.alerts.outbox_max_age_s)
+    components["database"] = check_database(store, now, settings.alerts.outbox_max_age_s,
+                                            system)
     sync = read_sync_status(sync_status)
     components["aggregator"] = check_aggregator(settings, sync, now)
     components["mqtt"] = check_mqtt(settings, sync)

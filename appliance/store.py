@@ -20,7 +20,9 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,19 @@ def clock_synced() -> bool:
         return value
 
 
+@dataclass(frozen=True, slots=True)
+class WriteFailure:
+    """The last write to the store that failed (and nothing written since): what, when, why."""
+
+    what: str
+    at: datetime
+    error: str  # the SQLite/OS error text (no personal data: e.g. "database or disk is full")
+
+    @property
+    def disk_full(self) -> bool:
+        return "full" in self.error.lower() or "no space" in self.error.lower()
+
+
 class Store:
     """Outbox, caches and state of one appliance, in one SQLite file. Thread-safe.
 
@@ -108,6 +123,7 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        self.write_failure: WriteFailure | None = None  # set while writes fail (health)
         # autocommit mode: every statement outside an explicit `with conn:` commits at once.
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
                                timeout=30)
@@ -155,6 +171,21 @@ class Store:
         with self._lock:
             self._conn.close()
 
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Remember a failed write (a full disk: "database or disk is full") until the next
+        write succeeds, for /health; the error still goes to the caller."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as err:
+            if self.write_failure is None:
+                _LOGGER.error("store: writing %s failed: %s", what, err)
+            self.write_failure = WriteFailure(what, _utcnow(), f"{type(err).__name__}: {err}")
+            raise
+        if self.write_failure is not None:
+            _LOGGER.warning("store: writes work again (%s)", what)
+            self.write_failure = None
+
     # -- outbox ---------------------------------------------------------------------------------
     @staticmethod
     def _record_row(record: AttendanceRecord) -> dict[str, str | None]:
@@ -168,13 +199,13 @@ class Store:
 
     def add_record(self, record: AttendanceRecord) -> None:
         """Append a record to the outbox; durable once this returns. Same key twice: ignored."""
-        with self._lock:
+        with self._writing("a record"), self._lock:
             self._db["records"].insert(self._record_row(record), ignore=True)
 
     def add_records(self, records: Iterable[AttendanceRecord]) -> None:
         """Append many records in one transaction (one fsync); durable once this returns."""
         rows = [self._record_row(r) for r in records]
-        with self._lock, self._conn:
+        with self._writing("records"), self._lock, self._conn:
             self._db["records"].insert_all(rows, ignore=True, batch_size=500)
 
     def add_event(self, event: Event) -> None:
@@ -184,7 +215,7 @@ class Store:
             "payload": event.model_dump_json(), "created_at": _iso(_utcnow()),
             "sent_at": None, "parked_reason": None,
         }
-        with self._lock:
+        with self._writing("an event"), self._lock:
             self._db["events"].insert(row, ignore=True)
 
     def _unsent(self, table: str, limit: int) -> list[str]:
@@ -208,7 +239,7 @@ class Store:
             return 0
         now = _iso(_utcnow())
         changed = 0
-        with self._lock, self._conn:
+        with self._writing("sent marks"), self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             for table in ("records", "events"):
                 cur = self._conn.executemany(
@@ -221,7 +252,7 @@ class Store:
     def park(self, key: uuid.UUID | str, reason: str) -> None:
         """Keep a poison record or event but never send it again."""
         reason = reason or "parked"
-        with self._lock, self._conn:
+        with self._writing("a parked mark"), self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             for table in ("records", "events"):
                 self._conn.execute(
@@ -309,7 +340,7 @@ class Store:
             "day": schedule.date.isoformat(), "payload": schedule.model_dump_json(),
             "etag": etag, "saved_at": _iso(_utcnow()),
         }
-        with self._lock:
+        with self._writing("the schedule"), self._lock:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.execute(
@@ -350,7 +381,7 @@ class Store:
         return None if row is None else row[0]
 
     def set_state(self, key: str, value: str) -> None:
-        with self._lock:
+        with self._writing("state"), self._lock:
             self._db["state"].upsert({"key": key, "value": value}, pk="key")
 
     def get_state_json(self, key: str) -> Any:

@@ -164,3 +164,42 @@ def test_status_page_survives_a_broken_pipeline(settings, store, host) -> None:
     assert r.status_code == 503 and "unavailable" in r.text
     assert c.get("/api/status").status_code == 503
     assert c.get("/preview.jpg").status_code == 204
+
+
+def test_full_disk_outbox_write_failure_is_unhealthy(settings, pipeline, store, host) -> None:
+    """SQLite's own "database or disk is full" (the file may not grow past its current size):
+    /health says the outbox cannot be written, and recovers with the next good write."""
+    import sqlite3
+    import uuid
+
+    def record() -> AttendanceRecord:
+        return AttendanceRecord(key=uuid.uuid4(), student_id="s-1", room_id="LAB-301",
+                                device_id="dev-appliance", seen_at=datetime.now(UTC),
+                                confidence=0.9)
+
+    c = client(settings, pipeline, store, host)
+    body = c.get("/health").json()["components"]["database"]
+    assert body["write_ok"] is True and body["disk_free_mb"] == 10 * 1024
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for _ in range(10_000):
+            store.add_record(record())
+    r = c.get("/health")
+    db = r.json()["components"]["database"]
+    assert r.status_code == 503 and r.json()["status"] == "unhealthy"
+    assert db["status"] == "unhealthy" and db["write_ok"] is False and db["disk_full"] is True
+    assert "outbox writes failing" in db["message"] and "the disk is full" in db["message"]
+    store._conn.execute(f"PRAGMA max_page_count = {pages * 100}")  # space again
+    store.add_record(record())
+    r = c.get("/health")
+    assert r.status_code == 200 and r.json()["components"]["database"]["write_ok"] is True
+
+
+def test_little_free_space_is_unhealthy_whatever_the_percentage(settings, pipeline, store,
+                                                                host) -> None:
+    host.set(disk_percent=60.0, disk_free_gb=0.1)  # a small card: 100 MB left
+    r = client(settings, pipeline, store, host).get("/health")
+    disk = r.json()["components"]["disk"]
+    assert r.status_code == 503 and disk["status"] == "unhealthy"
+    assert disk["disk_free_mb"] == 102 and "below 200 MB" in disk["message"]
