@@ -86,10 +86,13 @@ def run(config: ConfigOption = None) -> None:
     """Run the appliance: capture, recognise, record, sync, serve the status page."""
     settings = load_or_exit(config)
     setup_logging(settings.log_level)
-    from appliance.runtime import run_appliance
+    from appliance.runtime import DataDirLockedError, run_appliance
 
     try:
         code = run_appliance(settings)
+    except DataDirLockedError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
     except ModelError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err

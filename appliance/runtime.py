@@ -17,14 +17,17 @@ says so in the log.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
+import os
 import signal
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -39,6 +42,7 @@ from models import load_manifest, model_path
 _LOGGER = logging.getLogger(__name__)
 
 LOOP_S = 1.0
+LOCK_FILE = "appliance.lock"
 PRUNE_EVERY_S = 3600.0
 
 
@@ -113,8 +117,47 @@ def build(settings: ApplianceSettings) -> Appliance:
     return app
 
 
+class DataDirLockedError(RuntimeError):
+    """Another appliance runs on this data directory (the message says which and what to do)."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take ``<data_dir>/appliance.lock`` (an exclusive ``flock``, released when the process
+    ends, however it ends) and write our pid in it; returns the open descriptor.
+
+    Two appliances on one data directory would share one outbox and one camera, and the second
+    status page could not bind its port: :class:`DataDirLockedError` instead, before anything
+    starts.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirLockedError(
+            f"another appliance is already running on {data_dir} (pid {holder}): stop it "
+            "first (Ctrl-C where it runs, or `sudo systemctl stop classroom-appliance`), or "
+            "give this one its own paths.data_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def run_appliance(settings: ApplianceSettings, stop_event: threading.Event | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or ``stop_event``); returns the exit code."""
+    """Run until SIGTERM/SIGINT (or ``stop_event``); returns the exit code.
+
+    Raises :class:`DataDirLockedError` at once when another appliance runs on the data directory."""
+    lock_fd = lock_data_dir(settings.paths.data_dir)
+    try:
+        return _run_locked(settings, stop_event)
+    finally:
+        os.close(lock_fd)
+
+
+def _run_locked(settings: ApplianceSettings, stop_event: threading.Event | None) -> int:
     stop = stop_event or threading.Event()
     app = build(settings)
     notifier = Notifier()

@@ -34,6 +34,9 @@ for name, value in {
     "DEVICE_ID": cfg["device"]["device_id"], "ROOM_ID": cfg["device"]["room_id"],
     "SITE": cfg["device"]["site"], "TIMEZONE": cfg["device"]["timezone"],
     "CONFIGURED_URL": cfg["sync"]["aggregator_url"] or "",
+    "APP_DATA_DIR": cfg["paths"]["data_dir"], "CAMERA_SOURCE": cfg["camera"]["source"],
+    "WEB_ENABLED": "1" if cfg["web"]["enabled"] else "", "WEB_PORT": cfg["web"]["port"],
+    "WEB_HOST": cfg["web"]["host"], "ROSTER_REFRESH_S": int(cfg["sync"]["roster_refresh_s"]),
 }.items():
     print(f"{name}={shlex.quote(str(value))}")
 ')"
@@ -47,6 +50,36 @@ AGG_HOST=127.0.0.1
 AGG_PORT=${AGGREGATOR_PORT:-8000}
 AGG_URL="http://$AGG_HOST:$AGG_PORT"
 mkdir -p "$DATA"
+
+# One `make run` per checkout, refused before anything starts. The lock (fd 9) is inherited by
+# the aggregator and the appliance, so it is held as long as any of them runs.
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$DATA/run-local.lock"
+    if ! flock -n 9; then
+        echo "run-local: \`make run\` is already running here (pid" \
+             "$(cat "$DATA/run-local.pid" 2>/dev/null || echo '?')): stop it first (Ctrl-C in" \
+             "its terminal), or use the pages it serves ($AGG_URL, the status page)" >&2
+        exit 1
+    fi
+    echo $$ > "$DATA/run-local.pid"
+    # an appliance started by hand on the same data directory (`appliance run` locks it too)
+    if [ -f "$APP_DATA_DIR/appliance.lock" ] && ! flock -n "$APP_DATA_DIR/appliance.lock" true
+    then
+        echo "run-local: an appliance is already running on $APP_DATA_DIR (pid" \
+             "$(cat "$APP_DATA_DIR/appliance.lock")): stop it first" >&2
+        exit 1
+    fi
+fi
+port_free() {  # port_free HOST PORT: nothing listens there
+    "$BIN/python" -c 'import socket, sys
+s = socket.socket(); s.settimeout(1)
+sys.exit(1 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 0)' "$1" "$2"
+}
+if ! port_free "$AGG_HOST" "$AGG_PORT"; then
+    echo "run-local: port $AGG_PORT is already in use (another aggregator?): stop it, or pick" \
+         "another one: AGGREGATOR_PORT=8001 make run" >&2
+    exit 1
+fi
 
 if [ ! -f "$SYNC_ENV" ]; then
     echo "run-local: first run: registering $DEVICE_ID in room $ROOM_ID at the local aggregator"
@@ -87,14 +120,23 @@ trap stop_all EXIT
 
 "$BIN/aggregator" serve "${agg_args[@]}" --host "$AGG_HOST" --port "$AGG_PORT" &
 pids+=($!)
-for _ in $(seq 1 100); do
-    if "$BIN/python" -c "import httpx,sys; httpx.get(sys.argv[1], timeout=1)" "$AGG_URL/health" \
-        2>/dev/null; then break; fi
+answers() {  # answers URL: an HTTP server answers there (any status)
+    "$BIN/python" -c "import httpx,sys; httpx.get(sys.argv[1], timeout=1)" "$1" 2>/dev/null
+}
+up=
+for _ in $(seq 1 150); do
+    if answers "$AGG_URL/health"; then up=1; break; fi
     if ! kill -0 "${pids[0]}" 2>/dev/null; then echo "run-local: aggregator exited" >&2; exit 1; fi
     sleep 0.2
 done
+if [ -z "$up" ]; then echo "run-local: the aggregator did not answer on $AGG_URL" >&2; exit 1; fi
 echo "run-local: aggregator on $AGG_URL (API docs at $AGG_URL/docs)"
 
+# A first try should not wait 5 minutes for a class just scheduled: pull every 30 s here.
+if [ -z "${APPLIANCE_SYNC__ROSTER_REFRESH_S:-}" ] && [ "$ROSTER_REFRESH_S" -gt 30 ]; then
+    export APPLIANCE_SYNC__ROSTER_REFRESH_S=30
+    ROSTER_REFRESH_S=30
+fi
 (
     set -a
     # shellcheck disable=SC1090
@@ -104,5 +146,43 @@ echo "run-local: aggregator on $AGG_URL (API docs at $AGG_URL/docs)"
 ) &
 pids+=($!)
 
-# Whichever stops first (or Ctrl-C) stops the other.
-wait -n "${pids[@]}" || true
+# The next steps, once the status page answers (or at once without one).
+case "$WEB_HOST" in 0.0.0.0|""|::) SHOWN_HOST=127.0.0.1 ;; *) SHOWN_HOST=$WEB_HOST ;; esac
+WEB_URL="http://$SHOWN_HOST:$WEB_PORT"
+if [ -n "$WEB_ENABLED" ]; then
+    for _ in $(seq 1 300); do
+        if answers "$WEB_URL/health" || ! kill -0 "${pids[1]}" 2>/dev/null; then break; fi
+        sleep 0.2
+    done
+    page="$WEB_URL
+                log in with this device's key (APPLIANCE_SYNC__API_KEY in $SYNC_ENV),
+                or set a password: $BIN/appliance web set-password --data-dir $APP_DATA_DIR"
+else
+    page="disabled (web.enabled = false)"
+fi
+if kill -0 "${pids[1]}" 2>/dev/null; then
+    agg="$BIN/aggregator"
+    conf=${AGG_CONFIG:+ --config $AGG_CONFIG}
+    cat <<EOF
+
+run-local: running. Next steps (Ctrl-C stops both):
+  Status page   $page
+  Aggregator    $AGG_URL/docs (the API)
+                an admin token for it: $agg admin create-token --name me$conf
+  Camera        now: $CAMERA_SOURCE. To use a video instead:
+                APPLIANCE_CAMERA__SOURCE=path/to/clip.mp4 APPLIANCE_CAMERA__LOOP_FILE=true make run
+                (or camera.source in config/appliance.toml: 0 = first USB camera, rtsp://...)
+  First class   $agg schedules add --room $ROOM_ID --course TRY --now$conf
+                $agg students add S001 --name "Ada Lovelace" --course TRY$conf
+                $agg students consent S001 grant$conf   (recorded before any face data)
+                $agg faces encode --batch photos/$conf   (photos/S001.jpg: one face)
+                the device pulls the new class and its roster within $ROSTER_REFRESH_S s
+  More          README.md, docs/OPERATIONS.md
+
+EOF
+fi
+
+# Whichever stops first (or Ctrl-C) stops the other; its exit status is ours.
+status=0
+wait -n "${pids[@]}" || status=$?
+exit "$status"

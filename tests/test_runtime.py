@@ -80,6 +80,18 @@ def test_appliance_run_under_a_fake_systemd(hamilton: Path, roster_file: Path,  
         assert "WATCHDOG=1" in messages
         assert [r.student_id for r in records] == ["S001"]
         assert records[0].device_id == "dev-appliance" and records[0].monotonic_s
+        # a second appliance on the same data directory refuses at once, and says why
+        t0 = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "appliance", "run", "--config", str(config)], cwd=REPO,
+            env={k: v for k, v in env.items() if k != "NOTIFY_SOCKET"}, capture_output=True,
+            text=True, timeout=60, check=False)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert time.monotonic() - t0 < 15  # before any model or camera is loaded
+        assert (f"error: another appliance is already running on {tmp_path / 'data'} "
+                f"(pid {proc.pid})") in second.stderr
+        assert "models verified" not in second.stdout
+        assert proc.poll() is None  # the first one keeps running
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         sock.settimeout(0.2)

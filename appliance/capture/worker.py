@@ -32,9 +32,11 @@ _LOGGER = logging.getLogger(__name__)
 CameraState = Literal["starting", "ok", "reopening", "failed", "ended"]
 DEFAULT_FILE_FPS = 25.0
 RETRY_LOG_EVERY_S = 300.0
+_SOURCES = ("a USB index such as 0, /dev/videoN, picamera2, an rtsp:// URL or a video "
+            "file")
 CAMERA_HINT = ("is the camera connected? Otherwise set camera.source in the config (or "
-               "APPLIANCE_CAMERA__SOURCE): a USB index such as 0, /dev/videoN, picamera2, an "
-               "rtsp:// URL or a video file")
+               f"APPLIANCE_CAMERA__SOURCE): {_SOURCES}")
+FILE_HINT = f"set camera.source (or APPLIANCE_CAMERA__SOURCE) to an existing file, or {_SOURCES}"
 
 
 class CaptureWorker:
@@ -150,7 +152,7 @@ class CaptureWorker:
                 _LOGGER.info("camera %s: ok", self.description)
             elif state == "failed" and not self._ever_ok and self.fatal_error is None:
                 _LOGGER.warning("camera %s: %s (%s); %s", self.description, state, error,
-                                CAMERA_HINT)
+                                CAMERA_HINT if self.source.live else FILE_HINT)
             elif state in ("reopening", "failed"):
                 _LOGGER.warning("camera %s: %s (%s)", self.description, state, error)
             else:

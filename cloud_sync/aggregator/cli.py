@@ -26,14 +26,17 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 devices_app = typer.Typer(help="Room devices.", no_args_is_help=True)
 admin_app = typer.Typer(help="Admin credentials.", no_args_is_help=True)
 faces_app = typer.Typer(help="Face enrollment.", no_args_is_help=True)
-students_app = typer.Typer(help="Students' privacy: consent, erasure, export, retention.",
-                           no_args_is_help=True)
+students_app = typer.Typer(help="Students: add one (many: `import students`); privacy: "
+                           "consent, erasure, export, retention.", no_args_is_help=True)
+schedules_app = typer.Typer(help="Class times (one at a time; many: `import schedules`).",
+                            no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(devices_app, name="devices")
 app.add_typer(admin_app, name="admin")
 app.add_typer(faces_app, name="faces")
 app.add_typer(students_app, name="students")
+app.add_typer(schedules_app, name="schedules")
 
 ConfigOption = Annotated[
     Path | None,
@@ -446,6 +449,95 @@ def students_purge(config: ConfigOption = None) -> None:
         engine.dispose()
     typer.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
 
+
+
+# ---- a first class without CSV files: students add, schedules add --now ------------------
+
+@contextlib.contextmanager
+def _admin_session(config: Path | None) -> Iterator[Any]:
+    """A database session for one command; a ServiceError or a bad value is one line and
+    exit 1."""
+    from pydantic import ValidationError
+
+    with _service(load_or_exit(config)) as (_engine, sessions), sessions() as session:
+        try:
+            yield session
+        except ValidationError as err:  # a ServiceError is _service's to print
+            typer.echo(f"error: {err.errors()[0]['msg']}", err=True)
+            raise typer.Exit(1) from err
+
+
+@students_app.command("add")
+def students_add(
+    student_id: Annotated[str, typer.Argument(help="Student id, e.g. S001 (photo: S001.jpg).")],
+    name: Annotated[str, typer.Option("--name", help="Full name, as the status page shows it.")],
+    course: Annotated[str | None, typer.Option("--course", help="Enrol in this course.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add a student (kept if the id exists) and enrol them in a course."""
+    from cloud_sync.aggregator.db.models import Enrollment, Student
+    from cloud_sync.aggregator.services import admin
+
+    with _admin_session(config) as session:
+        if session.get(Student, student_id) is None:
+            admin.create_row(session, "students", admin.StudentIn(id=student_id, name=name))
+            typer.echo(f"student {student_id} ({name}) added")
+        if course and session.get(Enrollment, (student_id, course)) is None:
+            admin.create_enrollment(
+                session, admin.EnrollmentIn(student_id=student_id, course_id=course))
+            typer.echo(f"student {student_id} enrolled in {course}")
+
+
+@schedules_app.command("add")
+def schedules_add(
+    room: Annotated[str, typer.Option("--room", help="Room id, e.g. LAB-301.")],
+    course: Annotated[str, typer.Option("--course", help="Course id (made if new).")],
+    course_name: Annotated[str | None, typer.Option("--course-name", help="Name of a new "
+                                                    "course (default: its id).")] = None,
+    now: Annotated[bool, typer.Option("--now", help="A one-off class today, starting now "
+                                      "(room's time zone), for a first try.")] = False,
+    minutes: Annotated[int, typer.Option("--minutes", min=5, max=720,
+                                         help="Length of the --now class.")] = 60,
+    weekday: Annotated[str | None, typer.Option("--weekday", help="Mon..Sun (weekly).")] = None,
+    start: Annotated[str | None, typer.Option("--start", help="HH:MM, local.")] = None,
+    end: Annotated[str | None, typer.Option("--end", help="HH:MM, local.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Schedule a course in a room: weekly (--weekday --start --end) or once, now (--now)."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    from cloud_sync.aggregator.db.models import Course, Room
+    from cloud_sync.aggregator.services import admin
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    if now == bool(weekday or start or end) or (not now and not (weekday and start and end)):
+        typer.echo("error: give --now, or all of --weekday, --start and --end", err=True)
+        raise typer.Exit(2)
+    with _admin_session(config) as session:
+        row = session.get(Room, room)
+        if row is None:
+            raise ServiceError(f"room {room!r} does not exist (`aggregator import rooms`)")
+        if session.get(Course, course) is None:
+            admin.create_row(session, "courses",
+                             admin.CourseIn(id=course, name=course_name or course))
+            typer.echo(f"course {course} added")
+        if now:
+            local = datetime.now(ZoneInfo(row.timezone)).replace(second=0, microsecond=0)
+            first = local - timedelta(minutes=5)  # already running
+            last = min(local + timedelta(minutes=minutes), local.replace(hour=23, minute=59))
+            data = admin.ScheduleIn(
+                course_id=course, room_id=room, weekday=local.weekday(),
+                start_time=first.time() if first.date() == local.date() else "00:00",
+                end_time=last.time(), effective_from=local.date(), effective_to=local.date())
+        else:
+            data = admin.ScheduleIn(course_id=course, room_id=room, weekday=weekday,
+                                    start_time=start, end_time=end)
+        out = admin.create_schedule(session, data)
+    when = (f"on {out.effective_from}" if now else
+            f"every {['Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun'][out.weekday]}")
+    typer.echo(f"schedule {out.id}: {course} in {room} {when}, "
+               f"{out.start_time:%H:%M}-{out.end_time:%H:%M} (room time)")
 
 def main() -> None:
     app()

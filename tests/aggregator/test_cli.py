@@ -126,3 +126,47 @@ def test_students_consent_erase_export_purge(db: str, tmp_path: Path) -> None:
         assert code == 0 and out.strip() == "attendance=0 events=0 audit=0"
     finally:
         engine.dispose()
+
+
+def test_first_class_without_csv(db: str, tmp_path: Path, faces_dir: Path) -> None:
+    """`students add` and `schedules add --now`: a class running now, with its roster, as the
+    device pulls it (what `make run`'s banner suggests for a first try)."""
+    from datetime import UTC, datetime
+
+    from cloud_sync.aggregator.services.schedule import build_schedule
+
+    rooms = tmp_path / "rooms.csv"
+    rooms.write_text("id,name,site,timezone\nLAB-301,Lab,north,Europe/Berlin\n")
+    assert _run("import", "rooms", str(rooms))[0] == 0
+    code, out = _run("schedules", "add", "--room", "LAB-301", "--course", "TRY",
+                     "--course-name", "First try", "--now", "--minutes", "90")
+    assert code == 0 and "course TRY added" in out and "schedule 1: TRY in LAB-301 on" in out
+    code, out = _run("students", "add", "S001", "--name", "Lin-Manuel Miranda", "--course",
+                     "TRY")
+    assert code == 0 and "enrolled in TRY" in out, out
+    assert _run("students", "add", "S001", "--name", "Lin-Manuel Miranda", "--course",
+                "TRY")[0] == 0  # again: nothing new, no error
+    code, out = _run("students", "consent", "S001", "grant", "--note", "first try")
+    assert code == 0, out  # consent before any face data (docs/PRIVACY.md)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "S001.png").write_bytes(
+        (faces_dir / "face_recognition" / "examples" / "lin-manuel-miranda.png").read_bytes())
+    code, out = _run("faces", "encode", "--batch", str(photos))
+    assert code == 0 and "1 of 1 photos enrolled" in out, out
+    engine = make_engine(db)
+    with make_session_factory(engine)() as session:
+        schedule = build_schedule(session, "LAB-301", datetime.now(UTC))
+    engine.dispose()
+    session_now = [s for s in schedule.sessions if s.course_id == "TRY"]
+    assert len(session_now) == 1 and session_now[0].course_name == "First try"
+    assert [r.student_id for r in schedule.rosters["TRY"]] == ["S001"]
+    # wrong use: one clear line each
+    code, out = _run("schedules", "add", "--room", "LAB-301", "--course", "TRY")
+    assert code == 2 and "--now" in out
+    code, out = _run("schedules", "add", "--room", "NOPE", "--course", "TRY", "--now")
+    assert code == 1 and "room 'NOPE' does not exist" in out
+    code, out = _run("schedules", "add", "--room", "LAB-301", "--course", "TRY",
+                     "--weekday", "Mon", "--start", "10:00", "--end", "09:00")
+    assert code == 1 and "end_time must be after start_time" in out
+    assert _run("students", "add", "S002", "--name", "X", "--course", "NOPE")[0] == 1

@@ -64,7 +64,11 @@ def _checkout(tmp_path: Path, model_dir: Path) -> tuple[Path, dict[str, str]]:
 
 
 def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None:
+    import httpx
+
     root, env = _checkout(tmp_path, model_dir)
+    web_port = free_port()
+    env.update(APPLIANCE_WEB__ENABLED="true", APPLIANCE_WEB__PORT=str(web_port))
     db = root / "data/aggregator/aggregator.db"
     sync_env = root / "data/local-sync.env"
     log = tmp_path / "run.log"
@@ -73,11 +77,29 @@ def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None
         wait_until(lambda: _heartbeats(db) >= 1 or proc.poll() is not None, 120,
                    "a heartbeat from the appliance at the local aggregator", 0.5)
         assert proc.poll() is None, log.read_text()[-3000:]
+        wait_until(lambda: "Next steps" in log.read_text() or proc.poll() is not None, 60,
+                   "the next-steps banner", 0.5)
+        banner = log.read_text().split("Next steps", 1)[1]
+        assert f"http://127.0.0.1:{web_port}" in banner and "data/local-sync.env" in banner
+        assert "APPLIANCE_CAMERA__SOURCE=" in banner
+        assert "schedules add --room LAB-301 --course TRY --now" in banner
+        assert "students add S001" in banner and "faces encode --batch" in banner
+        assert "students consent S001 grant" in banner
+        # the banner's promise: the device key opens the status page
+        key = next(line.split("=", 1)[1] for line in sync_env.read_text().splitlines()
+                   if line.startswith("APPLIANCE_SYNC__API_KEY="))
+        login = httpx.post(f"http://127.0.0.1:{web_port}/login", data={"password": key})
+        assert login.status_code == 303 and "appliance_session" in login.headers["set-cookie"]
+        # a second `make run` refuses at once, says why, and leaves the first one running
+        second = subprocess.run(["bash", "scripts/run-local.sh"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "`make run` is already running here" in second.stderr
+        assert "address already in use" not in second.stdout + second.stderr
+        assert proc.poll() is None
     finally:
         _ctrl_c(proc)
     assert stat.S_IMODE(sync_env.stat().st_mode) == 0o600
-    key = next(line.split("=", 1)[1] for line in sync_env.read_text().splitlines()
-               if line.startswith("APPLIANCE_SYNC__API_KEY="))
     assert key and key not in log.read_text()
     first = _heartbeats(db)
     # Second run: the same key is reused (no new registration), and it syncs again.
