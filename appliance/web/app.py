@@ -126,6 +126,34 @@ def _zone(name: str) -> tzinfo:
         return UTC
 
 
+def match_label(confidence: float | None) -> str | None:
+    """The match confidence in words for a teacher. ``confidence`` is 0.5 when the face is
+    just at the recognition threshold and 1 when it is twice as close; lower than 0.5 when
+    another student is nearly as close."""
+    if confidence is None:
+        return None
+    if confidence >= 0.75:
+        return "clear"
+    if confidence >= 0.5:
+        return "good"
+    return "borderline"
+
+
+def preview_note(state: str, frames: int, error: str | None) -> str | None:
+    """Why there is no camera picture to show (None: there is one)."""
+    why = f" ({error})" if error else ""
+    if state == CAMERA_OK:
+        return None if frames else "Waiting for the first picture from the camera."
+    if state == "starting":
+        return "The camera is starting: waiting for its first picture."
+    if state == "reopening":
+        return f"The camera stopped delivering pictures{why}; the device keeps trying to reopen it."
+    if state == "ended":
+        return "The video used as the camera has ended (camera.loop_file is off)."
+    return (f"The camera cannot be opened{why}. Check that it is connected, or set "
+            "camera.source in the device's configuration.")
+
+
 def _round(value: float | None, digits: int = 1) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -197,12 +225,15 @@ class StatusView:
                 "frames": st.frames,
                 "last_frame_at": self._local(st.last_frame_at),
                 "error": _mask_optional(getattr(st, "camera_error", None)),
+                "preview_note": preview_note(
+                    st.camera_state, st.frames,
+                    _mask_optional(getattr(st, "camera_error", None))),
             },
             "stage_ms": {name: _round(ms) for name, ms in st.stage_ms.items()},
             "present": [
                 {"student_id": p.student_id, "name": p.name,
                  "first_seen": self._local(p.first_seen),
-                 "confidence": _round(p.confidence, 2)}
+                 "confidence": _round(p.confidence, 2), "match": match_label(p.confidence)}
                 for p in present
             ],
             "unknown_count": st.unknown_count,

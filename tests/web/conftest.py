@@ -44,6 +44,7 @@ class Status:
     unknown_count: int = 2
     tracks_active: int = 1
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    camera_error: str | None = None
 
 
 class ScriptedPipeline:

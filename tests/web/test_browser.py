@@ -8,6 +8,7 @@ embedded with A1's enrolment helper; video: short_hamilton_clip.mp4 (the same da
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,79 @@ def test_status_page_in_chromium(tmp_path: Path, faces_dir: Path, model_dir: Pat
         assert "lin-manuel-miranda" in {r.student_id for r in reopened.unsent_records(100)}
     finally:
         reopened.close()
+
+
+def test_page_without_a_camera_in_chromium(settings, pipeline, store) -> None:
+    """No camera: a placeholder that says why (never a broken-image icon); the match column
+    and its legend; the box legend; the set-password command not cut off at 1280 px; no
+    overflow on a phone. Screenshots: test-output/web/*-no-camera-*.png."""
+    from datetime import UTC, datetime
+
+    from .conftest import Present
+
+    binary = chromium_binary()
+    require(binary is not None, "chromium not installed (apt-get install chromium)")
+    assert binary is not None
+    now = datetime.now(UTC)
+    pipeline.set(camera_source="0", camera_state="failed", frames=0, fps=0.0,
+                 last_frame_at=None, stage_ms={}, camera_error="cannot open camera 0",
+                 present=[Present("s-1", "Ada Lovelace", now, 0.91),
+                          Present("s-2", "Alan Turing", now, 0.49)])
+    pipeline.jpeg = None  # /preview.jpg answers 204
+    server = WebServer(settings, pipeline, store)
+    server.start()
+    visible_broken = ("[...document.images].filter(i => !i.hidden && i.offsetParent !== null"
+                      " && i.naturalWidth === 0).length")
+    try:
+        with Chromium(binary, 1280, 900) as browser:
+            for width in (1280, 390):
+                if width == 390:
+                    browser.emulate(390, 844, mobile=True, scale=2)
+                browser.navigate(f"{server.url}/login")
+                fits = browser.evaluate(
+                    "(() => { const p = document.querySelector('#no-password pre');"
+                    " return p.scrollWidth <= p.clientWidth && p.innerText.includes("
+                    "'web set-password --data-dir'); })()")
+                assert fits, f"set-password command cut off at {width} px"
+                browser.screenshot(OUT / f"login-no-password-{width}.png")
+            browser.emulate(1280, 900, mobile=False)
+            store_password_hash(settings.paths.data_dir, hash_password(PASSWORD))
+            browser.navigate(f"{server.url}/login")
+            browser.type_into("#password", PASSWORD)
+            browser.press_enter()
+            browser.wait_event("Page.loadEventFired")
+            assert browser.evaluate("location.pathname") == "/"
+            browser.wait_for("document.getElementById('live').dataset.v === 'ok'")
+            time.sleep(1.5)  # a few preview attempts (204) have come and gone
+            assert browser.evaluate("document.getElementById('preview').hidden") is True
+            assert browser.evaluate(visible_broken) == 0
+            why = browser.evaluate("document.getElementById('preview-empty').innerText")
+            assert "No camera picture" in why and "cannot open camera 0" in why
+            assert "camera.source" in why
+            legend = browser.evaluate("document.getElementById('box-legend').innerText")
+            assert "recognised" in legend and "being identified" in legend and "unknown" in legend
+            rows = browser.evaluate(
+                "[...document.querySelectorAll('#present tr')].map(r => r.innerText)")
+            assert any("Ada Lovelace" in r and "clear" in r for r in rows), rows
+            assert any("Alan Turing" in r and "borderline" in r for r in rows), rows
+            assert "0.5 is exactly at the limit" in browser.evaluate(
+                "document.getElementById('match-legend').innerText")
+            browser.screenshot(OUT / "status-no-camera-1280.png")
+            browser.emulate(390, 844, mobile=True, scale=2)
+            browser.navigate(f"{server.url}/")
+            browser.wait_for("document.getElementById('live').dataset.v === 'ok'")
+            assert browser.evaluate("document.documentElement.scrollWidth") <= 390
+            assert browser.evaluate(visible_broken) == 0
+            browser.screenshot(OUT / "status-no-camera-390.png")
+            # the camera comes (back): the picture replaces the placeholder, live
+            import cv2
+            import numpy as np
+
+            frame = np.full((360, 640, 3), 90, np.uint8)
+            pipeline.jpeg = cv2.imencode(".jpg", frame)[1].tobytes()
+            pipeline.set(camera_state="ok", frames=10, fps=7.0, camera_error=None)
+            browser.wait_for("document.getElementById('preview').naturalWidth > 0 && "
+                             "!document.getElementById('preview').hidden", timeout=20)
+            assert browser.evaluate("document.getElementById('preview-empty').hidden") is True
+    finally:
+        server.stop()

@@ -14,17 +14,34 @@
     });
   }
 
-  function row(cells, cls) {
+  function row(cells, cls, span) {
     var tr = document.createElement("tr");
     if (cls) { tr.className = cls; }
     cells.forEach(function (text, i) {
       var td = document.createElement("td");
       td.textContent = text;
-      if (cls === "none") { td.colSpan = 2; td.className = "muted"; }
+      if (cls === "none") { td.colSpan = span || 2; td.className = "muted"; }
       else if (i === 1 && cls === "num") { td.className = "num"; }
       tr.appendChild(td);
     });
     return tr;
+  }
+
+  function presentRow(p) {
+    var tr = row([p.name, p.first_seen]);
+    var td = document.createElement("td");
+    td.textContent = p.match || "–";
+    td.className = "match " + (p.match || "");
+    td.title = "confidence " + p.confidence;
+    tr.appendChild(td);
+    return tr;
+  }
+
+  var cameraOk = true;
+
+  function showPreview(picture) {
+    document.getElementById("preview").hidden = !picture;
+    document.getElementById("preview-empty").hidden = picture;
   }
 
   function render(s) {
@@ -39,8 +56,12 @@
                                      : "No class scheduled";
     var present = document.getElementById("present");
     present.replaceChildren();
-    if (s.present.length === 0) { present.appendChild(row(["Nobody yet"], "none")); }
-    s.present.forEach(function (p) { present.appendChild(row([p.name, p.first_seen])); });
+    if (s.present.length === 0) { present.appendChild(row(["Nobody yet"], "none", 3)); }
+    s.present.forEach(function (p) { present.appendChild(presentRow(p)); });
+    cameraOk = s.camera.ok;
+    document.getElementById("preview-why").textContent =
+      s.camera.preview_note || "Loading the camera picture.";
+    if (s.camera.preview_note) { showPreview(false); }
     document.getElementById("present-count").textContent = String(s.present.length);
     var stages = document.getElementById("stages");
     stages.replaceChildren();
@@ -84,16 +105,18 @@
     };
   }
 
+  // The picture is swapped in only once it has loaded: no broken-image icon, ever. Without a
+  // camera (or before its first picture) the placeholder says why (camera.preview_note).
   function refreshPreview() {
     var img = document.getElementById("preview");
-    var empty = document.getElementById("preview-empty");
     var next = new Image();
     next.onload = function () {
-      img.src = next.src; img.hidden = false; empty.hidden = true;
+      img.src = next.src;
+      showPreview(cameraOk);
       setTimeout(refreshPreview, refreshMs);
     };
-    next.onerror = function () {  // 204: no frame yet
-      if (!img.complete || img.naturalWidth === 0) { img.hidden = true; empty.hidden = false; }
+    next.onerror = function () {  // 204: no picture yet
+      showPreview(false);
       setTimeout(refreshPreview, refreshMs * 2);
     };
     next.src = "/preview.jpg?t=" + Date.now();
