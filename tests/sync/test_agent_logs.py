@@ -22,6 +22,26 @@ from tests.sync.helpers import (
 pytestmark = pytest.mark.slow
 
 
+def run_agent(tmp_path: Path, agg: Aggregator, key: str, *, failures: int,
+              then_s: float) -> None:
+    """A real SyncAgent with 5 records to send, until ``failures`` uploads failed, then a
+    little longer (the retries that must not be logged)."""
+    from appliance.store import Store
+    from cloud_sync.agent import SyncAgent
+
+    store = Store(tmp_path / "dev" / "appliance.db")
+    fill_store(store, make_records(5))
+    agent = SyncAgent(appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
+                                         api_key=key), store)
+    agent.start()
+    try:
+        wait_until(lambda: agent.stats.failures >= failures, 30, f"{failures} failed uploads")
+        time.sleep(then_s)
+    finally:
+        agent.stop()
+        store.close()
+
+
 def agent_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records
             if r.name.startswith("cloud_sync.agent") and r.levelno >= logging.INFO]
@@ -30,24 +50,10 @@ def agent_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 def test_refused_key_is_one_warning_that_says_what_to_do(
         aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
-
     agg, _keys = aggregator
     agg.start()
     caplog.set_level(logging.DEBUG)
-    store = Store(tmp_path / "dev" / "appliance.db")
-    fill_store(store, make_records(5))
-    settings = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
-                                  api_key="dk_" + "0" * 43)
-    agent = SyncAgent(settings, store)
-    agent.start()
-    try:
-        wait_until(lambda: agent.stats.failures >= 3, 30, "three refused uploads")
-        time.sleep(2)
-    finally:
-        agent.stop()
-        store.close()
+    run_agent(tmp_path, agg, "dk_" + "0" * 43, failures=3, then_s=2)
     lines = [r for r in agent_lines(caplog) if "sync over HTTP" not in r.getMessage()]
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert lines[0].levelno == logging.WARNING
@@ -59,23 +65,9 @@ def test_refused_key_is_one_warning_that_says_what_to_do(
 def test_unreachable_aggregator_without_a_cached_schedule(
         aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
-
     agg, keys = aggregator  # not started: nobody listens
     caplog.set_level(logging.DEBUG)
-    store = Store(tmp_path / "dev" / "appliance.db")
-    fill_store(store, make_records(5))
-    settings = appliance_settings(tmp_path / "dev", aggregator_url=agg.base_url,
-                                  api_key=keys[DEVICE])
-    agent = SyncAgent(settings, store)
-    agent.start()
-    try:
-        wait_until(lambda: agent.stats.failures >= 5, 30, "failed uploads")
-        time.sleep(1)
-    finally:
-        agent.stop()
-        store.close()
+    run_agent(tmp_path, agg, keys[DEVICE], failures=5, then_s=1)
     text = [r.getMessage() for r in agent_lines(caplog)]
     schedule = [t for t in text if t.startswith("schedule pull failed")]
     assert len(schedule) == 1, text
