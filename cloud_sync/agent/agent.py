@@ -395,11 +395,12 @@ class SyncAgent:
             fetched = self._http.fetch_schedule(
                 room_id, etag, self._settings.recognition.embedder)
         except CredentialsRefusedError as err:
-            # Deregistered (or the key was rotated): the rosters are not ours to keep.
-            _LOGGER.warning("schedule pull refused: %s; wiping the cached rosters", err)
+            # Deregistered (or the key was rotated): the rosters are not ours to keep (the
+            # store logs what it wiped, once); the refusal is one throttled warning.
             self._last_error = f"schedule: {err}"
             if self._store.wipe_rosters():
                 self.roster_provider.invalidate()
+            self._log_failure("schedule", "schedule pull refused: %s; cached rosters wiped", err)
             return False
         except TransportError as err:
             if cached is not None:
