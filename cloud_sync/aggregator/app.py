@@ -21,13 +21,23 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlche
 from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator import config as aggregator_config
-from cloud_sync.aggregator.api import admin, device, ops, privacy, reports, timelines, ws
+from cloud_sync.aggregator.api import (
+    admin,
+    device,
+    ops,
+    privacy,
+    reports,
+    timelines,
+    tokens,
+    ws,
+)
 from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
 from cloud_sync.aggregator.api.guard import GuardMiddleware
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
 from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+from cloud_sync.aggregator.db.watch import WriteWatch
 from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.services.faces import FaceEncoder
 from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY, invalidate_cache
@@ -105,6 +115,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         credentials=CredentialCache(settings.auth_cache_s),
         limiter=RateLimiter(settings.rate_limit_per_min), encoder=FaceEncoder(settings),
         rules=Rules(settings.late_after_min, settings.early_arrival_min), live=live,
+        write_watch=WriteWatch(engine),
     )
 
     @asynccontextmanager
@@ -137,7 +148,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     _document_batch_body(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, timelines.router, admin.router,
-                   privacy.router, ops.router, ws.router):
+                   privacy.router, tokens.router, ops.router, ws.router):
         app.include_router(router)
 
     upload = settings.max_photo_bytes + MULTIPART_OVERHEAD

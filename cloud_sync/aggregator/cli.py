@@ -169,11 +169,55 @@ def admin_create_token(
     engine, sessions = _sessions(settings)
     try:
         with sessions() as session:
-            _, token = create_admin_token(session, name)
+            row, token = create_admin_token(session, name)
     finally:
         engine.dispose()
     typer.echo(token)
-    typer.echo("Store the token now: it is not shown again.", err=True)
+    typer.echo(f"Store the token now (id {row.id}): it is not shown again.", err=True)
+
+
+@admin_app.command("list-tokens")
+def admin_list_tokens(config: ConfigOption = None) -> None:
+    """List the admin tokens: id, name, created, last used (never the secret)."""
+    from cloud_sync.aggregator.services.devices import list_admin_tokens
+
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            rows = list_admin_tokens(session)
+    finally:
+        engine.dispose()
+    table = Table(title="admin tokens")
+    for column in ("id", "name", "created", "last used"):
+        table.add_column(column)
+    for row in rows:
+        last = row.last_used_at.isoformat(timespec="minutes") if row.last_used_at else "never"
+        table.add_row(str(row.id), row.name, row.created_at.isoformat(timespec="minutes"), last)
+    Console(width=120).print(table)
+
+
+@admin_app.command("revoke-token")
+def admin_revoke_token(
+    token_id: Annotated[int, typer.Argument(help="Token id, from `admin list-tokens`.")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke (delete) an admin token. A running server stops accepting it within
+    auth_cache_s seconds (at once when revoked through the API)."""
+    from cloud_sync.aggregator.services.common import ServiceError
+    from cloud_sync.aggregator.services.devices import revoke_admin_token
+
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            row = revoke_admin_token(session, token_id)
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
+    typer.echo(f"admin token {token_id} ({row.name}) revoked")
 
 
 @app.command("import")

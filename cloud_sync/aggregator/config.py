@@ -222,6 +222,14 @@ class AggregatorSettings(TomlSettings):
         description="Seconds a verified device key / admin token is cached in memory "
         "(0 = look up every request). Deleting a device clears the cache at once.",
     )
+    min_free_disk_mb: int = Field(
+        default=500,
+        ge=0,
+        le=10_000_000,
+        title="Minimum free disk space (MiB)",
+        description="/health says 'degraded' (disk: low) when less than this is free where "
+        "the data lives (the SQLite file's file system, else data_dir).",
+    )
     log_level: str = Field(
         default="INFO",
         pattern="^(DEBUG|INFO|WARNING|ERROR)$",

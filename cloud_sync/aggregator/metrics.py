@@ -48,3 +48,7 @@ WS_DROPPED = Counter(
 EVENTS_PRUNED = Counter(
     "aggregator_events_pruned_total", "Events deleted after events_keep_days.", registry=REGISTRY
 )
+DISK_FREE = Gauge(
+    "aggregator_disk_free_bytes", "Free bytes where the data lives (SQLite file system, else "
+    "data_dir), as of the last /health; -1 if unreadable.", registry=REGISTRY,
+)

@@ -125,3 +125,93 @@ def test_course_report_counts_from_first_recorded_session(world: World) -> None:
     expected = 1 + (this_monday_class <= datetime.now(UTC))
     assert {p["held"] for p in report["students"]} == {expected}
     assert "first recorded session" in report["counted_from"]
+
+
+def test_admin_tokens_listed_with_last_use_and_revoked(world: World, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12 #7: list and revoke admin tokens (API and CLI), with last-used times."""
+    c = world.client
+    made = c.post("/api/v1/admin/tokens", json={"name": "laptop"}, headers=world.admin)
+    assert made.status_code == 201, made.text
+    laptop = {"Authorization": f"Bearer {made.json()['token']}"}
+    listed = c.get("/api/v1/admin/tokens", headers=world.admin).json()
+    assert [t["name"] for t in listed] == ["tests", "laptop"]
+    assert listed[0]["last_used_at"] is not None  # the fixture's token made these requests
+    assert listed[1]["last_used_at"] is None
+    assert all("token" not in t and "token_hash" not in t for t in listed)
+    assert c.get("/api/v1/rooms", headers=laptop).status_code == 200
+    used = {t["name"]: t for t in c.get("/api/v1/admin/tokens", headers=world.admin).json()}
+    assert used["laptop"]["last_used_at"] is not None
+    assert c.get("/api/v1/admin/tokens", headers=world.device).status_code == 403
+    assert c.delete(f"/api/v1/admin/tokens/{made.json()['id']}",
+                    headers=world.admin).status_code == 204
+    assert c.get("/api/v1/rooms", headers=laptop).status_code == 401  # at once (cache cleared)
+    assert c.delete("/api/v1/admin/tokens/999999", headers=world.admin).status_code == 404
+
+    monkeypatch.setenv("AGGREGATOR_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.delenv("AGGREGATOR_CONFIG", raising=False)
+    runner = CliRunner()
+    created = runner.invoke(cli, ["admin", "create-token", "--name", "ops"])
+    assert created.exit_code == 0
+    listing = runner.invoke(cli, ["admin", "list-tokens"])
+    assert listing.exit_code == 0 and "ops" in listing.output and "never" in listing.output
+    assert created.output.splitlines()[0] not in listing.output
+    revoked = runner.invoke(cli, ["admin", "revoke-token", "1"])
+    assert revoked.exit_code == 0 and "revoked" in revoked.output
+    assert "ops" not in runner.invoke(cli, ["admin", "list-tokens"]).output
+    missing = runner.invoke(cli, ["admin", "revoke-token", "1"])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_health_reports_failing_writes_and_disk_space(tmp_path: Path) -> None:
+    """Issue 12 #11: with the database full (SQLite's own SQLITE_FULL, what a full disk
+    gives), writes answer 503 and /health says so (it said `ok` while reads still worked);
+    free disk space is reported, and below min_free_disk_mb the status is degraded."""
+    from sqlalchemy import event
+
+    from cloud_sync.aggregator import config as aggregator_config
+    from cloud_sync.aggregator.app import create_app
+    from cloud_sync.aggregator.services.devices import create_admin_token
+
+    settings = aggregator_config.load(None, database_url=f"sqlite:///{tmp_path / 'full.db'}",
+                                      data_dir=tmp_path / "data")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ctx = client.app.state.ctx  # type: ignore[attr-defined]
+        with ctx.sessions() as session:
+            _, token = create_admin_token(session)
+        admin = {"Authorization": f"Bearer {token}"}
+        healthy = client.get("/health").json()
+        assert (healthy["status"], healthy["writes"], healthy["disk"]) == ("ok", "ok", "ok")
+        assert healthy["disk_free_mb"] > 0
+
+        def cap(dbapi_conn: Any, _record: Any) -> None:
+            pages = dbapi_conn.execute("PRAGMA page_count").fetchone()[0]
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        event.listen(ctx.engine, "connect", cap)
+        ctx.engine.dispose()
+        codes = []
+        for i in range(200):
+            r = client.post("/api/v1/students", json={"id": f"S{i}", "name": "n" * 200},
+                            headers=admin)
+            codes.append(r.status_code)
+            if r.status_code == 503:
+                break
+        assert codes[-1] == 503, codes
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "error"
+        assert health.json()["database"] == "ok"  # reads still work: that was the trap
+        assert "full" in health.json()["writes"], health.json()
+
+        event.remove(ctx.engine, "connect", cap)
+        ctx.engine.dispose()
+        assert client.post("/api/v1/students", json={"id": "S-ok", "name": "n"},
+                           headers=admin).status_code == 201
+        assert client.get("/health").json()["writes"] == "ok"
+
+    low = aggregator_config.load(None, database_url=f"sqlite:///{tmp_path / 'full.db'}",
+                                 data_dir=tmp_path / "data", min_free_disk_mb=10_000_000)
+    with TestClient(create_app(low)) as client:
+        body = client.get("/health").json()
+        assert (body["status"], body["disk"]) == ("degraded", "low")

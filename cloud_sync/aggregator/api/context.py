@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_sync.aggregator.config import AggregatorSettings
+from cloud_sync.aggregator.db.watch import WriteWatch
 from cloud_sync.aggregator.services.faces import FaceEncoder
 from cloud_sync.aggregator.services.live import LiveFeed
 from cloud_sync.aggregator.services.reports import Rules
@@ -104,6 +105,7 @@ class AppContext:
     rules: Rules
     mqtt_bridge: Any = None
     mqtt_state: str = "disabled"
+    write_watch: WriteWatch | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     live: LiveFeed = field(default_factory=LiveFeed)  # /ws/events
 

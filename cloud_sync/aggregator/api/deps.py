@@ -50,7 +50,7 @@ def _lookup(ctx: AppContext, secret: str) -> Principal | None:
                 room = session.get(Room, device.room_id)
                 return DevicePrincipal(device.id, device.room_id, room.site if room else "")
         elif secret.startswith(ADMIN_PREFIX):
-            token = authenticate_admin(session, secret)
+            token = authenticate_admin(session, secret, record_use=True)
             if token is not None:
                 return AdminPrincipal(token.id, token.name)
     return None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -22,8 +25,16 @@ router = APIRouter(tags=["operations"])
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok | degraded (MQTT down) | error (database)")
+    status: str = Field(description="ok | degraded (MQTT down, or disk space below "
+                        "min_free_disk_mb) | error (database unreachable, behind, or "
+                        "refusing writes)")
     database: str = Field(description="ok, or the error")
+    writes: str = Field(description="ok, or the last write error and since when (e.g. a full "
+                        "disk: reads still answer while every write fails)")
+    disk_free_mb: float | None = Field(
+        description="Free space where the data lives (the SQLite file's file system, else "
+        "data_dir), MiB; null if it cannot be read.")
+    disk: str = Field(description="ok | low (below min_free_disk_mb) | unknown")
     backend: str = Field(description="sqlite | postgresql")
     migrations: str = Field(description="current | behind | unknown")
     revision: str | None
@@ -40,8 +51,27 @@ def mqtt_state(ctx: Any) -> str:
     return state
 
 
+def _data_path(ctx: Any) -> Path:
+    """The SQLite file's directory, else data_dir (photos; a remote PostgreSQL's disk is not
+    visible from here)."""
+    database = ctx.engine.url.database if ctx.engine.dialect.name == "sqlite" else None
+    if database and database != ":memory:" and not database.startswith("file:"):
+        return Path(database).expanduser().resolve().parent
+    return Path(ctx.settings.data_dir)
+
+
+def _free_mb(path: Path) -> float | None:
+    for candidate in (path, *path.parents):  # data_dir may not exist yet
+        try:
+            return shutil.disk_usage(candidate).free / 2**20
+        except OSError:
+            continue
+    return None
+
+
 @router.get("/health", response_model=Health, responses={503: {"model": Health}},
-            summary="Database reachable, migrations current, MQTT bridge state.")
+            summary="Database reachable and taking writes, migrations current, free disk "
+            "space, MQTT bridge state.")
 def health(request: Request) -> JSONResponse:
     ctx = context(request)
     head = head_revision()
@@ -55,13 +85,24 @@ def health(request: Request) -> JSONResponse:
         database = f"unreachable: {type(err).__name__}"
     migrations = "unknown" if database != "ok" else ("current" if revision == head else "behind")
     mqtt = mqtt_state(ctx)
-    if database != "ok" or migrations != "current":
+    failure = ctx.write_watch.failure() if ctx.write_watch is not None else None
+    writes = "ok"
+    if failure is not None:
+        since = datetime.fromtimestamp(failure.since, UTC).isoformat(timespec="seconds")
+        writes = f"failing since {since}: {failure.error}"
+    free_mb = _free_mb(_data_path(ctx))
+    disk = "unknown" if free_mb is None else (
+        "low" if free_mb < ctx.settings.min_free_disk_mb else "ok")
+    metrics.DISK_FREE.set(-1 if free_mb is None else free_mb * 2**20)
+    if database != "ok" or migrations != "current" or failure is not None:
         status = "error"
-    elif ctx.settings.mqtt_url is not None and mqtt != "connected":
+    elif (ctx.settings.mqtt_url is not None and mqtt != "connected") or disk == "low":
         status = "degraded"
     else:
         status = "ok"
-    body = Health(status=status, database=database, backend=ctx.engine.dialect.name,
+    body = Health(status=status, database=database, writes=writes,
+                  disk_free_mb=None if free_mb is None else round(free_mb, 1), disk=disk,
+                  backend=ctx.engine.dialect.name,
                   migrations=migrations, revision=revision, head=head, mqtt=mqtt)
     return JSONResponse(body.model_dump(), status_code=503 if status == "error" else 200)
 

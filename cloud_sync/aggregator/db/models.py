@@ -251,6 +251,7 @@ class AdminToken(Base):
     name: Mapped[str] = mapped_column(String(100))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
 
 
 class DeadLetter(Base):
@@ -262,6 +263,7 @@ class DeadLetter(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     reason: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    __table_args__ = (Index("ix_dead_letters_received", "received_at"),)
 
 
 class AuditLog(Base):

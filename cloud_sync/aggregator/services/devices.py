@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
@@ -29,6 +29,7 @@ from cloud_sync.protocol import DeviceId
 
 _LOGGER = logging.getLogger(__name__)
 _DEVICE_ID: TypeAdapter[str] = TypeAdapter(DeviceId)
+TOKEN_USE_RESOLUTION = timedelta(minutes=1)
 
 
 def authenticate_device(session: Session, api_key: str) -> Device | None:
@@ -43,13 +44,39 @@ def authenticate_device(session: Session, api_key: str) -> Device | None:
     return device
 
 
-def authenticate_admin(session: Session, token: str) -> AdminToken | None:
+def authenticate_admin(session: Session, token: str, *, record_use: bool = False
+                       ) -> AdminToken | None:
+    """The token row whose secret is ``token``, or None. ``record_use``: set its
+    ``last_used_at`` (at most once a minute; commits)."""
     if not token.startswith(ADMIN_PREFIX):
         return None
     digest = hash_secret(token)
     row = session.scalars(select(AdminToken).where(AdminToken.token_hash == digest)).first()
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         return None
+    now = utcnow()
+    if record_use and (row.last_used_at is None
+                       or now - row.last_used_at > TOKEN_USE_RESOLUTION):
+        row.last_used_at = now
+        session.commit()
+    return row
+
+
+def list_admin_tokens(session: Session) -> list[AdminToken]:
+    """Every admin token (never the secret: only its id, name and times), oldest first."""
+    return list(session.scalars(select(AdminToken).order_by(AdminToken.id)))
+
+
+def revoke_admin_token(session: Session, token_id: int) -> AdminToken:
+    """Delete the token: it stops working at once in this process (callers clear the
+    credential cache), within ``auth_cache_s`` in a running server when done elsewhere."""
+    begin_write(session)
+    row = session.get(AdminToken, token_id)
+    if row is None:
+        raise NotFoundError(f"admin token {token_id} does not exist")
+    session.delete(row)
+    session.commit()
+    _LOGGER.info("admin token %d (%r) revoked", token_id, row.name)
     return row
 
 
