@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +25,7 @@ from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.api import (
     admin,
     device,
+    index,
     ops,
     privacy,
     reports,
@@ -137,7 +139,9 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
                 ctx.mqtt_bridge.stop()
             engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the fastapi-offline
+    # package (/static-offline-docs): the API docs work without internet.
+    app = FastAPIOffline(
         title="Classroom attendance aggregator",
         version="1",
         description="Rosters and schedules down to the room devices, attendance up; reports "
@@ -148,7 +152,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     _document_batch_body(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, timelines.router, admin.router,
-                   privacy.router, tokens.router, ops.router, ws.router):
+                   privacy.router, tokens.router, ops.router, ws.router, index.router):
         app.include_router(router)
 
     upload = settings.max_photo_bytes + MULTIPART_OVERHEAD
