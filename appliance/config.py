@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud_sync.protocol import IDENTIFIER_PATTERN
-from cloud_sync.settings import TomlSettings, example_toml, load_settings
+from cloud_sync.settings import TimeZoneName, TomlSettings, example_toml, load_settings
 from models import DEFAULT_MODEL_DIR
 
 
@@ -51,7 +51,7 @@ class DeviceConfig(Section):
         title="Site",
         description="School or campus id, used in MQTT topic names.",
     )
-    timezone: str = Field(
+    timezone: TimeZoneName = Field(
         default="UTC",
         title="Time zone",
         description="IANA time zone of the room's schedule (e.g. Europe/Berlin).",

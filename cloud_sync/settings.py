@@ -12,9 +12,10 @@ import os
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,13 +50,55 @@ class TomlSettings(BaseSettings):
         return tuple(sources)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def _check_time_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(
+            f"unknown time zone {value!r}: use an IANA name such as Europe/Berlin or UTC"
+        ) from err
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(_check_time_zone)]
+"""An IANA time zone name, checked when the configuration is loaded (not at run time)."""
+
+
+def env_var_of(cls: type[BaseSettings], loc: tuple[Any, ...]) -> str | None:
+    """The environment variable set for the field at ``loc`` of ``cls``, if any (the settings
+    read the environment case-insensitively)."""
+    prefix = str(cls.model_config.get("env_prefix") or "")
+    delimiter = str(cls.model_config.get("env_nested_delimiter") or "__")
+    wanted = (prefix + delimiter.join(str(part) for part in loc)).upper()
+    return next((name for name in os.environ if name.upper() == wanted), None)
+
+
+def _is_secret(cls: type[BaseModel], loc: tuple[Any, ...]) -> bool:
+    """Whether the field at ``loc`` holds a secret (its value is never echoed)."""
+    model: Any = cls
+    info = None
+    for part in loc:
+        fields = getattr(model, "model_fields", {})
+        info = fields.get(part) if isinstance(part, str) else None
+        if info is None:
+            return False
+        model = _section(info.annotation)
+    return info is not None and "SecretStr" in str(info.annotation)
+
+
+def format_validation_error(
+    err: ValidationError, source: str, cls: type[BaseSettings] | None = None
+) -> str:
     lines = [f"invalid configuration ({source}):"]
     for item in err.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(root)"
+        loc = tuple(item["loc"])
+        field = ".".join(str(part) for part in loc) or "(root)"
         given = item.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"  {field}: {item['msg']}{shown}")
+        hidden = isinstance(given, dict) or (cls is not None and _is_secret(cls, loc))
+        shown = "" if hidden else f" (got {mask_url_password(repr(given))})"
+        var = env_var_of(cls, loc) if cls is not None and loc else None
+        origin = f" [from environment variable {var}]" if var else ""
+        lines.append(f"  {field}: {item['msg']}{shown}{origin}")
     return "\n".join(lines)
 
 
@@ -63,17 +106,19 @@ def load_settings(
     cls: type[S], path: Path | str | None = None, env_var: str | None = None, **overrides: Any
 ) -> S:
     """Build ``cls`` from ``path`` (or the file named by ``env_var``), the environment and
-    ``overrides``; raise :class:`ConfigError` with a readable message when a value is bad."""
+    ``overrides``; raise :class:`ConfigError` with a readable message when a value is bad
+    (naming the environment variable when one gave it)."""
     if path is None and env_var:
         path = os.environ.get(env_var) or None
     toml_path = Path(path) if path else None
     if toml_path is not None and not toml_path.is_file():
         raise ConfigError(f"configuration file {toml_path} does not exist")
     bound = type(cls.__name__, (cls,), {"toml_path": toml_path, "__module__": cls.__module__})
+    source = f"{toml_path}, environment" if toml_path else "environment and defaults"
     try:
         return bound(**overrides)  # type: ignore[return-value]
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(toml_path or "defaults"))) from err
+        raise ConfigError(format_validation_error(err, source, cls)) from err
     except (OSError, ValueError) as err:  # TOML syntax errors surface as ValueError
         raise ConfigError(f"cannot read configuration {toml_path}: {err}") from err
 

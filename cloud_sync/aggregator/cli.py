@@ -61,13 +61,22 @@ def _logging(level: str) -> None:
 
 
 def _sessions(settings: aggregator_config.AggregatorSettings):  # type: ignore[no-untyped-def]
+    """Engine and session factory on the migrated database; a database that cannot be
+    opened or migrated is one line on stderr (what is wrong, how to fix it) and exit 1."""
+    from cloud_sync.aggregator.db.errors import DATABASE_ERRORS, explain
     from cloud_sync.aggregator.db.migrate import upgrade_engine
     from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 
-    engine = make_engine(
-        aggregator_config.database_url(settings), sqlite_synchronous=settings.sqlite_synchronous
-    )
-    upgrade_engine(engine)
+    url = aggregator_config.database_url(settings)
+    engine = None
+    try:
+        engine = make_engine(url, sqlite_synchronous=settings.sqlite_synchronous)
+        upgrade_engine(engine)
+    except DATABASE_ERRORS as err:
+        if engine is not None:
+            engine.dispose()
+        typer.echo(f"error: {explain(err, url)}", err=True)
+        raise typer.Exit(1) from err
     return engine, make_session_factory(engine)
 
 
@@ -75,6 +84,15 @@ def _sessions(settings: aggregator_config.AggregatorSettings):  # type: ignore[n
 def config_show(config: ConfigOption = None) -> None:
     """Print the effective configuration as JSON, secrets masked."""
     typer.echo(dump_settings(load_or_exit(config)))
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate the configuration (file + environment): exit 0 and 'ok', or the errors
+    (each naming its field, and the environment variable that set it) and exit 2."""
+    settings = load_or_exit(config)
+    backend = aggregator_config.database_url(settings).split(":", 1)[0]
+    typer.echo(f"configuration ok (database: {backend})")
 
 
 @config_app.command("example")
@@ -108,6 +126,8 @@ def serve(
         overrides["port"] = port
     settings = load_or_exit(config, **overrides)
     _logging(settings.log_level)
+    engine, _ = _sessions(settings)  # a clear one-line error before the server starts
+    engine.dispose()
     app_ = create_app(settings)
     # Long-lived objects (modules, models, compiled SQL) leave the collector's view, and full
     # collections run less often: they were the latency spikes under many small requests.

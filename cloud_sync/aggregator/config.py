@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud_sync.protocol import IDENTIFIER_PATTERN
-from cloud_sync.settings import TomlSettings, example_toml, load_settings
+from cloud_sync.settings import TimeZoneName, TomlSettings, example_toml, load_settings
 
 
 class AggregatorSettings(TomlSettings):
@@ -24,10 +24,17 @@ class AggregatorSettings(TomlSettings):
     database_url: SecretStr | None = Field(
         default=None,
         title="Database URL",
-        description="SQLAlchemy URL: sqlite:////abs/path.db or postgresql+psycopg://user@host/db; "
-        "unset = SQLite in data_dir/aggregator.db. Masked in `config show` (may hold a "
-        "password).",
+        description="SQLAlchemy URL: sqlite:////abs/path.db or postgresql+psycopg://user@host/db "
+        "(postgresql:// means the same); unset = SQLite in data_dir/aggregator.db. Masked in "
+        "`config show` (may hold a password).",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_database_url(value.get_secret_value())
+        return value
     host: str = Field(
         default="127.0.0.1", title="Bind address", description="Address the API listens on."
     )
@@ -93,7 +100,7 @@ class AggregatorSettings(TomlSettings):
         title="Keep enrollment photos",
         description="Keep uploaded enrollment photos; by default only the embedding is stored.",
     )
-    timezone: str = Field(
+    timezone: TimeZoneName = Field(
         default="UTC",
         title="Default time zone",
         description="IANA time zone of rooms created without one; schedules are local times "
@@ -238,10 +245,34 @@ class AggregatorSettings(TomlSettings):
     )
 
 
+SCHEMES = {"sqlite": "sqlite", "sqlite+pysqlite": "sqlite", "postgresql": "postgresql+psycopg",
+           "postgresql+psycopg": "postgresql+psycopg"}
+SCHEME_HINTS = {
+    "postgres": "postgres:// is not a SQLAlchemy scheme: write postgresql+psycopg://",
+    "postgresql+psycopg2": "psycopg2 is not installed: write postgresql+psycopg:// (psycopg 3)",
+    "postgresql+asyncpg": "the aggregator is synchronous: write postgresql+psycopg://",
+}
+
+
+def check_database_url(url: str) -> str:
+    """The SQLAlchemy driver name of ``url`` (normalised), or a ValueError that says which
+    URLs work. Never echoes the URL (it may hold a password)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in SCHEMES:
+        return SCHEMES[scheme]
+    hint = SCHEME_HINTS.get(scheme, f"unsupported database scheme {scheme!r}" if scheme
+                            else "not a URL")
+    raise ValueError(f"{hint} (supported: sqlite:////abs/path.db, "
+                     "postgresql+psycopg://user@host:5432/db)")
+
+
 def database_url(settings: AggregatorSettings) -> str:
-    """The effective SQLAlchemy URL: ``database_url``, or SQLite in ``data_dir``."""
+    """The effective SQLAlchemy URL: ``database_url`` (``postgresql://`` made explicit as
+    psycopg 3), or SQLite in ``data_dir``."""
     if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
+        url = settings.database_url.get_secret_value()
+        scheme, rest = url.split("://", 1)
+        return f"{check_database_url(url)}://{rest}" if scheme.lower() != "sqlite" else url
     return f"sqlite:///{settings.data_dir / 'aggregator.db'}"
 
 
