@@ -30,6 +30,7 @@ students_app = typer.Typer(help="Students: add one (many: `import students`); pr
                            "consent, erasure, export, retention.", no_args_is_help=True)
 schedules_app = typer.Typer(help="Class times (one at a time; many: `import schedules`).",
                             no_args_is_help=True)
+mqtt_app = typer.Typer(help="The MQTT broker's files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(devices_app, name="devices")
@@ -37,6 +38,7 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(faces_app, name="faces")
 app.add_typer(students_app, name="students")
 app.add_typer(schedules_app, name="schedules")
+app.add_typer(mqtt_app, name="mqtt")
 
 ConfigOption = Annotated[
     Path | None,
@@ -238,6 +240,38 @@ def admin_revoke_token(
     finally:
         engine.dispose()
     typer.echo(f"admin token {token_id} ({row.name}) revoked")
+
+
+@mqtt_app.command("acl")
+def mqtt_acl(
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the file here (atomically) instead of printing it.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """The Mosquitto ACL: the bridge, Home Assistant, and one block per registered device
+    that may write only under its own site/room/device. Regenerate after adding, moving or
+    deleting a device, then reload Mosquitto (SIGHUP)."""
+    import os
+    import tempfile
+
+    from cloud_sync.aggregator import mqtt_acl as acl
+
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            text = acl.render(acl.registered_devices(session))
+    finally:
+        engine.dispose()
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, output)
+    typer.echo(f"wrote {output}; reload Mosquitto (e.g. systemctl reload mosquitto)", err=True)
 
 
 @app.command("import")

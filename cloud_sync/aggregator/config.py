@@ -66,6 +66,37 @@ class AggregatorSettings(TomlSettings):
         description="Fixed client id of the MQTT bridge; with a persistent session the broker "
         "keeps QoS 1 messages for it while it is down.",
     )
+    mqtt_max_message_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=100_000_000,
+        title="Largest MQTT message",
+        description="The bridge refuses (dead-letters, without parsing) a message larger than "
+        "this; the shipped Mosquitto config caps messages at the same 1 MiB. A full batch of "
+        "1,000 records is ~0.45 MB.",
+    )
+    dead_letter_keep_bytes: int = Field(
+        default=4096,
+        ge=0,
+        le=1_048_576,
+        title="Dead letter bytes kept",
+        description="Only the first this-many bytes of a refused MQTT message are stored "
+        "(the reason records its full size).",
+    )
+    dead_letter_max_rows: int = Field(
+        default=10_000,
+        ge=100,
+        le=10_000_000,
+        title="Dead letters kept",
+        description="The dead_letters table keeps at most this many rows (oldest dropped).",
+    )
+    dead_letter_max_age_days: float = Field(
+        default=30.0,
+        ge=1,
+        le=3650,
+        title="Dead letter age (days)",
+        description="Dead letters older than this are deleted (when a new one is stored).",
+    )
     ha_discovery: bool = Field(
         default=True,
         title="Home Assistant discovery",

@@ -13,10 +13,12 @@
   device publish under its own ``classroom/<site>/<room>/<device>/`` only (see
   config/mosquitto/acl and docs/MQTT.md). The bridge still checks that the device exists, is in
   that room and that the room is on that site, and that the payload names the same device.
-- A message that cannot be used (bad topic, bad JSON, failed validation, unknown device, wrong
-  room) becomes a dead-letter row (``services.ingest.record_dead_letter``: table
-  ``dead_letters`` + counter) and is not acknowledged; a database outage is not a dead letter:
-  the device re-sends after its ack timeout.
+- A message larger than ``mqtt_max_message_bytes`` is refused unread. A message that cannot be
+  used (too large, bad topic, bad JSON, failed validation, unknown device, wrong room) becomes
+  a dead-letter row (``services.ingest.record_dead_letter``: table ``dead_letters`` + counter;
+  its first ``dead_letter_keep_bytes`` only, the table pruned to ``dead_letter_max_rows`` and
+  ``dead_letter_max_age_days``) and is not acknowledged; a database outage is not a dead
+  letter: the device re-sends after its ack timeout.
 - Home Assistant discovery (``ha_discovery``) and the rooms' state are published retained.
 """
 
@@ -50,6 +52,7 @@ from cloud_sync.aggregator.services.events import latest_occupancy, new_alerts
 from cloud_sync.aggregator.services.ingest import (
     DEFAULT_EARLY_ARRIVAL_MIN,
     EARLY_ARRIVAL_INFO_KEY,
+    DeadLetterLimits,
     ingest_batch,
     record_dead_letter,
     record_event,
@@ -120,6 +123,9 @@ class MqttBridge:
             raise ValueError("MqttBridge needs settings.mqtt_url")
         self._settings = settings
         self._sessions = session_factory
+        self._dead_letter_limits = DeadLetterLimits(
+            settings.dead_letter_keep_bytes, settings.dead_letter_max_rows,
+            settings.dead_letter_max_age_days)
         self._host, self._port, user, password, tls = parse_url(
             settings.mqtt_url.get_secret_value()
         )
@@ -209,6 +215,10 @@ class MqttBridge:
         parts = topic.split("/")
         leaf = parts[-1] if parts else ""
         try:
+            cap = self._settings.mqtt_max_message_bytes
+            if len(payload) > cap:
+                raise _RefusedError(
+                    f"message of {len(payload)} bytes is over mqtt_max_message_bytes ({cap})")
             self._handle(client, parts, payload)
         except _RefusedError as err:
             MESSAGES.labels(leaf, "dead_letter").inc()
@@ -294,11 +304,12 @@ class MqttBridge:
     def _dead_letter(self, topic: str, payload: bytes, reason: str) -> None:
         try:
             with self._sessions() as session:
-                record_dead_letter(session, topic, payload, reason)
+                record_dead_letter(session, topic, payload, reason, self._dead_letter_limits)
         except SQLAlchemyError as err:
             _LOGGER.error("dead letter kept in memory only (database: %s)", err)
             DEAD_LETTERS_UNSTORED.inc()
-            self.dead_letters.append((topic, payload, reason))
+            keep = self._dead_letter_limits.keep_bytes
+            self.dead_letters.append((topic, payload[:keep], reason))
 
     # -- Home Assistant ----------------------------------------------------------------------
     def _state_loop(self) -> None:

@@ -215,3 +215,20 @@ def test_health_reports_failing_writes_and_disk_space(tmp_path: Path) -> None:
     with TestClient(create_app(low)) as client:
         body = client.get("/health").json()
         assert (body["status"], body["disk"]) == ("degraded", "low")
+
+
+def test_mqtt_acl_command_writes_a_block_per_device(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGGREGATOR_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.delenv("AGGREGATOR_CONFIG", raising=False)
+    runner = CliRunner()
+    rooms = _write(tmp_path / "r.csv", "id,site\nLAB-1,north\nLAB-2,south\n")
+    assert runner.invoke(cli, ["import", "rooms", str(rooms)]).exit_code == 0
+    for room, dev in (("LAB-1", "pi-1"), ("LAB-2", "pi-2")):
+        assert runner.invoke(cli, ["devices", "add", "--room", room, "--id", dev]).exit_code == 0
+    out = tmp_path / "classroom.acl"
+    assert runner.invoke(cli, ["mqtt", "acl", "-o", str(out)]).exit_code == 0
+    text = out.read_text()
+    assert "user pi-1\ntopic write classroom/north/LAB-1/pi-1/attendance\n" in text
+    assert "topic write classroom/south/LAB-2/pi-2/status\n" in text
+    assert "classroom/+/+/%u/" not in text.replace("pattern read classroom/+/+/%u/ack", "")

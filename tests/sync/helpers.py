@@ -69,8 +69,13 @@ def wait_until(
 
 
 # --- Mosquitto ---------------------------------------------------------------------------------
+# Where the test devices are registered (their ACL blocks: own site/room/device only).
+PLACES = {DEVICE: (SITE, ROOM), OTHER_DEVICE: (SITE, OTHER_ROOM), "pi-local": ("main", "LAB-301")}
+
+
 class Broker:
-    """A Mosquitto built from config/mosquitto/mosquitto.conf + acl, on a free local port."""
+    """A Mosquitto built from config/mosquitto/mosquitto.conf and the ACL `aggregator mqtt acl`
+    writes (config/mosquitto/acl plus a block per device user in PLACES), on a free port."""
 
     def __init__(self, workdir: Path, users: Iterable[str]) -> None:
         self.dir = workdir
@@ -86,8 +91,11 @@ class Broker:
         text = (REPO / "config/mosquitto/mosquitto.conf").read_text()
         text = re.sub(r"(?m)^listener 1883$", f"listener {self.port} 127.0.0.1", text)
         text = re.sub(r"(?m)^password_file .*$", f"password_file {passwd}", text)
-        text = re.sub(r"(?m)^acl_file .*$",
-                      f"acl_file {REPO / 'config/mosquitto/acl'}", text)
+        from cloud_sync.aggregator.mqtt_acl import render
+
+        acl = self.dir / "acl"
+        acl.write_text(render(PLACES[u] + (u,) for u in self.passwords if u in PLACES))
+        text = re.sub(r"(?m)^acl_file .*$", f"acl_file {acl}", text)
         text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {persist}/", text)
         text += f"\nuser root\nlog_dest file {self.dir / 'mosquitto.log'}\nlog_type all\n"
         self.conf = self.dir / "mosquitto.conf"
@@ -239,6 +247,14 @@ class Aggregator:
             return [norm_key(str(r[0])) for r in conn.execute("SELECT key FROM attendance")]
         except sqlite3.OperationalError:
             return []
+        finally:
+            conn.close()
+
+    def execute(self, sql: str, *args: object) -> None:
+        conn = sqlite3.connect(str(self.db_path), timeout=30)
+        try:
+            with conn:
+                conn.execute(sql, args)
         finally:
             conn.close()
 

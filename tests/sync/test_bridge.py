@@ -3,6 +3,7 @@ acks, dead letters, events, heartbeats, Home Assistant discovery, roster notices
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -36,22 +37,30 @@ from tests.sync.mqtt_client import TestClient
 pytestmark = pytest.mark.mqtt
 
 
-@pytest.fixture
-def bridge(broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]) -> Iterator[object]:
+@contextlib.contextmanager
+def _run_bridge(broker: Broker, agg: Aggregator, **overrides: object) -> Iterator[object]:
     from cloud_sync.aggregator.config import load
     from cloud_sync.aggregator.db.session import make_engine, make_session_factory
     from cloud_sync.aggregator.mqtt_bridge import MqttBridge
 
-    agg, _keys = aggregator_db
-    settings = load(None, database_url=agg.db_url, mqtt_url=broker.url("aggregator"))
+    settings = load(None, database_url=agg.db_url, mqtt_url=broker.url("aggregator"),
+                    **overrides)
     engine = make_engine(agg.db_url)
     b = MqttBridge(settings, make_session_factory(engine))
     b.start()
-    wait_until(lambda: b.state == "connected", 10, "the bridge to connect")
-    time.sleep(0.2)  # subscriptions
-    yield b
-    b.stop()
-    engine.dispose()
+    try:
+        wait_until(lambda: b.state == "connected", 10, "the bridge to connect")
+        time.sleep(0.2)  # subscriptions
+        yield b
+    finally:
+        b.stop()
+        engine.dispose()
+
+
+@pytest.fixture
+def bridge(broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]) -> Iterator[object]:
+    with _run_bridge(broker, aggregator_db[0]) as b:
+        yield b
 
 
 def _device(broker: Broker) -> TestClient:
@@ -107,10 +116,15 @@ def test_malformed_and_foreign_messages_are_dead_lettered(
         forged = AttendanceBatch(device_id=OTHER_DEVICE,
                                  records=make_records(2, device=OTHER_DEVICE, room=OTHER_ROOM))
         dev.publish(topic, forged.model_dump_json())
-        # Our device, but under another room's topic (the ACL allows any room segment).
+        # Our device under another room's topic: the broker's ACL refuses it ...
         wrong_room = device_topic(SITE, OTHER_ROOM, DEVICE, "attendance")
-        dev.publish(wrong_room, AttendanceBatch(device_id=DEVICE,
-                                                records=make_records(1)).model_dump_json())
+        assert dev.publish(wrong_room, AttendanceBatch(
+            device_id=DEVICE, records=make_records(1)).model_dump_json()).is_failure
+        # ... and the bridge refuses a device whose registration moved to another room (the
+        # ACL file not regenerated yet).
+        agg.execute("UPDATE devices SET room_id = ? WHERE id = ?", OTHER_ROOM, DEVICE)
+        dev.publish(topic, AttendanceBatch(device_id=DEVICE,
+                                           records=make_records(1)).model_dump_json())
         wait_until(lambda: agg.scalar("SELECT count(*) FROM dead_letters") >= 4, 20,
                    "four dead letters")
         reasons = " | ".join(
@@ -119,7 +133,7 @@ def test_malformed_and_foreign_messages_are_dead_lettered(
         )
         assert "invalid batch" in reasons
         assert "is not the topic's" in reasons
-        assert f"not in room {OTHER_ROOM!r}" in reasons
+        assert f"not in room {ROOM!r}" in reasons
         assert agg.attendance_keys() == []
         assert _acks(dev) == []  # nothing is acknowledged that was not stored
         assert counted() - before == 4
@@ -285,4 +299,39 @@ def test_home_assistant_classroom_entities_and_unknown_face_trigger(
         assert ha.received(room_alert_topic(SITE, ROOM)) == [b"critical"]
     finally:
         ha.close()
+        dev.close()
+
+
+def test_dead_letters_are_bounded(
+    broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]
+) -> None:
+    """Issue 12 #4: 20 messages of 500 KB used to add 10 MB to dead_letters. Over
+    mqtt_max_message_bytes a message is refused unread; a dead letter keeps only a prefix; the
+    table keeps dead_letter_max_rows rows and dead_letter_max_age_days days."""
+    agg, _ = aggregator_db
+    agg.execute("INSERT INTO dead_letters (source, payload, reason, received_at) "
+                "VALUES ('old', x'00', 'old', '2000-01-01 00:00:00')")
+    dev = _device(broker)
+    limits = {"mqtt_max_message_bytes": 100_000, "dead_letter_keep_bytes": 1000,
+              "dead_letter_max_rows": 100}
+    try:
+        with _run_bridge(broker, agg, **limits):
+            topic = device_topic(SITE, ROOM, DEVICE, "heartbeat")
+            for _ in range(20):
+                dev.publish(topic, b"{" * 500_000)
+            wait_until(lambda: agg.scalar("SELECT count(*) FROM dead_letters") >= 20, 30,
+                       "twenty dead letters")
+            assert agg.scalar("SELECT count(*) FROM dead_letters WHERE source = 'old'") == 0
+            assert agg.scalar("SELECT max(length(payload)) FROM dead_letters") == 1000
+            reason = agg.scalar("SELECT reason FROM dead_letters ORDER BY id DESC LIMIT 1")
+            assert "500000 bytes is over mqtt_max_message_bytes" in reason
+            assert "first 1000 kept" in reason
+            for i in range(110):
+                dev.publish(topic, f"not json {i}".encode())
+            wait_until(lambda: agg.scalar(
+                "SELECT count(*) FROM dead_letters WHERE payload = CAST('not json 109' AS BLOB)"
+            ) == 1, 30, "the last dead letter")
+            assert agg.scalar("SELECT count(*) FROM dead_letters") == 100
+            assert agg.scalar("SELECT sum(length(payload)) FROM dead_letters") < 100 * 1000
+    finally:
         dev.close()

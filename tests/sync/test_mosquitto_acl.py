@@ -79,3 +79,57 @@ def test_no_anonymous_or_wrong_password(broker: Broker) -> None:
         assert stranger.wait_connected().is_failure
     finally:
         stranger.close()
+
+
+def test_device_cannot_publish_under_another_room_or_site(broker: Broker) -> None:
+    """Issue 12 #4: with `%u` patterns a device could publish a retained `status` (shown by
+    Home Assistant) under its own id in ANY site and room. Its ACL block now names its own
+    site and room."""
+    ha = TestClient(broker, "homeassistant")
+    dev_a = TestClient(broker, DEVICE)
+    try:
+        assert not ha.wait_connected().is_failure
+        assert not dev_a.wait_connected().is_failure
+        ha.subscribe("classroom/+/+/+/status")
+        own = device_topic(SITE, ROOM, DEVICE, "status")
+        forged = [device_topic(SITE, OTHER_ROOM, DEVICE, "status"),
+                  device_topic("other-site", ROOM, DEVICE, "status"),
+                  device_topic(SITE, OTHER_ROOM, DEVICE, "attendance")]
+        assert not dev_a.publish(own, b"online", retain=True).is_failure
+        for topic in forged:
+            assert dev_a.publish(topic, b"online", retain=True).is_failure, topic
+        time.sleep(0.5)
+        assert ha.received(own) == [b"online"]
+        assert all(ha.received(t) == [] for t in forged)
+    finally:
+        ha.close()
+        dev_a.close()
+
+
+def test_broker_refuses_oversized_messages(broker: Broker) -> None:
+    """The shipped config caps a message at 1 MiB: 50 MB on a device's own heartbeat topic
+    never reaches the bridge (it used to become a 50 MB dead letter)."""
+    watcher = TestClient(broker, "aggregator")
+    dev_a = TestClient(broker, DEVICE)
+    try:
+        watcher.wait_connected()
+        dev_a.wait_connected()
+        watcher.subscribe("classroom/+/+/+/heartbeat")
+        topic = device_topic(SITE, ROOM, DEVICE, "heartbeat")
+        assert not dev_a.publish(topic, b"y" * 500_000).is_failure
+        # Mosquitto answers PUBACK 149 and drops it; paho then drops the connection and
+        # offers it again on reconnect, dropped again: it never reaches a subscriber.
+        dev_a.client.publish(topic, b"x" * 2_000_000, qos=1)
+        time.sleep(2)
+        assert watcher.received(topic) == [b"y" * 500_000]
+        assert "Dropped too large PUBLISH" in (broker.dir / "mosquitto.log").read_text()
+    finally:
+        watcher.close()
+        dev_a.close()
+
+
+def test_shipped_acl_is_the_generated_one() -> None:
+    from cloud_sync.aggregator.mqtt_acl import render
+    from tests.conftest import REPO
+
+    assert (REPO / "config/mosquitto/acl").read_text() == render([])

@@ -461,10 +461,33 @@ def record_event(session: Session, device_id: str, event: Event) -> bool:
     return inserted
 
 
-def record_dead_letter(session: Session, source: str, payload: bytes, reason: str) -> None:
-    """Keep a message that could not be processed (for the MQTT bridge). Commits."""
+@dataclass(frozen=True, slots=True)
+class DeadLetterLimits:
+    """What a dead letter may cost: the payload bytes kept, and the table's rows and age."""
+
+    keep_bytes: int = 4096
+    max_rows: int = 10_000
+    max_age_days: float = 30.0
+
+
+def record_dead_letter(session: Session, source: str, payload: bytes, reason: str,
+                       limits: DeadLetterLimits | None = None) -> None:
+    """Keep a message that could not be processed (for the MQTT bridge): its first
+    ``keep_bytes`` (the reason says how large it was), then prune the table to ``max_rows``
+    rows and ``max_age_days``, oldest first. Commits."""
+    limits = limits or DeadLetterLimits()
+    if len(payload) > limits.keep_bytes:
+        reason = f"{reason} [payload {len(payload)} bytes, first {limits.keep_bytes} kept]"
     begin_write(session)
-    session.add(DeadLetter(source=source[:200], payload=payload, reason=reason,
-                           received_at=utcnow()))
+    session.add(DeadLetter(source=source[:200], payload=payload[:limits.keep_bytes],
+                           reason=reason[:2000], received_at=utcnow()))
+    session.flush()
+    table = DeadLetter.__table__
+    session.execute(table.delete().where(
+        table.c.received_at < utcnow() - timedelta(days=limits.max_age_days)))
+    newest_dropped = session.scalar(
+        select(table.c.id).order_by(table.c.id.desc()).offset(limits.max_rows).limit(1))
+    if newest_dropped is not None:
+        session.execute(table.delete().where(table.c.id <= newest_dropped))
     session.commit()
     metrics.DEAD_LETTERS.inc()
