@@ -35,6 +35,7 @@ from cloud_sync.aggregator.api import (
 )
 from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
 from cloud_sync.aggregator.api.guard import GuardMiddleware
+from cloud_sync.aggregator.api.openapi import document_errors
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
@@ -150,6 +151,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     )
     app.state.ctx = ctx
     _document_batch_body(app)
+    document_errors(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, timelines.router, admin.router,
                    privacy.router, tokens.router, ops.router, ws.router, index.router):

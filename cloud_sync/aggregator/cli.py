@@ -6,9 +6,9 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -80,6 +80,26 @@ def _sessions(settings: aggregator_config.AggregatorSettings):  # type: ignore[n
         typer.echo(f"error: {explain(err, url)}", err=True)
         raise typer.Exit(1) from err
     return engine, make_session_factory(engine)
+
+
+T = TypeVar("T")
+
+
+def _with_session(config: Path | None, work: Callable[[Any], T]) -> T:
+    """Run ``work(session)`` on the migrated database of the configuration; a refusal of the
+    service (unknown room, token ...) is one 'error:' line and exit 1."""
+    from cloud_sync.aggregator.services.common import ServiceError
+
+    settings = load_or_exit(config)
+    engine, sessions = _sessions(settings)
+    try:
+        with sessions() as session:
+            return work(session)
+    except ServiceError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
 
 
 @config_app.command("show")
@@ -162,19 +182,9 @@ def devices_add(
     config: ConfigOption = None,
 ) -> None:
     """Register a device and print its API key ONCE (only its hash is stored)."""
-    from cloud_sync.aggregator.services.common import ServiceError
     from cloud_sync.aggregator.services.devices import add_device
 
-    settings = load_or_exit(config)
-    engine, sessions = _sessions(settings)
-    try:
-        with sessions() as session:
-            device, key = add_device(session, room, device_id)
-    except ServiceError as err:
-        typer.echo(f"error: {err.message}", err=True)
-        raise typer.Exit(1) from err
-    finally:
-        engine.dispose()
+    device, key = _with_session(config, lambda s: add_device(s, room, device_id))
     typer.echo(f"device_id: {device.id}\nroom_id: {device.room_id}\napi_key: {key}")
     typer.echo("Store the key now: it is not shown again.", err=True)
 
@@ -187,13 +197,7 @@ def admin_create_token(
     """Create an admin token and print it ONCE (only its hash is stored)."""
     from cloud_sync.aggregator.services.devices import create_admin_token
 
-    settings = load_or_exit(config)
-    engine, sessions = _sessions(settings)
-    try:
-        with sessions() as session:
-            row, token = create_admin_token(session, name)
-    finally:
-        engine.dispose()
+    row, token = _with_session(config, lambda s: create_admin_token(s, name))
     typer.echo(token)
     typer.echo(f"Store the token now (id {row.id}): it is not shown again.", err=True)
 
@@ -203,13 +207,7 @@ def admin_list_tokens(config: ConfigOption = None) -> None:
     """List the admin tokens: id, name, created, last used (never the secret)."""
     from cloud_sync.aggregator.services.devices import list_admin_tokens
 
-    settings = load_or_exit(config)
-    engine, sessions = _sessions(settings)
-    try:
-        with sessions() as session:
-            rows = list_admin_tokens(session)
-    finally:
-        engine.dispose()
+    rows = _with_session(config, list_admin_tokens)
     table = Table(title="admin tokens")
     for column in ("id", "name", "created", "last used"):
         table.add_column(column)
@@ -226,19 +224,9 @@ def admin_revoke_token(
 ) -> None:
     """Revoke (delete) an admin token. A running server stops accepting it within
     auth_cache_s seconds (at once when revoked through the API)."""
-    from cloud_sync.aggregator.services.common import ServiceError
     from cloud_sync.aggregator.services.devices import revoke_admin_token
 
-    settings = load_or_exit(config)
-    engine, sessions = _sessions(settings)
-    try:
-        with sessions() as session:
-            row = revoke_admin_token(session, token_id)
-    except ServiceError as err:
-        typer.echo(f"error: {err.message}", err=True)
-        raise typer.Exit(1) from err
-    finally:
-        engine.dispose()
+    row = _with_session(config, lambda s: revoke_admin_token(s, token_id))
     typer.echo(f"admin token {token_id} ({row.name}) revoked")
 
 
@@ -256,13 +244,7 @@ def mqtt_acl(
 
     from cloud_sync.aggregator import mqtt_acl as acl
 
-    settings = load_or_exit(config)
-    engine, sessions = _sessions(settings)
-    try:
-        with sessions() as session:
-            text = acl.render(acl.registered_devices(session))
-    finally:
-        engine.dispose()
+    text = _with_session(config, lambda s: acl.render(acl.registered_devices(s)))
     if output is None:
         typer.echo(text, nl=False)
         return

@@ -232,3 +232,27 @@ def test_mqtt_acl_command_writes_a_block_per_device(tmp_path: Path,
     assert "user pi-1\ntopic write classroom/north/LAB-1/pi-1/attendance\n" in text
     assert "topic write classroom/south/LAB-2/pi-2/status\n" in text
     assert "classroom/+/+/%u/" not in text.replace("pattern read classroom/+/+/%u/ack", "")
+
+
+def test_openapi_tells_the_truth(world: World, raw: TestClient) -> None:
+    """Issue 12 #9 in small: error answers declared, times documented as they are sent, a
+    number where a time is expected refused, a 405 listing every method of the path."""
+    spec = raw.get("/openapi.json").json()
+    post = spec["paths"]["/api/v1/students"]["post"]["responses"]
+    assert {"400", "401", "403", "404", "409", "413", "422", "503"} <= set(post)
+    assert "429" in spec["paths"]["/api/v1/attendance"]["post"]["responses"]
+    assert "429" not in post  # admins are not rate limited
+    out = spec["components"]["schemas"]["ScheduleOut"]["properties"]["start_time"]
+    assert "format" not in out and out["pattern"].startswith("^([01]")
+    slot = raw.get("/api/v1/schedules", headers=world.admin).json()[0]
+    assert slot["start_time"] == "09:00:00"
+    for since in ("0.5", "1700000000", "yesterday"):
+        r = raw.get("/api/v1/events", params={"since": since}, headers=world.admin)
+        assert r.status_code == 422, (since, r.text)
+    assert raw.get("/api/v1/events", params={"since": "2026-01-01T00:00:00Z"},
+                   headers=world.admin).status_code == 200
+    assert raw.get("/api/v1/attendance/course/CS101", params={"from": "0.5"},
+                   headers=world.admin).status_code == 422
+    r = raw.put("/api/v1/courses/CS101", headers=world.admin)
+    assert r.status_code == 405
+    assert r.headers["allow"] == "DELETE, GET, PATCH"

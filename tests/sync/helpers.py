@@ -127,13 +127,14 @@ class Broker:
 
 # --- aggregator --------------------------------------------------------------------------------
 class Aggregator:
-    """The real aggregator on a temp SQLite database; the server runs as a subprocess."""
+    """The real aggregator on a temp SQLite database (or ``db_url``: the SQL helpers below
+    are SQLite only); the server runs as a subprocess."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, db_url: str | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.dir / "aggregator.db"
-        self.db_url = f"sqlite:///{self.db_path}"
+        self.db_url = db_url or f"sqlite:///{self.db_path}"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -20,12 +20,13 @@ from fastapi import (
     Response,
     UploadFile,
 )
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api.context import AppContext
 from cloud_sync.aggregator.api.deps import DB, Admin, context
 from cloud_sync.aggregator.api.notify import notify_rosters
+from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.api.privacy import actor
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import audit, faces, ingest, privacy
@@ -143,7 +144,7 @@ class EventOut(BaseModel):
             "outbox, starts), newest first.")
 def list_events(_who: Admin, session: DB, device_id: Identifier | None = None,
                 room_id: Identifier | None = None, kind: EventKind | None = None,
-                since: AwareDatetime | None = None, limit: Limit = 100,
+                since: IsoDateTime | None = None, limit: Limit = 100,
                 offset: Offset = 0) -> Any:
     rows = device_svc.list_events(session, device_id=device_id, room_id=room_id, kind=kind,
                                   since=since, limit=limit, offset=offset)

@@ -6,11 +6,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import AwareDatetime, BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator.api.context import DevicePrincipal
 from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
+from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.services import ingest
 from cloud_sync.aggregator.services.schedule import build_schedule, render
 from cloud_sync.protocol import (
@@ -51,7 +52,7 @@ async def get_schedule(
     request: Request,
     who: DeviceOrAdmin,
     room_id: Annotated[Identifier, Query(description="Room id, e.g. LAB-301.")],
-    at: Annotated[AwareDatetime | None, Query(description="ISO time (default: now).")] = None,
+    at: Annotated[IsoDateTime | None, Query(description="ISO time (default: now).")] = None,
     embedder: Annotated[Literal["sface", "dlib"] | None, Query(
         description="The device's embedder (`recognition.embedder`): the rosters hold its "
         "descriptors. Default: the aggregator's first configured embedder.")] = None,

@@ -1,7 +1,8 @@
 """The guard in front of every HTTP request (pure ASGI, runs before any body is read):
 
 1. finds the route (its template labels the metrics: only known methods and route templates,
-   so ``curl -X M$RANDOM`` or random paths cannot create new label series);
+   so ``curl -X M$RANDOM`` or random paths cannot create new label series); a method no route
+   of the path takes is a 405 whose ``Allow`` lists every method of the path;
 2. authenticates and authorises a route that needs credentials (the ``principal``/``device``/
    ``admin`` dependencies of api/deps.py) from the ``Authorization`` header alone: a caller
    without valid credentials gets its 401/403 (a device over its rate limit its 429) before one
@@ -34,7 +35,7 @@ _LOGGER = logging.getLogger(__name__)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _role(dependant: Dependant) -> deps.Role | None:
+def route_role(dependant: Dependant) -> deps.Role | None:
     """The strongest role any dependency of the route needs, or None (no credentials)."""
     found: set[deps.Role] = set()
 
@@ -77,24 +78,28 @@ class GuardMiddleware:
         self._roles: dict[int, deps.Role | None] = {}
         self._limited: dict[int, ASGIApp] = {}
 
-    def _match(self, scope: Scope) -> BaseRoute | None:
+    def _match(self, scope: Scope) -> tuple[BaseRoute | None, set[str]]:
+        """The route that will answer, and (when none takes this method) every method the
+        path's routes take: Starlette's own 405 lists only the first route's methods."""
         if self.routes is None:
             self.routes = flat_routes(self.router.routes)
-        partial = None
+        partial: BaseRoute | None = None
+        allowed: set[str] = set()
         for route in self.routes:
             match, _ = route.matches(scope)
             if match == Match.FULL:
-                return route
-            if match == Match.PARTIAL and partial is None:
-                partial = route
-        return partial
+                return route, set()
+            if match == Match.PARTIAL:
+                partial = partial or route
+                allowed |= set(getattr(route, "methods", None) or ())
+        return partial, allowed
 
     def _role_of(self, route: BaseRoute | None) -> deps.Role | None:
         if not isinstance(route, APIRoute):
             return None
         key = id(route)
         if key not in self._roles:
-            self._roles[key] = _role(route.dependant)
+            self._roles[key] = route_role(route.dependant)
         return self._roles[key]
 
     def _limited_app(self, template: str) -> ASGIApp:
@@ -110,7 +115,7 @@ class GuardMiddleware:
             return
         started = time.perf_counter()
         status = 500
-        route = self._match(scope)
+        route, allowed = self._match(scope)
         template = str(getattr(route, "path", "unmatched")) if route is not None else "unmatched"
         method = scope.get("method", "")
         method = method if method in KNOWN_METHODS else "other"
@@ -122,6 +127,11 @@ class GuardMiddleware:
             await send(message)
 
         try:
+            if allowed:
+                response = JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
+                                        headers={"Allow": ", ".join(sorted(allowed))})
+                await response(scope, receive, send_wrapper)
+                return
             role = self._role_of(route)
             if role is not None and not await self._admit(scope, role, receive, send_wrapper):
                 return

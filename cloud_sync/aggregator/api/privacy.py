@@ -6,11 +6,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from cloud_sync.aggregator.api.context import AdminPrincipal, AppContext
 from cloud_sync.aggregator.api.deps import DB, Admin, context
 from cloud_sync.aggregator.api.notify import notify_rosters
+from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.services import audit, privacy
 from cloud_sync.protocol import Identifier
 
@@ -101,7 +102,7 @@ class AuditOut(BaseModel):
             "purged what).")
 def get_audit(who: Admin, session: DB, subject: Annotated[str | None, Query(
                   max_length=200, description="e.g. student:S001")] = None,
-              since: AwareDatetime | None = None,
+              since: IsoDateTime | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> Any:
     rows = audit.entries(session, subject, since, limit, offset)

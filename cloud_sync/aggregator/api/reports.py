@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import date
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
 from cloud_sync.aggregator.api.deps import DB, Admin, context
+from cloud_sync.aggregator.api.openapi import IsoDate
 from cloud_sync.aggregator.api.privacy import actor
 from cloud_sync.aggregator.services import audit, privacy, reports
 from cloud_sync.protocol import Identifier
 
 router = APIRouter(prefix="/api/v1/attendance", tags=["reports"])
 Format = Annotated[Literal["json", "csv"] | None, Query(description="csv for a CSV download.")]
-From = Annotated[date | None, Query(alias="from", description="First day (default: term).")]
-To = Annotated[date | None, Query(alias="to", description="Last day (default: today).")]
+From = Annotated[IsoDate | None, Query(alias="from", description="First day (default: term).")]
+To = Annotated[IsoDate | None, Query(alias="to", description="Last day (default: today).")]
 
 
 def wants_csv(request: Request, fmt: str | None) -> bool:
@@ -91,7 +91,7 @@ def student(
 )
 def course(
     request: Request, _who: Admin, session: DB, course_id: Identifier,
-    day: Annotated[date | None, Query(alias="date", description="A day (room-local).")] = None,
+    day: Annotated[IsoDate | None, Query(alias="date", description="A day (room-local).")] = None,
     date_from: From = None, date_to: To = None, format: Format = None,
 ) -> Any:
     rules = context(request).rules

@@ -61,14 +61,28 @@ class Strict(BaseModel):
         return data
 
 
+def _drop_null_defaults(schema: dict[str, Any]) -> None:
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None and "anyOf" not in prop:
+            del prop["default"]
+
+
+class Patch(Strict):
+    """A partial update: a field left out is unchanged; a field that cannot be empty is not
+    nullable either (null there is a 422, as the schema says)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True,
+                              json_schema_extra=_drop_null_defaults)
+
+
 class StudentIn(Strict):
     id: Identifier = Field(description="Student id, e.g. S001.")
     name: Name
     email: str | None = Field(default=None, max_length=254)
 
 
-class StudentPatch(Strict):
-    name: Name | None = None
+class StudentPatch(Patch):
+    name: Name = None  # type: ignore[assignment]
     email: str | None = Field(default=None, max_length=254)
 
 
@@ -87,8 +101,8 @@ class CourseIn(Strict):
     name: Name
 
 
-class CoursePatch(Strict):
-    name: Name | None = None
+class CoursePatch(Patch):
+    name: Name = None  # type: ignore[assignment]
 
 
 class CourseOut(BaseModel):
@@ -115,10 +129,10 @@ class RoomIn(Strict):
     _zone = field_validator("timezone")(_check_zone)
 
 
-class RoomPatch(Strict):
-    name: Name | None = None
-    site: Identifier | None = None
-    timezone: str | None = None
+class RoomPatch(Patch):
+    name: Name = None  # type: ignore[assignment]
+    site: Identifier = None  # type: ignore[assignment]
+    timezone: str = None  # type: ignore[assignment]
 
     _zone = field_validator("timezone")(_check_zone)
 
@@ -191,12 +205,12 @@ class ScheduleIn(Strict):
         return self
 
 
-class SchedulePatch(Strict):
-    course_id: Identifier | None = None
-    room_id: Identifier | None = None
-    weekday: int | None = Field(default=None, ge=0, le=6)
-    start_time: LocalTime | None = None
-    end_time: LocalTime | None = None
+class SchedulePatch(Patch):
+    course_id: Identifier = None  # type: ignore[assignment]
+    room_id: Identifier = None  # type: ignore[assignment]
+    weekday: int = Field(default=None, ge=0, le=6)  # type: ignore[assignment]
+    start_time: LocalTime = None  # type: ignore[assignment]
+    end_time: LocalTime = None  # type: ignore[assignment]
     effective_from: date | None = None
     effective_to: date | None = None
 
