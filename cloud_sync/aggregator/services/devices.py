@@ -8,7 +8,8 @@ import secrets
 from datetime import datetime, timedelta
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import AdminToken, Device, EventRow, Room
@@ -57,9 +58,23 @@ def authenticate_admin(session: Session, token: str, *, record_use: bool = False
     now = utcnow()
     if record_use and (row.last_used_at is None
                        or now - row.last_used_at > TOKEN_USE_RESOLUTION):
-        row.last_used_at = now
-        session.commit()
+        _record_use(session, row.id, now)
     return row
+
+
+def _record_use(session: Session, token_id: int, now: datetime) -> None:
+    """Bookkeeping only: its own write transaction (SQLite: BEGIN IMMEDIATE, so it queues
+    behind other writers instead of failing to upgrade a read lock); a failure never refuses
+    the request."""
+    session.rollback()
+    try:
+        begin_write(session)
+        session.execute(update(AdminToken).where(AdminToken.id == token_id)
+                        .values(last_used_at=now))
+        session.commit()
+    except SQLAlchemyError as err:
+        session.rollback()
+        _LOGGER.warning("admin token %d: last use not recorded (%s)", token_id, err)
 
 
 def list_admin_tokens(session: Session) -> list[AdminToken]:
