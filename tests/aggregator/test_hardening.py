@@ -256,3 +256,10 @@ def test_openapi_tells_the_truth(world: World, raw: TestClient) -> None:
     r = raw.put("/api/v1/courses/CS101", headers=world.admin)
     assert r.status_code == 405
     assert r.headers["allow"] == "DELETE, GET, PATCH"
+
+
+def test_allow_header_lists_only_the_paths_methods(world: World, raw: TestClient) -> None:
+    """`/faces/video` is not a face id: DELETE there is not routed, so Allow is POST only."""
+    r = raw.request("OPTIONS", "/api/v1/students/S001/faces/video", headers=world.admin)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert raw.delete("/api/v1/students/S001/faces/999", headers=world.admin).status_code == 404

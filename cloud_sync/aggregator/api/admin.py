@@ -372,7 +372,7 @@ def list_faces(who: Admin, session: DB, student_id: Identifier) -> list[FaceOut]
     return out
 
 
-@router.delete("/students/{student_id}/faces/{face_id}", status_code=204, tags=["faces"],
+@router.delete("/students/{student_id}/faces/{face_id:int}", status_code=204, tags=["faces"],
                summary="Delete one embedding (and its photo, if kept).")
 def delete_face(request: Request, tasks: BackgroundTasks, who: Admin, session: DB,
                 student_id: Identifier, face_id: RowId) -> Response:

@@ -116,7 +116,8 @@ class GuardMiddleware:
         started = time.perf_counter()
         status = 500
         route, allowed = self._match(scope)
-        template = str(getattr(route, "path", "unmatched")) if route is not None else "unmatched"
+        template = "unmatched" if route is None else str(
+            getattr(route, "path_format", None) or getattr(route, "path", "unmatched"))
         method = scope.get("method", "")
         method = method if method in KNOWN_METHODS else "other"
 

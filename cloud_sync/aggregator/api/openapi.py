@@ -97,7 +97,7 @@ def document_errors(app: FastAPI) -> None:
         schema = generate()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Error"] = ERROR_BODY
-        roles = {(route.path, method.lower()): route_role(route.dependant)
+        roles = {(route.path_format, method.lower()): route_role(route.dependant)
                  for route in flat_routes(app.router.routes) if isinstance(route, APIRoute)
                  for method in route.methods}
         for path, item in schema.get("paths", {}).items():
