@@ -686,6 +686,32 @@ class EventsConfig(Section):
     )
 
 
+class UnknownFacesConfig(Section):
+    enabled: bool = Field(
+        default=False,
+        title="Report unknown faces",
+        description="Send a small crop and the descriptor of each unrecognised track to the "
+        "aggregator for walk-in enrolment in its console (off by default, for privacy: these "
+        "are photos of people who are not enrolled). Needs sync.aggregator_url and the "
+        "aggregator's unknown_faces_enabled. Crops are never written to the device's disk.",
+    )
+    crop_px: int = Field(
+        default=96,
+        ge=32,
+        le=256,
+        title="Crop size",
+        description="Longest side, in pixels, of the face crop sent.",
+    )
+    queue_size: int = Field(
+        default=50,
+        ge=1,
+        le=1000,
+        title="Queue size",
+        description="Unknown faces waiting to be sent; more are dropped (and counted), as "
+        "are faces that cannot be sent (offline): nothing is kept.",
+    )
+
+
 class ApplianceSettings(TomlSettings):
     """Settings of one appliance."""
 
@@ -716,6 +742,10 @@ class ApplianceSettings(TomlSettings):
     events: EventsConfig = Field(
         default_factory=EventsConfig,
         description="Classroom events: occupancy, attention, unknown faces.",
+    )
+    unknown_faces: UnknownFacesConfig = Field(
+        default_factory=UnknownFacesConfig,
+        description="Unknown-face crops for walk-in enrolment (off by default).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",

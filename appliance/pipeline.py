@@ -53,7 +53,7 @@ from appliance.decision import Debouncer, Decision, Sample, TrackVote
 from appliance.store import Store, boot_id, clock_synced
 from appliance.tracking import CutDetector, Track, Tracker
 from appliance.vision.detector import Detection, FaceDetector
-from cloud_sync.protocol import AttendanceRecord
+from cloud_sync.protocol import EMBEDDING_DIM, AttendanceRecord
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -323,6 +323,12 @@ class PresentEntry:
     confidence: float
 
 
+def _descriptor(vector: np.ndarray | None) -> list[float] | None:
+    if vector is None or vector.shape != (EMBEDDING_DIM,) or not np.all(np.isfinite(vector)):
+        return None
+    return [float(v) for v in vector]
+
+
 @dataclass
 class PipelineStatus:
     camera_source: str
@@ -477,12 +483,14 @@ class Pipeline:
         detector: Any = None,
         embedder: Any = None,
         quality: Callable[[np.ndarray, Detection], float] | None = None,
+        unknown_sink: Callable[[np.ndarray, np.ndarray, datetime], None] | None = None,
     ) -> None:
         """Live use: ``Pipeline(settings, store, provider)`` (source from ``camera``).
         Replay: pass ``source=VideoFileSource(path), every_frame=True, paced=realtime``."""
         from appliance.vision.quality import face_quality
 
         self.settings = settings
+        self._unknown_sink = unknown_sink
         self.store = store
         model_dir = settings.paths.model_dir
         self.detector = detector or FaceDetector.from_config(
@@ -915,7 +923,7 @@ class Pipeline:
             return
         jobs = voting
         matches = self._matcher.match(np.stack(means).astype(np.float32))
-        for job, match in zip(jobs, matches, strict=True):
+        for job, match, mean in zip(jobs, matches, means, strict=True):
             track, state, q = job.track, job.state, job.quality
             decision = state.vote.add(Sample(match.student_id, q, float(match.distance),
                                              float(match.confidence)))
@@ -929,12 +937,14 @@ class Pipeline:
             if decision.verdict == "unknown":
                 state.label = "unknown"
                 self._count_unknown()
+                if self._unknown_sink is not None:  # appliance/unknown_faces.py, if enabled
+                    self._unknown_sink(job.crop, mean, track.first_seen or datetime.now(UTC))
                 continue
             assert decision.student_id is not None
             name = self._names.get(decision.student_id, decision.student_id)
             state.label = name
             self._record(track, decision.student_id, name, decision.confidence,
-                         decision.distance)
+                         decision.distance, mean)
 
     def _decide_without_roster(self, tracks: Sequence[Track]) -> None:
         """With an empty roster nobody can be recognised: a track is unknown at once."""
@@ -955,7 +965,7 @@ class Pipeline:
             self._unknown_in_class += 1
 
     def _record(self, track: Track, student_id: str, name: str, confidence: float,
-                distance: float | None) -> None:
+                distance: float | None, descriptor: np.ndarray | None = None) -> None:
         seen_at = track.first_seen or datetime.now(UTC)
         if not self.debouncer.allow(student_id, seen_at):
             _LOGGER.debug("track %d: %s again within the debounce window", track.track_id,
@@ -969,6 +979,10 @@ class Pipeline:
             distance=None if distance is None else max(0.0, min(2.0, distance)),
             clock_synced=clock_synced(), boot_id=boot_id(),
             monotonic_s=max(0.0, time.monotonic() - lag_s),
+            # the track's mean descriptor: lets a "not this student" correction become a
+            # negative example in the roster (appliance/negatives.py)
+            descriptor=_descriptor(descriptor),
+            descriptor_embedder=self.embedder_spec.id if descriptor is not None else None,
         )
         self.store.add_record(record)
         metrics.ATTENDANCE_RECORDS.inc()

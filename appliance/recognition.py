@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from appliance.negatives import veto_negatives
 from cloud_sync.protocol import LEGACY_EMBEDDER, RosterEntry
 
 _LOGGER = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class Roster:
     )
     owners: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     embedder: str = LEGACY_EMBEDDER  # `name/model_version` that made the descriptors
+    # student id -> (k, EMBEDDING_DIM) descriptors that are NOT that student (see negatives.py)
+    negatives: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.embeddings = np.asarray(self.embeddings, np.float32).reshape(-1, EMBEDDING_DIM)
@@ -106,6 +109,7 @@ class Roster:
         names: list[str] = []
         embeddings: list[list[float]] = []
         owners: list[int] = []
+        negatives: dict[str, np.ndarray] = {}
         for entry in entries:
             if not entry.embeddings:
                 _LOGGER.warning("student %s has no face descriptor; skipped", entry.student_id)
@@ -114,8 +118,10 @@ class Roster:
             embeddings.extend(entry.embeddings)
             ids.append(entry.student_id)
             names.append(entry.name)
+            if entry.negatives:
+                negatives[entry.student_id] = np.asarray(entry.negatives, np.float32)
         return cls(ids, names, np.asarray(embeddings, np.float32), np.asarray(owners, np.int64),
-                   embedder=embedder)
+                   embedder=embedder, negatives=negatives)
 
     def to_entries(self) -> list[RosterEntry]:
         return [
@@ -123,6 +129,7 @@ class Roster:
                 student_id=sid,
                 name=name,
                 embeddings=[[float(v) for v in e] for e in self.embeddings[self.owners == i]],
+                negatives=[[float(v) for v in e] for e in self.negatives.get(sid, [])],
             )
             for i, (sid, name) in enumerate(zip(self.student_ids, self.names, strict=True))
         ]
@@ -286,4 +293,12 @@ class Matcher:
                 out.append(Match(sid, float(best[i]), float(second[i]), conf))
             else:
                 out.append(Match(None, float(best[i]), float(second[i]), 0.0))
-        return out
+        return veto_negatives(out, q, self.roster.negatives, self._distances)
+
+    def _distances(self, query: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """Distances from one query to some descriptors, in this matcher's metric."""
+        q = self._prepare(query)
+        o = self._prepare(others)
+        if self.metric == "cosine":
+            return np.maximum(1.0 - o @ q[0], 0.0)
+        return np.sqrt(((o - q) ** 2).sum(1))

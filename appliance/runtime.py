@@ -99,11 +99,19 @@ def build(settings: ApplianceSettings) -> Appliance:
                 fallback_roster=file_roster,
             )
     provider = sync.roster_provider if sync is not None else file_roster
-    pipeline = Pipeline(settings, store, provider)
+    reporter = None
+    if settings.unknown_faces.enabled and settings.sync.aggregator_url:
+        from appliance.unknown_faces import UnknownFaceReporter
+
+        reporter = UnknownFaceReporter(settings)
+    pipeline = Pipeline(settings, store, provider,
+                        unknown_sink=reporter.offer if reporter is not None else None)
     holder["p"] = pipeline
     app = Appliance(settings, store, pipeline, sync=sync)
     if sync is not None:
         app.components.append(("sync agent", sync))
+    if reporter is not None:
+        app.components.append(("unknown faces", reporter))
     app.components.append(("pipeline", pipeline))
     if settings.web.enabled:
         server_cls = _optional("appliance.web.server", "WebServer", "status page")

@@ -84,6 +84,17 @@ class AttendanceRecord(BaseModel):
     monotonic_s: float | None = Field(
         default=None, ge=0, description="Device monotonic clock (seconds since boot) at seen_at.",
     )
+    descriptor: Embedding | None = Field(
+        default=None,
+        description="The track's face descriptor the match was made on (optional). The "
+        "aggregator keeps it for a while so that a teacher's \"not this student\" correction "
+        "can turn it into a negative example of that student.",
+    )
+    descriptor_embedder: str | None = Field(
+        default=None, max_length=100,
+        description="`name/model_version` of the embedder that made `descriptor` "
+        "(None: dlib, as before embedders were recorded).",
+    )
 
 
 class AttendanceBatch(Message):
@@ -269,10 +280,30 @@ def make_session_id(course_id: str | None, day: date) -> str | None:
     return None if course_id is None else f"{course_id}@{day.isoformat()}"
 
 
+class UnknownFaceReport(Message):
+    """`POST /api/v1/unknown-faces`: one unrecognised track's small crop and descriptor (sent
+    only when the device's ``unknown_faces.enabled`` and the aggregator's
+    ``unknown_faces_enabled`` are both on)."""
+
+    key: uuid.UUID = Field(default_factory=uuid.uuid4, description="Idempotency key.")
+    device_id: Identifier
+    room_id: Identifier
+    at: AwareDatetime = Field(description="When the track was first seen.")
+    descriptor: Embedding
+    embedder: str = Field(default=LEGACY_EMBEDDER, max_length=100,
+                          description="`name/model_version` that made `descriptor`.")
+    crop_jpeg: str = Field(max_length=200_000, description="Base64 JPEG of the face, small.")
+
+
 class RosterEntry(BaseModel):
     student_id: Identifier
     name: str = Field(max_length=200)
     embeddings: list[Embedding] = Field(description="One or more 128-d face descriptors.")
+    negatives: list[Embedding] = Field(
+        default_factory=list, max_length=100,
+        description="Descriptors that are NOT this student (recognitions a teacher marked "
+        "wrong): a face closer to one of them than to the student is not given to the student.",
+    )
 
 
 class ClassSession(BaseModel):

@@ -130,7 +130,8 @@ for _ in $(seq 1 150); do
     sleep 0.2
 done
 if [ -z "$up" ]; then echo "run-local: the aggregator did not answer on $AGG_URL" >&2; exit 1; fi
-echo "run-local: aggregator on $AGG_URL (API docs at $AGG_URL/docs)"
+echo "run-local: aggregator on $AGG_URL (web console at $AGG_URL/, API docs at $AGG_URL/docs)"
+echo "run-local: console login: $BIN/aggregator users add NAME --role admin (no default account)"
 
 # A first try should not wait 5 minutes for a class just scheduled: pull every 30 s here.
 if [ -z "${APPLIANCE_SYNC__ROSTER_REFRESH_S:-}" ] && [ "$ROSTER_REFRESH_S" -gt 30 ]; then

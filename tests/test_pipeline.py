@@ -262,6 +262,8 @@ def test_course_from_provider_and_present_after_restart(hamilton: Path, model_di
         ("S002", "Alex Lacamoire"), ("S001", "Lin-Manuel Miranda")]
     new = [r for r in store.unsent_records(10) if r.student_id == "S001"]
     assert len(new) == 1 and new[0].course_id == "C1"
+    # the record carries the track's descriptor (a "not this student" correction needs it)
+    assert new[0].descriptor is not None and len(new[0].descriptor) == 128
     assert 1 <= provider.calls <= 20  # asked about once a second, not every frame
 
 

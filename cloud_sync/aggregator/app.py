@@ -37,13 +37,18 @@ from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateL
 from cloud_sync.aggregator.api.guard import GuardMiddleware
 from cloud_sync.aggregator.api.openapi import document_errors
 from cloud_sync.aggregator.config import AggregatorSettings
+from cloud_sync.aggregator.console.janitor import Janitor
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
 from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 from cloud_sync.aggregator.db.watch import WriteWatch
 from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.services.faces import FaceEncoder
-from cloud_sync.aggregator.services.ingest import EARLY_ARRIVAL_INFO_KEY, invalidate_cache
+from cloud_sync.aggregator.services.ingest import (
+    DESCRIPTOR_DAYS_INFO_KEY,
+    EARLY_ARRIVAL_INFO_KEY,
+    invalidate_cache,
+)
 from cloud_sync.aggregator.services.live import LIVE_FEED_INFO_KEY, LiveFeed
 from cloud_sync.aggregator.services.reports import Rules
 from cloud_sync.aggregator.services.retention import purge
@@ -53,7 +58,8 @@ _LOGGER = logging.getLogger(__name__)
 PRUNE_PERIOD_S = 3600.0
 MAX_JSON_BYTES = 4_000_000  # a full batch of 1,000 records is ~0.4 MB
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around a photo or a CSV file
-UPLOAD_ROUTES = ("/api/v1/students/{student_id}/faces", "/api/v1/import/{kind}")
+UPLOAD_ROUTES = ("/api/v1/students/{student_id}/faces", "/api/v1/import/{kind}",
+                 "/students/{student_id}/photos", "/timetable/import")  # the last two: console
 VIDEO_ROUTE = "/api/v1/students/{student_id}/faces/video"
 
 
@@ -111,7 +117,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     live = LiveFeed(settings.ws_queue_messages, settings.ws_max_clients)
     sessions = make_session_factory(
         engine, info={EARLY_ARRIVAL_INFO_KEY: settings.early_arrival_min,
-                      LIVE_FEED_INFO_KEY: live}
+                      LIVE_FEED_INFO_KEY: live,
+                      DESCRIPTOR_DAYS_INFO_KEY: settings.record_descriptor_days}
     )
     ctx = AppContext(
         settings=settings, engine=engine, sessions=sessions,
@@ -130,9 +137,12 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         _start_bridge(ctx)
         app.state.mqtt_bridge = ctx.mqtt_bridge
         pruner = asyncio.create_task(_retention_hourly(ctx))
+        janitor = Janitor(sessions, settings)
+        janitor.start()
         try:
             yield
         finally:
+            janitor.stop()
             pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pruner
@@ -201,4 +211,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
             })
         return JSONResponse({"detail": errors}, status_code=422)
 
+    from cloud_sync.aggregator.console import mount as mount_console
+
+    mount_console(app)
     return app

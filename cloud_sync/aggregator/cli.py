@@ -31,6 +31,7 @@ students_app = typer.Typer(help="Students: add one (many: `import students`); pr
 schedules_app = typer.Typer(help="Class times (one at a time; many: `import schedules`).",
                             no_args_is_help=True)
 mqtt_app = typer.Typer(help="The MQTT broker's files.", no_args_is_help=True)
+users_app = typer.Typer(help="Web console users (admin | teacher).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(devices_app, name="devices")
@@ -39,6 +40,7 @@ app.add_typer(faces_app, name="faces")
 app.add_typer(students_app, name="students")
 app.add_typer(schedules_app, name="schedules")
 app.add_typer(mqtt_app, name="mqtt")
+app.add_typer(users_app, name="users")
 
 ConfigOption = Annotated[
     Path | None,
@@ -618,6 +620,100 @@ def schedules_add(
             f"every {['Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun'][out.weekday]}")
     typer.echo(f"schedule {out.id}: {course} in {room} {when}, "
                f"{out.start_time:%H:%M}-{out.end_time:%H:%M} (room time)")
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        typer.echo("error: empty password", err=True)
+        raise typer.Exit(2)
+    return password
+
+
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from stdin (one line).")
+]
+
+
+def _users_call(config: Path | None, action: Callable[[Any], object]) -> object:
+    with _service(load_or_exit(config)) as (_engine, sessions), sessions() as session:
+        return action(session)
+
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="Login name (no spaces).")],
+    role: Annotated[str, typer.Option("--role", help="admin or teacher.")],
+    course: Annotated[list[str] | None, typer.Option(
+        "--course", help="A course the teacher teaches (repeat the option).")] = None,
+    password_stdin: PasswordStdin = False,
+    config: ConfigOption = None,
+) -> None:
+    """Create a console user; the password is typed twice (or read from stdin), never
+    defaulted, and stored as an Argon2id hash."""
+    from cloud_sync.aggregator.console import accounts
+
+    password = _read_password(password_stdin)
+    _users_call(config, lambda s: accounts.add_user(s, name, role, password, course or []))
+    typer.echo(f"user {name} ({role}) created")
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    password_stdin: PasswordStdin = False,
+    config: ConfigOption = None,
+) -> None:
+    """Set a user's password (ends every session of that user)."""
+    from cloud_sync.aggregator.console import accounts
+
+    password = _read_password(password_stdin)
+    _users_call(config, lambda s: accounts.set_password(s, name, password))
+    typer.echo(f"password of {name} changed")
+
+
+@users_app.command("assign")
+def users_assign(
+    name: Annotated[str, typer.Argument(help="Login name of a teacher.")],
+    course: Annotated[list[str], typer.Option("--course", help="Course id (repeatable).")],
+    config: ConfigOption = None,
+) -> None:
+    """Let a teacher see more courses."""
+    from cloud_sync.aggregator.console import accounts
+
+    _users_call(config, lambda s: accounts.assign_courses(s, name, course))
+    typer.echo(f"{name} teaches {', '.join(course)}")
+
+
+@users_app.command("remove")
+def users_remove(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    config: ConfigOption = None,
+) -> None:
+    """Delete a user (and end their sessions)."""
+    from cloud_sync.aggregator.console import accounts
+
+    _users_call(config, lambda s: accounts.remove_user(s, name))
+    typer.echo(f"user {name} removed")
+
+
+@users_app.command("list")
+def users_list(config: ConfigOption = None) -> None:
+    """The console users, their role and courses."""
+    from cloud_sync.aggregator.console import accounts
+
+    rows = _users_call(config, lambda s: accounts.list_users(s))
+    table = Table(title="console users")
+    for column in ("name", "role", "courses", "created"):
+        table.add_column(column)
+    for user, courses in rows:  # type: ignore[attr-defined]
+        table.add_row(user.name, user.role, ", ".join(courses), f"{user.created_at:%Y-%m-%d}")
+    Console().print(table)
+
 
 def main() -> None:
     app()

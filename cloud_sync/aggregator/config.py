@@ -268,6 +268,67 @@ class AggregatorSettings(TomlSettings):
         description="/health says 'degraded' (disk: low) when less than this is free where "
         "the data lives (the SQLite file's file system, else data_dir).",
     )
+    record_descriptor_days: int = Field(
+        default=14,
+        ge=0,
+        le=365,
+        title="Keep record descriptors (days)",
+        description="Days the face descriptor a device sent with a record is kept, so that a "
+        "\"not this student\" correction can make it a negative example; 0 = not stored.",
+    )
+    unknown_faces_enabled: bool = Field(
+        default=False,
+        title="Accept unknown faces",
+        description="Accept devices' crops + descriptors of unrecognised faces for walk-in "
+        "enrolment in the console (off by default: these are photos of people who are not "
+        "enrolled; devices need unknown_faces.enabled too).",
+    )
+    unknown_face_keep_hours: float = Field(
+        default=72,
+        ge=1,
+        le=2160,
+        title="Keep unknown faces (hours)",
+        description="Unknown-face crops and descriptors not labelled or dismissed are deleted "
+        "this many hours after they arrived.",
+    )
+    unknown_group_distance: float = Field(
+        default=0.45,
+        ge=0.05,
+        le=2.0,
+        title="Unknown face grouping distance",
+        description="Unknown faces whose descriptors are within this distance (chained) are "
+        "shown as one likely person.",
+    )
+    console_session_ttl_s: float = Field(
+        default=43_200,
+        ge=300,
+        le=2_592_000,
+        title="Console session lifetime",
+        description="Seconds a console login lasts (logout ends it at once).",
+    )
+    console_login_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        title="Console login attempts",
+        description="Unsuccessful console logins allowed per minute, per user name and per "
+        "client address (counted before the password is checked, so parallel guesses count).",
+    )
+    console_offline_after_s: float = Field(
+        default=180,
+        ge=30,
+        le=86_400,
+        title="Device offline after",
+        description="The console shows a device offline when its last heartbeat is older "
+        "than this many seconds (devices send one a minute).",
+    )
+    console_refresh_s: float = Field(
+        default=10,
+        ge=1,
+        le=3600,
+        title="Dashboard refresh",
+        description="Seconds between live refreshes of the console dashboard.",
+    )
     log_level: str = Field(
         default="INFO",
         pattern="^(DEBUG|INFO|WARNING|ERROR)$",

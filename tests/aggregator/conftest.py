@@ -31,7 +31,9 @@ from tests.conftest import require
 PG_ADMIN = os.environ.get("AGGREGATOR_TEST_PG", "host=127.0.0.1 port=5432 user=postgres")
 TABLES = ("attendance", "attendance_keys", "heartbeats", "events", "face_embeddings",
           "enrollments", "schedules", "devices", "students", "courses", "rooms",
-          "admin_tokens", "dead_letters", "audit_log")
+          "admin_tokens", "dead_letters", "audit_log", "console_users", "console_sessions",
+          "course_teachers", "attendance_corrections", "face_negatives", "console_audit",
+          "record_descriptors", "unknown_faces")
 
 
 def _pg_connect(dbname: str = "postgres") -> Any:

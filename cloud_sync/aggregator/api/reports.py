@@ -43,9 +43,24 @@ PCT_HEADER = ["student_id", "name", "course_id", "course_name", "held", "present
               "absent", "percentage"]
 
 
-def _pct_rows(items: list[reports.Percentage]) -> list[list[Any]]:
+def pct_rows(items: list[reports.Percentage]) -> list[list[Any]]:
     return [[p.student_id, p.name, p.course_id, p.course_name, p.held, p.present, p.late,
              p.absent, p.percentage] for p in items]
+
+
+DAY_HEADER = ["course_id", "room_id", "starts_at", "ends_at", "student_id", "name", "status",
+              "first_seen_at", "confidence", "source"]
+
+
+def course_day_csv(report: reports.CourseDayReport) -> Response:
+    """The CSV of a course's day (the API's and the console's download alike)."""
+    return csv_response(
+        f"attendance-{report.course_id}-{report.date.isoformat()}", DAY_HEADER,
+        [[report.course_id, s.room_id, s.starts_at.isoformat(), s.ends_at.isoformat(),
+          st.student_id, st.name, st.status,
+          st.first_seen_at.isoformat() if st.first_seen_at else None, st.confidence, st.source]
+         for s in report.sessions for st in s.students],
+    )
 
 
 @router.get(
@@ -69,7 +84,7 @@ def student(
                      f"format={'csv' if wants_csv(request, format) else 'json'}")
     if wants_csv(request, format) and view == "summary":
         return csv_response(
-            f"attendance-{student_id}-summary", PCT_HEADER, _pct_rows(report.courses)
+            f"attendance-{student_id}-summary", PCT_HEADER, pct_rows(report.courses)
         )
     if wants_csv(request, format):
         return csv_response(
@@ -98,17 +113,9 @@ def course(
     if day is not None:
         report = reports.course_day(session, course_id, day, rules)
         if wants_csv(request, format):
-            return csv_response(
-                f"attendance-{course_id}-{day.isoformat()}",
-                ["course_id", "room_id", "starts_at", "ends_at", "student_id", "name", "status",
-                 "first_seen_at"],
-                [[course_id, s.room_id, s.starts_at.isoformat(), s.ends_at.isoformat(),
-                  st.student_id, st.name, st.status,
-                  st.first_seen_at.isoformat() if st.first_seen_at else None]
-                 for s in report.sessions for st in s.students],
-            )
+            return course_day_csv(report)
         return report
     summary = reports.course_summary(session, course_id, date_from, date_to, rules)
     if wants_csv(request, format):
-        return csv_response(f"attendance-{course_id}", PCT_HEADER, _pct_rows(summary.students))
+        return csv_response(f"attendance-{course_id}", PCT_HEADER, pct_rows(summary.students))
     return summary

@@ -278,3 +278,123 @@ class AuditLog(Base):
     subject: Mapped[str] = mapped_column(String(200), doc="e.g. student:S001")
     detail: Mapped[str] = mapped_column(String(1000), default="")
     __table_args__ = (Index("ix_audit_log_at", "at"), Index("ix_audit_log_subject", "subject"))
+
+
+# ---- web console (cloud_sync/aggregator/console/) -------------------------------------------
+
+
+class ConsoleUser(Base):
+    """A person who logs in to the console: ``admin`` (everything) or ``teacher`` (the courses
+    of ``course_teachers`` only). The password is stored as an Argon2id hash."""
+
+    __tablename__ = "console_users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(16), doc="admin | teacher")
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class CourseTeacher(Base):
+    __tablename__ = "course_teachers"
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("console_users.id", ondelete="CASCADE"), primary_key=True
+    )
+    course_id: Mapped[str] = mapped_column(
+        ForeignKey("courses.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class ConsoleSession(Base):
+    """A server-side login session: the cookie holds a random token, the table its sha256;
+    logout (or an expiry) deletes the row, which ends the session everywhere at once."""
+
+    __tablename__ = "console_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("console_users.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    __table_args__ = (Index("ix_console_sessions_user", "user_id"),)
+
+
+class AttendanceCorrection(Base):
+    """A person's correction of attendance, kept as an audit trail (rows are never updated).
+
+    ``present``: the student counts as seen in ``course_id`` at ``at`` (marked by hand);
+    ``not_student``: the record ``attendance_key`` was a wrong recognition and no longer counts.
+    Reports (API, CSV and console) read attendance through these corrections."""
+
+    __tablename__ = "attendance_corrections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), doc="present | not_student")
+    student_id: Mapped[str] = mapped_column(ForeignKey("students.id", ondelete="CASCADE"))
+    course_id: Mapped[str | None] = mapped_column(
+        ForeignKey("courses.id", ondelete="CASCADE"), default=None
+    )
+    attendance_key: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    reason: Mapped[str] = mapped_column(String(500))
+    by_user: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    __table_args__ = (
+        Index("ix_corrections_course_at", "course_id", "at"),
+        Index("ix_corrections_student", "student_id", "at"),
+        Index("ix_corrections_key", "attendance_key"),
+    )
+
+
+class FaceNegative(Base):
+    """A descriptor that is NOT this student (a recognition marked wrong). Rosters carry these
+    as ``negatives`` so a device can refuse the same face for that student."""
+
+    __tablename__ = "face_negatives"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    student_id: Mapped[str] = mapped_column(ForeignKey("students.id", ondelete="CASCADE"))
+    vector: Mapped[bytes] = mapped_column(LargeBinary, doc="little-endian float32")
+    embedder: Mapped[str] = mapped_column(String(100), doc="`name/model_version` of the vector")
+    source: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    __table_args__ = (Index("ix_face_negatives_student", "student_id"),)
+
+
+class AuditEntry(Base):
+    """Who did what in the console (logins, corrections, enrolment, keys, timetable)."""
+
+    __tablename__ = "console_audit"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    user_name: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[str] = mapped_column(String(1000), default="")
+    __table_args__ = (Index("ix_console_audit_at", "at"),)
+
+
+class RecordDescriptor(Base):
+    """The face descriptor a device matched for one attendance record (optional on the wire):
+    what a "not this student" correction turns into a negative example."""
+
+    __tablename__ = "record_descriptors"
+    key: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, doc="little-endian float32")
+    embedder: Mapped[str] = mapped_column(String(100), doc="`name/model_version` of the vector")
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class UnknownFace(Base):
+    """A face a device could not recognise (only when unknown-face reporting is switched on):
+    a small JPEG crop and its descriptor, until an admin labels or dismisses it or it expires
+    (``unknown_face_keep_hours``)."""
+
+    __tablename__ = "unknown_faces"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    room_id: Mapped[str] = mapped_column(String(ID_LEN))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    vector: Mapped[bytes] = mapped_column(LargeBinary, doc="little-endian float32")
+    embedder: Mapped[str] = mapped_column(String(100), doc="`name/model_version` of the vector")
+    crop: Mapped[bytes] = mapped_column(LargeBinary, doc="JPEG")
+    __table_args__ = (Index("ix_unknown_faces_received", "received_at"),)

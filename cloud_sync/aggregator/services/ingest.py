@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, false, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -43,6 +44,7 @@ from cloud_sync.aggregator.db.models import (
     DeadLetter,
     Device,
     EventRow,
+    RecordDescriptor,
     Room,
     Student,
 )
@@ -58,6 +60,7 @@ from cloud_sync.aggregator.services.common import (
 from cloud_sync.aggregator.services.timetable import Timetable, room_timetable
 from cloud_sync.aggregator.services.timetable import invalidate as timetable_invalidate
 from cloud_sync.protocol import (
+    LEGACY_EMBEDDER,
     AttendanceBatch,
     AttendanceRecord,
     BatchResult,
@@ -270,6 +273,28 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
     return set(group_commit.committer(engine).submit(job, len(rows)))  # type: ignore[arg-type]
 
 
+DESCRIPTOR_DAYS_INFO_KEY = "record_descriptor_days"
+
+
+def store_descriptors(session: Session, records: list[AttendanceRecord],
+                      received: datetime) -> None:
+    """Keep the descriptors the devices matched (``record_descriptors``, idempotent on the
+    record key), unless ``record_descriptor_days`` is 0. A re-sent batch fills any gap."""
+    if not records or session.info.get(DESCRIPTOR_DAYS_INFO_KEY, 1) <= 0:
+        return
+    table = RecordDescriptor.__table__
+    values = [{"key": r.key, "received_at": received,
+               "embedder": r.descriptor_embedder or LEGACY_EMBEDDER,
+               "vector": np.asarray(r.descriptor, dtype="<f4").tobytes()} for r in records]
+    begin_write(session)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt: Any = pg_insert(table).on_conflict_do_nothing()
+    else:
+        stmt = sqlite_insert(table).on_conflict_do_nothing()
+    session.execute(stmt, values)
+    session.commit()
+
+
 def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
     """Store a device's batch; see the module docstring. Commits (call it on a fresh session)."""
     received = utcnow()
@@ -340,6 +365,9 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
     duplicate += len(rows) - accepted
     if fresh:
         live.publish_records(session, [r for r in rows if r["key"] in fresh])
+    kept = {r["key"] for r in rows}
+    store_descriptors(session, [r for r in candidates
+                                if r.descriptor is not None and r.key in kept], received)
     metrics.RECORDS.labels("accepted").inc(accepted)
     metrics.RECORDS.labels("duplicate").inc(duplicate)
     metrics.RECORDS.labels("rejected").inc(len(rejected))

@@ -8,6 +8,10 @@ otherwise. The percentage is (present + late) / classes held, where classes held
 scheduled occurrences in the date range that have started. Without a ``from``, a course
 counts from its schedules' ``effective_from``, else from its creation or first recorded session
 (``course_start``); the report says which.
+
+Every report reads attendance through the console's corrections (``attendance_corrections``):
+a record marked "not this student" does not count, a student marked present by hand counts
+from the time given (see :func:`_sightings`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,17 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
-from cloud_sync.aggregator.db.models import Attendance, Course, Enrollment, Schedule, Student
+from cloud_sync.aggregator.db.models import (
+    Attendance,
+    AttendanceCorrection,
+    Course,
+    Enrollment,
+    Schedule,
+    Student,
+)
 from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, utcnow
 from cloud_sync.aggregator.services.timetable import Occurrence, course_timetable
 
@@ -33,6 +44,15 @@ class StudentStatus(BaseModel):
     name: str
     status: str = Field(description="present | late | absent")
     first_seen_at: datetime | None = None
+    confidence: float | None = Field(
+        default=None, description="Confidence of the first sighting (None: absent or by hand)."
+    )
+    source: str | None = Field(
+        default=None, description="device | manual (marked present by hand); None: absent."
+    )
+    record_key: str | None = Field(
+        default=None, description="Key of the first sighting's record (device sightings)."
+    )
 
 
 class SessionReport(BaseModel):
@@ -109,13 +129,30 @@ class Rules:
     early_arrival_min: float
 
 
-def _classify(occ: Occurrence, times: list[datetime], rules: Rules) -> tuple[str, datetime | None]:
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A time a student counts as seen for a course: a device record that no correction
+    marked wrong, or a correction that marked the student present by hand."""
+
+    at: datetime
+    confidence: float | None
+    key: str | None
+    manual: bool
+
+
+def _first(occ: Occurrence, seen: list[Sighting], rules: Rules) -> Sighting | None:
     lo = occ.starts_at - timedelta(minutes=rules.early_arrival_min)
-    i = bisect.bisect_left(times, lo)
-    if i >= len(times) or times[i] >= occ.ends_at:
+    i = bisect.bisect_left(seen, lo, key=lambda s: s.at)
+    if i >= len(seen) or seen[i].at >= occ.ends_at:
+        return None
+    return seen[i]
+
+
+def _classify(occ: Occurrence, seen: list[Sighting], rules: Rules) -> tuple[str, Sighting | None]:
+    first = _first(occ, seen, rules)
+    if first is None:
         return "absent", None
-    first = times[i]
-    late = first > occ.starts_at + timedelta(minutes=rules.late_after_min)
+    late = first.at > occ.starts_at + timedelta(minutes=rules.late_after_min)
     return ("late" if late else "present"), first
 
 
@@ -126,17 +163,37 @@ def _course(session: Session, course_id: str) -> Course:
     return course
 
 
+def not_wrong() -> object:
+    """SQL condition: the attendance row has no "not this student" correction."""
+    return ~exists().where(and_(
+        AttendanceCorrection.kind == "not_student",
+        AttendanceCorrection.attendance_key == Attendance.key,
+    ))
+
+
 def _sightings(
     session: Session, course_id: str, lo: datetime, hi: datetime, student_id: str | None = None
-) -> dict[str, list[datetime]]:
-    query = select(Attendance.student_id, Attendance.at).where(
-        Attendance.course_id == course_id, Attendance.at >= lo, Attendance.at < hi
+) -> dict[str, list[Sighting]]:
+    """Corrected sightings per student, sorted by time: device records minus those marked
+    "not this student", plus the students marked present by hand."""
+    query = select(Attendance.student_id, Attendance.at, Attendance.confidence,
+                   Attendance.key).where(
+        Attendance.course_id == course_id, Attendance.at >= lo, Attendance.at < hi, not_wrong()
+    )
+    manual = select(AttendanceCorrection.student_id, AttendanceCorrection.at).where(
+        AttendanceCorrection.kind == "present", AttendanceCorrection.course_id == course_id,
+        AttendanceCorrection.at >= lo, AttendanceCorrection.at < hi,
     )
     if student_id is not None:
         query = query.where(Attendance.student_id == student_id)
-    out: dict[str, list[datetime]] = defaultdict(list)
-    for sid, at in session.execute(query.order_by(Attendance.at)):
-        out[sid].append(at)
+        manual = manual.where(AttendanceCorrection.student_id == student_id)
+    out: dict[str, list[Sighting]] = defaultdict(list)
+    for sid, at, confidence, key in session.execute(query):
+        out[sid].append(Sighting(at, confidence, str(key), False))
+    for sid, at in session.execute(manual):
+        out[sid].append(Sighting(at, None, None, True))
+    for seen in out.values():
+        seen.sort(key=lambda s: (s.at, s.manual))
     return out
 
 
@@ -166,8 +223,13 @@ def course_day(session: Session, course_id: str, day: date, rules: Rules) -> Cou
             rows = []
             for sid, name in students:
                 status, first = _classify(occ, seen.get(sid, []), rules)
-                rows.append(StudentStatus(student_id=sid, name=name, status=status,
-                                          first_seen_at=first))
+                rows.append(StudentStatus(
+                    student_id=sid, name=name, status=status,
+                    first_seen_at=first.at if first else None,
+                    confidence=first.confidence if first else None,
+                    source=None if first is None else ("manual" if first.manual else "device"),
+                    record_key=first.key if first else None,
+                ))
             sessions.append(SessionReport(
                 course_id=course_id, room_id=occ.room_id, starts_at=occ.starts_at,
                 ends_at=occ.ends_at, students=rows,
@@ -229,7 +291,7 @@ def _percentages(
 ) -> list[Percentage]:
     now = utcnow()
     held = [o for o in _occurrences(session, course.id, start, end) if o.starts_at <= now]
-    seen: dict[str, list[datetime]] = {}
+    seen: dict[str, list[Sighting]] = {}
     if held:
         lo = min(o.starts_at for o in held) - timedelta(minutes=rules.early_arrival_min)
         hi = max(o.ends_at for o in held)
@@ -287,7 +349,8 @@ def student_report(
     hi = datetime.combine(end, datetime.min.time(), tzinfo=utcnow().tzinfo) + timedelta(days=2)
     records = session.scalars(
         select(Attendance).where(
-            Attendance.student_id == student_id, Attendance.at >= lo, Attendance.at < hi
+            Attendance.student_id == student_id, Attendance.at >= lo, Attendance.at < hi,
+            not_wrong(),
         ).order_by(Attendance.at.desc()).limit(limit)
     ).all()
     return StudentReport(

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, Student
+from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, FaceNegative, Student
 from cloud_sync.aggregator.services.common import NotFoundError, utcnow
 from cloud_sync.aggregator.services.timetable import cached_room, zone
 from cloud_sync.protocol import LEGACY_EMBEDDER, ClassSession, RosterEntry, ScheduleResponse
@@ -42,11 +42,33 @@ def rosters(session: Session, course_ids: list[str],
         grouped[(course_id, student_id, name)].append(
             np.frombuffer(vector, dtype="<f4").astype(float).tolist()
         )
+    negatives = _negatives(session, {sid for _, sid, _ in grouped}, embedder)
     for (course_id, student_id, name), vectors in grouped.items():
         # Trusted rows (validated when stored): skip re-validating 128 floats per embedding.
         out[course_id].append(
-            RosterEntry.model_construct(student_id=student_id, name=name, embeddings=vectors)
+            RosterEntry.model_construct(student_id=student_id, name=name, embeddings=vectors,
+                                        negatives=negatives.get(student_id, []))
         )
+    return out
+
+
+MAX_NEGATIVES = 100  # per student, the newest (RosterEntry.negatives' bound)
+
+
+def _negatives(session: Session, student_ids: set[str],
+               embedder: str) -> dict[str, list[list[float]]]:
+    """Descriptors of ``embedder`` marked "not this student" (console corrections), newest
+    first."""
+    out: dict[str, list[list[float]]] = defaultdict(list)
+    if not student_ids:
+        return out
+    for student_id, vector in session.execute(
+        select(FaceNegative.student_id, FaceNegative.vector)
+        .where(FaceNegative.student_id.in_(student_ids), FaceNegative.embedder == embedder)
+        .order_by(FaceNegative.id.desc())
+    ):
+        if len(out[student_id]) < MAX_NEGATIVES:
+            out[student_id].append(np.frombuffer(vector, dtype="<f4").astype(float).tolist())
     return out
 
 

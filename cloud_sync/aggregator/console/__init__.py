@@ -1,0 +1,109 @@
+"""The aggregator's web console for the school office and the teachers (server-rendered
+FastAPI + Jinja2, one small plain script, every asset served locally).
+
+:func:`mount` adds its pages to the aggregator app: ``/`` (dashboard), ``/login``, ``/logout``,
+``/courses...``, ``/students...``, ``/timetable...``, ``/devices...``, ``/unknown...``,
+``/audit``, ``POST /api/v1/unknown-faces`` (devices), and the
+static files under ``/console/static``. API paths (``/api/...``) keep their JSON errors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from cloud_sync.aggregator.console import core, courses, devices, students, timetable, unknown
+from cloud_sync.aggregator.console.accounts import LoginLimiter
+from cloud_sync.aggregator.console.web import (
+    HERE,
+    LoginRequired,
+    SessionGate,
+    login_redirect,
+    render,
+)
+from cloud_sync.aggregator.services.common import ServiceError
+
+_LOGGER = logging.getLogger(__name__)
+API_PREFIXES = ("/api/", "/health", "/metrics", "/docs", "/openapi", "/redoc")
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+    "style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
+    "form-action 'self'",
+}
+TITLES = {400: "Not accepted", 403: "Not allowed", 404: "Not found", 409: "Conflict",
+          413: "Too large", 422: "Not accepted", 503: "Unavailable"}
+
+
+def is_console(request: Request) -> bool:
+    return not request.url.path.startswith(API_PREFIXES)
+
+
+def mount(app: FastAPI) -> None:
+    """Add the console to ``app`` (call after the app's own exception handlers)."""
+    ctx = app.state.ctx
+    ctx.extra["console_limiter"] = LoginLimiter(ctx.settings.console_login_max_attempts)
+    app.mount("/console/static", StaticFiles(directory=str(HERE / "static")),
+              name="console-static")
+    for module in (core, courses, students, timetable, devices, unknown):
+        app.include_router(module.router)
+    app.include_router(unknown.api_router)
+    service_handler = app.exception_handlers.get(ServiceError)
+    http_handler = app.exception_handlers.get(HTTPException)
+
+    def page(request: Request, status: int, message: str) -> Response:
+        who = None
+        try:
+            from cloud_sync.aggregator.console.web import user
+
+            with ctx.sessions() as session:
+                who = user(request, session)
+        except LoginRequired:
+            who = None
+        return render(request, "error.html", who, status=status,
+                      title=TITLES.get(status, "Error"), message=message)
+
+    async def on_service_error(request: Request, err: Exception) -> Response:
+        assert isinstance(err, ServiceError)
+        if is_console(request):
+            return page(request, err.status, err.message)
+        if service_handler is not None:
+            return await service_handler(request, err)  # type: ignore[no-any-return]
+        return JSONResponse({"detail": err.message}, status_code=err.status)
+
+    async def on_http_error(request: Request, err: Exception) -> Response:
+        assert isinstance(err, HTTPException)
+        if is_console(request) and "application/json" not in request.headers.get("accept", ""):
+            return page(request, err.status_code, str(err.detail))
+        if http_handler is not None:
+            return await http_handler(request, err)  # type: ignore[no-any-return]
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code,
+                            headers=err.headers)
+
+    async def on_login_required(request: Request, err: Exception) -> Response:
+        assert isinstance(err, LoginRequired)
+        if request.method != "GET" or request.url.path.startswith("/console/fragments"):
+            return JSONResponse({"detail": "log in first"}, status_code=401)
+        return login_redirect(err.path)
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(LoginRequired, on_login_required)
+
+    app.add_middleware(SessionGate, api_prefixes=API_PREFIXES)
+
+    @app.middleware("http")
+    async def console_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response: Response = await call_next(request)
+        if is_console(request):
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            if not request.url.path.startswith("/console/static"):
+                response.headers.setdefault("Cache-Control", "no-store")
+        return response

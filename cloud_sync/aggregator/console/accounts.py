@@ -1,0 +1,277 @@
+"""Console accounts: users with Argon2id password hashes, server-side sessions, login limits.
+
+- ``aggregator users add NAME --role admin|teacher`` creates a user; the password is typed (or
+  read from stdin), never defaulted. Hashes: argon2-cffi's PasswordHasher (Argon2id, salted).
+- A login creates a ``console_sessions`` row keyed by the sha256 of a random 256-bit cookie
+  token, with its own CSRF token; logout deletes the row, so a copied cookie stops working.
+- :class:`LoginLimiter` counts ATTEMPTS, not failures: a slot is taken under a lock before the
+  password is checked and given back only on success, so N parallel guesses cannot all slip in
+  between a check and the recording of their failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from cloud_sync.aggregator.db.models import (
+    AuditEntry,
+    ConsoleSession,
+    ConsoleUser,
+    Course,
+    CourseTeacher,
+)
+from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services.common import (
+    ConflictError,
+    NotFoundError,
+    ServiceError,
+    utcnow,
+)
+
+_LOGGER = logging.getLogger(__name__)
+ROLES = ("admin", "teacher")
+MIN_PASSWORD_LENGTH = 10
+_HASHER = PasswordHasher()  # Argon2id, RFC 9106 low-memory profile (64 MiB, t=3)
+# A hash to verify against when the user does not exist: same cost, so timing does not tell
+# which names exist.
+_DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+# Each check holds 64 MiB while it runs: at most this many at once, whatever the request load
+# (guesses spread over many names and addresses must not exhaust the memory).
+_CHECKS = threading.BoundedSemaphore(4)
+
+
+def hash_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ServiceError(f"the password needs at least {MIN_PASSWORD_LENGTH} characters")
+    return _HASHER.hash(password)
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        with _CHECKS:
+            return _HASHER.verify(stored, password)
+    except VerifyMismatchError:
+        return False
+    except (VerificationError, InvalidHashError):
+        _LOGGER.error("a stored console password hash is malformed")
+        return False
+
+
+def audit(session: Session, user: str, action: str, target: str, detail: str = "") -> None:
+    """Add an audit row to the session's transaction (the caller commits)."""
+    session.add(AuditEntry(at=utcnow(), user_name=user[:100], action=action[:64],
+                           target=target[:200], detail=detail[:1000]))
+
+
+# ---- users -----------------------------------------------------------------------------------
+
+
+def add_user(session: Session, name: str, role: str, password: str,
+             courses: list[str] | None = None) -> ConsoleUser:
+    name = name.strip()
+    if not name or len(name) > 100 or any(c.isspace() for c in name):
+        raise ServiceError("a user name is 1 to 100 characters without spaces")
+    if role not in ROLES:
+        raise ServiceError(f"role must be one of {', '.join(ROLES)}")
+    hashed = hash_password(password)
+    begin_write(session)
+    if session.scalars(select(ConsoleUser).where(ConsoleUser.name == name)).first():
+        raise ConflictError(f"user {name!r} already exists")
+    user = ConsoleUser(name=name, role=role, password_hash=hashed, created_at=utcnow())
+    session.add(user)
+    session.flush()
+    for course_id in courses or []:
+        if session.get(Course, course_id) is None:
+            raise NotFoundError(f"course {course_id!r} does not exist")
+        session.add(CourseTeacher(user_id=user.id, course_id=course_id))
+    audit(session, "cli", "user_add", name, f"role {role}")
+    session.commit()
+    _LOGGER.info("console user %s (%s) added", name, role)
+    return user
+
+
+def set_password(session: Session, name: str, password: str) -> None:
+    hashed = hash_password(password)
+    begin_write(session)
+    user = find_user(session, name)
+    user.password_hash = hashed
+    # a new password ends every session of that user
+    session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
+    audit(session, "cli", "user_password", name)
+    session.commit()
+
+
+def find_user(session: Session, name: str) -> ConsoleUser:
+    user = session.scalars(select(ConsoleUser).where(ConsoleUser.name == name)).first()
+    if user is None:
+        raise NotFoundError(f"user {name!r} does not exist")
+    return user
+
+
+def assign_courses(session: Session, name: str, courses: list[str], by: str = "cli") -> None:
+    begin_write(session)
+    user = find_user(session, name)
+    for course_id in courses:
+        if session.get(Course, course_id) is None:
+            raise NotFoundError(f"course {course_id!r} does not exist")
+        if session.get(CourseTeacher, (user.id, course_id)) is None:
+            session.add(CourseTeacher(user_id=user.id, course_id=course_id))
+    audit(session, by, "teacher_assign", name, ", ".join(courses))
+    session.commit()
+
+
+def remove_user(session: Session, name: str) -> None:
+    begin_write(session)
+    user = find_user(session, name)
+    session.delete(user)
+    audit(session, "cli", "user_remove", name)
+    session.commit()
+
+
+def list_users(session: Session) -> list[tuple[ConsoleUser, list[str]]]:
+    users = session.scalars(select(ConsoleUser).order_by(ConsoleUser.name)).all()
+    taught: dict[int, list[str]] = {}
+    for user_id, course_id in session.execute(
+        select(CourseTeacher.user_id, CourseTeacher.course_id).order_by(CourseTeacher.course_id)
+    ):
+        taught.setdefault(user_id, []).append(course_id)
+    return [(u, taught.get(u.id, [])) for u in users]
+
+
+# ---- who is logged in ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsolePrincipal:
+    user_id: int
+    name: str
+    role: str
+    csrf_token: str
+    courses: frozenset[str]  # courses taught (teachers); admins see every course
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def can_see_course(self, course_id: str | None) -> bool:
+        return self.is_admin or (course_id is not None and course_id in self.courses)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_session(session: Session, user: ConsoleUser, ttl_s: float) -> str:
+    """A new session for ``user``; returns the cookie token (only its hash is stored)."""
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    begin_write(session)
+    session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))
+    session.add(ConsoleSession(token_hash=_digest(token), user_id=user.id,
+                               csrf_token=secrets.token_urlsafe(32), created_at=now,
+                               expires_at=now + timedelta(seconds=ttl_s)))
+    audit(session, user.name, "login", user.name)
+    session.commit()
+    return token
+
+
+def load_session(session: Session, token: str | None,
+                 now: datetime | None = None) -> ConsolePrincipal | None:
+    if not token or len(token) > 100:
+        return None
+    row = session.get(ConsoleSession, _digest(token))
+    now = now or utcnow()
+    if row is None or not hmac.compare_digest(row.token_hash, _digest(token)):
+        return None
+    if row.expires_at <= now:
+        return None
+    user = session.get(ConsoleUser, row.user_id)
+    if user is None:
+        return None
+    courses = frozenset(session.scalars(
+        select(CourseTeacher.course_id).where(CourseTeacher.user_id == user.id)
+    ).all())
+    return ConsolePrincipal(user.id, user.name, user.role, row.csrf_token, courses)
+
+
+def end_session(session: Session, token: str | None, who: str) -> bool:
+    if not token:
+        return False
+    begin_write(session)
+    gone = session.execute(
+        delete(ConsoleSession).where(ConsoleSession.token_hash == _digest(token))
+    ).rowcount
+    if gone:
+        audit(session, who, "logout", who)
+    session.commit()
+    return bool(gone)
+
+
+def check_credentials(session: Session, name: str, password: str) -> ConsoleUser | None:
+    user = session.scalars(select(ConsoleUser).where(ConsoleUser.name == name)).first()
+    if user is None:
+        verify_password(password, _DUMMY_HASH)
+        return None
+    return user if verify_password(password, user.password_hash) else None
+
+
+# ---- login limit -----------------------------------------------------------------------------
+
+
+class LoginLimiter:
+    """At most ``max_attempts`` unsuccessful attempts per ``window_s`` per key (a user name, and
+    separately a client address). :meth:`reserve` takes a slot for every key atomically before
+    the password is checked; :meth:`succeeded` gives the slots back."""
+
+    def __init__(self, max_attempts: int, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_attempts = max_attempts
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._attempts: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self._attempts.setdefault(key, deque())
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        return times
+
+    def reserve(self, keys: list[str]) -> tuple[bool, float, float]:
+        """(allowed, retry_after_s, reserved_at): all keys get a slot, or none does."""
+        with self._lock:
+            now = self._clock()
+            waits = []
+            for key in keys:
+                times = self._recent(key, now)
+                if len(times) >= self.max_attempts:
+                    waits.append(self.window_s - (now - times[0]))
+            if waits:
+                return False, max(1.0, max(waits)), now
+            for key in keys:
+                self._attempts[key].append(now)
+            if len(self._attempts) > 10_000:
+                for stale in [k for k, v in self._attempts.items() if not v]:
+                    del self._attempts[stale]
+            return True, 0.0, now
+
+    def succeeded(self, keys: list[str], reserved_at: float) -> None:
+        with self._lock:
+            for key in keys:
+                times = self._attempts.get(key)
+                if times is not None and reserved_at in times:
+                    times.remove(reserved_at)

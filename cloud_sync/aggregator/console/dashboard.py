@@ -1,0 +1,139 @@
+"""What the dashboard shows: each room, the class in it now with present / expected so far,
+its devices (online, last heartbeat, version, temperature, outbox) and their open alerts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from cloud_sync.aggregator.console.accounts import ConsolePrincipal
+from cloud_sync.aggregator.db.models import Device, EventRow, Heartbeat, Room
+from cloud_sync.aggregator.services.reports import Rules, course_day
+from cloud_sync.aggregator.services.timetable import Occurrence, room_timetable, zone
+
+ALERT_WINDOW = timedelta(hours=6)
+# an alert of these kinds stays open until the device reports the matching recovery event
+RESOLVED_BY = {"camera_offline": "camera_online"}
+ALERT_KINDS = ("camera_offline", "cpu_temperature_high", "disk_almost_full", "outbox_stale")
+
+
+@dataclass
+class DeviceView:
+    id: str
+    online: bool
+    last_heartbeat_at: datetime | None
+    version: str | None
+    cpu_temp_c: float | None
+    outbox_depth: int | None
+    alerts: list[EventRow] = field(default_factory=list)
+
+
+@dataclass
+class RoomView:
+    id: str
+    name: str
+    local_time: str
+    course_id: str | None = None
+    course_name: str | None = None
+    visible: bool = True  # False: another teacher's class (name and numbers hidden)
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    present: int = 0
+    expected: int = 0
+    devices: list[DeviceView] = field(default_factory=list)
+    next_class: str | None = None
+
+
+def current_occurrence(occurrences: list[Occurrence], now: datetime,
+                       early_min: float) -> Occurrence | None:
+    for occ in occurrences:
+        if occ.starts_at - timedelta(minutes=early_min) <= now < occ.ends_at:
+            return occ
+    return None
+
+
+def open_alerts(session: Session, device_ids: list[str],
+                now: datetime) -> dict[str, list[EventRow]]:
+    """Per device: the newest event of each alert kind in the last ALERT_WINDOW that no later
+    recovery event closed."""
+    if not device_ids:
+        return {}
+    rows = session.scalars(
+        select(EventRow).where(EventRow.device_id.in_(device_ids),
+                               EventRow.at >= now - ALERT_WINDOW)
+        .order_by(EventRow.at)
+    ).all()
+    latest: dict[tuple[str, str], EventRow] = {}
+    for row in rows:
+        if row.kind in ALERT_KINDS:
+            latest[(row.device_id, row.kind)] = row
+        for opened, closing in RESOLVED_BY.items():
+            if row.kind == closing:
+                latest.pop((row.device_id, opened), None)
+    out: dict[str, list[EventRow]] = {}
+    for (device_id, _kind), row in sorted(latest.items()):
+        out.setdefault(device_id, []).append(row)
+    return out
+
+
+def device_views(session: Session, devices: list[Device], now: datetime,
+                 offline_after_s: float) -> list[DeviceView]:
+    ids = [d.id for d in devices]
+    beats: dict[str, Heartbeat] = {}
+    if ids:
+        newest = (select(Heartbeat.device_id, func.max(Heartbeat.id).label("hid"))
+                  .where(Heartbeat.device_id.in_(ids)).group_by(Heartbeat.device_id).subquery())
+        for beat in session.scalars(select(Heartbeat).join(newest, Heartbeat.id == newest.c.hid)):
+            beats[beat.device_id] = beat
+    alerts = open_alerts(session, ids, now)
+    views = []
+    for device in devices:
+        beat = beats.get(device.id)
+        last = device.last_heartbeat_at
+        views.append(DeviceView(
+            id=device.id,
+            online=last is not None and (now - last).total_seconds() <= offline_after_s,
+            last_heartbeat_at=last, version=device.software_version,
+            cpu_temp_c=beat.cpu_temp_c if beat else None,
+            outbox_depth=beat.outbox_depth if beat else None,
+            alerts=alerts.get(device.id, []),
+        ))
+    return views
+
+
+def build(session: Session, who: ConsolePrincipal, now: datetime, rules: Rules,
+          offline_after_s: float) -> list[RoomView]:
+    rooms = session.scalars(select(Room).order_by(Room.id)).all()
+    devices = session.scalars(select(Device).order_by(Device.id)).all()
+    by_room: dict[str, list[Device]] = {}
+    for device in devices:
+        by_room.setdefault(device.room_id, []).append(device)
+    views = []
+    for room in rooms:
+        tz = zone(room.timezone)
+        local = now.astimezone(tz)
+        table = room_timetable(session, room)
+        today = table.occurrences(local.date(), room.id)
+        view = RoomView(room.id, room.name, local.strftime("%H:%M %Z"))
+        view.devices = device_views(session, by_room.get(room.id, []), now, offline_after_s)
+        occ = current_occurrence(today, now, rules.early_arrival_min)
+        upcoming = [o for o in today if o.starts_at > now]
+        if occ is None and upcoming:
+            nxt = upcoming[0]
+            shown = nxt.course_name if who.can_see_course(nxt.course_id) else "a class"
+            view.next_class = f"{shown} at {nxt.starts_at.astimezone(tz):%H:%M}"
+        if occ is not None:
+            view.starts_at, view.ends_at = occ.starts_at, occ.ends_at
+            view.visible = who.can_see_course(occ.course_id)
+            if view.visible:
+                view.course_id, view.course_name = occ.course_id, occ.course_name
+                report = course_day(session, occ.course_id, local.date(), rules)
+                for item in report.sessions:
+                    if item.starts_at == occ.starts_at and item.room_id == room.id:
+                        view.present = item.present + item.late
+                        view.expected = len(item.students)
+        views.append(view)
+    return views

@@ -1,0 +1,97 @@
+"""Devices page (admin): register a device (its key shown once), rotate its key, move it to
+another room, see its health (last heartbeat, version, temperature, outbox) and last error."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Form, Request
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import select
+
+from cloud_sync.aggregator.api.admin import _after_write as after_write
+from cloud_sync.aggregator.console import dashboard
+from cloud_sync.aggregator.console.accounts import audit
+from cloud_sync.aggregator.console.web import (
+    DB,
+    PostUser,
+    User,
+    back,
+    context,
+    render,
+    require_admin,
+)
+from cloud_sync.aggregator.db.models import Device, EventRow, Room
+from cloud_sync.aggregator.services import admin as svc
+from cloud_sync.aggregator.services import devices as device_svc
+from cloud_sync.aggregator.services.common import utcnow
+
+router = APIRouter(include_in_schema=False)
+ERROR_SEVERITIES = ("warning", "critical")
+
+
+def _last_errors(session: DB, device_ids: list[str]) -> dict[str, EventRow]:
+    out: dict[str, EventRow] = {}
+    if not device_ids:
+        return out
+    for row in session.scalars(
+        select(EventRow).where(EventRow.device_id.in_(device_ids),
+                               EventRow.severity.in_(ERROR_SEVERITIES))
+        .order_by(EventRow.at.desc()).limit(20 * len(device_ids))
+    ):
+        out.setdefault(row.device_id, row)
+    return out
+
+
+@router.get("/devices", response_class=HTMLResponse)
+def devices_page(request: Request, who: User, session: DB) -> Response:
+    require_admin(who)
+    devices = list(session.scalars(select(Device).order_by(Device.id)))
+    ctx = context(request)
+    views = dashboard.device_views(session, devices, utcnow(),
+                                   ctx.settings.console_offline_after_s)
+    rooms = {d.id: d.room_id for d in devices}
+    return render(request, "devices.html", who, devices=views, device_rooms=rooms,
+                  rooms=list(session.scalars(select(Room).order_by(Room.id))),
+                  errors=_last_errors(session, [d.id for d in devices]))
+
+
+def _key_page(request: Request, who: PostUser, device_id: str, room_id: str, key: str,
+              rotated: bool) -> Response:
+    return render(request, "device_key.html", who, device_id=device_id, room_id=room_id,
+                  key=key, rotated=rotated, url=str(request.base_url).rstrip("/"))
+
+
+@router.post("/devices", response_class=HTMLResponse)
+def register(request: Request, who: PostUser, session: DB,
+             room_id: Annotated[str, Form(max_length=64)],
+             device_id: Annotated[str, Form(max_length=64)] = "") -> Response:
+    require_admin(who)
+    data = svc.DeviceIn(room_id=room_id, id=device_id or None)
+    device, key = device_svc.add_device(session, data.room_id, data.id)
+    audit(session, who.name, "device_add", device.id, f"room {room_id}")
+    session.commit()
+    context(request).credentials.clear()
+    return _key_page(request, who, device.id, device.room_id, key, False)
+
+
+@router.post("/devices/{device_id}/rotate", response_class=HTMLResponse)
+def rotate(request: Request, who: PostUser, session: DB, device_id: str) -> Response:
+    require_admin(who)
+    key = device_svc.rotate_device_key(session, device_id)
+    audit(session, who.name, "device_key_rotated", device_id)
+    session.commit()
+    context(request).credentials.clear()
+    device = session.get(Device, device_id)
+    return _key_page(request, who, device_id, device.room_id if device else "", key, True)
+
+
+@router.post("/devices/{device_id}/move")
+def move(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB, device_id: str,
+         room_id: Annotated[str, Form(max_length=64)]) -> Response:
+    require_admin(who)
+    svc.update_row(session, "devices", device_id, svc.DevicePatch(room_id=room_id))
+    audit(session, who.name, "device_moved", device_id, f"to {room_id}")
+    session.commit()
+    after_write(context(request), tasks, "devices")
+    return back("/devices", f"{device_id} moved to {room_id}")

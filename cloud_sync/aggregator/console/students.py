@@ -1,0 +1,244 @@
+"""Student pages: list and search, a student's attendance over a date range (CSV as the API),
+enrolment in courses, face data (quality and count of descriptors), photo upload with a
+per-photo result, and deletion of a student's face data (a parent's request)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, File, Form, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy import delete, func, or_, select
+from starlette.concurrency import run_in_threadpool
+
+from cloud_sync.aggregator.api.admin import _after_write as after_write
+from cloud_sync.aggregator.api.reports import PCT_HEADER, From, To, csv_response, pct_rows
+from cloud_sync.aggregator.console.accounts import ConsolePrincipal, audit
+from cloud_sync.aggregator.console.courses import visible_courses
+from cloud_sync.aggregator.console.web import (
+    DB,
+    PostUser,
+    User,
+    back,
+    context,
+    render,
+    require_admin,
+)
+from cloud_sync.aggregator.db.models import (
+    Attendance,
+    Course,
+    Enrollment,
+    FaceEmbedding,
+    FaceNegative,
+    RecordDescriptor,
+    Student,
+)
+from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services import admin as admin_service
+from cloud_sync.aggregator.services import faces, privacy, reports
+from cloud_sync.aggregator.services.common import ForbiddenError, NotFoundError, ServiceError
+
+_LOGGER = logging.getLogger(__name__)
+router = APIRouter(include_in_schema=False)
+MAX_PHOTOS_PER_REQUEST = 50
+PAGE = 200
+
+
+def _visible_student(session: DB, who: ConsolePrincipal, student_id: str) -> Student:
+    student = session.get(Student, student_id)
+    if student is None:
+        raise NotFoundError(f"student {student_id!r} does not exist")
+    if not who.is_admin:
+        taught = session.scalars(select(Enrollment.course_id).where(
+            Enrollment.student_id == student_id, Enrollment.course_id.in_(who.courses or {""})
+        )).first()
+        if taught is None:
+            raise ForbiddenError("this student is in none of your courses")
+    return student
+
+
+@router.get("/students", response_class=HTMLResponse)
+def students_page(request: Request, who: User, session: DB,
+                  q: Annotated[str, Query(max_length=100)] = "") -> Response:
+    query = select(Student).order_by(Student.id)
+    if not who.is_admin:
+        query = query.where(Student.id.in_(select(Enrollment.student_id).where(
+            Enrollment.course_id.in_(who.courses or {""}))))
+    if q.strip():
+        like = f"%{q.strip()}%"
+        query = query.where(or_(Student.id.ilike(like), Student.name.ilike(like)))
+    rows = list(session.scalars(query.limit(PAGE)))
+    counts = dict(session.execute(
+        select(FaceEmbedding.student_id, func.count()).where(
+            FaceEmbedding.student_id.in_([s.id for s in rows]), FaceEmbedding.photo_of.is_(None))
+        .group_by(FaceEmbedding.student_id)
+    ).all())
+    return render(request, "students.html", who, students=rows, q=q, counts=counts, page=PAGE)
+
+
+@router.post("/students")
+def add_student(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                student_id: Annotated[str, Form(max_length=64)],
+                name: Annotated[str, Form(max_length=200)],
+                course_id: Annotated[str, Form(max_length=64)] = "") -> Response:
+    require_admin(who)
+    data = admin_service.StudentIn(id=student_id, name=name)
+    admin_service.create_row(session, "students", data)
+    if course_id:
+        admin_service.create_enrollment(
+            session, admin_service.EnrollmentIn(student_id=data.id, course_id=course_id))
+    audit(session, who.name, "student_add", data.id, course_id)
+    session.commit()
+    after_write(context(request), tasks, "students")
+    return back(f"/students/{data.id}", f"student {data.id} added")
+
+
+@router.get("/students/{student_id}", response_class=HTMLResponse)
+def student_page(
+    request: Request, who: User, session: DB, student_id: str,
+    date_from: From = None, date_to: To = None,
+) -> Response:
+    student = _visible_student(session, who, student_id)
+    report = reports.student_report(session, student_id, date_from, date_to,
+                                    context(request).rules, 200)
+    if not who.is_admin:
+        report.courses = [p for p in report.courses if who.can_see_course(p.course_id)]
+        report.records = [r for r in report.records if who.can_see_course(r.course_id)]
+    face_rows = faces.list_faces(session, student_id)
+    negatives = session.scalar(select(func.count()).where(FaceNegative.student_id == student_id))
+    enrolled = {p.course_id for p in report.courses}
+    others = [c for c in visible_courses(session, who) if c.id not in enrolled]
+    return render(request, "student.html", who, student=student, report=report,
+                  faces=face_rows, negatives=negatives, other_courses=others)
+
+
+@router.get("/students/{student_id}/attendance.csv")
+def student_download(
+    request: Request, who: User, session: DB, student_id: str,
+    date_from: From = None, date_to: To = None,
+) -> Response:
+    _visible_student(session, who, student_id)
+    report = reports.student_report(session, student_id, date_from, date_to,
+                                    context(request).rules)
+    rows = [p for p in report.courses if who.can_see_course(p.course_id)]
+    return csv_response(f"attendance-{student_id}-summary", PCT_HEADER, pct_rows(rows))
+
+
+@router.post("/students/{student_id}/enrol")
+def enrol(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+          student_id: str,
+          course_id: Annotated[str, Form(max_length=64)]) -> Response:
+    if not who.can_see_course(course_id):
+        raise ForbiddenError("you do not teach this course")
+    admin_service.create_enrollment(
+        session, admin_service.EnrollmentIn(student_id=student_id, course_id=course_id))
+    audit(session, who.name, "enrol", f"{course_id}/{student_id}")
+    session.commit()
+    after_write(context(request), tasks, "students")
+    return back(f"/students/{student_id}", f"enrolled in {course_id}")
+
+
+def _encode_one(request: Request, student_id: str, name: str, data: bytes,
+                who: str) -> dict[str, object]:
+    ctx = context(request)
+    result: dict[str, object] = {"file": name, "ok": False, "reason": None, "quality": None}
+    try:
+        if len(data) > ctx.settings.max_photo_bytes:
+            raise ServiceError(f"larger than {ctx.settings.max_photo_bytes} bytes")
+        encoded = ctx.encoder.encode(faces.decode_image(data))
+        if encoded.embedding is None:
+            raise ServiceError(encoded.reason or "no usable face")
+        with ctx.sessions() as session:
+            row = faces.store_embedding(session, ctx.settings, student_id, encoded.vectors,
+                                        encoded.quality, f"console:{who}:{name}"[:200], data,
+                                        Path(name).suffix.lower())
+            audit(session, who, "face_add", student_id, f"{name} (face {row.id})")
+            session.commit()
+    except ServiceError as err:
+        result["reason"] = err.message
+        return result
+    result.update(ok=True, quality=encoded.quality)
+    return result
+
+
+@router.post("/students/{student_id}/photos")
+async def upload_photos(
+    request: Request, tasks: BackgroundTasks, who: PostUser, student_id: str,
+    photos: Annotated[list[UploadFile], File()],
+) -> Response:
+    """Several photos at once; the page's script sends them one by one for its progress bar.
+    JSON for ``Accept: application/json``, else the student page with a notice."""
+    require_admin(who)
+    if len(photos) > MAX_PHOTOS_PER_REQUEST:
+        raise ServiceError(f"at most {MAX_PHOTOS_PER_REQUEST} photos at once")
+    ctx = context(request)
+    with ctx.sessions() as session:
+        privacy.require_consent(session, student_id)  # 404 unknown, 409 without consent
+    results = []
+    for photo in photos:
+        data = await photo.read(ctx.settings.max_photo_bytes + 1)
+        results.append(await run_in_threadpool(
+            _encode_one, request, student_id, photo.filename or "photo", data, who.name))
+    after_write(context(request), tasks, "students")
+    accepted = sum(1 for r in results if r["ok"])
+    if "application/json" in request.headers.get("accept", ""):
+        return JSONResponse({"accepted": accepted, "results": results})
+    summary = "; ".join(f"{r['file']}: {'accepted' if r['ok'] else r['reason']}"
+                        for r in results)
+    return back(f"/students/{student_id}", f"{accepted} of {len(results)} accepted — {summary}")
+
+
+def _erase_face_data(session: DB, student_id: str) -> int:
+    """Every descriptor and kept photo of the student, their negative examples and the
+    descriptors devices sent with their records, in the caller's transaction; returns how
+    many descriptors went."""
+    rows = session.scalars(select(FaceEmbedding).where(FaceEmbedding.student_id == student_id))
+    count = 0
+    for row in rows:
+        if row.photo_path:
+            Path(row.photo_path).unlink(missing_ok=True)
+        count += 1
+    session.execute(delete(FaceEmbedding).where(FaceEmbedding.student_id == student_id))
+    session.execute(delete(FaceNegative).where(FaceNegative.student_id == student_id))
+    session.execute(delete(RecordDescriptor).where(RecordDescriptor.key.in_(
+        select(Attendance.key).where(Attendance.student_id == student_id))))
+    return count
+
+
+@router.post("/students/{student_id}/consent")
+def consent(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+            student_id: str, state: Annotated[str, Form(pattern="^(granted|withdrawn)$")],
+            note: Annotated[str, Form(max_length=300)] = "") -> Response:
+    """Record the consent to face recognition (the privacy service's rule: no enrolment
+    without it); a withdrawal deletes the student's face data at once."""
+    require_admin(who)
+    privacy.set_consent(session, student_id, state, f"console:{who.name}", note)  # type: ignore[arg-type]
+    if state == "withdrawn":
+        begin_write(session)
+        _erase_face_data(session, student_id)
+        session.commit()
+    audit(session, who.name, f"consent_{state}", student_id, note)
+    session.commit()
+    after_write(context(request), tasks, "students")
+    return back(f"/students/{student_id}", f"consent {state}")
+
+
+@router.post("/students/{student_id}/faces/delete")
+def delete_face_data(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                     student_id: str) -> Response:
+    """Every descriptor, kept photo and negative example of the student, and the descriptors
+    devices sent with the student's records (a parent's request); attendance records stay."""
+    require_admin(who)
+    begin_write(session)
+    if session.get(Student, student_id) is None:
+        raise NotFoundError(f"student {student_id!r} does not exist")
+    count = _erase_face_data(session, student_id)
+    audit(session, who.name, "face_data_deleted", student_id, f"{count} descriptors")
+    session.commit()
+    after_write(context(request), tasks, "students")
+    return back(f"/students/{student_id}", f"face data of {student_id} deleted ({count})")
+
+
+__all__ = ["Course", "router"]

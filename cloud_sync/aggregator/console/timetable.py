@@ -1,0 +1,209 @@
+"""Timetable pages (admin): rooms, courses (with their teachers), weekly schedules created and
+edited in forms, "a class from now" in two clicks, and CSV import with the per-line report."""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, Response
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from cloud_sync.aggregator.api.admin import _after_write as after_write
+from cloud_sync.aggregator.console import accounts
+from cloud_sync.aggregator.console.accounts import audit
+from cloud_sync.aggregator.console.web import (
+    DB,
+    PostUser,
+    User,
+    back,
+    context,
+    render,
+    require_admin,
+)
+from cloud_sync.aggregator.db.models import ConsoleUser, Course, Room, Schedule
+from cloud_sync.aggregator.services import admin as svc
+from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, utcnow
+from cloud_sync.aggregator.services.timetable import zone
+
+router = APIRouter(include_in_schema=False)
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+MAX_CSV_BYTES = 2_000_000
+
+
+def _validated(model: type[svc.Strict], values: dict[str, object]) -> svc.Strict:
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise ServiceError(svc._validation_message(err)) from err
+
+
+def _page(request: Request, who: accounts.ConsolePrincipal, session: DB,
+          report: svc.ImportReport | None = None, status: int = 200) -> Response:
+    rooms = list(session.scalars(select(Room).order_by(Room.id)))
+    courses = list(session.scalars(select(Course).order_by(Course.id)))
+    schedules = list(session.scalars(
+        select(Schedule).order_by(Schedule.room_id, Schedule.weekday, Schedule.start_time)))
+    teachers = [u for u, _ in accounts.list_users(session) if u.role == "teacher"]
+    taught = {u.name: c for u, c in accounts.list_users(session)}
+    return render(request, "timetable.html", who, rooms=rooms, courses=courses,
+                  schedules=schedules, teachers=teachers, taught=taught, weekdays=WEEKDAYS,
+                  report=report, default_tz=context(request).settings.timezone, status=status)
+
+
+@router.get("/timetable", response_class=HTMLResponse)
+def timetable_page(request: Request, who: User, session: DB) -> Response:
+    require_admin(who)
+    return _page(request, who, session)
+
+
+@router.post("/timetable/now")
+def class_now(
+    request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+    course_id: Annotated[str, Form(max_length=64)],
+    room_id: Annotated[str, Form(max_length=64)],
+    minutes: Annotated[int, Form(ge=5, le=600)] = 60,
+) -> Response:
+    """A one-day schedule row: the course in the room from now (this minute) for ``minutes``
+    (ending at 23:59 local at the latest)."""
+    require_admin(who)
+    room = session.get(Room, room_id)
+    if room is None:
+        raise NotFoundError(f"room {room_id!r} does not exist")
+    local = utcnow().astimezone(zone(room.timezone))
+    start = local.replace(second=0, microsecond=0)
+    end = min(start + timedelta(minutes=minutes),
+              datetime.combine(start.date(), time(23, 59), tzinfo=start.tzinfo))
+    if end <= start:
+        raise ServiceError("too late today for a class: try after midnight")
+    data = _validated(svc.ScheduleIn, {
+        "course_id": course_id, "room_id": room_id, "weekday": start.weekday(),
+        "start_time": start.time(), "end_time": end.time(),
+        "effective_from": start.date(), "effective_to": start.date(),
+    })
+    row = svc.create_schedule(session, data)  # type: ignore[arg-type]
+    audit(session, who.name, "class_now", f"{course_id}@{room_id}",
+          f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} (schedule {row.id})")
+    session.commit()
+    after_write(context(request), tasks, "schedules")
+    return back("/", f"{course_id} in {room_id} from {start:%H:%M} to {end:%H:%M}")
+
+
+@router.post("/timetable/rooms")
+def add_room(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+             room_id: Annotated[str, Form(max_length=64)],
+             name: Annotated[str, Form(max_length=200)] = "",
+             site: Annotated[str, Form(max_length=64)] = "main",
+             timezone: Annotated[str, Form(max_length=64)] = "") -> Response:
+    require_admin(who)
+    data = _validated(svc.RoomIn, {"id": room_id, "name": name or None, "site": site or "main",
+                                   "timezone": timezone or None})
+    svc.create_row(session, "rooms", data, context(request).settings.timezone)
+    audit(session, who.name, "room_add", room_id)
+    session.commit()
+    after_write(context(request), tasks, "rooms")
+    return back("/timetable", f"room {room_id} added")
+
+
+@router.post("/timetable/courses")
+def add_course(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+               course_id: Annotated[str, Form(max_length=64)],
+               name: Annotated[str, Form(max_length=200)],
+               teacher: Annotated[str, Form(max_length=100)] = "") -> Response:
+    require_admin(who)
+    data = _validated(svc.CourseIn, {"id": course_id, "name": name})
+    svc.create_row(session, "courses", data)
+    audit(session, who.name, "course_add", course_id)
+    session.commit()
+    if teacher:
+        accounts.assign_courses(session, teacher, [course_id], who.name)
+    after_write(context(request), tasks, "courses")
+    return back("/timetable", f"course {course_id} added")
+
+
+@router.post("/timetable/teachers")
+def assign_teacher(who: PostUser, session: DB,
+                   course_id: Annotated[str, Form(max_length=64)],
+                   teacher: Annotated[str, Form(max_length=100)]) -> Response:
+    require_admin(who)
+    accounts.assign_courses(session, teacher, [course_id], who.name)
+    return back("/timetable", f"{teacher} teaches {course_id}")
+
+
+def _schedule_values(course_id: str, room_id: str, weekday: int, start_time: str,
+                     end_time: str, effective_from: str, effective_to: str) -> dict[str, object]:
+    return {"course_id": course_id, "room_id": room_id, "weekday": weekday,
+            "start_time": start_time, "end_time": end_time,
+            "effective_from": effective_from or None, "effective_to": effective_to or None}
+
+
+Text64 = Annotated[str, Form(max_length=64)]
+Opt = Annotated[str, Form(max_length=32)]
+
+
+@router.post("/timetable/schedules")
+def add_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                 course_id: Text64, room_id: Text64,
+                 weekday: Annotated[int, Form(ge=0, le=6)], start_time: Opt, end_time: Opt,
+                 effective_from: Opt = "", effective_to: Opt = "") -> Response:
+    require_admin(who)
+    data = _validated(svc.ScheduleIn, _schedule_values(
+        course_id, room_id, weekday, start_time, end_time, effective_from, effective_to))
+    row = svc.create_schedule(session, data)  # type: ignore[arg-type]
+    audit(session, who.name, "schedule_add", str(row.id), f"{course_id}@{room_id}")
+    session.commit()
+    after_write(context(request), tasks, "schedules")
+    return back("/timetable", f"schedule {row.id} added")
+
+
+@router.post("/timetable/schedules/{schedule_id}")
+def edit_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                  schedule_id: int, course_id: Text64, room_id: Text64,
+                  weekday: Annotated[int, Form(ge=0, le=6)], start_time: Opt, end_time: Opt,
+                  effective_from: Opt = "", effective_to: Opt = "") -> Response:
+    require_admin(who)
+    values = _schedule_values(course_id, room_id, weekday, start_time, end_time,
+                              effective_from, effective_to)
+    patch = _validated(svc.SchedulePatch, values)
+    svc.update_schedule(session, schedule_id, patch)  # type: ignore[arg-type]
+    audit(session, who.name, "schedule_edit", str(schedule_id), f"{course_id}@{room_id}")
+    session.commit()
+    after_write(context(request), tasks, "schedules")
+    return back("/timetable", f"schedule {schedule_id} saved")
+
+
+@router.post("/timetable/schedules/{schedule_id}/delete")
+def remove_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                    schedule_id: int) -> Response:
+    require_admin(who)
+    svc.delete_schedule(session, schedule_id)
+    audit(session, who.name, "schedule_delete", str(schedule_id))
+    session.commit()
+    after_write(context(request), tasks, "schedules")
+    return back("/timetable", f"schedule {schedule_id} deleted")
+
+
+@router.post("/timetable/import", response_class=HTMLResponse)
+async def import_csv(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                     kind: Annotated[str, Form(max_length=20)],
+                     file: Annotated[UploadFile, File()]) -> Response:
+    require_admin(who)
+    data = await file.read(MAX_CSV_BYTES + 1)
+    if len(data) > MAX_CSV_BYTES:
+        raise ServiceError(f"CSV larger than {MAX_CSV_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ServiceError(f"the file is not UTF-8 text ({err.reason})") from err
+    report = svc.import_csv(session, kind, text, context(request).settings.timezone)
+    audit(session, who.name, "import", kind,
+          f"{file.filename}: {report.rows} rows, {report.created} created, "
+          f"{report.updated} updated, {len(report.errors)} errors")
+    session.commit()
+    after_write(context(request), tasks, kind if kind != "enrollments" else "students")
+    return _page(request, who, session, report)
+
+
+__all__ = ["ConsoleUser", "router"]
