@@ -25,7 +25,6 @@ from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.api import (
     admin,
     device,
-    index,
     ops,
     privacy,
     reports,
@@ -164,7 +163,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     document_errors(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, timelines.router, admin.router,
-                   privacy.router, tokens.router, ops.router, ws.router, index.router):
+                   privacy.router, tokens.router, ops.router, ws.router):
+        # ``/`` is the web console's (console.mount below), which links the API docs
         app.include_router(router)
 
     upload = settings.max_photo_bytes + MULTIPART_OVERHEAD

@@ -1,6 +1,6 @@
 """Issue 12 #12: /docs works offline (Swagger UI's files served by the aggregator itself, from
-the fastapi-offline package) and / is a page of links instead of a 404. Screenshots go to
-test-output/aggregator/."""
+the fastapi-offline package) and / (the web console's login page) links them instead of a 404.
+Screenshots go to test-output/aggregator/."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def test_docs_and_index_need_nothing_from_outside(app_client: TestClient) -> Non
         for url in assets:
             assert not urlsplit(url).netloc, f"{page} loads {url} from another host"
             assert app_client.get(url).status_code == 200, url
-    index = app_client.get("/")
+    index = app_client.get("/")  # the web console: its login page links the API's pages
     assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    assert index.url.path == "/login"
     links = re.findall(r'href="([^"]+)"', index.text)
     assert {"/docs", "/openapi.json", "/health", "/metrics"} <= set(links)
     for link in links:
