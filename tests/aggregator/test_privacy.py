@@ -22,6 +22,7 @@ from cloud_sync.aggregator.db.models import (
     Attendance,
     AttendanceKey,
     AuditLog,
+    DeadLetter,
     EventRow,
     FaceEmbedding,
     Student,
@@ -248,12 +249,15 @@ def test_retention_purge_deletes_old_data_and_records_counts(
                                  kind="occupancy", severity="info", message="o",
                                  at=utcnow() - timedelta(days=days), received_at=utcnow(),
                                  data={}))
+        for days in (1, 31):
+            session.add(DeadLetter(source="classroom/x", payload=b"{", reason="bad JSON",
+                                   received_at=utcnow() - timedelta(days=days)))
         session.add(AuditLog(at=utcnow() - timedelta(days=800), actor="token:old",
                              action="student.view", subject="student:S001", detail=""))
         session.commit()
     with sessions() as session:
         counts = purge(session, settings)
-    assert counts == {"attendance": 1, "events": 1, "audit": 1}
+    assert counts == {"attendance": 1, "events": 1, "dead_letters": 1, "audit": 1}
     with sessions() as session:
         assert list(session.scalars(select(Attendance.student_id))) == ["S001"]
         if session.get_bind().dialect.name == "postgresql":
@@ -261,11 +265,14 @@ def test_retention_purge_deletes_old_data_and_records_counts(
         assert session.scalar(select(func.count()).select_from(EventRow)) == 1
         entry = session.scalars(select(AuditLog).where(
             AuditLog.action == "retention.purge")).one()
-        assert entry.detail == "attendance=1 events=1 audit=1" and entry.actor == "system"
+        assert entry.detail == "attendance=1 events=1 dead_letters=1 audit=1"
+        assert entry.actor == "system"
+        assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
         assert session.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.actor == "token:old")) == 0
     with sessions() as session:  # nothing left to purge: no entry
-        assert purge(session, settings) == {"attendance": 0, "events": 0, "audit": 0}
+        assert purge(session, settings) == {"attendance": 0, "events": 0, "dead_letters": 0,
+                                            "audit": 0}
         assert session.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.action == "retention.purge")) == 1
 

@@ -5,6 +5,8 @@ one audit entry with the counts (never the contents):
 
 - attendance records: ``attendance_keep_days`` (by class time ``at``);
 - device events: ``events_keep_days`` (``services/events.prune_events``);
+- dead letters: ``dead_letter_max_age_days`` (the bridge also prunes by age and count when
+  it records one; this purge applies the age when none arrives);
 - the audit log itself: ``audit_keep_days``.
 """
 
@@ -17,7 +19,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.config import AggregatorSettings
-from cloud_sync.aggregator.db.models import Attendance, AttendanceKey, AuditLog
+from cloud_sync.aggregator.db.models import Attendance, AttendanceKey, AuditLog, DeadLetter
 from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import audit
 from cloud_sync.aggregator.services.common import utcnow
@@ -26,7 +28,7 @@ from cloud_sync.aggregator.services.events import prune_events
 _LOGGER = logging.getLogger(__name__)
 
 
-def _older(session: Session, keep_days: int, now: datetime, model: type, column: str) -> int:
+def _older(session: Session, keep_days: float, now: datetime, model: type, column: str) -> int:
     cutoff = now - timedelta(days=keep_days)
     begin_write(session)
     if model is Attendance and session.get_bind().dialect.name == "postgresql":
@@ -45,6 +47,8 @@ def purge(session: Session, settings: AggregatorSettings,
     counts = {
         "attendance": _older(session, settings.attendance_keep_days, now, Attendance, "at"),
         "events": prune_events(session, settings.events_keep_days, now),
+        "dead_letters": _older(session, settings.dead_letter_max_age_days, now, DeadLetter,
+                               "received_at"),
         "audit": _older(session, settings.audit_keep_days, now, AuditLog, "at"),
     }
     if any(counts.values()):
