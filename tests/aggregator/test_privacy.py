@@ -25,6 +25,8 @@ from cloud_sync.aggregator.db.models import (
     DeadLetter,
     EventRow,
     FaceEmbedding,
+    FaceNegative,
+    RecordDescriptor,
     Student,
 )
 from cloud_sync.aggregator.db.session import make_engine
@@ -165,6 +167,14 @@ def test_erasure_leaves_no_descriptor_in_the_database_files(
                 received_at=utcnow(), data={"share": 0.5, "students": {"S001": True,
                                                                       "S002": False}}))
             session.commit()
+        with sessions() as session:  # console feedback: face data about S001 in two more tables
+            session.add(RecordDescriptor(key=uuid.UUID(recs[0]["key"]), vector=b"\x01" * 512,
+                                         embedder="dlib/dlib-resnet-v1",
+                                         received_at=utcnow()))
+            session.add(FaceNegative(student_id="S001", vector=b"\x02" * 512, source="test",
+                                     embedder="dlib/dlib-resnet-v1",
+                                     created_at=utcnow()))
+            session.commit()
         secret = _vectors(sessions, "S001")  # one per embedder (SFace and dlib)
         kept = _vectors(sessions, "S002")
         assert len(secret) == len(kept) == len(configured.embedders) == 2
@@ -179,6 +189,9 @@ def test_erasure_leaves_no_descriptor_in_the_database_files(
         assert out["events_scrubbed"] == 1
         files = _database_bytes(sessions, url)
         assert not any(v in files for v in secret), "an erased descriptor is still in the files"
+        with sessions() as session:
+            assert session.scalar(select(func.count()).select_from(RecordDescriptor)) == 0
+            assert session.scalar(select(func.count()).select_from(FaceNegative)) == 0
         assert all(v in files for v in kept)
         assert client.get("/api/v1/students/S001", headers=world.admin).status_code == 404
         with sessions() as session:

@@ -35,6 +35,8 @@ from cloud_sync.aggregator.db.models import (
     Enrollment,
     EventRow,
     FaceEmbedding,
+    FaceNegative,
+    RecordDescriptor,
     Student,
 )
 from cloud_sync.aggregator.db.session import begin_write
@@ -44,7 +46,8 @@ from cloud_sync.aggregator.services.common import ConflictError, NotFoundError, 
 _LOGGER = logging.getLogger(__name__)
 ConsentState = Literal["granted", "withdrawn"]
 ErasurePolicy = Literal["delete", "pseudonymise"]
-FACE_TABLES = ("face_embeddings",)  # every table that holds a student's descriptors
+# every table that holds descriptors of a student
+FACE_TABLES = ("face_embeddings", "face_negatives", "record_descriptors")
 
 
 class ConsentOut(BaseModel):
@@ -102,6 +105,11 @@ def _delete_face_data(session: Session, student_id: str) -> tuple[int, int]:
     rows = session.scalar(select(func.count()).select_from(FaceEmbedding)
                           .where(FaceEmbedding.student_id == student_id)) or 0
     session.execute(delete(FaceEmbedding).where(FaceEmbedding.student_id == student_id))
+    # Negative examples (faces marked "not this student") and the descriptors devices sent
+    # with the student's records (console corrections) are face data about the student too.
+    session.execute(delete(FaceNegative).where(FaceNegative.student_id == student_id))
+    session.execute(delete(RecordDescriptor).where(RecordDescriptor.key.in_(
+        select(Attendance.key).where(Attendance.student_id == student_id))))
     photos = 0
     for path in paths:
         try:
