@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import func, or_, select
 from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator.api.admin import _after_write as after_write
@@ -27,12 +27,10 @@ from cloud_sync.aggregator.console.web import (
     require_admin,
 )
 from cloud_sync.aggregator.db.models import (
-    Attendance,
     Course,
     Enrollment,
     FaceEmbedding,
     FaceNegative,
-    RecordDescriptor,
     Student,
 )
 from cloud_sync.aggregator.db.session import begin_write
@@ -190,23 +188,6 @@ async def upload_photos(
     return back(f"/students/{student_id}", f"{accepted} of {len(results)} accepted — {summary}")
 
 
-def _erase_face_data(session: DB, student_id: str) -> int:
-    """Every descriptor and kept photo of the student, their negative examples and the
-    descriptors devices sent with their records, in the caller's transaction; returns how
-    many descriptors went."""
-    rows = session.scalars(select(FaceEmbedding).where(FaceEmbedding.student_id == student_id))
-    count = 0
-    for row in rows:
-        if row.photo_path:
-            Path(row.photo_path).unlink(missing_ok=True)
-        count += 1
-    session.execute(delete(FaceEmbedding).where(FaceEmbedding.student_id == student_id))
-    session.execute(delete(FaceNegative).where(FaceNegative.student_id == student_id))
-    session.execute(delete(RecordDescriptor).where(RecordDescriptor.key.in_(
-        select(Attendance.key).where(Attendance.student_id == student_id))))
-    return count
-
-
 @router.post("/students/{student_id}/consent")
 def consent(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
             student_id: str, state: Annotated[str, Form(pattern="^(granted|withdrawn)$")],
@@ -214,11 +195,10 @@ def consent(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB
     """Record the consent to face recognition (the privacy service's rule: no enrolment
     without it); a withdrawal deletes the student's face data at once."""
     require_admin(who)
+    # A withdrawal deletes the face data in the privacy service (the API's and CLI's rule).
     privacy.set_consent(session, student_id, state, f"console:{who.name}", note)  # type: ignore[arg-type]
     if state == "withdrawn":
-        begin_write(session)
-        _erase_face_data(session, student_id)
-        session.commit()
+        tasks.add_task(privacy.scrub, context(request).engine)
     audit(session, who.name, f"consent_{state}", student_id, note)
     session.commit()
     after_write(context(request), tasks, "students")
@@ -234,9 +214,10 @@ def delete_face_data(request: Request, tasks: BackgroundTasks, who: PostUser, se
     begin_write(session)
     if session.get(Student, student_id) is None:
         raise NotFoundError(f"student {student_id!r} does not exist")
-    count = _erase_face_data(session, student_id)
+    count, _ = privacy.delete_face_data(session, student_id)
     audit(session, who.name, "face_data_deleted", student_id, f"{count} descriptors")
     session.commit()
+    tasks.add_task(privacy.scrub, context(request).engine)
     after_write(context(request), tasks, "students")
     return back(f"/students/{student_id}", f"face data of {student_id} deleted ({count})")
 

@@ -96,7 +96,7 @@ def consent_of(session: Session, student_id: str) -> ConsentOut:
                       at=row.consent_at, by=row.consent_by)
 
 
-def _delete_face_data(session: Session, student_id: str) -> tuple[int, int]:
+def delete_face_data(session: Session, student_id: str) -> tuple[int, int]:
     """Delete every descriptor of the student (all embedders) and kept photos; (rows, photos).
     Runs inside the caller's transaction."""
     paths = [p for p in session.scalars(
@@ -128,7 +128,7 @@ def set_consent(session: Session, student_id: str, state: ConsentState, actor: s
     row = _student(session, student_id)
     removed = 0
     if state == "withdrawn":
-        removed, _ = _delete_face_data(session, student_id)
+        removed, _ = delete_face_data(session, student_id)
     row.consent, row.consent_at, row.consent_by = state, utcnow(), actor[:200]
     detail = f"state={state}" + (f" descriptors_deleted={removed}" if removed else "")
     audit.record(session, actor, f"consent.{'grant' if state == 'granted' else 'withdraw'}",
@@ -165,7 +165,7 @@ def erase(session: Session, student_id: str, policy: ErasurePolicy, actor: str) 
     Commits; the caller scrubs (:func:`scrub`) and notifies devices."""
     begin_write(session)
     _student(session, student_id)
-    descriptors, photos = _delete_face_data(session, student_id)
+    descriptors, photos = delete_face_data(session, student_id)
     deleted = moved = 0
     pseudonym: str | None = None
     if policy == "delete":
