@@ -48,6 +48,8 @@ def _ctrl_c(proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
     try:
         proc.wait(90)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # never leave an appliance running past the test
+        proc.wait(10)
         tail = log.read_text()[-4000:] if log is not None else ""
         raise AssertionError(f"make run did not stop in 90 s after Ctrl-C:\n{tail}") from None
     print(f"make run stopped {time.monotonic() - t0:.1f} s after Ctrl-C")
