@@ -657,6 +657,9 @@ def users_add(
     defaulted, and stored as an Argon2id hash."""
     from cloud_sync.aggregator.console import accounts
 
+    if role not in accounts.ROLES:  # before the password prompt, not after it
+        typer.echo(f"error: --role must be one of {', '.join(accounts.ROLES)}", err=True)
+        raise typer.Exit(2)
     password = _read_password(password_stdin)
     _users_call(config, lambda s: accounts.add_user(s, name, role, password, course or []))
     typer.echo(f"user {name} ({role}) created")

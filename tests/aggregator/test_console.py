@@ -58,7 +58,10 @@ def test_cli_users_add_reads_the_password(settings: AggregatorSettings, sessions
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli_app, ["users", "add", "x", "--role", "boss", "--password-stdin"],
                       input=PW + "\n")
-    assert r.exit_code == 1 and "role must be" in r.output
+    assert r.exit_code == 2 and "role must be" in r.output
+    # a wrong role is refused before the password prompt (no input given at all)
+    r = runner.invoke(cli_app, ["users", "add", "x", "--role", "boss"])
+    assert r.exit_code == 2 and "role must be" in r.output and "Password" not in r.output
     with sessions() as session:
         user = accounts.check_credentials(session, "lee", PW)
         assert user is not None and user.role == "teacher"
