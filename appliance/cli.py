@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -86,6 +88,9 @@ def run(config: ConfigOption = None) -> None:
     """Run the appliance: capture, recognise, record, sync, serve the status page."""
     settings = load_or_exit(config)
     setup_logging(settings.log_level)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what a device
+    # that does not stop, or stalls, is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from appliance.runtime import DataDirLockedError, run_appliance
 
     try:

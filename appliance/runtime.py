@@ -67,8 +67,13 @@ class Appliance:
     components: list[tuple[str, Any]] = field(default_factory=list)
     sync: Any = None
 
-    def start(self) -> None:
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Start the components in order; once ``stop`` is set (a signal during a slow start)
+        the rest are not started."""
         for name, comp in self.components:
+            if stop is not None and stop.is_set():
+                _LOGGER.info("stop requested: %s and later components not started", name)
+                return
             _LOGGER.info("starting %s", name)
             comp.start()
 
@@ -170,7 +175,16 @@ def _run_locked(settings: ApplianceSettings, stop_event: threading.Event | None)
     app = build(settings)
     notifier = Notifier()
 
+    interrupts = 0
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:  # Ctrl-C again: the user will not wait for a clean stop
+                _LOGGER.warning("second Ctrl-C: exiting now (every record is already "
+                                "committed to the outbox)")
+                os._exit(130)
         _LOGGER.info("signal %s: stopping", signal.Signals(signum).name)
         stop.set()
 
@@ -178,17 +192,18 @@ def _run_locked(settings: ApplianceSettings, stop_event: threading.Event | None)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     try:
-        app.start()
+        app.start(stop)
         app.store.add_event(Event(
             device_id=settings.device.device_id, room_id=settings.device.room_id,
             kind="device_started", severity="info",
             message=f"appliance {appliance.__version__} started",
             at=datetime.now(UTC),
         ))
-        notifier.ready(f"camera {app.pipeline.capture.description}")
-        _LOGGER.info("appliance running (device %s, room %s)", settings.device.device_id,
-                     settings.device.room_id)
-        _main_loop(app, notifier, stop)
+        if not stop.is_set():
+            notifier.ready(f"camera {app.pipeline.capture.description}")
+            _LOGGER.info("appliance running (device %s, room %s)", settings.device.device_id,
+                         settings.device.room_id)
+            _main_loop(app, notifier, stop)
     finally:
         notifier.stopping()
         app.stop()

@@ -79,7 +79,8 @@ class UnknownFaceReporter:
             self._queue.put_nowait(None)
         except queue.Full:
             self.refused = True  # the thread ends after its current item
-        self._thread.join(timeout=self.settings.sync.request_timeout_s + 5)
+        if self._thread.is_alive():  # not started when the device stopped during start-up
+            self._thread.join(timeout=self.settings.sync.request_timeout_s + 5)
         self._client.close()
 
     def _run(self) -> None:

@@ -110,9 +110,27 @@ if [ ! -f "$SYNC_ENV" ]; then
 fi
 
 pids=()
+STOP_WAIT_S=${RUN_LOCAL_STOP_WAIT_S:-60}
 stop_all() {
     trap - INT TERM EXIT
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    # Each component stops within its own bound; whatever still runs after STOP_WAIT_S is
+    # stuck: its threads' stacks go to the output (SIGUSR1: faulthandler), then it is killed.
+    # The outbox loses nothing (every record is committed before it counts).
+    local deadline=$((SECONDS + STOP_WAIT_S)) alive pid
+    while :; do
+        alive=()
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+        if [ "${#alive[@]}" -eq 0 ] || [ "$SECONDS" -ge "$deadline" ]; then break; fi
+        sleep 0.2
+    done
+    for pid in "${alive[@]}"; do
+        echo "run-local: process $pid did not stop within $STOP_WAIT_S s: its stacks, then" \
+             "killing it" >&2
+        kill -USR1 "$pid" 2>/dev/null || true
+        sleep 1
+        kill -KILL "$pid" 2>/dev/null || true
+    done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 trap 'stop_all; exit 130' INT TERM

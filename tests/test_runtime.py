@@ -110,3 +110,58 @@ def test_appliance_run_under_a_fake_systemd(hamilton: Path, roster_file: Path,  
     assert "present: S001" in output
     events = Store(tmp_path / "data" / "appliance.db").unsent_events(10)
     assert "device_started" in [e.kind for e in events]
+
+
+def _start_appliance(config: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(PYTHONUNBUFFERED="1")
+    env.pop("NOTIFY_SOCKET", None)
+    return subprocess.Popen([sys.executable, "-m", "appliance", "run", "--config", str(config)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _read_until(proc: subprocess.Popen[str], text: str, timeout_s: float = 120) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"no {text!r} in the output:\n{''.join(lines)[-3000:]}")
+
+
+def test_ctrl_c_during_start_up_stops_and_a_second_one_exits_at_once(
+        hamilton: Path, roster_file: Path, model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Ctrl-C while the descriptor process loads its models: the components not yet started
+    are not started, and the device stops. Ctrl-C twice: it exits at once (130)."""
+    config = tmp_path / "appliance.toml"
+    config.write_text(
+        f'[paths]\ndata_dir = "{tmp_path / "data"}"\nmodel_dir = "{model_dir}"\n'
+        f'[camera]\nsource = "{hamilton}"\nloop_file = true\n'
+        f'[recognition]\nroster_file = "{roster_file}"\n'
+        "[web]\nenabled = false\n"
+    )
+    proc = _start_appliance(config)
+    try:
+        _read_until(proc, "starting pipeline")
+        os.killpg(proc.pid, signal.SIGINT)  # the whole group, as a terminal does
+        assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "alert monitor and later components not started" in out, out[-3000:]
+        assert "appliance running" not in out
+        proc = _start_appliance(config)
+        _read_until(proc, "starting pipeline")
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+        assert "second Ctrl-C: exiting now" in (proc.stdout.read() if proc.stdout else "")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -178,6 +178,8 @@ class SyncAgent:
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
+        if self._mqtt is not None:
+            self._mqtt.interrupt()  # a batch waiting for its ack stays in the outbox
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None

@@ -119,6 +119,7 @@ class MqttTransport:
         self._waiters: dict[uuid.UUID, _Waiter] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()  # connected and subscribed to the ack topic
+        self._interrupted = threading.Event()  # the device is stopping: no new sends
         self._ack_sub_mid: int | None = None
         self.last_error: str | None = None
         self.reachable = False
@@ -145,11 +146,27 @@ class MqttTransport:
     def start(self) -> None:
         _LOGGER.info("MQTT: connecting to %s:%s as %s", self._endpoint.host,
                      self._endpoint.port, self._device_id)
+        self._interrupted.clear()
         self._client.connect_async(
             self._endpoint.host, self._endpoint.port, keepalive=self._keepalive_s,
             clean_start=True,
         )
         self._client.loop_start()
+
+    def interrupt(self) -> None:
+        """The device is stopping: end every wait for an ack now, and refuse new sends until
+        :meth:`start`. The batch stays in the outbox and is sent again after the restart (the
+        aggregator drops what it already has); a stop must not wait ``ack_timeout_s`` for an
+        answer it will not use."""
+        self._interrupted.set()
+        self.release_waiters()
+
+    def release_waiters(self) -> None:
+        """End every wait for an ack now, as failed (a disconnect, or :meth:`interrupt`)."""
+        with self._lock:
+            waiting = list(self._waiters.values())
+        for waiter in waiting:
+            waiter.done.set()
 
     def close(self, timeout_s: float = 3.0) -> None:
         """Announce ``offline`` (a clean disconnect does not fire the Last Will) and stop."""
@@ -207,10 +224,7 @@ class MqttTransport:
     ) -> None:
         self._ready.clear()
         self.reachable = False
-        with self._lock:
-            waiting = list(self._waiters.values())
-        for waiter in waiting:  # fail fast: the batch is sent again after the reconnect
-            waiter.done.set()
+        self.release_waiters()  # fail fast: the batch is sent again after the reconnect
         if reason.is_failure:
             self.last_error = f"MQTT disconnected: {reason}"
             _LOGGER.warning("%s (reconnecting)", self.last_error)
@@ -259,6 +273,8 @@ class MqttTransport:
         with self._lock:
             self._waiters[ack_id] = waiter
         try:
+            if self._interrupted.is_set():
+                raise TransportError("stopping")
             info = self._client.publish(topic, payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise TransportError(f"MQTT publish failed: {mqtt.error_string(info.rc)}")

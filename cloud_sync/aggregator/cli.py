@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -150,6 +152,9 @@ def serve(
         overrides["port"] = port
     settings = load_or_exit(config, **overrides)
     _logging(settings.log_level)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: what a server that does not
+    # stop, or hangs, is doing.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     engine, _ = _sessions(settings)  # a clear one-line error before the server starts
     engine.dispose()
     app_ = create_app(settings)

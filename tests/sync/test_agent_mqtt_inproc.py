@@ -106,3 +106,34 @@ def test_poison_record_is_parked_and_does_not_block(
     assert agent.stats.parked == 1
     store.close()
     time.sleep(0.1)
+
+
+def test_stop_does_not_wait_for_an_ack_and_keeps_the_batch(broker: Broker, tmp_path: Path) -> None:
+    """Nobody acks (no bridge): the agent waits for its batch's ack for up to ack_timeout_s.
+    A device that is stopping ends that wait at once; the batch stays in the outbox."""
+    from appliance.store import Store
+    from cloud_sync.agent import SyncAgent
+
+    store = Store(tmp_path / "dev" / "appliance.db")
+    records = make_records(20)
+    fill_store(store, records)
+    watcher = TestClient(broker, "aggregator")  # sees what the device publishes
+    watcher.wait_connected()
+    attendance = device_topic(SITE, ROOM, DEVICE, "attendance")
+    watcher.subscribe(attendance)
+    settings = appliance_settings(tmp_path / "dev", aggregator_url=None, api_key=None,
+                                  mqtt_url=broker.url(DEVICE), ack_timeout_s=120)
+    agent = SyncAgent(settings, store)
+    agent.start()
+    try:
+        wait_until(lambda: watcher.received(attendance), 30, "the batch to be published")
+        time.sleep(0.5)  # the agent is now waiting for the ack
+    finally:
+        t0 = time.monotonic()
+        agent.stop()
+        took = time.monotonic() - t0
+        depth = store.outbox_depth()
+        store.close()
+        watcher.close()
+    assert took < 8, f"stop took {took:.1f} s while a batch waited for its ack"
+    assert depth == len(records)  # nothing acked, nothing lost

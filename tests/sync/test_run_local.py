@@ -4,6 +4,7 @@ printed; Ctrl-C (SIGINT to the process group) stops both."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -40,7 +41,7 @@ def _run(root: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _ctrl_c(proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
+def _ctrl_c(proc: subprocess.Popen[bytes], log: Path) -> None:
     """SIGINT to the group, as Ctrl-C does. Stopping joins each component with its own bound
     (up to ~10 s each); on a loaded 2-core machine that can add up, hence 90 s."""
     os.killpg(proc.pid, signal.SIGINT)
@@ -48,11 +49,24 @@ def _ctrl_c(proc: subprocess.Popen[bytes], log: Path | None = None) -> None:
     try:
         proc.wait(90)
     except subprocess.TimeoutExpired:
+        left = subprocess.run(["ps", "-o", "pid=,stat=,wchan=,cmd=", "-g", str(proc.pid)],
+                              capture_output=True, text=True).stdout
+        # both servers dump their threads' stacks on SIGUSR1 (faulthandler), into the log
+        for line in left.splitlines():
+            pid, cmd = line.split()[0], line.split(maxsplit=3)[-1]
+            if "appliance run" in cmd or "aggregator serve" in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGUSR1)
+        time.sleep(2)
         os.killpg(proc.pid, signal.SIGKILL)  # never leave an appliance running past the test
         proc.wait(10)
-        tail = log.read_text()[-4000:] if log is not None else ""
-        raise AssertionError(f"make run did not stop in 90 s after Ctrl-C:\n{tail}") from None
+        tail = log.read_text()[-6000:]
+        raise AssertionError(f"make run did not stop in 90 s after Ctrl-C; still running:\n"
+                             f"{left}\nlog:\n{tail}") from None
     print(f"make run stopped {time.monotonic() - t0:.1f} s after Ctrl-C")
+    # run-local.sh kills what does not stop within its bound: that is a failure too
+    out = log.read_text()
+    assert "did not stop within" not in out, out[-6000:]
 
 
 def _checkout(tmp_path: Path, model_dir: Path) -> tuple[Path, dict[str, str]]:
@@ -120,7 +134,7 @@ def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None
                    "a heartbeat after the restart", 0.5)
         assert proc.poll() is None, log.read_text()[-3000:]
     finally:
-        _ctrl_c(proc)
+        _ctrl_c(proc, log)
     assert "first run" not in log.read_text().split("run-local: aggregator on")[-1]
     # Nothing left running: both children were in the script's process group. (Helpers such
     # as multiprocessing's resource tracker exit on their own just after their parent; zombies
@@ -163,7 +177,7 @@ def test_make_run_with_mqtt_urls_uses_mqtt(tmp_path: Path, model_dir: Path) -> N
         assert "MQTT connected" in log.read_text()
         assert broker.passwords["pi-local"] not in log.read_text()
     finally:
-        _ctrl_c(proc)
+        _ctrl_c(proc, log)
         wait_until(lambda: watcher.received(status)[-1:] == [b"offline"], 15, "offline")
         watcher.close()
         broker.stop()
