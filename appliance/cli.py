@@ -123,7 +123,7 @@ def replay(
     import json
 
     from appliance.capture import SourceError, VideoFileSource
-    from appliance.pipeline import replay_video
+    from appliance.replay import replay_video
 
     settings = load_or_exit(config)
     setup_logging("WARNING" if as_json else settings.log_level)

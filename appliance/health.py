@@ -9,9 +9,10 @@ Each component is ``healthy``, ``degraded``, ``unhealthy`` or ``not_configured``
 (the boolean) is false only for ``unhealthy``. The overall status is the worst of the configured
 components. Messages never carry names, faces, URLs or error texts that may contain credentials.
 
-The structural types the status page, health and alerts consume (the pipeline, the store, the
-sync agent's status) are declared here as Protocols, so health depends on what it reads and not
-on the concrete classes (the tests pass small fakes of the host readings and sync status).
+The pipeline's status is :class:`appliance.status.PipelineStatus` itself; what the status page,
+health and alerts consume of the pipeline object, the store and the sync agent's status are
+declared here as Protocols, so health depends on what it reads and not on the concrete classes
+(the tests pass small fakes of the pipeline, the host readings and the sync status).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 
 import appliance
 from appliance.config import ApplianceSettings
+from appliance.status import PipelineStatus
 from appliance.store import WriteFailure
 from appliance.system import SystemSnapshot
 from cloud_sync.protocol import Event
@@ -53,31 +55,8 @@ CAMERA_TRANSIENT = ("starting", "reopening")
 
 # --- what we consume (structural types) ---------------------------------------------------------
 
-class PresentEntryLike(Protocol):
-    student_id: str
-    name: str
-    first_seen: datetime
-    confidence: float
-
-
-class PipelineStatusLike(Protocol):
-    camera_source: str
-    camera_state: str
-    last_frame_at: datetime | None
-    frames: int
-    fps: float
-    stage_ms: Mapping[str, float]
-    room_id: str
-    course_id: str | None
-    course_name: str | None
-    present: Sequence[PresentEntryLike]
-    unknown_count: int
-    tracks_active: int
-    started_at: datetime
-
-
 class PipelineSource(Protocol):
-    def status(self) -> PipelineStatusLike: ...
+    def status(self) -> PipelineStatus: ...
     def latest_preview_jpeg(self) -> bytes | None: ...
 
 
@@ -140,7 +119,7 @@ def _fmt_age(seconds: float) -> str:
 
 # --- individual checks -------------------------------------------------------------------------
 
-def check_camera(st: PipelineStatusLike, now: datetime, offline_s: float) -> ComponentHealth:
+def check_camera(st: PipelineStatus, now: datetime, offline_s: float) -> ComponentHealth:
     details: dict[str, Any] = {"state": st.camera_state, "fps": round(st.fps, 2)}
     age = _age_s(st.last_frame_at, now)
     if age is not None:
@@ -154,7 +133,7 @@ def check_camera(st: PipelineStatusLike, now: datetime, offline_s: float) -> Com
     return ComponentHealth(UNHEALTHY, f"camera {st.camera_state}", details)
 
 
-def _stage_check(st: PipelineStatusLike, stage: str, what: str) -> ComponentHealth | None:
+def _stage_check(st: PipelineStatus, stage: str, what: str) -> ComponentHealth | None:
     ms = st.stage_ms.get(stage)
     if ms is None:
         return None
@@ -163,7 +142,7 @@ def _stage_check(st: PipelineStatusLike, stage: str, what: str) -> ComponentHeal
     return None
 
 
-def check_detector(st: PipelineStatusLike) -> ComponentHealth:
+def check_detector(st: PipelineStatus) -> ComponentHealth:
     details: dict[str, Any] = {"frames": st.frames}
     if "detect" in st.stage_ms:
         details["detect_ms"] = round(st.stage_ms["detect"], 1)
@@ -178,7 +157,7 @@ def check_detector(st: PipelineStatusLike) -> ComponentHealth:
     return ComponentHealth(HEALTHY, f"{st.frames} frames processed", details)
 
 
-def check_recogniser(st: PipelineStatusLike) -> ComponentHealth:
+def check_recogniser(st: PipelineStatus) -> ComponentHealth:
     details: dict[str, Any] = {"class_in_session": st.course_id is not None,
                                "recognised": len(st.present), "unknown": st.unknown_count}
     if "embed" in st.stage_ms:

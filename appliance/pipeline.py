@@ -12,15 +12,14 @@ Threads:
   ``recognition.max_embeddings_per_track`` per track and ``recognition.max_embeddings_per_frame``
   per frame, never for every face of every frame.
 * embedding (:meth:`Pipeline._embed_loop`): hands the queued crops to a child process
-  (:class:`EmbedderProcess`) that computes the dlib descriptors. A descriptor costs 20x a
-  detection (~85 ms here, ~0.4 s on a Pi 4) and dlib holds the GIL while it runs, so in a
-  thread it would stall detection; in its own process it runs on another core, and tracking
-  keeps up with the camera while a face is being recognised. If the child dies it is
-  restarted; the descriptors it was computing are lost, never the pipeline.
+  (:class:`appliance.vision.embedder_process.EmbedderProcess`) that computes the descriptors
+  on another core; if the child dies it is restarted and the pipeline goes on.
 
-Callers on other threads (status page, watchdog) use :meth:`Pipeline.status` and
-:meth:`Pipeline.latest_preview_jpeg`, which encodes an annotated frame only when asked, at
-most ~2 times a second.
+Callers on other threads (status page, watchdog) use :meth:`Pipeline.status`
+(:mod:`appliance.status`) and :meth:`Pipeline.latest_preview_jpeg` (:mod:`appliance.preview`),
+which encodes an annotated frame only when asked, at most ~2 times a second. The roster comes
+from a :class:`appliance.recognition.RosterProvider`; `appliance replay` is
+:mod:`appliance.replay`.
 """
 
 from __future__ import annotations
@@ -29,37 +28,43 @@ import contextlib
 import logging
 import os
 import queue
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
 from appliance import metrics
 from appliance.capture import CaptureWorker, Frame, FrameSource, source_from_config
-from appliance.config import ApplianceSettings
+from appliance.config import ApplianceSettings, DetectorConfig
 from appliance.decision import Debouncer, Decision, Sample, TrackVote
+from appliance.preview import Preview
+from appliance.recognition import (
+    FileRosterProvider,
+    Matcher,
+    Roster,
+    RosterEmbedderError,
+    RosterProvider,
+    check_embedder,
+)
+from appliance.status import PipelineStatus, PresentEntry, StageTimer
 from appliance.store import Store, boot_id, clock_synced
 from appliance.tracking import CutDetector, Track, Tracker
 from appliance.vision.detector import Detection, FaceDetector
+from appliance.vision.embedder_process import EMBED_TIMEOUT_S, EmbedderProcess, InProcessEmbedder
+from appliance.vision.embedding import Embedder
 from cloud_sync.protocol import EMBEDDING_DIM, AttendanceRecord
+
+if TYPE_CHECKING:
+    from appliance.events import ClassroomEvents
 
 _LOGGER = logging.getLogger(__name__)
 
-STAGES = ("decode", "detect", "track", "embed", "match")
-PREVIEW_MIN_INTERVAL_S = 0.5
-PREVIEW_MAX_WIDTH = 960
 PROVIDER_PERIOD_S = 1.0
 STALL_S = 30.0
 REPLAY_MAX_LAG_FRAMES = 24
@@ -67,311 +72,10 @@ REFRESH_QUALITY_RATIO = 0.9  # a refresh descriptor needs a crop this close to t
 CROP_MARGIN = 1.0  # context kept around a face crop (in face sizes), as the embedder keeps
 
 
-# --- descriptors in a child process ---------------------------------------------------------
-
-EMBED_TIMEOUT_S = 30.0
-EMBEDDER_START_TIMEOUT_S = 120.0
-
-
-def _embedder_main(conn: Any, model_dir: str, detector_model: str, name: str) -> None:
-    """Child process: load the configured embedder's models, then answer (crop, box, keypoints)
-    requests with (descriptor, ms, peak RSS MB) until it receives None or the pipe closes."""
-    import resource
-
-    from appliance.vision.embedding import create_embedder
-
-    embedder = create_embedder(name, Path(model_dir), detector_model=detector_model)
-    conn.send("ready")
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        crop, box, keypoints = request
-        t0 = time.perf_counter()
-        det = Detection(tuple(box), 1.0, keypoints)
-        try:
-            vector = embedder.embed(crop, [det])[0]
-        except Exception as err:  # answer, so the parent is not left waiting
-            conn.send(("error", str(err)))
-            continue
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        conn.send((vector, (time.perf_counter() - t0) * 1e3,
-                   (_own_peak_rss_mb(usage.ru_maxrss / 1024.0),
-                    usage.ru_utime + usage.ru_stime)))
-
-
-def _own_peak_rss_mb(fallback: float) -> float:
-    """This process's own peak RSS (VmHWM): ru_maxrss of a child started by (v)fork + exec
-    also counts the parent's peak before the exec, which would double-count it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return fallback
-
-
-def _embedder_child(fd: int, model_dir: str, detector_model: str, name: str) -> None:
-    """Entry point of the child (``python -c``): serve on the inherited socket ``fd``.
-    Ctrl-C reaches the whole process group: the parent stops the child, so it ignores it."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _embedder_main(Connection(fd), model_dir, detector_model, name)
-
-
-_CHILD_CODE = (
-    "import sys; from appliance.pipeline import _embedder_child; "
-    "_embedder_child(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])"
-)
-
-
-class EmbedderProcess:
-    """The configured embedder (:func:`appliance.vision.embedding.create_embedder`: SFace or
-    dlib) in a child process, one request at a time over a socket pair (multiprocessing's
-    Connection: pickled numpy arrays).
-
-    The child is a fresh interpreter (``python -c``), not a fork: no thread or lock of the
-    parent is inherited, and unlike multiprocessing's spawn it never re-imports the caller's
-    main script."""
-
-    def __init__(self, model_dir: Path, detector_model: str = "full_range",
-                 name: str = "sface") -> None:
-        self.model_dir, self.detector_model, self.name = Path(model_dir), detector_model, name
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._conn: Any = None
-        self.restarts = 0
-        self.peak_rss_mb = 0.0
-        self.cpu_s = 0.0  # the child's CPU time (user + system) at its latest answer
-
-    def start(self, timeout: float = EMBEDDER_START_TIMEOUT_S) -> bool:
-        """Start the child and wait until its models are loaded; False if it did not come up."""
-        parent_sock, child_sock = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ,
-               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _CHILD_CODE, str(child_sock.fileno()),
-                 str(self.model_dir), self.detector_model, self.name],
-                pass_fds=(child_sock.fileno(),), env=env, stdin=subprocess.DEVNULL)
-        except OSError as err:
-            _LOGGER.error("cannot start the descriptor process: %s", err)
-            parent_sock.close()
-            return False
-        finally:
-            child_sock.close()
-        parent = Connection(parent_sock.detach())
-        self._proc, self._conn = proc, parent
-        try:
-            if parent.poll(timeout) and parent.recv() == "ready":
-                _LOGGER.info("descriptor process %d ready", proc.pid)
-                return True
-        except (EOFError, OSError) as err:
-            _LOGGER.error("descriptor process failed to start: %s", err)
-        else:
-            _LOGGER.error("descriptor process not ready after %.0f s", timeout)
-        self.stop()
-        return False
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def embed(self, crop: np.ndarray, det: Detection) -> tuple[np.ndarray | None, float]:
-        """(descriptor or None, child ms). A dead or stuck child is restarted."""
-        if not self.alive() and not self._restart():
-            return None, 0.0
-        try:
-            self._conn.send((crop, det.box, det.keypoints))
-            if not self._conn.poll(EMBED_TIMEOUT_S):
-                raise TimeoutError(f"no descriptor after {EMBED_TIMEOUT_S:.0f} s")
-            answer = self._conn.recv()
-        except (EOFError, OSError, TimeoutError) as err:
-            _LOGGER.error("descriptor process failed (%s): restarting it", err)
-            self._restart()
-            return None, 0.0
-        if isinstance(answer[0], str):
-            _LOGGER.warning("descriptor failed: %s", answer[1])
-            return None, 0.0
-        vector, ms, (rss, cpu_s) = answer
-        self.peak_rss_mb = max(self.peak_rss_mb, float(rss))
-        self.cpu_s = float(cpu_s)
-        return np.asarray(vector, dtype=np.float32), float(ms)
-
-    def _restart(self) -> bool:
-        self.stop()
-        self.restarts += 1
-        return self.start()
-
-    def stop(self) -> None:
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if conn is not None:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send(None)
-            conn.close()
-        if proc is not None:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-class _InProcessEmbedder:
-    """Adapter for an embedder object given to the pipeline (tests, tools)."""
-
-    def __init__(self, embedder: Any) -> None:
-        self.embedder = embedder
-        self.peak_rss_mb = 0.0
-        self.cpu_s = 0.0  # counted in the caller's own process time
-
-    def start(self, timeout: float = 0.0) -> bool:
-        return True
-
-    def alive(self) -> bool:
-        return True
-
-    def embed(self, crop: np.ndarray, det: Detection) -> tuple[np.ndarray | None, float]:
-        t0 = time.perf_counter()
-        vector = np.asarray(self.embedder.embed(crop, [det]), dtype=np.float32)[0]
-        return vector, (time.perf_counter() - t0) * 1e3
-
-    def stop(self) -> None:
-        pass
-
-
-# --- roster providers -----------------------------------------------------------------------
-
-class RosterProvider(Protocol):
-    def current(self, now: datetime) -> tuple[str | None, str | None, Any]:
-        """(course_id, course_name, Roster) of the class in the room at ``now``."""
-
-
-def _empty_roster() -> Any:
-    from appliance.recognition import Roster
-
-    return Roster.empty()
-
-
-class FileRosterProvider:
-    """A roster.json made by `appliance roster build` (setting ``recognition.roster_file``).
-
-    Re-read when the file changes (checked at most every 5 s). A missing or unreadable file
-    means an empty roster: everyone is unknown, and :attr:`error` says why."""
-
-    CHECK_S = 5.0
-
-    def __init__(self, path: Path | None, course_id: str | None = None,
-                 course_name: str | None = None) -> None:
-        self.path = Path(path) if path else None
-        self.course_id, self.course_name = course_id, course_name
-        self.error: str | None = None
-        self._roster: Any = None
-        self._mtime: float | None = None
-        self._checked = 0.0
-        self._lock = threading.Lock()
-        self._load()
-
-    def _load(self) -> None:
-        from appliance.recognition import Roster
-
-        if self.path is None:
-            self._roster, self.error = Roster.empty(), "no roster configured"
-            return
-        try:
-            mtime = self.path.stat().st_mtime
-        except OSError:
-            if self._roster is None or self._mtime is not None:
-                _LOGGER.warning("roster file %s not found: everyone is unknown", self.path)
-            self._roster, self._mtime = Roster.empty(), None
-            self.error = f"roster file {self.path} not found"
-            return
-        if mtime == self._mtime and self._roster is not None:
-            return
-        try:
-            roster = Roster.load(self.path)
-        except (OSError, ValueError) as err:
-            _LOGGER.error("roster file %s unreadable: %s", self.path, err)
-            self._roster, self._mtime = Roster.empty(), mtime
-            self.error = f"roster file {self.path} unreadable: {err}"
-            return
-        self._roster, self._mtime, self.error = roster, mtime, None
-        _LOGGER.info("roster %s: %d students", self.path, len(roster.student_ids))
-
-    def current(self, now: datetime) -> tuple[str | None, str | None, Any]:
-        with self._lock:
-            mono = time.monotonic()
-            if mono - self._checked >= self.CHECK_S:
-                self._checked = mono
-                self._load()
-            return self.course_id, self.course_name, self._roster
-
-
-# --- status ---------------------------------------------------------------------------------
-
-@dataclass
-class PresentEntry:
-    student_id: str
-    name: str
-    first_seen: datetime
-    confidence: float
-
-
 def _descriptor(vector: np.ndarray | None) -> list[float] | None:
     if vector is None or vector.shape != (EMBEDDING_DIM,) or not np.all(np.isfinite(vector)):
         return None
     return [float(v) for v in vector]
-
-
-@dataclass
-class PipelineStatus:
-    camera_source: str
-    camera_state: str  # "ok" | "reopening" | "failed" | "ended" | "starting"
-    last_frame_at: datetime | None
-    frames: int
-    fps: float
-    stage_ms: dict[str, float]  # decode, detect, track, embed, match (recent means per frame)
-    room_id: str
-    course_id: str | None
-    course_name: str | None
-    present: list[PresentEntry]  # recognised in the current class so far
-    unknown_count: int
-    tracks_active: int
-    started_at: datetime
-    # additions beyond the interface contract (defaults keep it compatible):
-    roster_size: int = 0  # students in the active roster; 0: everyone is unknown
-    note: str | None = None  # e.g. "no roster: every face is unknown"
-    camera_error: str | None = None
-    frames_dropped: int = 0
-
-
-class StageTimer:
-    """Per-stage milliseconds per frame: recent means (last ``window`` frames) and totals."""
-
-    def __init__(self, window: int = 100) -> None:
-        self.recent: dict[str, deque[float]] = {s: deque(maxlen=window) for s in STAGES}
-        self.total: dict[str, float] = dict.fromkeys(STAGES, 0.0)
-        self.frames = 0
-
-    def add(self, ms: dict[str, float]) -> None:
-        self.frames += 1
-        for stage in STAGES:
-            value = ms.get(stage, 0.0)
-            self.recent[stage].append(value)
-            self.total[stage] += value
-
-    def recent_means(self) -> dict[str, float]:
-        return {s: (sum(v) / len(v) if v else 0.0) for s, v in self.recent.items()}
-
-    def total_means(self) -> dict[str, float]:
-        n = max(self.frames, 1)
-        return {s: self.total[s] / n for s in STAGES}
 
 
 @dataclass
@@ -387,6 +91,12 @@ class TrackState:
     in_flight: bool = False  # a crop of this track is queued for / in the embedding thread
     desc_sum: np.ndarray | None = None  # quality-weighted sum of the track's descriptors
     desc_weight: float = 0.0
+
+
+def _label(track: Track) -> str | None:
+    """The name (or "unknown") the track was decided as; None while undecided."""
+    state = track.data.get("state")
+    return state.label if state is not None else None
 
 
 @dataclass
@@ -415,16 +125,7 @@ class RecordedSighting:
     key: uuid.UUID
 
 
-@dataclass
-class _Preview:
-    image: np.ndarray | None = None
-    boxes: list[tuple[tuple[float, float, float, float], str, tuple[int, int, int]]] = field(
-        default_factory=list)
-    jpeg: bytes | None = None
-    encoded_at: float = 0.0
-
-
-def detector_config_for_pipeline(settings: ApplianceSettings) -> Any:
+def detector_config_for_pipeline(settings: ApplianceSettings) -> DetectorConfig:
     """``detector`` settings with the interpreter threads capped at cores - 1: the embedding
     and capture threads run beside detection, and an interpreter thread pool as wide as the
     machine only makes them fight for the cores (on 2 cores: 1 thread is ~1.5x faster here;
@@ -438,7 +139,7 @@ def detector_config_for_pipeline(settings: ApplianceSettings) -> Any:
     return cfg.model_copy(update={"threads": cap})
 
 
-def _classroom_events(settings: ApplianceSettings, store: Store) -> Any:
+def _classroom_events(settings: ApplianceSettings, store: Store) -> ClassroomEvents | None:
     """Occupancy, attention and unknown-face events (``events.enabled``), or None."""
     if not settings.events.enabled:
         return None
@@ -480,8 +181,8 @@ class Pipeline:
         every_frame: bool = False,
         paced: bool = True,
         loop: bool | None = None,
-        detector: Any = None,
-        embedder: Any = None,
+        detector: FaceDetector | None = None,
+        embedder: Embedder | None = None,
         quality: Callable[[np.ndarray, Detection], float] | None = None,
         unknown_sink: Callable[[np.ndarray, np.ndarray, datetime], None] | None = None,
     ) -> None:
@@ -495,8 +196,8 @@ class Pipeline:
         model_dir = settings.paths.model_dir
         self.detector = detector or FaceDetector.from_config(
             detector_config_for_pipeline(settings), model_dir)
-        self.embedder: EmbedderProcess | _InProcessEmbedder = (
-            _InProcessEmbedder(embedder) if embedder is not None
+        self.embedder: EmbedderProcess | InProcessEmbedder = (
+            InProcessEmbedder(embedder) if embedder is not None
             else EmbedderProcess(model_dir, settings.detector.model,
                                  settings.recognition.embedder))
         # `name/model_version` a roster must have been made by (descriptors of another
@@ -529,9 +230,9 @@ class Pipeline:
         self.debouncer = Debouncer(cfg.debounce_s)
         self._seed_debounce(self.started_at)
         self._course: tuple[str | None, str | None] = (None, None)
-        self._roster: Any = None
-        self._offered: Any = None  # the provider's roster (self._roster: empty if refused)
-        self._matcher: Any = None
+        self._roster: Roster | None = None
+        self._offered: Roster | None = None  # the provider's (self._roster: empty if refused)
+        self._matcher: Matcher | None = None
         self._names: dict[str, str] = {}
         self._provider_checked = -1e9
         self._present: dict[str, PresentEntry] = {}
@@ -540,8 +241,7 @@ class Pipeline:
         self._frame_times: deque[float] = deque(maxlen=60)
         self._last_frame_at: datetime | None = None
         self._lock = threading.Lock()
-        self._preview = _Preview()
-        self._preview_lock = threading.Lock()
+        self.preview = Preview()
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
@@ -682,11 +382,9 @@ class Pipeline:
             _LOGGER.exception("roster provider failed")
             if self._matcher is not None:
                 return
-            course_id, course_name, roster = None, None, _empty_roster()
+            course_id, course_name, roster = None, None, Roster.empty()
         if roster is self._offered and (course_id, course_name) == self._course:
             return
-        from appliance.recognition import Matcher, RosterEmbedderError, check_embedder
-
         rcfg = self.settings.recognition
         offered = roster
         try:
@@ -698,7 +396,7 @@ class Pipeline:
             if self.roster_error != str(err):
                 _LOGGER.error("%s", err)
             self.roster_error = str(err)
-            roster = _empty_roster()
+            roster = Roster.empty()
         names = dict(zip(roster.student_ids, roster.names, strict=False))
         matcher = Matcher(roster, rcfg.match_threshold(), rcfg.match_margin(),
                           metric=self.embedder_spec.metric)
@@ -767,10 +465,9 @@ class Pipeline:
             self._last_frame_at = now
             fps = self._fps_locked()
         metrics.FPS.set(fps)
-        self._keep_preview(image, tracks)
+        self.preview.keep(image, [(t.box, t.track_id, _label(t)) for t in tracks if t.matched])
         if self.events is not None:
-            roster_size = 0 if self._roster is None else len(self._roster.student_ids)
-            self.events.observe(image, now, tracks, self._course[0], roster_size)
+            self.events.observe(image, now, tracks, self._course[0], self.roster_size)
         return tracks
 
     def _wait_for_lagging(self, frame_index: int) -> float:
@@ -815,7 +512,7 @@ class Pipeline:
         that disagrees with the track's earlier ones splits the track (see
         :meth:`_match_and_decide`)."""
         rcfg = self.settings.recognition
-        if self._roster is None or len(self._roster.student_ids) == 0:
+        if self.roster_size == 0:
             return 0
         due: list[tuple[float, Track, TrackState]] = []
         recheck: list[tuple[float, Track, TrackState]] = []
@@ -922,6 +619,7 @@ class Pipeline:
         if not voting:
             return
         jobs = voting
+        assert self._matcher is not None  # the roster was refreshed before any crop was queued
         matches = self._matcher.match(np.stack(means).astype(np.float32))
         for job, match, mean in zip(jobs, matches, means, strict=True):
             track, state, q = job.track, job.state, job.quality
@@ -948,7 +646,7 @@ class Pipeline:
 
     def _decide_without_roster(self, tracks: Sequence[Track]) -> None:
         """With an empty roster nobody can be recognised: a track is unknown at once."""
-        if self._roster is not None and len(self._roster.student_ids) > 0:
+        if self.roster_size > 0:
             return
         for track in tracks:
             state = self._state(track)
@@ -1006,10 +704,15 @@ class Pipeline:
             return 0.0
         return (len(times) - 1) / span if span > 0 else 0.0
 
+    @property
+    def roster_size(self) -> int:
+        """Students in the active roster (0: everyone is unknown)."""
+        roster = self._roster
+        return 0 if roster is None else len(roster.student_ids)
+
     def status(self) -> PipelineStatus:
         cap = self.capture
-        roster = self._roster
-        size = 0 if roster is None else len(roster.student_ids)
+        size = self.roster_size
         note = None
         if size == 0:
             why = self.roster_error or getattr(self.roster_provider, "error", None)
@@ -1029,128 +732,7 @@ class Pipeline:
                 frames_dropped=cap.dropped,
             )
 
-    # -- preview --------------------------------------------------------------------------------
-    def _keep_preview(self, image: np.ndarray, tracks: Sequence[Track]) -> None:
-        boxes = []
-        for track in tracks:
-            if not track.matched:
-                continue
-            state = track.data.get("state")
-            label = state.label if state is not None and state.label else f"#{track.track_id}"
-            colour = (0, 200, 0) if state is not None and state.label not in (None, "unknown") \
-                else (0, 0, 230) if label == "unknown" else (0, 200, 230)
-            boxes.append((track.box, label, colour))
-        with self._preview_lock:
-            self._preview.image = image  # a reference: frames are never modified in place
-            self._preview.boxes = boxes
-
+    # -- preview -------------------------------------------------------------------------------
     def latest_preview_jpeg(self) -> bytes | None:
-        """The latest frame with boxes and names, as JPEG; encoded on demand in the caller's
-        thread, at most every 0.5 s (a cached copy in between). None before the first frame."""
-        with self._preview_lock:
-            p = self._preview
-            now = time.monotonic()
-            if p.jpeg is not None and now - p.encoded_at < PREVIEW_MIN_INTERVAL_S:
-                return p.jpeg
-            if p.image is None:
-                return p.jpeg
-            image, boxes = p.image, list(p.boxes)
-        jpeg = _annotate_jpeg(image, boxes)
-        with self._preview_lock:
-            self._preview.jpeg, self._preview.encoded_at = jpeg, time.monotonic()
-        return jpeg
-
-
-def _annotate_jpeg(image: np.ndarray, boxes: Sequence[tuple[tuple[float, float, float, float],
-                                                            str, tuple[int, int, int]]]) -> bytes:
-    scale = min(1.0, PREVIEW_MAX_WIDTH / image.shape[1])
-    canvas = (cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-              if scale < 1.0 else image.copy())
-    for box, label, colour in boxes:
-        x1, y1, x2, y2 = (int(np.rint(v * scale)) for v in box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, 2)
-        cv2.putText(canvas, label, (x1, max(12, y1 - 6)), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                    colour, 1, cv2.LINE_AA)
-    ok, buf = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 80])
-    return buf.tobytes() if ok else b""
-
-
-# --- replay -----------------------------------------------------------------------------------
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MB: its own (VmHWM) where Linux says it,
-    else ru_maxrss (which, in a process started by (v)fork + exec, includes its parent's peak:
-    a replay started from a large test process would report that process's size)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(_own_peak_rss_mb(peak / (1024 * 1024 if sys.platform == "darwin" else 1024)),
-                 1)
-
-
-def replay_video(
-    settings: ApplianceSettings,
-    video: Path,
-    roster: Path | None,
-    *,
-    realtime: bool = False,
-    store_path: Path | None = None,
-    timeout_s: float | None = None,
-) -> dict[str, Any]:
-    """The full pipeline over every frame of a video file; the report `appliance replay`
-    prints. Records go to ``store_path`` or to a throw-away store."""
-    import tempfile
-
-    from appliance.capture import VideoFileSource
-
-    with tempfile.TemporaryDirectory(prefix="replay-") as tmp:
-        store = Store(store_path or Path(tmp) / "replay.db")
-        provider = FileRosterProvider(roster)
-        if roster is not None and provider.error:
-            store.close()
-            raise FileNotFoundError(provider.error)
-        pipeline = Pipeline(settings, store, provider, source=VideoFileSource(video),
-                            every_frame=True, paced=realtime, loop=False)
-        pipeline.capture.fail_fast = True  # a damaged file is an error, not a reopen loop
-        pipeline.start()  # returns once the descriptor process has loaded its models
-        t0, cpu0, child_cpu0 = time.perf_counter(), time.process_time(), pipeline.embedder.cpu_s
-        try:
-            finished = pipeline.wait_finished(timeout_s)
-            elapsed = time.perf_counter() - t0
-            cpu_s = time.process_time() - cpu0 + pipeline.embedder.cpu_s - child_cpu0
-        finally:
-            pipeline.stop()
-            store.close()
-    cap = pipeline.capture
-    if pipeline.error is not None:
-        raise RuntimeError(f"replay failed: {pipeline.error}") from pipeline.error
-    if cap.fatal_error is not None or cap.frames_read == 0:
-        raise ValueError(cap.fatal_error or cap.last_error or f"{video}: no frame could be read")
-    frames = pipeline.timer.frames
-    return {
-        "video": str(video),
-        "frames": frames,
-        "complete": bool(finished),
-        "seconds": round(elapsed, 3),
-        "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0,
-        "cpu_ms_per_frame": round(cpu_s * 1e3 / max(frames, 1), 2),  # all threads + child
-        "stage_ms": {k: round(v, 3) for k, v in pipeline.timer.total_means().items()},
-        "records": [
-            {"student_id": r.student_id, "name": r.name,
-             "first_seen_s": None if r.pts_s is None else round(r.pts_s, 3),
-             "confidence": round(r.confidence, 4),
-             "distance": None if r.distance is None else round(r.distance, 4)}
-            for r in pipeline.recorded
-        ],
-        "unknown_tracks": pipeline.unknown_tracks,
-        "tracks": pipeline.tracker.total_tracks,
-        "cuts": pipeline.cut_detector.cuts,
-        "track_splits": pipeline.splits,
-        "reverified": pipeline.reverified,
-        "embeddings": pipeline.embeddings,
-        "roster_size": 0 if pipeline._roster is None else len(pipeline._roster.student_ids),
-        "peak_rss_mb": peak_rss_mb(),  # this process
-        "embedder_peak_rss_mb": round(pipeline.embedder.peak_rss_mb, 1),  # descriptor child
-        "events": None if pipeline.events is None else pipeline.events.status(),
-    }
+        """The latest frame with boxes and names, as JPEG (:meth:`Preview.latest_jpeg`)."""
+        return self.preview.latest_jpeg()

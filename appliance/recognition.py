@@ -21,10 +21,13 @@ import logging
 import math
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -172,6 +175,73 @@ class Roster:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+
+# --- which roster is current -------------------------------------------------------------------
+
+class RosterProvider(Protocol):
+    """What the pipeline asks, about once a second, for the class in the room and its roster:
+    :class:`FileRosterProvider` here, ``cloud_sync.agent.ScheduleRosterProvider`` (the class
+    scheduled now, from the schedule the sync agent caches) on a device with an aggregator."""
+
+    def current(self, now: datetime) -> tuple[str | None, str | None, Roster]:
+        """(course_id, course_name, Roster) of the class in the room at ``now``."""
+        ...
+
+
+class FileRosterProvider:
+    """A roster.json made by `appliance roster build` (setting ``recognition.roster_file``).
+
+    Re-read when the file changes (checked at most every 5 s). A missing or unreadable file
+    means an empty roster: everyone is unknown, and :attr:`error` says why."""
+
+    CHECK_S = 5.0
+
+    def __init__(self, path: Path | None, course_id: str | None = None,
+                 course_name: str | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.course_id, self.course_name = course_id, course_name
+        self.error: str | None = None
+        self._roster: Roster | None = None
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        if self.path is None:
+            self._roster, self.error = Roster.empty(), "no roster configured"
+            return
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            if self._roster is None or self._mtime is not None:
+                _LOGGER.warning("roster file %s not found: everyone is unknown", self.path)
+            self._roster, self._mtime = Roster.empty(), None
+            self.error = f"roster file {self.path} not found"
+            return
+        if mtime == self._mtime and self._roster is not None:
+            return
+        try:
+            roster = Roster.load(self.path)
+        except (OSError, ValueError) as err:
+            _LOGGER.error("roster file %s unreadable: %s", self.path, err)
+            self._roster, self._mtime = Roster.empty(), mtime
+            self.error = f"roster file {self.path} unreadable: {err}"
+            return
+        self._roster, self._mtime, self.error = roster, mtime, None
+        _LOGGER.info("roster %s: %d students", self.path, len(roster.student_ids))
+
+    def current(self, now: datetime) -> tuple[str | None, str | None, Roster]:
+        with self._lock:
+            mono = time.monotonic()
+            if mono - self._checked >= self.CHECK_S:
+                self._checked = mono
+                self._load()
+            assert self._roster is not None  # _load always sets one
+            return self.course_id, self.course_name, self._roster
+
+
+# --- matching -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Match:

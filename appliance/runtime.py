@@ -33,7 +33,8 @@ from typing import Any
 
 import appliance
 from appliance.config import ApplianceSettings
-from appliance.pipeline import FileRosterProvider, Pipeline
+from appliance.pipeline import Pipeline
+from appliance.recognition import FileRosterProvider
 from appliance.store import Store
 from appliance.watchdog import Notifier, watchdog_interval_s
 from cloud_sync.protocol import Event

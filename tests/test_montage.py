@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load
-from appliance.pipeline import replay_video
 from appliance.recognition import Roster
+from appliance.replay import replay_video
 from bench.montage import Montage, build
 from cloud_sync.protocol import RosterEntry
 

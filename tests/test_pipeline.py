@@ -13,7 +13,9 @@ import pytest
 
 from appliance.capture import VideoFileSource
 from appliance.config import ApplianceSettings, load
-from appliance.pipeline import FileRosterProvider, Pipeline, crop_for_embedding, replay_video
+from appliance.pipeline import Pipeline, crop_for_embedding
+from appliance.recognition import FileRosterProvider
+from appliance.replay import replay_video
 from appliance.store import Store
 from cloud_sync.protocol import AttendanceRecord
 
@@ -180,8 +182,8 @@ def test_embedder_process_survives_being_killed(hamilton: Path, model_dir: Path,
                                                 name: str) -> None:
     """The descriptor child hosts whichever embedder is configured: same numbers as in
     process, and a killed child is restarted."""
-    from appliance.pipeline import EmbedderProcess
     from appliance.vision.detector import FaceDetector
+    from appliance.vision.embedder_process import EmbedderProcess
     from appliance.vision.embedding import create_embedder
 
     cap = cv2.VideoCapture(str(hamilton))

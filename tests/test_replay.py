@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load
-from appliance.pipeline import replay_video
+from appliance.replay import replay_video
 from appliance.store import Store
 from tests.test_pipeline import hamilton, roster_file  # noqa: F401  (fixtures)
 

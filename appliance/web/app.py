@@ -214,9 +214,8 @@ class StatusView:
             "now": self._local(now, "%Y-%m-%d %H:%M:%S %Z"),
             "course_id": st.course_id,
             "course_name": st.course_name,
-            # optional extras of the real pipeline's status (not in the contract)
-            "roster_size": getattr(st, "roster_size", None),
-            "note": getattr(st, "note", None),
+            "roster_size": st.roster_size,
+            "note": st.note,
             "camera": {
                 "source": mask_url(st.camera_source),
                 "state": st.camera_state,
@@ -224,10 +223,9 @@ class StatusView:
                 "fps": _round(st.fps),
                 "frames": st.frames,
                 "last_frame_at": self._local(st.last_frame_at),
-                "error": _mask_optional(getattr(st, "camera_error", None)),
+                "error": _mask_optional(st.camera_error),
                 "preview_note": preview_note(
-                    st.camera_state, st.frames,
-                    _mask_optional(getattr(st, "camera_error", None))),
+                    st.camera_state, st.frames, _mask_optional(st.camera_error)),
             },
             "stage_ms": {name: _round(ms) for name, ms in st.stage_ms.items()},
             "present": [

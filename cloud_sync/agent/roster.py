@@ -10,20 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from cloud_sync.protocol import ClassSession, Event, ScheduleResponse
 
 if TYPE_CHECKING:
-    from appliance.recognition import Roster
+    from appliance.recognition import Roster, RosterProvider
     from appliance.store import Store
 
 _LOGGER = logging.getLogger(__name__)
-
-
-class _Provider(Protocol):
-    def current(self, now: datetime) -> tuple[str | None, str | None, Any]: ...
 
 
 def pick_session(
@@ -45,7 +41,7 @@ def pick_session(
 
 
 class ScheduleRosterProvider:
-    """``RosterProvider`` over the schedule cached in the store (see appliance.pipeline).
+    """``RosterProvider`` over the schedule cached in the store (appliance.recognition).
 
     ``fallback`` (e.g. a FileRosterProvider) answers when no schedule of the day is cached.
     Each change of class is written to the outbox as a ``roster_switched`` event.
@@ -59,7 +55,7 @@ class ScheduleRosterProvider:
         device_id: str,
         room_id: str,
         early_arrival_s: float = 600.0,
-        fallback: _Provider | None = None,
+        fallback: RosterProvider | None = None,
     ) -> None:
         self._store = store
         self._tz = ZoneInfo(timezone)
@@ -109,7 +105,7 @@ class ScheduleRosterProvider:
             schedule = self._schedule_for(now)
             if schedule is None:
                 if self._fallback is not None:
-                    return self._fallback.current(now)  # type: ignore[return-value]
+                    return self._fallback.current(now)
                 result: tuple[str | None, str | None, Roster] = (None, None, Roster.empty())
             else:
                 session = pick_session(schedule.sessions, now, self._early_arrival_s)

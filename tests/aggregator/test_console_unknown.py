@@ -68,7 +68,8 @@ def replayed_unknowns(faces_dir: Path, model_dir: Path,
     roster of someone who is not in it (every track there ends "unknown"); replayed once for
     both database backends."""
     from appliance.capture.opencv import VideoFileSource
-    from appliance.pipeline import FileRosterProvider, Pipeline
+    from appliance.pipeline import Pipeline
+    from appliance.recognition import FileRosterProvider
     from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
 

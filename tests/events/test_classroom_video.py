@@ -13,7 +13,8 @@ import pytest
 from appliance.capture import VideoFileSource
 from appliance.config import ApplianceSettings, load
 from appliance.events.unknown import UnknownFaces
-from appliance.pipeline import FileRosterProvider, Pipeline
+from appliance.pipeline import Pipeline
+from appliance.recognition import FileRosterProvider
 from appliance.store import Store
 from cloud_sync.protocol import Event
 from tests.test_pipeline import hamilton, roster_file  # noqa: F401  (fixtures)

@@ -1,12 +1,12 @@
 """Fixtures for the status page tests: settings in a tmp data dir, a real Store, and a small
-in-test pipeline implementing the status contract (the real Pipeline is used end to end in
-test_browser.py)."""
+in-test pipeline that serves a real PipelineStatus the test sets (the real Pipeline is used end
+to end in test_browser.py)."""
 
 from __future__ import annotations
 
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,36 +15,12 @@ import numpy as np
 import pytest
 
 from appliance.config import ApplianceSettings, load
+from appliance.status import PipelineStatus
+from appliance.status import PresentEntry as Present
 from appliance.store import Store
 from appliance.system import SystemSnapshot
 
-
-@dataclass
-class Present:
-    student_id: str
-    name: str
-    first_seen: datetime
-    confidence: float
-
-
-@dataclass
-class Status:
-    camera_source: str = "rtsp://admin:hunter2@10.0.0.9/stream"
-    camera_state: str = "ok"
-    last_frame_at: datetime | None = None
-    frames: int = 120
-    fps: float = 7.5
-    stage_ms: dict[str, float] = field(
-        default_factory=lambda: {"decode": 3.0, "detect": 21.5, "track": 0.4, "embed": 30.2,
-                                 "match": 0.1})
-    room_id: str = "LAB-301"
-    course_id: str | None = "CS101"
-    course_name: str | None = "Intro to Computing"
-    present: list[Present] = field(default_factory=list)
-    unknown_count: int = 2
-    tracks_active: int = 1
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    camera_error: str | None = None
+__all__ = ["Present"]  # the tests build present students with it
 
 
 class ScriptedPipeline:
@@ -53,9 +29,14 @@ class ScriptedPipeline:
     def __init__(self) -> None:
         now = datetime.now(UTC)
         self._lock = threading.Lock()
-        self.current = Status(
-            last_frame_at=now,
+        self.current = PipelineStatus(
+            camera_source="rtsp://admin:hunter2@10.0.0.9/stream", camera_state="ok",
+            last_frame_at=now, frames=120, fps=7.5,
+            stage_ms={"decode": 3.0, "detect": 21.5, "track": 0.4, "embed": 30.2,
+                      "match": 0.1},
+            room_id="LAB-301", course_id="CS101", course_name="Intro to Computing",
             present=[Present("s-0042", "Ada Lovelace", now - timedelta(minutes=3), 0.91)],
+            unknown_count=2, tracks_active=1, started_at=now, roster_size=24,
         )
         frame = np.full((120, 160, 3), 60, np.uint8)
         cv2.rectangle(frame, (40, 20), (110, 100), (0, 255, 0), 2)
@@ -66,9 +47,9 @@ class ScriptedPipeline:
             for name, value in changes.items():
                 setattr(self.current, name, value)
 
-    def status(self) -> Status:
+    def status(self) -> PipelineStatus:
         with self._lock:
-            return Status(**self.current.__dict__)
+            return replace(self.current)
 
     def latest_preview_jpeg(self) -> bytes | None:
         return self.jpeg

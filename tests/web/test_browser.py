@@ -55,7 +55,8 @@ def test_status_page_in_chromium(tmp_path: Path, faces_dir: Path, model_dir: Pat
     clip = examples / "short_hamilton_clip.mp4"
     require(clip.is_file(), f"{clip} missing")
     from appliance.capture.opencv import VideoFileSource
-    from appliance.pipeline import FileRosterProvider, Pipeline
+    from appliance.pipeline import Pipeline
+    from appliance.recognition import FileRosterProvider
 
     data_dir = tmp_path / "data"
     roster_file = tmp_path / "roster.json"
