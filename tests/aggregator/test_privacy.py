@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 
 from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.app import create_app
@@ -289,3 +289,37 @@ def test_retention_purge_deletes_old_data_and_records_counts(
         assert session.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.action == "retention.purge")) == 1
 
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite zeroes at the delete
+def test_scrub_waits_for_a_transaction_older_than_the_erasure(sessions: Any, db_url: str) -> None:
+    """PostgreSQL's VACUUM FULL copies a deleted row that an older, still open transaction may
+    see: the scrub waits for such transactions (bounded), so the descriptor leaves the files."""
+    import threading
+
+    from cloud_sync.aggregator.services import privacy
+
+    secret = b"\x5a\xa5" * 256
+    with sessions() as session:
+        session.add(Student(id="S900", name="Erased", created_at=utcnow()))
+        session.flush()
+        session.add(FaceEmbedding(student_id="S900", vector=secret, embedder="sface/test",
+                                  source="test", created_at=utcnow()))
+        session.commit()
+    reader = make_engine(db_url)
+    older = reader.connect()
+    older.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    # its snapshot sees the row; it holds no lock on the face table (which VACUUM would wait for)
+    older.exec_driver_sql("SELECT count(*) FROM students")
+    try:
+        with sessions() as session:
+            session.execute(delete(FaceEmbedding).where(FaceEmbedding.student_id == "S900"))
+            session.commit()
+        closer = threading.Timer(1.5, older.rollback)
+        closer.start()
+        privacy.scrub(sessions.kw["bind"])
+        closer.join()
+    finally:
+        older.close()
+        reader.dispose()
+    assert secret not in _database_bytes(sessions, db_url)

@@ -10,7 +10,8 @@
 Deleted face data is also scrubbed from the database files: SQLite runs with
 ``secure_delete`` (deleted content is zeroed) and its WAL is checkpointed and truncated after
 an erasure; PostgreSQL rewrites the face table (``VACUUM FULL``) so no dead tuple keeps a
-descriptor in the table's files.
+descriptor in the table's files, once every transaction older than the erasure has ended (the
+scrub waits up to ``SCRUB_WAIT_S`` for them).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import csv
 import io
 import logging
 import secrets
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, String, cast, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, String, cast, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import (
@@ -48,6 +50,8 @@ ConsentState = Literal["granted", "withdrawn"]
 ErasurePolicy = Literal["delete", "pseudonymise"]
 # every table that holds descriptors of a student
 FACE_TABLES = ("face_embeddings", "face_negatives", "record_descriptors")
+# How long a scrub waits for transactions older than the erasure to end (see _older_snapshots_gone)
+SCRUB_WAIT_S = 30.0
 
 
 class ConsentOut(BaseModel):
@@ -204,8 +208,31 @@ def scrub(engine: Engine) -> None:
         return
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if not _older_snapshots_gone(conn):
+                _LOGGER.warning(
+                    "privacy: a transaction older than the erasure is still open (see "
+                    "pg_stat_activity); deleted face data it may still see stays in the files "
+                    "until the next scrub (the next withdrawal or erasure)")
             for table in FACE_TABLES:
                 conn.execute(text(f"VACUUM FULL {table}"))
+
+
+def _older_snapshots_gone(conn: Connection, timeout_s: float = SCRUB_WAIT_S) -> bool:
+    """Wait (bounded) until no session's snapshot predates this moment. ``VACUUM FULL`` copies
+    a deleted row that a transaction started before the delete may still see ("recently
+    dead"), and any open snapshot (a report, another process's pool, autovacuum's launcher)
+    counts; the deleting transaction has committed, so every snapshot taken from now on is
+    safe."""
+    now = conn.scalar(text("SELECT txid_current()"))
+    deadline = time.monotonic() + timeout_s
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+        "AND backend_xmin IS NOT NULL AND age(backend_xmin) >= age(CAST(:now AS text)::xid)")
+    while conn.scalar(query, {"now": str(int(now) % 2**32)}):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 # ---- subject access ----------------------------------------------------------------------
