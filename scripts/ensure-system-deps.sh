@@ -4,7 +4,8 @@
 #         Raspberry Pi also python3-picamera2 (picamera2 needs libcamera's Python bindings,
 #         which only Raspberry Pi OS packages; the Makefile then makes the venv with
 #         --system-site-packages so it sees them)
-#   test: what the test suite drives for real: mosquitto, chromium; for the fleet tests the disk
+#   test: what the test suite drives for real: mosquitto, chromium, ffmpeg (recorded
+#         sessions: upload check, browser copy); for the fleet tests the disk
 #         tools (sfdisk, mkfs.vfat/fsck.vfat, mtools, mkfs.ext4/e2fsck/debugfs, xz), sshd and
 #         ssh-keygen (two test hosts), systemd-analyze
 #   image: make image (Debian arm64 from this machine): mmdebstrap, qemu-user-static and
@@ -34,6 +35,7 @@ case "$what" in
   test)
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
     command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
     disk_tools
     [ -x /usr/sbin/sshd ] || need+=(openssh-server)
     command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)

@@ -85,6 +85,9 @@ class CaptureWorker:
         self._thread: threading.Thread | None = None
         self._origin_wall = datetime.now(UTC)
         self._origin_mono = time.monotonic()
+        # a file read unpaced: the wall time of its first frame (a recorded session's start,
+        # so its frames carry the time they were filmed); None: the time start() is called
+        self.file_origin: datetime | None = None
 
     @property
     def description(self) -> str:
@@ -94,7 +97,7 @@ class CaptureWorker:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._origin_wall = datetime.now(UTC)
+        self._origin_wall = self.file_origin or datetime.now(UTC)
         self._origin_mono = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()

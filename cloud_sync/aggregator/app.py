@@ -27,6 +27,7 @@ from cloud_sync.aggregator.api import (
     device,
     ops,
     privacy,
+    recordings,
     reports,
     timelines,
     tokens,
@@ -163,13 +164,14 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     document_errors(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, timelines.router, admin.router,
-                   privacy.router, tokens.router, ops.router, ws.router):
+                   privacy.router, tokens.router, ops.router, ws.router, recordings.router):
         # ``/`` is the web console's (console.mount below), which links the API docs
         app.include_router(router)
 
     upload = settings.max_photo_bytes + MULTIPART_OVERHEAD
     limits = dict.fromkeys(UPLOAD_ROUTES, upload)
     limits[VIDEO_ROUTE] = settings.max_video_bytes + MULTIPART_OVERHEAD
+    limits[recordings.CHUNK_ROUTE] = settings.recording_chunk_max_bytes
     app.add_middleware(GuardMiddleware, router=app.router, default_limit=MAX_JSON_BYTES,
                        limits=limits)
 

@@ -168,6 +168,60 @@ def serve(
     )
 
 
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    burst: Annotated[bool, typer.Option(
+        "--burst", help="Run the queued jobs, then exit (default: wait for more).")] = False,
+    name: Annotated[str | None, typer.Option(
+        help="Worker name in job rows (default: host:pid).", max=200)] = None,
+) -> None:
+    """Process recorded-session jobs: from the database queue, or from Redis (RQ) when
+    redis_url is set (then run as many workers, on as many machines, as the backlog needs).
+    SIGTERM/Ctrl-C: stop after the current job (database queue: the job stops at once and
+    is failed, retryable)."""
+    import signal
+    import threading
+
+    from cloud_sync.aggregator.services import jobqueue
+    from cloud_sync.aggregator.services.ingest import (
+        DESCRIPTOR_DAYS_INFO_KEY,
+        EARLY_ARRIVAL_INFO_KEY,
+    )
+
+    settings = load_or_exit(config)
+    _logging(settings.log_level)
+    engine, _ = _sessions(settings)
+    from cloud_sync.aggregator.db.session import make_session_factory
+
+    sessions = make_session_factory(engine, info={
+        EARLY_ARRIVAL_INFO_KEY: settings.early_arrival_min,
+        DESCRIPTOR_DAYS_INFO_KEY: settings.record_descriptor_days})
+    stop = threading.Event()
+    if settings.redis_url is None:
+        def on_signal(signum: int, _frame: Any) -> None:
+            logging.getLogger(__name__).info("signal %d: stopping", signum)
+            stop.set()
+            jobqueue.STOPPING.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    queue = "redis (RQ)" if settings.redis_url is not None else "database"
+    typer.echo(f"worker on the {queue} queue{' (burst)' if burst else ''}", err=True)
+    try:
+        ran = jobqueue.work(settings, engine, sessions, burst=burst, stop=stop, name=name)
+    except Exception as err:
+        from redis.exceptions import RedisError
+
+        if not isinstance(err, RedisError):
+            raise
+        typer.echo(f"error: Redis unreachable ({err}): check redis_url", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        engine.dispose()
+    typer.echo(f"{ran} job(s) run", err=True)
+
+
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Apply the Alembic migrations (creates the SQLite file if needed)."""

@@ -329,6 +329,104 @@ class AggregatorSettings(TomlSettings):
         title="Dashboard refresh",
         description="Seconds between live refreshes of the console dashboard.",
     )
+    recordings_dir: Path | None = Field(
+        default=None,
+        title="Recordings directory",
+        description="Uploaded session recordings and their browser copies; unset = "
+        "data_dir/recordings. With workers on other machines: a directory they all mount "
+        "at the same path.",
+    )
+    recording_max_bytes: int = Field(
+        default=8 * 1024**3,
+        ge=1024 * 1024,
+        le=200 * 1024**3,
+        title="Largest recording",
+        description="An upload announcing a larger file is refused (413) before any byte.",
+    )
+    recording_chunk_max_bytes: int = Field(
+        default=32 * 1024**2,
+        ge=64 * 1024,
+        le=1024**3,
+        title="Largest upload chunk",
+        description="One PUT of a resumable upload carries at most this many bytes.",
+    )
+    recording_max_duration_s: float = Field(
+        default=6 * 3600.0,
+        ge=10,
+        le=48 * 3600,
+        title="Longest recording (s)",
+        description="The upload check refuses a recording longer than this (a class is "
+        "hours at most: a longer duration is a damaged header).",
+    )
+    recording_min_duration_s: float = Field(
+        default=1.0,
+        ge=0.1,
+        le=3600,
+        title="Shortest recording (s)",
+        description="The upload check refuses a recording shorter than this.",
+    )
+    recording_keep_days: float = Field(
+        default=30.0,
+        ge=0.01,
+        le=3650,
+        title="Recording retention (days)",
+        description="Recording files (original and browser copy) are deleted this many days "
+        "after the upload; the attendance, timelines and instructor results derived from them "
+        "are kept.",
+    )
+    recording_transcode: bool = Field(
+        default=True,
+        title="Browser copy of recordings",
+        description="After analysis a job makes an H.264/AAC MP4 and a poster frame with "
+        "ffmpeg for playback in the console.",
+    )
+    instructor_gap_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600,
+        title="Instructor gap (s)",
+        description="A stretch of a recording at least this long without the instructor's "
+        "face is reported as a gap.",
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        title="Redis URL for the job queue",
+        description="redis://host:6379/0: recording jobs go through RQ on Redis, and any "
+        "number of `aggregator worker` processes on any machines take them; unset = the "
+        "aggregator's own database is the queue (one machine, nothing else to run).",
+    )
+    job_queue_name: str = Field(
+        default="recordings",
+        min_length=1,
+        max_length=64,
+        pattern=IDENTIFIER_PATTERN,
+        title="Job queue name",
+        description="The RQ queue name on Redis (several districts can share a Redis server "
+        "with different names).",
+    )
+    job_lease_s: float = Field(
+        default=120.0,
+        ge=10,
+        le=3600,
+        title="Job heartbeat lease (s)",
+        description="A running job whose worker has not reported for this long is failed "
+        "(\"the worker stopped\") and can be retried.",
+    )
+    job_timeout_s: float = Field(
+        default=12 * 3600.0,
+        ge=60,
+        le=7 * 86_400,
+        title="Job time limit (s)",
+        description="A job running longer than this is stopped and failed.",
+    )
+    worker_poll_s: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=60,
+        title="Worker poll interval (s)",
+        description="How often an idle `aggregator worker` looks for a queued job in the "
+        "database queue.",
+    )
     log_level: str = Field(
         default="INFO",
         pattern="^(DEBUG|INFO|WARNING|ERROR)$",
@@ -386,3 +484,8 @@ EXAMPLE_VALUES: dict[str, object] = {}
 def example() -> str:
     """The documented example file (``config/aggregator.example.toml``)."""
     return example_toml(AggregatorSettings, EXAMPLE_HEADER, EXAMPLE_VALUES)
+
+
+def recordings_dir(settings: AggregatorSettings) -> Path:
+    """Where recording files live: ``recordings_dir``, or ``data_dir/recordings``."""
+    return settings.recordings_dir or settings.data_dir / "recordings"

@@ -270,7 +270,8 @@ def test_retention_purge_deletes_old_data_and_records_counts(
         session.commit()
     with sessions() as session:
         counts = purge(session, settings)
-    assert counts == {"attendance": 1, "events": 1, "dead_letters": 1, "audit": 1}
+    assert counts == {"attendance": 1, "events": 1, "dead_letters": 1, "audit": 1,
+                      "recording_files": 0}
     with sessions() as session:
         assert list(session.scalars(select(Attendance.student_id))) == ["S001"]
         if session.get_bind().dialect.name == "postgresql":
@@ -278,14 +279,14 @@ def test_retention_purge_deletes_old_data_and_records_counts(
         assert session.scalar(select(func.count()).select_from(EventRow)) == 1
         entry = session.scalars(select(AuditLog).where(
             AuditLog.action == "retention.purge")).one()
-        assert entry.detail == "attendance=1 events=1 dead_letters=1 audit=1"
+        assert entry.detail == "attendance=1 events=1 dead_letters=1 audit=1 recording_files=0"
         assert entry.actor == "system"
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
         assert session.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.actor == "token:old")) == 0
     with sessions() as session:  # nothing left to purge: no entry
         assert purge(session, settings) == {"attendance": 0, "events": 0, "dead_letters": 0,
-                                            "audit": 0}
+                                            "audit": 0, "recording_files": 0}
         assert session.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.action == "retention.purge")) == 1
 

@@ -398,3 +398,69 @@ class UnknownFace(Base):
     embedder: Mapped[str] = mapped_column(String(100), doc="`name/model_version` of the vector")
     crop: Mapped[bytes] = mapped_column(LargeBinary, doc="JPEG")
     __table_args__ = (Index("ix_unknown_faces_received", "received_at"),)
+
+
+# ---- recorded sessions (services/recordings.py, services/recording_job.py) ------------------
+
+
+class Recording(Base):
+    """An uploaded session recording: a room's class at a date and time, processed by a job
+    with the device's own pipeline. The file goes after ``recording_keep_days``
+    (``file_deleted_at``); the row and ``result`` (what the job derived) stay."""
+
+    __tablename__ = "recordings"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    room_id: Mapped[str] = mapped_column(ForeignKey("rooms.id"))
+    course_id: Mapped[str] = mapped_column(ForeignKey("courses.id", ondelete="CASCADE"))
+    starts_at: Mapped[datetime] = mapped_column(UtcDateTime(), doc="wall time of the first frame")
+    instructor_id: Mapped[str | None] = mapped_column(
+        ForeignKey("students.id", ondelete="SET NULL"), default=None,
+        doc="the instructor, enrolled like a student: whose presence the job tracks")
+    filename: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigId)
+    received_bytes: Mapped[int] = mapped_column(BigId, default=0)
+    state: Mapped[str] = mapped_column(
+        String(16), doc="uploading | ready | rejected (the check refused it)")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_s: Mapped[float | None] = mapped_column(Float, default=None)
+    width: Mapped[int | None] = mapped_column(Integer, default=None)
+    height: Mapped[int | None] = mapped_column(Integer, default=None)
+    fps: Mapped[float | None] = mapped_column(Float, default=None)
+    video_codec: Mapped[str | None] = mapped_column(String(32), default=None)
+    playback: Mapped[str] = mapped_column(
+        String(16), default="none", doc="none | ready | failed: the browser copy (H.264/AAC)")
+    uploaded_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    file_deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    result: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, default=None, doc="the last completed job's results (attendance counts, "
+        "instructor presence, events)")
+    __table_args__ = (Index("ix_recordings_course_start", "course_id", "starts_at"),
+                      Index("ix_recordings_created", "created_at"))
+
+
+class RecordingJob(Base):
+    """A processing job of a recording. The database row is the job's truth whichever queue
+    delivers it (this database, or Redis with RQ): a worker claims it by a conditional update
+    (queued -> running), so no job runs twice; a running job whose ``heartbeat_at`` is older
+    than ``job_lease_s`` is failed ("worker stopped") and can be retried."""
+
+    __tablename__ = "recording_jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    recording_id: Mapped[str] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(
+        String(16), doc="queued | running | completed | failed | cancelled")
+    phase: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    eta_s: Mapped[float | None] = mapped_column(Float, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    __table_args__ = (Index("ix_recording_jobs_status", "status", "created_at"),
+                      Index("ix_recording_jobs_recording", "recording_id"))

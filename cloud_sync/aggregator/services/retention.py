@@ -7,7 +7,10 @@ one audit entry with the counts (never the contents):
 - device events: ``events_keep_days`` (``services/events.prune_events``);
 - dead letters: ``dead_letter_max_age_days`` (the bridge also prunes by age and count when
   it records one; this purge applies the age when none arrives);
-- the audit log itself: ``audit_keep_days``.
+- the audit log itself: ``audit_keep_days``;
+- recording files (original and browser copy): ``recording_keep_days`` after the upload
+  (``services/recordings.purge_files``); the recording row and the attendance, events and
+  instructor results derived from it are kept.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sqlalchemy.orm import Session
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import Attendance, AttendanceKey, AuditLog, DeadLetter
 from cloud_sync.aggregator.db.session import begin_write
-from cloud_sync.aggregator.services import audit
+from cloud_sync.aggregator.services import audit, recordings
 from cloud_sync.aggregator.services.common import utcnow
 from cloud_sync.aggregator.services.events import prune_events
 
@@ -50,6 +53,7 @@ def purge(session: Session, settings: AggregatorSettings,
         "dead_letters": _older(session, settings.dead_letter_max_age_days, now, DeadLetter,
                                "received_at"),
         "audit": _older(session, settings.audit_keep_days, now, AuditLog, "at"),
+        "recording_files": recordings.purge_files(session, settings, now),
     }
     if any(counts.values()):
         begin_write(session)
