@@ -172,6 +172,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     limits = dict.fromkeys(UPLOAD_ROUTES, upload)
     limits[VIDEO_ROUTE] = settings.max_video_bytes + MULTIPART_OVERHEAD
     limits[recordings.CHUNK_ROUTE] = settings.recording_chunk_max_bytes
+    limits["/recordings/{recording_id}/content"] = settings.recording_chunk_max_bytes  # console
     app.add_middleware(GuardMiddleware, router=app.router, default_limit=MAX_JSON_BYTES,
                        limits=limits)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -140,9 +141,23 @@ async def upload_chunk(
                                          description="Byte offset of this chunk: the "
                                          "recording's received_bytes.")],
 ) -> Any:
+    return await receive_chunk(request, recording_id, upload_offset, actor(who))
+
+
+async def receive_chunk(request: Request, recording_id: str, offset: int, by: str,
+                        allowed: Callable[[Recording], None] | None = None) -> Response:
+    """One chunk of a resumable upload (the API's and the console's): written at ``offset``,
+    counted, and the last one checks the file and queues its job."""
     ctx = context(request)
+
+    def target() -> Recording:
+        rec = _upload_target(ctx, recording_id, offset)
+        if allowed is not None:
+            allowed(rec)
+        return rec
+
     try:
-        rec = await run_in_threadpool(_upload_target, ctx, recording_id, upload_offset)
+        rec = await run_in_threadpool(target)
     except svc.OffsetError as err:
         return JSONResponse({"detail": err.message, "received_bytes": err.expected},
                             status_code=409, headers={"Upload-Offset": str(err.expected)})
@@ -162,11 +177,11 @@ async def upload_chunk(
                     "a chunk carries at most "
                     f"{ctx.settings.recording_chunk_max_bytes} bytes")
                 break
-            if upload_offset + written + len(data) > rec.size_bytes:
+            if offset + written + len(data) > rec.size_bytes:
                 refused = svc.TooLargeError(f"more bytes than the announced size "
                                             f"{rec.size_bytes}")
                 break
-            os.pwrite(fd, data, upload_offset + written)
+            os.pwrite(fd, data, offset + written)
             written += len(data)
     except ClientDisconnect:
         pass  # what arrived is on disk and counts: the client resumes from there
@@ -176,10 +191,10 @@ async def upload_chunk(
 
     def advance() -> tuple[RecordingOut, JobOut | None]:
         with ctx.sessions() as session:
-            received = svc.advance(session, rec.id, upload_offset, written)
+            received = svc.advance(session, rec.id, offset, written)
             job = None
             if received == rec.size_bytes and refused is None:
-                job = svc.finish_upload(session, ctx.settings, rec.id, actor(who))
+                job = svc.finish_upload(session, ctx.settings, rec.id, by)
                 _enqueue(ctx, job)
             out = _out(session, svc.get_recording(session, rec.id))
             return out, None if job is None else JobOut.model_validate(svc.job_out(job))

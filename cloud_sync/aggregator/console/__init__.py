@@ -3,7 +3,7 @@ FastAPI + Jinja2, one small plain script, every asset served locally).
 
 :func:`mount` adds its pages to the aggregator app: ``/`` (dashboard), ``/login``, ``/logout``,
 ``/courses...``, ``/students...``, ``/timetable...``, ``/devices...``, ``/unknown...``,
-``/audit``, ``POST /api/v1/unknown-faces`` (devices), and the
+``/recordings...``, ``/audit``, ``POST /api/v1/unknown-faces`` (devices), and the
 static files under ``/console/static``. API paths (``/api/...``) keep their JSON errors.
 """
 
@@ -16,7 +16,15 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from cloud_sync.aggregator.console import core, courses, devices, students, timetable, unknown
+from cloud_sync.aggregator.console import (
+    core,
+    courses,
+    devices,
+    recordings,
+    students,
+    timetable,
+    unknown,
+)
 from cloud_sync.aggregator.console.accounts import LoginLimiter
 from cloud_sync.aggregator.console.web import (
     HERE,
@@ -51,7 +59,7 @@ def mount(app: FastAPI) -> None:
     ctx.extra["console_limiter"] = LoginLimiter(ctx.settings.console_login_max_attempts)
     app.mount("/console/static", StaticFiles(directory=str(HERE / "static")),
               name="console-static")
-    for module in (core, courses, students, timetable, devices, unknown):
+    for module in (core, courses, students, timetable, devices, unknown, recordings):
         app.include_router(module.router)
     app.include_router(unknown.api_router)
     service_handler = app.exception_handlers.get(ServiceError)

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import RecordingJob
 from cloud_sync.aggregator.services import recordings as svc
-from cloud_sync.aggregator.services.common import UnavailableError
+from cloud_sync.aggregator.services.common import UnavailableError, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 RQ_FUNCTION = "cloud_sync.aggregator.services.jobqueue.run_rq_job"
@@ -108,14 +109,15 @@ def run_claimed(settings: AggregatorSettings, sessions: sessionmaker[Session],
 def run_rq_job(job_id: str) -> str:
     """The RQ job function (in a work horse forked from ``aggregator worker``): claim the row,
     run it. A job that is not queued any more (cancelled, deleted, taken) is skipped."""
+    import os
+
     from cloud_sync.aggregator.db.session import make_session_factory
-    from cloud_sync.aggregator.services.recording_job import worker_name
 
     settings: AggregatorSettings = _WORKER["settings"]
     engine = _WORKER["engine"]
     engine.dispose(close=False)  # the parent's pooled connections are not ours after fork
     sessions = make_session_factory(engine, info=_WORKER["info"])
-    worker = worker_name()
+    worker = f"{_WORKER['name']}/{os.getpid()}"  # the worker process / this work horse
     with sessions() as session:
         svc.fail_stale(session, settings.job_lease_s)
         if not svc.claim(session, job_id, worker):
@@ -136,16 +138,24 @@ def work(settings: AggregatorSettings, engine: Any, sessions: sessionmaker[Sessi
     if settings.redis_url is not None:
         from rq import Worker
 
-        _WORKER.update(settings=settings, engine=engine, info=dict(sessions.kw.get("info", {})))
+        # imported once here, not in every forked work horse (the pipeline's modules)
+        from cloud_sync.aggregator.services import recording_job
+
+        recording_job.preload()
+        _WORKER.update(settings=settings, engine=engine, name=name,
+                       info=dict(sessions.kw.get("info", {})))
         with sessions() as session:
             svc.fail_stale(session, settings.job_lease_s)
             requeue_lost(settings, session)
         conn = _redis(settings)
+        started = utcnow()
         rq_worker = Worker([_rq_queue(settings, conn)], connection=conn,
-                           name=f"{name}-{threading.get_ident() % 10_000}")
-        before = rq_worker.successful_job_count
+                           name=f"{name}-{uuid.uuid4().hex[:6]}".replace(":", "-"))
         rq_worker.work(burst=burst, logging_level="WARNING")
-        return int(rq_worker.successful_job_count - before)
+        with sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(RecordingJob).where(
+                RecordingJob.worker.like(f"{name}/%"), RecordingJob.finished_at >= started))
+                or 0)
     ran = 0
     while not stop.is_set():
         with sessions() as session:

@@ -135,6 +135,15 @@ class Presence:
         }
 
 
+def preload() -> None:
+    """Import the pipeline's modules (a worker does this before forking its work horses)."""
+    import appliance.capture
+    import appliance.pipeline
+    import appliance.recognition
+    import appliance.store
+    import appliance.vision.embedding  # noqa: F401
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 @dataclass
@@ -226,9 +235,10 @@ def analyse(settings: AggregatorSettings, video: Path, room_id: str, course: tup
             every_frame=True, paced=False, loop=False)
         pipeline.capture.fail_fast = True  # a damaged file is an error, not a reopen loop
         pipeline.capture.file_origin = starts_at
-        t0 = time.perf_counter()
+        t_start = time.perf_counter()
         try:
-            pipeline.start()
+            pipeline.start()  # returns once the descriptor process has loaded its model
+            t0 = time.perf_counter()
             deadline = time.monotonic() + timeout_s
             while not pipeline.wait_finished(0.5):
                 if pipeline.error is not None or not pipeline.alive():
@@ -256,6 +266,7 @@ def analyse(settings: AggregatorSettings, video: Path, room_id: str, course: tup
             store.close()
     frames = pipeline.timer.frames
     figures = {"frames": frames, "seconds": round(seconds, 2),
+               "start_seconds": round(t0 - t_start, 2),
                "fps": round(frames / seconds, 2) if seconds > 0 else 0.0,
                "tracks": pipeline.tracker.total_tracks, "embeddings": pipeline.embeddings,
                "unknown_tracks": pipeline.unknown_tracks, "embedder": app_settings.recognition

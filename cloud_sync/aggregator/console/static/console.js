@@ -1,6 +1,7 @@
 // The console's only script (no framework): live refresh of the dashboard, photo upload with
-// progress and a per-photo result, and confirmation of destructive buttons. Pages work
-// without it (forms post normally).
+// progress and a per-photo result, the chunked recording upload that resumes after a dropped
+// connection, and confirmation of destructive buttons. Pages work without it (forms post
+// normally), except the recording upload, which needs it.
 "use strict";
 
 function csrfToken() {
@@ -71,9 +72,63 @@ function startUpload(form) {
   });
 }
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A recording goes up in chunks at the offset the server has: after a failed chunk (dropped
+// connection, server restart) ask the server where it stands and go on from there.
+function startRecordingUpload(form) {
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const file = form.querySelector('input[type="file"]').files[0];
+    const bar = form.querySelector("progress");
+    const label = form.querySelector(".progress-label");
+    if (!file) { label.textContent = "Choose a recording."; return; }
+    const meta = new FormData(form);
+    meta.delete("file");
+    meta.append("filename", file.name);
+    meta.append("size_bytes", String(file.size));
+    const headers = {"Accept": "application/json", "X-CSRF-Token": csrfToken()};
+    let response = await fetch(form.action, {method: "POST", body: meta, credentials: "same-origin", headers});
+    let data = await response.json().catch(() => ({}));
+    if (!response.ok) { label.textContent = `Refused: ${data.detail || "HTTP " + response.status}`; return; }
+    const id = data.id, chunk = data.chunk_bytes;
+    bar.hidden = false; bar.max = file.size; bar.value = 0;
+    let offset = 0, failures = 0;
+    while (offset < file.size) {
+      label.textContent = `Uploading ${file.name}: ${Math.floor(100 * offset / file.size)}%`;
+      try {
+        response = await fetch(`/recordings/${id}/content`, {
+          method: "PUT", body: file.slice(offset, offset + chunk), credentials: "same-origin",
+          headers: {...headers, "Upload-Offset": String(offset), "Content-Type": "application/octet-stream"},
+        });
+        data = await response.json().catch(() => ({}));
+        if (response.status === 422) { label.textContent = data.detail || "The recording was refused."; return; }
+        if (response.ok || response.status === 409) {
+          offset = parseInt(response.headers.get("Upload-Offset") || data.received_bytes || offset, 10);
+          failures = 0;
+        } else if (response.status < 500 && response.status !== 429) {
+          label.textContent = `Upload stopped: ${data.detail || "HTTP " + response.status}`; return;
+        } else { throw new Error(`HTTP ${response.status}`); }
+      } catch (err) {
+        failures += 1;
+        if (failures > 8) { label.textContent = `Upload stopped after ${failures} failures (${err}); upload the file again.`; return; }
+        label.textContent = `Connection lost (${err}); resuming…`;
+        await sleep(Math.min(30000, 1000 * 2 ** failures));
+        const status = await fetch(`/recordings/${id}/status`, {credentials: "same-origin"}).then((r) => r.json()).catch(() => null);
+        if (status) offset = status.received_bytes;
+      }
+      bar.value = offset;
+    }
+    label.textContent = "Uploaded and checked: processing starts.";
+    form.dataset.done = id;
+    window.location.href = `/recordings/${id}`;
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-refresh]").forEach(startRefresh);
   document.querySelectorAll("form[data-upload]").forEach(startUpload);
+  document.querySelectorAll("form[data-recording-upload]").forEach(startRecordingUpload);
   document.querySelectorAll("form[data-confirm]").forEach((form) => {
     form.addEventListener("submit", (event) => {
       if (!window.confirm(form.dataset.confirm)) event.preventDefault();
