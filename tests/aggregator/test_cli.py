@@ -123,7 +123,8 @@ def test_students_consent_erase_export_purge(db: str, tmp_path: Path) -> None:
         assert actions == ["consent.grant", "student.export", "student.export",
                            "consent.withdraw", "student.erase"]
         code, out = _stdout("students", "purge")
-        assert code == 0 and out.strip() == "attendance=0 events=0 dead_letters=0 audit=0"
+        assert code == 0 and out.strip() == ("attendance=0 events=0 dead_letters=0 audit=0 "
+                                             "recording_files=0")
     finally:
         engine.dispose()
 
