@@ -1,7 +1,8 @@
 """Run the benchmarks and print one JSON document.
 
     python -m bench                 # all
-    python -m bench pipeline        # one or more by name: pipeline, recognition, aggregator, sync
+    python -m bench pipeline        # one or more by name: pipeline, recognition, aggregator,
+                                    # sync, recordings
     python -m bench --out FILE      # also write the JSON to FILE
 """
 
@@ -14,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("pipeline", "recognition", "aggregator", "sync")
+SUITES = ("pipeline", "recognition", "aggregator", "sync", "recordings")
 
 
 def main(argv: list[str] | None = None) -> int:

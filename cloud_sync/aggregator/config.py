@@ -374,6 +374,15 @@ class AggregatorSettings(TomlSettings):
         "after the upload; the attendance, timelines and instructor results derived from them "
         "are kept.",
     )
+    recording_analysis_fps: float = Field(
+        default=15.0,
+        ge=0,
+        le=120,
+        title="Frames analysed per second of recording",
+        description="A job analyses about this many frames per second of video (every n-th "
+        "frame of a faster recording; a device's camera runs at 15): the device's rate, at a "
+        "half or a quarter of the work of every frame. 0 = every frame.",
+    )
     recording_transcode: bool = Field(
         default=True,
         title="Browser copy of recordings",

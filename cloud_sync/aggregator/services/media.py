@@ -41,6 +41,15 @@ class Probe:
     fps: float | None
     video_codec: str
     has_audio: bool
+    pix_fmt: str = "?"
+    audio_codec: str | None = None
+
+    @property
+    def browser_ready(self) -> bool:
+        """H.264 4:2:0 video and AAC or no audio: a browser plays it after a remux (a copy of
+        the streams into an MP4 with its index first), no re-encoding needed."""
+        return (self.video_codec == "h264" and self.pix_fmt in ("yuv420p", "yuvj420p")
+                and self.audio_codec in (None, "aac"))
 
 
 def _tool(name: str) -> str:
@@ -86,12 +95,14 @@ def probe(path: Path) -> Probe:
         duration = float(fmt.get("duration") or video.get("duration") or 0.0)
     except ValueError:
         duration = 0.0
+    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
     return Probe(
         container=sorted(names & CONTAINERS)[0], duration_s=duration,
         width=int(video.get("width") or 0), height=int(video.get("height") or 0),
         fps=_rate(video.get("avg_frame_rate")) or _rate(video.get("r_frame_rate")),
         video_codec=str(video.get("codec_name", "?"))[:32],
-        has_audio=any(s.get("codec_type") == "audio" for s in streams),
+        has_audio=audio is not None, pix_fmt=str(video.get("pix_fmt", "?")),
+        audio_codec=None if audio is None else str(audio.get("codec_name", "?")),
     )
 
 
@@ -117,17 +128,28 @@ def check(path: Path, min_duration_s: float, max_duration_s: float) -> Probe:
     return found
 
 
-def transcode(src: Path, dst: Path, duration_s: float, has_audio: bool,
-              progress: Callable[[float], bool], timeout_s: float) -> None:
-    """``src`` -> ``dst``: H.264 (yuv420p, even size) + AAC, faststart MP4, for browsers.
-    ``progress(fraction)`` is called as ffmpeg reports; it returns False to stop (cancel):
-    then ffmpeg is terminated and InterruptedError raised. MediaError if ffmpeg fails."""
+def transcode(src: Path, dst: Path, found: Probe, progress: Callable[[float], bool],
+              timeout_s: float) -> str:
+    """``src`` -> ``dst``: H.264 (yuv420p, even size) + AAC, faststart MP4, for browsers; a
+    file that already is H.264/AAC is only remuxed (seconds instead of minutes). Returns
+    "remux" or "transcode". ``progress(fraction)`` is called as ffmpeg reports; it returns
+    False to stop (cancel): then ffmpeg is terminated and InterruptedError raised. MediaError
+    if ffmpeg fails."""
     tmp = dst.with_suffix(".part.mp4")
-    cmd = [_tool("ffmpeg"), "-nostdin", "-y", "-v", "error", "-i", str(src),
-           "-map", "0:v:0", "-c:v", "libx264", "-preset", "veryfast", "-crf", TRANSCODE_CRF,
-           "-pix_fmt", "yuv420p", "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2",
-           "-movflags", "+faststart", "-progress", "pipe:1", "-nostats"]
-    cmd += ["-map", "0:a:0", "-c:a", "aac", "-b:a", "96k"] if has_audio else ["-an"]
+    cmd = [_tool("ffmpeg"), "-nostdin", "-y", "-v", "error", "-i", str(src), "-map", "0:v:0"]
+    how = "remux" if found.browser_ready else "transcode"
+    if how == "remux":
+        cmd += ["-c:v", "copy"]
+    else:
+        cmd += ["-c:v", "libx264", "-preset", "veryfast", "-crf", TRANSCODE_CRF,
+                "-pix_fmt", "yuv420p", "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2"]
+    cmd += ["-movflags", "+faststart", "-progress", "pipe:1", "-nostats"]
+    if not found.has_audio:
+        cmd.append("-an")
+    else:
+        cmd += ["-map", "0:a:0"] + (["-c:a", "copy"] if found.audio_codec == "aac"
+                                    else ["-c:a", "aac", "-b:a", "96k"])
+    duration_s = found.duration_s
     cmd.append(str(tmp))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stopped = False
@@ -155,6 +177,7 @@ def transcode(src: Path, dst: Path, duration_s: float, has_audio: bool,
         raise MediaError("transcoding failed: " + (lines[-1] if lines
                                                    else f"ffmpeg exit {proc.returncode}"))
     tmp.replace(dst)
+    return how
 
 
 def poster(src: Path, dst: Path, duration_s: float) -> None:

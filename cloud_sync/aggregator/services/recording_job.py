@@ -172,6 +172,38 @@ class Reporter:
                 raise JobCancelled
 
 
+def sampled_source(path: Path, target_fps: float) -> Any:
+    """The recording as a frame source that delivers every n-th frame, n such that about
+    ``target_fps`` frames per second of video reach the pipeline (the frames between are
+    only grabbed, not converted); its ``fps`` is the delivered rate, so frame times stay
+    right. ``target_fps`` 0: every frame."""
+    from appliance.capture import VideoFileSource
+
+    class SampledVideoSource(VideoFileSource):
+        step = 1
+
+        def open(self) -> None:
+            super().open()
+            native = self._fps
+            self.step = max(1, round(native / target_fps)) if native and target_fps else 1
+            if self.expected_frames is not None:
+                self.expected_frames = -(-self.expected_frames // self.step)
+
+        def read(self) -> Any:
+            frame = super().read()
+            if frame is not None and self._cap is not None:
+                for _ in range(self.step - 1):
+                    if not self._cap.grab():
+                        break
+            return frame
+
+        @property
+        def fps(self) -> float | None:
+            return None if self._fps is None else self._fps / self.step
+
+    return SampledVideoSource(path)
+
+
 def _appliance_settings(settings: AggregatorSettings, room_id: str, data_dir: Path) -> Any:
     from appliance.config import ApplianceSettings
     from models import DEFAULT_MODEL_DIR
@@ -212,7 +244,6 @@ def analyse(settings: AggregatorSettings, video: Path, room_id: str, course: tup
             timeout_s: float) -> tuple[list[AttendanceRecord], list[Event], Presence, dict]:
     """The device pipeline over ``video``: its records, events, the presence per frame, and
     run figures. Raises JobError (the file, the pipeline), JobCancelled (from ``report``)."""
-    from appliance.capture import VideoFileSource
     from appliance.pipeline import Pipeline
     from appliance.store import Store
 
@@ -229,7 +260,7 @@ def analyse(settings: AggregatorSettings, video: Path, room_id: str, course: tup
     with tempfile.TemporaryDirectory(prefix="recording-job-") as tmp:
         app_settings = _appliance_settings(settings, room_id, Path(tmp))
         store = Store(Path(tmp) / "job.db")
-        source = VideoFileSource(video)
+        source = sampled_source(video, settings.recording_analysis_fps)
         pipeline = RecordingPipeline(
             app_settings, store, _CourseRoster(course[0], course[1], roster), source=source,
             every_frame=True, paced=False, loop=False)
@@ -266,7 +297,7 @@ def analyse(settings: AggregatorSettings, video: Path, room_id: str, course: tup
             store.close()
     frames = pipeline.timer.frames
     figures = {"frames": frames, "seconds": round(seconds, 2),
-               "start_seconds": round(t0 - t_start, 2),
+               "start_seconds": round(t0 - t_start, 2), "every_nth_frame": source.step,
                "fps": round(frames / seconds, 2) if seconds > 0 else 0.0,
                "tracks": pipeline.tracker.total_tracks, "embeddings": pipeline.embeddings,
                "unknown_tracks": pipeline.unknown_tracks, "embedder": app_settings.recognition
@@ -365,17 +396,23 @@ def _browser_copy(settings: AggregatorSettings, rec: Any, report: Callable[[floa
     found = media.probe(src)
 
     def step(fraction: float) -> bool:
-        report(base + (1.0 - base) * 0.98 * fraction, "transcoding")
+        try:
+            report(base + (1.0 - base) * 0.98 * fraction, "transcoding")
+        except (JobCancelled, WorkerStopping):
+            return False  # ffmpeg is stopped; the job ends cancelled
         return True
 
     try:
-        media.transcode(src, svc.playback_path(settings, rec), found.duration_s,
-                        found.has_audio, step, settings.job_timeout_s)
+        how = media.transcode(src, svc.playback_path(settings, rec), found, step,
+                              settings.job_timeout_s)
         media.poster(svc.playback_path(settings, rec), svc.poster_path(settings, rec),
                      found.duration_s)
     except media.MediaError as err:
         _LOGGER.warning("recording %s: no browser copy: %s", rec.id, err.message)
         return "failed"
+    except InterruptedError as err:
+        raise JobCancelled from err
+    _LOGGER.info("recording %s: browser copy made (%s)", rec.id, how)
     return "ready"
 
 
