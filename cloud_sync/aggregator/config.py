@@ -329,6 +329,13 @@ class AggregatorSettings(TomlSettings):
         title="Dashboard refresh",
         description="Seconds between live refreshes of the console dashboard.",
     )
+    recordings_enabled: bool = Field(
+        default=False,
+        title="Recorded sessions",
+        description="Allow uploads of session recordings (video of a class: every face in "
+        "it, not only descriptors) and their processing jobs. Off by default; the files are "
+        "deleted after recording_keep_days (docs/PRIVACY.md).",
+    )
     recordings_dir: Path | None = Field(
         default=None,
         title="Recordings directory",

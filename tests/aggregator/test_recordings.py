@@ -46,7 +46,8 @@ def db_url(tmp_path: Path) -> str:  # SQLite only here: the queue logic is the s
 def settings(db_url: str, tmp_path: Path) -> AggregatorSettings:
     return aggregator_config.load(
         None, database_url=db_url, data_dir=tmp_path / "data", rate_limit_per_min=100000,
-        recording_transcode=False, recording_chunk_max_bytes=CHUNK)
+        recording_transcode=False, recording_chunk_max_bytes=CHUNK,
+        recordings_enabled=True)
 
 
 def _ffmpeg(*args: str) -> None:
@@ -229,6 +230,12 @@ def test_job_merges_with_a_device_that_saw_the_student_first(
 def test_upload_checks_refuse_bad_files_and_offsets(
         world: World, clips: dict[str, Path], settings: AggregatorSettings) -> None:
     w, c = world, world.client
+    settings.recordings_enabled = False  # the default: no recording is taken
+    off = c.post("/api/v1/recordings", headers=w.admin, json={
+        "room_id": "LAB-301", "course_id": "CS101", "starts_at": w.at(0, 9).isoformat(),
+        "filename": "a.mp4", "size_bytes": 100})
+    assert off.status_code == 403 and "recordings_enabled" in off.json()["detail"]
+    settings.recordings_enabled = True
     bad = upload(c, w.admin, clips["not_video"], w.at(0, 9), expect=422)
     assert "recording rejected: not a readable video" in bad["detail"]
     rec = c.get(f"/api/v1/recordings/{bad['id']}", headers=w.admin).json()

@@ -35,7 +35,8 @@ def test_teacher_uploads_a_recording_and_sees_its_results(
     out = REPO / "test-output" / "console" / "recordings"
     settings = aggregator_config.load(
         None, database_url=f"sqlite:///{tmp_path / 'agg.db'}", data_dir=tmp_path / "data",
-        rate_limit_per_min=100000, recording_chunk_max_bytes=128 * 1024)
+        rate_limit_per_min=100000, recording_chunk_max_bytes=128 * 1024,
+        recordings_enabled=True)
     monday = last_monday()
     with live_aggregator(settings) as (url, app), Chromium(binary, 1280, 900) as browser:
         ctx = app.state.ctx

@@ -50,7 +50,8 @@ def settings(db_url: str, tmp_path: Path) -> Iterator[AggregatorSettings]:
     queue = f"test-recordings-{uuid.uuid4().hex[:10]}"
     yield aggregator_config.load(
         None, database_url=db_url, data_dir=tmp_path / "data", rate_limit_per_min=100000,
-        recording_transcode=False, recording_chunk_max_bytes=CHUNK, redis_url=REDIS_URL,
+        recording_transcode=False, recording_chunk_max_bytes=CHUNK,
+        recordings_enabled=True, redis_url=REDIS_URL,
         job_queue_name=queue)
     from redis import Redis
 

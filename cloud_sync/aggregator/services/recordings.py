@@ -35,6 +35,7 @@ from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import audit, media
 from cloud_sync.aggregator.services.common import (
     ConflictError,
+    ForbiddenError,
     NotFoundError,
     ServiceError,
     utcnow,
@@ -109,6 +110,10 @@ class NewRecording:
 def create_upload(session: Session, settings: AggregatorSettings, new: NewRecording,
                   by: str) -> Recording:
     """A recording row in state ``uploading`` (and its empty file). Commits."""
+    if not settings.recordings_enabled:
+        raise ForbiddenError("recorded sessions are switched off on this server (setting "
+                             "recordings_enabled; a recording keeps every face in it: see "
+                             "docs/PRIVACY.md)")
     suffix = Path(new.filename).suffix.lower()
     if suffix not in media.SUFFIXES:
         raise ServiceError(f"file name {new.filename!r}: only {', '.join(media.SUFFIXES)} "
