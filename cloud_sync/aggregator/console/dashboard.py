@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.console.accounts import ConsolePrincipal
 from cloud_sync.aggregator.db.models import Device, EventRow, Heartbeat, Room
+from cloud_sync.aggregator.services.recordings import is_recording_device
 from cloud_sync.aggregator.services.reports import Rules, course_day
 from cloud_sync.aggregator.services.timetable import Occurrence, room_timetable, zone
 
@@ -110,6 +111,8 @@ def build(session: Session, who: ConsolePrincipal, now: datetime, rules: Rules,
     devices = session.scalars(select(Device).order_by(Device.id)).all()
     by_room: dict[str, list[Device]] = {}
     for device in devices:
+        if is_recording_device(device.id):
+            continue  # the room's recorded sessions (no camera, no heartbeat: never "offline")
         by_room.setdefault(device.room_id, []).append(device)
     views = []
     for room in rooms:

@@ -25,6 +25,7 @@ from cloud_sync.aggregator.db.models import Device, EventRow, Room
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import devices as device_svc
 from cloud_sync.aggregator.services.common import utcnow
+from cloud_sync.aggregator.services.recordings import is_recording_device
 
 router = APIRouter(include_in_schema=False)
 ERROR_SEVERITIES = ("warning", "critical")
@@ -46,7 +47,8 @@ def _last_errors(session: DB, device_ids: list[str]) -> dict[str, EventRow]:
 @router.get("/devices", response_class=HTMLResponse)
 def devices_page(request: Request, who: User, session: DB) -> Response:
     require_admin(who)
-    devices = list(session.scalars(select(Device).order_by(Device.id)))
+    devices = [d for d in session.scalars(select(Device).order_by(Device.id))
+               if not is_recording_device(d.id)]  # recorded sessions' virtual devices
     ctx = context(request)
     views = dashboard.device_views(session, devices, utcnow(),
                                    ctx.settings.console_offline_after_s)

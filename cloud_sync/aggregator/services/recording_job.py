@@ -74,7 +74,7 @@ def worker_name() -> str:
 
 
 def recording_device_id(room_id: str) -> str:
-    return f"rec-{room_id}"[:64]
+    return svc.recording_device_id(room_id)
 
 
 # --- instructor presence from the pipeline's tracks ------------------------------------------

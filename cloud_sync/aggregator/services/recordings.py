@@ -62,6 +62,18 @@ class OffsetError(ConflictError):
         self.expected = expected
 
 
+RECORDING_DEVICE_PREFIX = "rec-"
+
+
+def recording_device_id(room_id: str) -> str:
+    """The room's virtual device whose records and events come from recorded sessions."""
+    return f"{RECORDING_DEVICE_PREFIX}{room_id}"[:64]
+
+
+def is_recording_device(device_id: str) -> bool:
+    return device_id.startswith(RECORDING_DEVICE_PREFIX)
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
