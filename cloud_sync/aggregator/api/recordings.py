@@ -74,7 +74,8 @@ class RecordingOut(BaseModel):
     size_bytes: int
     received_bytes: int = Field(description="Bytes uploaded so far: where a resumed upload "
                                 "continues.")
-    state: str = Field(description="uploading | ready | rejected")
+    state: str = Field(description="uploading | checking (the last byte arrived: the file "
+                       "is checked) | ready | rejected")
     error: str | None = Field(description="Why the upload check refused the file.")
     duration_s: float | None
     width: int | None

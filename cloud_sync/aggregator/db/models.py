@@ -420,7 +420,7 @@ class Recording(Base):
     size_bytes: Mapped[int] = mapped_column(BigId)
     received_bytes: Mapped[int] = mapped_column(BigId, default=0)
     state: Mapped[str] = mapped_column(
-        String(16), doc="uploading | ready | rejected (the check refused it)")
+        String(16), doc="uploading | checking | ready | rejected (the check refused it)")
     error: Mapped[str | None] = mapped_column(Text, default=None)
     duration_s: Mapped[float | None] = mapped_column(Float, default=None)
     width: Mapped[int | None] = mapped_column(Integer, default=None)

@@ -17,7 +17,6 @@ by one worker only, and cancel / retry / delete race safely with a running worke
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -171,31 +170,6 @@ def get_recording(session: Session, recording_id: str) -> Recording:
     return rec
 
 
-def write_chunk(settings: AggregatorSettings, rec: Recording, offset: int,
-                chunks: Any) -> int:
-    """Write the iterable of byte strings ``chunks`` at ``offset`` of the recording's file;
-    returns the bytes written (what arrived before an error is written and counted by the
-    caller too). Raises TooLargeError past the announced size or the chunk limit."""
-    path = original_path(settings, rec)
-    written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
-    try:
-        for data in chunks:
-            if not data:
-                continue
-            if written + len(data) > settings.recording_chunk_max_bytes:
-                raise TooLargeError(f"a chunk carries at most {settings.recording_chunk_max_bytes}"
-                                    " bytes (recording_chunk_max_bytes)")
-            if offset + written + len(data) > rec.size_bytes:
-                raise TooLargeError(f"more bytes than the announced size {rec.size_bytes}")
-            os.pwrite(fd, data, offset + written)
-            written += len(data)
-    finally:
-        os.fsync(fd)
-        os.close(fd)
-    return written
-
-
 def check_offset(rec: Recording, offset: int) -> None:
     if rec.state != "uploading":
         raise ConflictError(f"recording {rec.id} is {rec.state}: its upload is over")
@@ -225,6 +199,13 @@ def finish_upload(session: Session, settings: AggregatorSettings, rec_id: str,
     if rec.state != "uploading" or rec.received_bytes != rec.size_bytes:
         raise ConflictError(f"recording {rec.id}: {rec.received_bytes} of {rec.size_bytes} "
                             "bytes received")
+    begin_write(session)  # one check per recording, however many last chunks race
+    taken = session.execute(update(Recording).where(
+        Recording.id == rec_id, Recording.state == "uploading").values(
+        state="checking", updated_at=utcnow())).rowcount
+    session.commit()
+    if not taken:
+        raise ConflictError(f"recording {rec_id} is already being checked")
     try:
         found = media.check(original_path(settings, rec), settings.recording_min_duration_s,
                             settings.recording_max_duration_s)
