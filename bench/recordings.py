@@ -12,7 +12,7 @@ average is reported with the figures (a shared machine slows everything).
   presence, and the browser copy (ffmpeg H.264/AAC + poster). Reported: wall seconds of each
   phase, and ``realtime_factor`` = the recording's length / the job's wall time (> 1: faster
   than real time);
-- baseline: ``appliance.pipeline.replay_video`` of the same file (the pipeline alone, no
+- baseline: ``appliance.replay.replay_video`` of the same file (the pipeline alone, no
   aggregator, no browser copy); ``job_over_replay`` = job analysis seconds / replay seconds.
 
 Target: a job processes a recording faster than real time on this 2-core machine
@@ -84,7 +84,7 @@ def run() -> dict[str, Any]:
     import os
 
     from appliance.config import load as load_appliance
-    from appliance.pipeline import replay_video
+    from appliance.replay import replay_video
     from cloud_sync.aggregator import config as aggregator_config
     from cloud_sync.aggregator.db.migrate import upgrade_engine
     from cloud_sync.aggregator.db.session import make_engine, make_session_factory
