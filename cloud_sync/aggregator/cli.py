@@ -189,6 +189,9 @@ def worker(
         EARLY_ARRIVAL_INFO_KEY,
     )
 
+    if name is not None and (not name.strip() or any(c.isspace() for c in name)):
+        typer.echo("error: --name must be a non-empty name without spaces", err=True)
+        raise typer.Exit(2)
     settings = load_or_exit(config)
     _logging(settings.log_level)
     engine, _ = _sessions(settings)

@@ -466,5 +466,7 @@ def test_worker_cli_refuses_a_bad_option(settings: AggregatorSettings) -> None:
            "AGGREGATOR_REDIS_URL": "redis://127.0.0.1:1/0"}
     bad = CliRunner().invoke(cli, ["worker", "--bursty"], env=env)
     assert bad.exit_code == 2 and "--bursty" in bad.output
+    nameless = CliRunner().invoke(cli, ["worker", "--name", " "], env=env)
+    assert nameless.exit_code == 2 and "--name" in nameless.output
     down = CliRunner().invoke(cli, ["worker", "--burst"], env=env)
     assert down.exit_code == 1 and "Redis unreachable" in down.output

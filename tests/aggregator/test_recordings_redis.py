@@ -61,6 +61,7 @@ def settings(db_url: str, tmp_path: Path) -> Iterator[AggregatorSettings]:
              if any(j in k.decode() for j in _JOB_IDS)]
     if keys:
         conn.delete(*keys)
+    conn.srem("rq:queues", f"rq:queue:{queue}")  # RQ's set of queue names
 
 
 _JOB_IDS: list[str] = []
