@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_sync.aggregator.config import AggregatorSettings
@@ -44,7 +45,7 @@ from cloud_sync.aggregator.db.models import Attendance, Course, Device, EventRow
 from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import ingest, media
 from cloud_sync.aggregator.services import recordings as svc
-from cloud_sync.aggregator.services.common import ServiceError, utcnow
+from cloud_sync.aggregator.services.common import ConflictError, ServiceError, utcnow
 from cloud_sync.aggregator.services.timetable import room_timetable, zone
 from cloud_sync.protocol import MAX_BATCH, AttendanceBatch, AttendanceRecord, Event
 
@@ -312,8 +313,15 @@ def _ensure_device(session: Session, room_id: str) -> str:
     found = session.get(Device, device_id)
     if found is None:
         session.rollback()
-        add_device(session, room_id, device_id)  # its key is never shown: nobody can use it
-    elif found.room_id != room_id:
+        try:
+            add_device(session, room_id, device_id)  # its key is never shown: nobody can use it
+            return device_id
+        except (ConflictError, IntegrityError):  # another worker made it just now
+            session.rollback()
+            found = session.get(Device, device_id)
+            if found is None:
+                raise
+    if found.room_id != room_id:
         raise JobError(f"device {device_id} exists in room {found.room_id}: rename it")
     return device_id
 
