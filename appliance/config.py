@@ -559,6 +559,15 @@ class StoreConfig(Section):
         "device this many days after they were sent (unsent and parked ones are never "
         "deleted); cached schedules of older days go too.",
     )
+    keep_parked_days: float = Field(
+        default=90,
+        ge=1,
+        le=3650,
+        title="Keep parked records",
+        description="Records and events the aggregator refused (parked with the reason, "
+        "never sent) are deleted this many days after they were made (the journal names "
+        "each one with the reason when it is parked).",
+    )
 
 
 class EventsConfig(Section):

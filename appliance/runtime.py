@@ -213,9 +213,11 @@ def _run_locked(settings: ApplianceSettings, stop_event: threading.Event | None)
 
 
 def _prune(app: Appliance) -> None:
-    keep = timedelta(days=app.settings.store.keep_sent_days)
+    store = app.settings.store
+    now = datetime.now(UTC)
     try:
-        app.store.prune(datetime.now(UTC) - keep)
+        app.store.prune(now - timedelta(days=store.keep_sent_days),
+                        now - timedelta(days=store.keep_parked_days))
     except sqlite3.Error as err:  # housekeeping must never stop the device
         _LOGGER.warning("store: pruning sent records failed: %s", err)
 

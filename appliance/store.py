@@ -270,16 +270,20 @@ class Store:
             ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
-    def prune(self, sent_before: datetime) -> int:
-        """Delete records and events acknowledged before ``sent_before`` and cached schedules
-        of days before it; unsent and parked rows are never deleted. Returns rows deleted."""
+    def prune(self, sent_before: datetime, parked_before: datetime | None = None) -> int:
+        """Delete records and events acknowledged before ``sent_before``, parked ones (never
+        sent: the aggregator refused them) made before ``parked_before`` (None: none), and
+        cached schedules of days before ``sent_before``; unsent rows are never deleted.
+        Returns rows deleted."""
         cutoff = _iso(sent_before)
+        parked_cutoff = _iso(parked_before) if parked_before is not None else ""
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             deleted = 0
             for table in ("records", "events"):
                 deleted += self._conn.execute(
-                    f"DELETE FROM {table} WHERE sent_at < ?", (cutoff,)  # noqa: S608
+                    f"DELETE FROM {table} WHERE sent_at < ? OR "  # noqa: S608
+                    "(parked_reason IS NOT NULL AND created_at < ?)", (cutoff, parked_cutoff)
                 ).rowcount
             deleted += self._conn.execute(
                 "DELETE FROM schedules WHERE day < ?", (sent_before.date().isoformat(),)

@@ -61,6 +61,8 @@ JOURNALD = """\
 [Journal]
 Storage=volatile
 RuntimeMaxUse=32M
+# the journal names students ("present: S001 (name)"): a week at most (docs/PRIVACY.md)
+MaxRetentionSec=7day
 RateLimitIntervalSec=30s
 RateLimitBurst=2000
 """

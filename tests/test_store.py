@@ -92,6 +92,10 @@ def test_prune_deletes_only_old_sent_rows(tmp_path: Path) -> None:
     assert store.outbox_depth() == 1 and store.parked() == [(str(parked.key), "bad")]
     assert {r.key for r in store.records_since(today - timedelta(hours=1))} == {
         unsent.key, parked.key}
+    # parked rows (refused, never sent) have their own lifetime; unsent ones never go
+    assert store.prune(today, parked_before=today - timedelta(days=1)) == 0
+    assert store.prune(today, parked_before=today + timedelta(seconds=1)) == 1
+    assert store.parked() == [] and store.outbox_depth() == 1
 
 
 def test_records_since_and_last_seen(tmp_path: Path) -> None:

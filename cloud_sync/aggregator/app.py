@@ -37,7 +37,6 @@ from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateL
 from cloud_sync.aggregator.api.guard import GuardMiddleware
 from cloud_sync.aggregator.api.openapi import document_errors
 from cloud_sync.aggregator.config import AggregatorSettings
-from cloud_sync.aggregator.console.janitor import Janitor
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
 from cloud_sync.aggregator.db.session import make_engine, make_session_factory
@@ -137,12 +136,9 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         _start_bridge(ctx)
         app.state.mqtt_bridge = ctx.mqtt_bridge
         pruner = asyncio.create_task(_retention_hourly(ctx))
-        janitor = Janitor(sessions, settings)
-        janitor.start()
         try:
             yield
         finally:
-            janitor.stop()
             pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pruner

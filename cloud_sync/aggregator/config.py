@@ -170,6 +170,15 @@ class AggregatorSettings(TomlSettings):
         "retention purge (on start and hourly): a school year and the next term for "
         "disputes. Set it to your school's records-retention rule (docs/PRIVACY.md).",
     )
+    heartbeat_keep_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        title="Keep heartbeats (days)",
+        description="Device heartbeats (health readings, no personal data) older than this "
+        "are deleted by the retention purge, except the newest of each device boot, which "
+        "places late records of that boot in time (kept until attendance_keep_days).",
+    )
     audit_keep_days: int = Field(
         default=730,
         ge=30,

@@ -32,7 +32,7 @@ PG_ADMIN = os.environ.get("AGGREGATOR_TEST_PG", "host=127.0.0.1 port=5432 user=p
 TABLES = ("attendance", "attendance_keys", "heartbeats", "events", "face_embeddings",
           "enrollments", "schedules", "devices", "students", "courses", "rooms",
           "admin_tokens", "dead_letters", "audit_log", "console_users", "console_sessions",
-          "course_teachers", "attendance_corrections", "face_negatives", "console_audit",
+          "course_teachers", "attendance_corrections", "face_negatives",
           "record_descriptors", "unknown_faces", "recording_jobs", "recordings")
 
 

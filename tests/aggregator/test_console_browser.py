@@ -173,7 +173,8 @@ def test_console_end_to_end(db_url: str, tmp_path: Path, faces_dir: Path,
         # 9. audit trail
         browser.navigate(f"{url}/audit")
         text = browser.evaluate("document.body.innerText")
-        for action in ("not_student", "face_add", "class_now", "device_add", "login"):
+        for action in ("attendance.not_student", "face.enrol", "schedule.class_now",
+                       "device.add", "user.login", "consent.grant"):
             assert action in text
         shoot(browser, out, "audit")
         browser.navigate(f"{url}/devices")

@@ -143,3 +143,52 @@ def test_postgres_partitions(world: World, sessions: Any, db_url: str) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM attendance_default")).scalar() == 1
     engine.dispose()
+
+
+def test_migration_0009_moves_console_audit_into_audit_log(db_url: str) -> None:
+    """The console's own audit rows become audit_log entries (actor, action and subject
+    typed like the API's), a consent row the privacy service had already logged is not
+    doubled, and console_audit is gone."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from cloud_sync.aggregator.db.migrate import alembic_config, upgrade_engine
+
+    engine = make_engine(db_url)
+    try:
+        upgrade_engine(engine)  # the session's PostgreSQL database is at head already:
+        cfg = alembic_config()  # down to 0008 (console_audit back, empty) on both
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0008")
+        now = datetime.now(UTC)
+        if engine.dialect.name == "sqlite":  # UtcDateTime stores naive UTC there
+            now = now.replace(tzinfo=None)
+        rows = [("office", "login", "office", ""), ("cli", "user_add", "lee", "role teacher"),
+                ("lee", "mark_present", "CS101/S001", "at 9:00: late bus"),
+                ("office", "consent_granted", "S002", "form 3"),
+                ("office", "class_now", "CS101@LAB-301", "09:00-10:00")]
+        with engine.begin() as conn:
+            for user, action, target, detail in rows:
+                conn.execute(text("INSERT INTO console_audit (at, user_name, action, target, "
+                                  "detail) VALUES (:at, :u, :a, :t, :d)"),
+                             {"at": now, "u": user, "a": action, "t": target, "d": detail})
+            conn.execute(text("INSERT INTO audit_log (at, actor, action, subject, detail) "
+                              "VALUES (:at, 'console:office', 'consent.grant', 'student:S002', "
+                              "'form 3')"), {"at": now})
+        upgrade_engine(engine)
+        with engine.connect() as conn:
+            moved = conn.execute(text("SELECT actor, action, subject, detail FROM audit_log "
+                                      "ORDER BY id")).all()
+        assert [tuple(r) for r in moved] == [
+            ("console:office", "consent.grant", "student:S002", "form 3"),
+            ("console:office", "user.login", "user:office", ""),
+            ("cli:unknown", "user.add", "user:lee", "role teacher"),
+            ("console:lee", "attendance.mark_present", "student:S001",
+             "course CS101 at 9:00: late bus"),
+            ("console:office", "schedule.class_now", "course:CS101", "room LAB-301 09:00-10:00"),
+        ]
+        assert "console_audit" not in inspect(engine).get_table_names()
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()

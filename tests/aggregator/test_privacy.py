@@ -22,12 +22,16 @@ from cloud_sync.aggregator.db.models import (
     Attendance,
     AttendanceKey,
     AuditLog,
+    ConsoleSession,
+    ConsoleUser,
     DeadLetter,
     EventRow,
     FaceEmbedding,
     FaceNegative,
+    Heartbeat,
     RecordDescriptor,
     Student,
+    UnknownFace,
 )
 from cloud_sync.aggregator.db.session import make_engine
 from cloud_sync.aggregator.services.common import utcnow
@@ -267,11 +271,37 @@ def test_retention_purge_deletes_old_data_and_records_counts(
                                    received_at=utcnow() - timedelta(days=days)))
         session.add(AuditLog(at=utcnow() - timedelta(days=800), actor="token:old",
                              action="student.view", subject="student:S001", detail=""))
+        # heartbeats: boot A 40 and 35 days ago (the newer one stays: it places late records
+        # of boot A in time), boot B 35 days ago synchronised and 2 days ago not (both stay:
+        # the newest synchronised one is the exact reference),
+        # boot C 450 days ago (older than attendance_keep_days: goes)
+        for boot, days, synced in (("A", 40, False), ("A", 35, False), ("B", 35, True),
+                                   ("B", 2, False), ("C", 450, False)):
+            at = utcnow() - timedelta(days=days)
+            session.add(Heartbeat(device_id=world.device_id, received_at=at, sent_at=at,
+                                  clock_synced=synced, boot_id=boot, monotonic_s=1.0,
+                                  software_version="t", uptime_s=1.0, outbox_depth=0))
+        for days in (1, 20):  # record descriptors: kept record_descriptor_days (14)
+            session.add(RecordDescriptor(key=uuid.uuid4(), vector=b"\1" * 512, embedder="e",
+                                         received_at=utcnow() - timedelta(days=days)))
+        for hours in (1, 100):  # unknown faces: kept unknown_face_keep_hours (72)
+            at = utcnow() - timedelta(hours=hours)
+            session.add(UnknownFace(key=uuid.uuid4(), device_id=world.device_id,
+                                    room_id="LAB-301", at=at, received_at=at,
+                                    vector=b"\2" * 512, embedder="e", crop=b"jpeg"))
+        user = ConsoleUser(name="u", role="admin", password_hash="x", created_at=utcnow())
+        session.add(user)
+        session.flush()
+        for hours in (-1, 1):  # one session still valid, one expired an hour ago
+            session.add(ConsoleSession(token_hash=f"{hours:+}".ljust(64, "0"), user_id=user.id,
+                                       csrf_token="c", created_at=utcnow(),
+                                       expires_at=utcnow() - timedelta(hours=hours)))
         session.commit()
     with sessions() as session:
         counts = purge(session, settings)
-    assert counts == {"attendance": 1, "events": 1, "dead_letters": 1, "audit": 1,
-                      "recording_files": 0}
+    assert counts == {"attendance": 1, "events": 1, "dead_letters": 1, "heartbeats": 2,
+                      "record_descriptors": 1, "unknown_faces": 1, "console_sessions": 1,
+                      "audit": 1, "recording_files": 0}
     with sessions() as session:
         assert list(session.scalars(select(Attendance.student_id))) == ["S001"]
         if session.get_bind().dialect.name == "postgresql":
@@ -279,14 +309,20 @@ def test_retention_purge_deletes_old_data_and_records_counts(
         assert session.scalar(select(func.count()).select_from(EventRow)) == 1
         entry = session.scalars(select(AuditLog).where(
             AuditLog.action == "retention.purge")).one()
-        assert entry.detail == "attendance=1 events=1 dead_letters=1 audit=1 recording_files=0"
+        assert entry.detail == ("attendance=1 events=1 dead_letters=1 heartbeats=2 "
+                                "record_descriptors=1 unknown_faces=1 console_sessions=1 "
+                                "audit=1 recording_files=0")
+        assert sorted(tuple(r) for r in session.execute(
+            select(Heartbeat.boot_id, Heartbeat.clock_synced))) == [("A", False), ("B", False),
+                                                                    ("B", True)]
+        for model in (RecordDescriptor, UnknownFace, ConsoleSession):
+            assert session.scalar(select(func.count()).select_from(model)) == 1
         assert entry.actor == "system"
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
         assert session.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.actor == "token:old")) == 0
     with sessions() as session:  # nothing left to purge: no entry
-        assert purge(session, settings) == {"attendance": 0, "events": 0, "dead_letters": 0,
-                                            "audit": 0, "recording_files": 0}
+        assert set(purge(session, settings).values()) == {0}
         assert session.scalar(select(func.count()).select_from(AuditLog).where(
             AuditLog.action == "retention.purge")) == 1
 

@@ -47,6 +47,7 @@ def test_appliance_layer_and_boot_partition(tmp_path: Path) -> None:
     assert "LABEL=rootfs" in fstab and "LABEL=bootfs" in fstab
     journald = (root / "etc/systemd/journald.conf.d/50-classroom-sdcard.conf").read_text()
     assert "Storage=volatile" in journald and "RateLimitBurst" in journald
+    assert "MaxRetentionSec=7day" in journald
     assert not list((root / "etc/ssh").glob("ssh_host_*"))  # made per card at first boot
     assert (root / "etc/machine-id").read_text() == ""
     wants = root / "etc/systemd/system/multi-user.target.wants"

@@ -28,13 +28,13 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import (
-    AuditEntry,
     ConsoleSession,
     ConsoleUser,
     Course,
     CourseTeacher,
 )
 from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services import audit as audit_log
 from cloud_sync.aggregator.services.common import (
     ConflictError,
     NotFoundError,
@@ -71,10 +71,16 @@ def verify_password(password: str, stored: str) -> bool:
         return False
 
 
-def audit(session: Session, user: str, action: str, target: str, detail: str = "") -> None:
-    """Add an audit row to the session's transaction (the caller commits)."""
-    session.add(AuditEntry(at=utcnow(), user_name=user[:100], action=action[:64],
-                           target=target[:200], detail=detail[:1000]))
+def actor(user: str) -> str:
+    """The audit log's actor of a console user (``console:<name>``); ``cli:<os user>`` as is."""
+    return user if user.startswith("cli:") else f"console:{user}"
+
+
+def audit(session: Session, user: str, action: str, subject: str, detail: str = "") -> None:
+    """Add an entry to the one audit log (services/audit.py, ``audit_log``) in the session's
+    transaction (the caller commits): ``user`` is the console user's name (or a
+    ``cli:<os user>`` actor), ``subject`` a typed id such as ``student:S001``."""
+    audit_log.record(session, actor(user), action, subject, detail)
 
 
 # ---- users -----------------------------------------------------------------------------------
@@ -98,7 +104,7 @@ def add_user(session: Session, name: str, role: str, password: str,
         if session.get(Course, course_id) is None:
             raise NotFoundError(f"course {course_id!r} does not exist")
         session.add(CourseTeacher(user_id=user.id, course_id=course_id))
-    audit(session, "cli", "user_add", name, f"role {role}")
+    audit(session, audit_log.cli_actor(), "user.add", f"user:{name}", f"role {role}")
     session.commit()
     _LOGGER.info("console user %s (%s) added", name, role)
     return user
@@ -111,7 +117,7 @@ def set_password(session: Session, name: str, password: str) -> None:
     user.password_hash = hashed
     # a new password ends every session of that user
     session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
-    audit(session, "cli", "user_password", name)
+    audit(session, audit_log.cli_actor(), "user.password", f"user:{name}")
     session.commit()
 
 
@@ -122,7 +128,9 @@ def find_user(session: Session, name: str) -> ConsoleUser:
     return user
 
 
-def assign_courses(session: Session, name: str, courses: list[str], by: str = "cli") -> None:
+def assign_courses(session: Session, name: str, courses: list[str], by: str | None = None
+                   ) -> None:
+    """Give a teacher courses; ``by``: the console user who did it (None: the CLI's user)."""
     begin_write(session)
     user = find_user(session, name)
     for course_id in courses:
@@ -130,7 +138,8 @@ def assign_courses(session: Session, name: str, courses: list[str], by: str = "c
             raise NotFoundError(f"course {course_id!r} does not exist")
         if session.get(CourseTeacher, (user.id, course_id)) is None:
             session.add(CourseTeacher(user_id=user.id, course_id=course_id))
-    audit(session, by, "teacher_assign", name, ", ".join(courses))
+    audit(session, by or audit_log.cli_actor(), "user.assign", f"user:{name}",
+          "courses " + ", ".join(courses))
     session.commit()
 
 
@@ -138,7 +147,7 @@ def remove_user(session: Session, name: str) -> None:
     begin_write(session)
     user = find_user(session, name)
     session.delete(user)
-    audit(session, "cli", "user_remove", name)
+    audit(session, audit_log.cli_actor(), "user.remove", f"user:{name}")
     session.commit()
 
 
@@ -184,7 +193,7 @@ def create_session(session: Session, user: ConsoleUser, ttl_s: float) -> str:
     session.add(ConsoleSession(token_hash=_digest(token), user_id=user.id,
                                csrf_token=secrets.token_urlsafe(32), created_at=now,
                                expires_at=now + timedelta(seconds=ttl_s)))
-    audit(session, user.name, "login", user.name)
+    audit(session, user.name, "user.login", f"user:{user.name}")
     session.commit()
     return token
 
@@ -216,7 +225,7 @@ def end_session(session: Session, token: str | None, who: str) -> bool:
         delete(ConsoleSession).where(ConsoleSession.token_hash == _digest(token))
     ).rowcount
     if gone:
-        audit(session, who, "logout", who)
+        audit(session, who, "user.logout", f"user:{who}")
     session.commit()
     return bool(gone)
 

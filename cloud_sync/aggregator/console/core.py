@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator.console import accounts, dashboard
@@ -25,10 +24,11 @@ from cloud_sync.aggregator.console.web import (
     require_admin,
     same_origin,
 )
-from cloud_sync.aggregator.db.models import AuditEntry
+from cloud_sync.aggregator.services import audit as audit_log
 from cloud_sync.aggregator.services.common import utcnow
 
 _LOGGER = logging.getLogger(__name__)
+AUDIT_PAGE_ROWS = 300
 router = APIRouter(include_in_schema=False)
 
 
@@ -140,7 +140,9 @@ def dashboard_fragment(request: Request, who: User, session: DB) -> Response:
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(request: Request, who: User, session: DB) -> Response:
     require_admin(who)
-    rows = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(300)).all()
+    rows = audit_log.entries(session, limit=AUDIT_PAGE_ROWS)
+    # reading the audit log is itself audited, as GET /api/v1/audit is
+    audit_log.record_now(session, accounts.actor(who.name), "audit.view", "audit", "console")
     return render(request, "audit.html", who, rows=rows)
 
 

@@ -58,8 +58,8 @@ def mark_present(session: Session, who: ConsolePrincipal, course_id: str, studen
     row = AttendanceCorrection(kind="present", student_id=student_id, course_id=course_id,
                                at=at, reason=reason, by_user=who.name, created_at=utcnow())
     session.add(row)
-    audit(session, who.name, "mark_present", f"{course_id}/{student_id}",
-          f"at {at.isoformat()}: {reason}")
+    audit(session, who.name, "attendance.mark_present", f"student:{student_id}",
+          f"course {course_id} at {at.isoformat()}: {reason}")
     session.commit()
     _LOGGER.info("%s marked %s present in %s at %s", who.name, student_id, course_id, at)
     return row
@@ -96,8 +96,8 @@ def mark_wrong(session: Session, who: ConsolePrincipal, key: str, reason: str
                                  embedder=descriptor.embedder,
                                  source=f"record:{record_key}", created_at=utcnow()))
     kept = "descriptor kept as negative" if descriptor else "no descriptor"
-    audit(session, who.name, "not_student", f"{record.course_id}/{record.student_id}",
-          f"record {record_key} ({kept}): {reason}")
+    audit(session, who.name, "attendance.not_student", f"student:{record.student_id}",
+          f"course {record.course_id} record {record_key} ({kept}): {reason}")
     session.commit()
     _LOGGER.info("%s marked record %s wrong for %s", who.name, record_key, record.student_id)
     return row

@@ -71,7 +71,7 @@ def register(request: Request, who: PostUser, session: DB,
     require_admin(who)
     data = svc.DeviceIn(room_id=room_id, id=device_id or None)
     device, key = device_svc.add_device(session, data.room_id, data.id)
-    audit(session, who.name, "device_add", device.id, f"room {room_id}")
+    audit(session, who.name, "device.add", f"device:{device.id}", f"room {room_id}")
     session.commit()
     context(request).credentials.clear()
     return _key_page(request, who, device.id, device.room_id, key, False)
@@ -81,7 +81,7 @@ def register(request: Request, who: PostUser, session: DB,
 def rotate(request: Request, who: PostUser, session: DB, device_id: str) -> Response:
     require_admin(who)
     key = device_svc.rotate_device_key(session, device_id)
-    audit(session, who.name, "device_key_rotated", device_id)
+    audit(session, who.name, "device.rotate_key", f"device:{device_id}")
     session.commit()
     context(request).credentials.clear()
     device = session.get(Device, device_id)
@@ -93,7 +93,7 @@ def move(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB, d
          room_id: Annotated[str, Form(max_length=64)]) -> Response:
     require_admin(who)
     svc.update_row(session, "devices", device_id, svc.DevicePatch(room_id=room_id))
-    audit(session, who.name, "device_moved", device_id, f"to {room_id}")
+    audit(session, who.name, "device.move", f"device:{device_id}", f"to room {room_id}")
     session.commit()
     after_write(context(request), tasks, "devices")
     return back("/devices", f"{device_id} moved to {room_id}")

@@ -87,7 +87,7 @@ def add_student(request: Request, tasks: BackgroundTasks, who: PostUser, session
     if course_id:
         admin_service.create_enrollment(
             session, admin_service.EnrollmentIn(student_id=data.id, course_id=course_id))
-    audit(session, who.name, "student_add", data.id, course_id)
+    audit(session, who.name, "student.add", f"student:{data.id}", f"course {course_id}")
     session.commit()
     after_write(context(request), tasks, "students")
     return back(f"/students/{data.id}", f"student {data.id} added")
@@ -132,7 +132,7 @@ def enrol(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
         raise ForbiddenError("you do not teach this course")
     admin_service.create_enrollment(
         session, admin_service.EnrollmentIn(student_id=student_id, course_id=course_id))
-    audit(session, who.name, "enrol", f"{course_id}/{student_id}")
+    audit(session, who.name, "student.enrol", f"student:{student_id}", f"course {course_id}")
     session.commit()
     after_write(context(request), tasks, "students")
     return back(f"/students/{student_id}", f"enrolled in {course_id}")
@@ -152,7 +152,7 @@ def _encode_one(request: Request, student_id: str, name: str, data: bytes,
             row = faces.store_embedding(session, ctx.settings, student_id, encoded.vectors,
                                         encoded.quality, f"console:{who}:{name}"[:200], data,
                                         Path(name).suffix.lower())
-            audit(session, who, "face_add", student_id, f"{name} (face {row.id})")
+            audit(session, who, "face.enrol", f"student:{student_id}", f"{name} (face {row.id})")
             session.commit()
     except ServiceError as err:
         result["reason"] = err.message
@@ -199,7 +199,6 @@ def consent(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB
     privacy.set_consent(session, student_id, state, f"console:{who.name}", note)  # type: ignore[arg-type]
     if state == "withdrawn":
         tasks.add_task(privacy.scrub, context(request).engine)
-    audit(session, who.name, f"consent_{state}", student_id, note)
     session.commit()
     after_write(context(request), tasks, "students")
     return back(f"/students/{student_id}", f"consent {state}")
@@ -215,7 +214,7 @@ def delete_face_data(request: Request, tasks: BackgroundTasks, who: PostUser, se
     if session.get(Student, student_id) is None:
         raise NotFoundError(f"student {student_id!r} does not exist")
     count, _ = privacy.delete_face_data(session, student_id)
-    audit(session, who.name, "face_data_deleted", student_id, f"{count} descriptors")
+    audit(session, who.name, "face.delete", f"student:{student_id}", f"{count} descriptors")
     session.commit()
     tasks.add_task(privacy.scrub, context(request).engine)
     after_write(context(request), tasks, "students")

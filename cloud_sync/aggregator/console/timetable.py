@@ -84,7 +84,7 @@ def class_now(
         "effective_from": start.date(), "effective_to": start.date(),
     })
     row = svc.create_schedule(session, data)  # type: ignore[arg-type]
-    audit(session, who.name, "class_now", f"{course_id}@{room_id}",
+    audit(session, who.name, "schedule.class_now", f"course:{course_id}", f"room {room_id} "
           f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} (schedule {row.id})")
     session.commit()
     after_write(context(request), tasks, "schedules")
@@ -101,7 +101,7 @@ def add_room(request: Request, tasks: BackgroundTasks, who: PostUser, session: D
     data = _validated(svc.RoomIn, {"id": room_id, "name": name or None, "site": site or "main",
                                    "timezone": timezone or None})
     svc.create_row(session, "rooms", data, context(request).settings.timezone)
-    audit(session, who.name, "room_add", room_id)
+    audit(session, who.name, "room.add", f"room:{room_id}")
     session.commit()
     after_write(context(request), tasks, "rooms")
     return back("/timetable", f"room {room_id} added")
@@ -115,7 +115,7 @@ def add_course(request: Request, tasks: BackgroundTasks, who: PostUser, session:
     require_admin(who)
     data = _validated(svc.CourseIn, {"id": course_id, "name": name})
     svc.create_row(session, "courses", data)
-    audit(session, who.name, "course_add", course_id)
+    audit(session, who.name, "course.add", f"course:{course_id}")
     session.commit()
     if teacher:
         accounts.assign_courses(session, teacher, [course_id], who.name)
@@ -152,7 +152,7 @@ def add_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, sessio
     data = _validated(svc.ScheduleIn, _schedule_values(
         course_id, room_id, weekday, start_time, end_time, effective_from, effective_to))
     row = svc.create_schedule(session, data)  # type: ignore[arg-type]
-    audit(session, who.name, "schedule_add", str(row.id), f"{course_id}@{room_id}")
+    audit(session, who.name, "schedule.add", f"schedule:{row.id}", f"{course_id}@{room_id}")
     session.commit()
     after_write(context(request), tasks, "schedules")
     return back("/timetable", f"schedule {row.id} added")
@@ -168,7 +168,8 @@ def edit_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, sessi
                               effective_from, effective_to)
     patch = _validated(svc.SchedulePatch, values)
     svc.update_schedule(session, schedule_id, patch)  # type: ignore[arg-type]
-    audit(session, who.name, "schedule_edit", str(schedule_id), f"{course_id}@{room_id}")
+    audit(session, who.name, "schedule.edit", f"schedule:{schedule_id}",
+          f"{course_id}@{room_id}")
     session.commit()
     after_write(context(request), tasks, "schedules")
     return back("/timetable", f"schedule {schedule_id} saved")
@@ -179,7 +180,7 @@ def remove_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, ses
                     schedule_id: int) -> Response:
     require_admin(who)
     svc.delete_schedule(session, schedule_id)
-    audit(session, who.name, "schedule_delete", str(schedule_id))
+    audit(session, who.name, "schedule.delete", f"schedule:{schedule_id}")
     session.commit()
     after_write(context(request), tasks, "schedules")
     return back("/timetable", f"schedule {schedule_id} deleted")
@@ -198,7 +199,7 @@ async def import_csv(request: Request, tasks: BackgroundTasks, who: PostUser, se
     except UnicodeDecodeError as err:
         raise ServiceError(f"the file is not UTF-8 text ({err.reason})") from err
     report = svc.import_csv(session, kind, text, context(request).settings.timezone)
-    audit(session, who.name, "import", kind,
+    audit(session, who.name, "import.csv", f"import:{kind}",
           f"{file.filename}: {report.rows} rows, {report.created} created, "
           f"{report.updated} updated, {len(report.errors)} errors")
     session.commit()

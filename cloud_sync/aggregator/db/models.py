@@ -273,7 +273,8 @@ class AuditLog(Base):
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(UtcDateTime())
-    actor: Mapped[str] = mapped_column(String(200), doc="token:<name>, cli:<user>, system")
+    actor: Mapped[str] = mapped_column(
+        String(200), doc="token:<name>, console:<user>, cli:<user>, system")
     action: Mapped[str] = mapped_column(String(64), doc="e.g. student.view, student.erase")
     subject: Mapped[str] = mapped_column(String(200), doc="e.g. student:S001")
     detail: Mapped[str] = mapped_column(String(1000), default="")
@@ -356,19 +357,6 @@ class FaceNegative(Base):
     source: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     __table_args__ = (Index("ix_face_negatives_student", "student_id"),)
-
-
-class AuditEntry(Base):
-    """Who did what in the console (logins, corrections, enrolment, keys, timetable)."""
-
-    __tablename__ = "console_audit"
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(UtcDateTime())
-    user_name: Mapped[str] = mapped_column(String(100))
-    action: Mapped[str] = mapped_column(String(64))
-    target: Mapped[str] = mapped_column(String(200))
-    detail: Mapped[str] = mapped_column(String(1000), default="")
-    __table_args__ = (Index("ix_console_audit_at", "at"),)
 
 
 class RecordDescriptor(Base):
