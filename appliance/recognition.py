@@ -180,7 +180,7 @@ class Roster:
 
 class RosterProvider(Protocol):
     """What the pipeline asks, about once a second, for the class in the room and its roster:
-    :class:`FileRosterProvider` here, ``cloud_sync.agent.ScheduleRosterProvider`` (the class
+    :class:`FileRosterProvider` here, ``appliance.sync.ScheduleRosterProvider`` (the class
     scheduled now, from the schedule the sync agent caches) on a device with an aggregator."""
 
     def current(self, now: datetime) -> tuple[str | None, str | None, Roster]:

@@ -2,8 +2,11 @@
 
 Wiring (each component has a non-blocking ``start()`` and a ``stop()``):
 
-    Store ─┬─ SyncAgent (cloud_sync.agent; only when sync.aggregator_url or sync.mqtt_url is set)
-           │    └─ roster_provider: the class scheduled now (falls back to recognition.roster_file)
+    Store ─┬─ roster provider: with an aggregator, the class scheduled now
+           │    (appliance.sync.ScheduleRosterProvider, falling back to recognition.roster_file);
+           │    without one, recognition.roster_file
+           ├─ SyncAgent (appliance.sync; only when sync.aggregator_url or sync.mqtt_url is set):
+           │    saves the schedule the provider reads, heartbeats with the pipeline's status
            ├─ Pipeline (capture thread + processing thread) ── records ──► Store outbox
            ├─ WebServer (appliance.web.server; when web.enabled)
            └─ AlertMonitor (appliance.alerts)
@@ -11,14 +14,11 @@ Wiring (each component has a non-blocking ``start()`` and a ``stop()``):
 The main thread then loops: it pings the systemd watchdog (WATCHDOG=1) only while the pipeline
 is alive, deletes records sent more than ``store.keep_sent_days`` ago once an hour, and stops
 everything in reverse order on SIGTERM/SIGINT (STOPPING=1).
-Optional components are imported lazily; if one is missing the appliance runs without it and
-says so in the log.
 """
 
 from __future__ import annotations
 
 import fcntl
-import importlib
 import logging
 import os
 import signal
@@ -32,10 +32,12 @@ from types import FrameType
 from typing import Any
 
 import appliance
+from appliance.alerts import AlertMonitor
 from appliance.config import ApplianceSettings
 from appliance.pipeline import Pipeline
-from appliance.recognition import FileRosterProvider
+from appliance.recognition import FileRosterProvider, RosterProvider
 from appliance.store import Store
+from appliance.sync import ScheduleRosterProvider, SyncAgent
 from appliance.watchdog import Notifier, watchdog_interval_s
 from cloud_sync.protocol import Event
 from models import load_manifest, model_path
@@ -47,17 +49,6 @@ LOCK_FILE = "appliance.lock"
 PRUNE_EVERY_S = 3600.0
 
 
-def _optional(module: str, attr: str, what: str) -> Any:
-    """``module.attr`` or None (with a warning) when that part is not installed yet."""
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ImportError as err:
-        _LOGGER.warning("%s unavailable (%s): running without it", what, err)
-    except AttributeError:
-        _LOGGER.warning("%s unavailable (%s.%s missing): running without it", what, module, attr)
-    return None
-
-
 @dataclass
 class Appliance:
     """Every running component, in start order."""
@@ -66,7 +57,7 @@ class Appliance:
     store: Store
     pipeline: Pipeline
     components: list[tuple[str, Any]] = field(default_factory=list)
-    sync: Any = None
+    sync: SyncAgent | None = None
 
     def start(self, stop: threading.Event | None = None) -> None:
         """Start the components in order; once ``stop`` is set (a signal during a slow start)
@@ -93,18 +84,12 @@ def build(settings: ApplianceSettings) -> Appliance:
         model_path(spec.name, settings.paths.model_dir)  # verified, or ModelError
     _LOGGER.info("models verified in %s", settings.paths.model_dir)
     store = Store(settings.paths.data_dir)
-    file_roster = FileRosterProvider(settings.recognition.roster_file)
-    holder: dict[str, Pipeline] = {}
-    sync = None
-    if settings.sync.aggregator_url or settings.sync.mqtt_url:
-        agent_cls = _optional("cloud_sync.agent", "SyncAgent", "sync agent")
-        if agent_cls is not None:
-            sync = agent_cls(
-                settings, store,
-                pipeline_status=lambda: holder["p"].status() if "p" in holder else None,
-                fallback_roster=file_roster,
-            )
-    provider = sync.roster_provider if sync is not None else file_roster
+    syncing = bool(settings.sync.aggregator_url or settings.sync.mqtt_url)
+    provider: RosterProvider = FileRosterProvider(settings.recognition.roster_file)
+    schedule = None
+    if syncing:
+        schedule = ScheduleRosterProvider.for_device(settings, store, fallback=provider)
+        provider = schedule
     reporter = None
     if settings.unknown_faces.enabled and settings.sync.aggregator_url:
         from appliance.unknown_faces import UnknownFaceReporter
@@ -112,7 +97,10 @@ def build(settings: ApplianceSettings) -> Appliance:
         reporter = UnknownFaceReporter(settings)
     pipeline = Pipeline(settings, store, provider,
                         unknown_sink=reporter.offer if reporter is not None else None)
-    holder["p"] = pipeline
+    sync = None
+    if syncing:
+        sync = SyncAgent(settings, store, pipeline_status=pipeline.status,
+                         roster_provider=schedule)
     app = Appliance(settings, store, pipeline, sync=sync)
     if sync is not None:
         app.components.append(("sync agent", sync))
@@ -120,14 +108,11 @@ def build(settings: ApplianceSettings) -> Appliance:
         app.components.append(("unknown faces", reporter))
     app.components.append(("pipeline", pipeline))
     if settings.web.enabled:
-        server_cls = _optional("appliance.web.server", "WebServer", "status page")
-        if server_cls is not None:
-            app.components.append(("status page", server_cls(
-                settings, pipeline, store,
-                sync_status=sync.status if sync is not None else None)))
-    monitor_cls = _optional("appliance.alerts", "AlertMonitor", "alert monitor")
-    if monitor_cls is not None:
-        app.components.append(("alert monitor", monitor_cls(settings, pipeline, store)))
+        from appliance.web.server import WebServer  # FastAPI and uvicorn: only when serving
+
+        app.components.append(("status page", WebServer(
+            settings, pipeline, store, sync_status=sync.status if sync is not None else None)))
+    app.components.append(("alert monitor", AlertMonitor(settings, pipeline, store)))
     return app
 
 

@@ -32,7 +32,7 @@ from tests.sync.helpers import (
 
 def _drain(transport: str, n: int, workdir: Path) -> dict[str, Any]:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg = Aggregator(workdir / "aggregator")
     keys = agg.seed()

@@ -1,8 +1,9 @@
 """The wire models both sides import: records, batches, acks, rosters, heartbeats, events.
 
 This module is the whole contract between an appliance and the aggregator, over HTTP and MQTT
-alike; nothing else is shared. Every message carries ``v`` (the protocol version). Times are
-timezone-aware ISO 8601; embeddings are 128 floats.
+alike: no other code of one side is needed to talk to the other (what else both programs
+import is in docs/ARCHITECTURE.md, "What the two programs share"). Every message carries
+``v`` (the protocol version). Times are timezone-aware ISO 8601; embeddings are 128 floats.
 """
 
 from __future__ import annotations

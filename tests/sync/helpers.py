@@ -1,6 +1,6 @@
 """Real components for the sync tests: a Mosquitto of our own (restartable, with the repo's ACL
 file and example config), the aggregator (`aggregator serve` subprocess on a temp SQLite DB),
-and the appliance side (the real Store and SyncAgent, or `python -m cloud_sync.agent`)."""
+and the appliance side (the real Store and SyncAgent, or `python -m appliance.sync`)."""
 
 from __future__ import annotations
 
@@ -324,7 +324,7 @@ def start_pushed_agent(agg: Aggregator, broker: Any, keys: dict[str, str],
     poll (a roster change can only arrive by the pushed notice), started, its first schedule
     pulled and MQTT connected. The caller stops the agent and closes the store."""
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     store = Store(data_dir / "appliance.db")
     settings = appliance_settings(data_dir, aggregator_url=agg.base_url, api_key=keys[DEVICE],
@@ -356,6 +356,6 @@ def start_agent_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "cloud_sync.agent", "--config", str(config)],
+            [sys.executable, "-m", "appliance.sync", "--config", str(config)],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
         )

@@ -27,7 +27,7 @@ def run_agent(tmp_path: Path, agg: Aggregator, key: str, *, failures: int,
     """A real SyncAgent with 5 records to send, until ``failures`` uploads failed, then a
     little longer (the retries that must not be logged)."""
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     store = Store(tmp_path / "dev" / "appliance.db")
     fill_store(store, make_records(5))
@@ -44,7 +44,7 @@ def run_agent(tmp_path: Path, agg: Aggregator, key: str, *, failures: int,
 
 def agent_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records
-            if r.name.startswith("cloud_sync.agent") and r.levelno >= logging.INFO]
+            if r.name.startswith("appliance.sync") and r.levelno >= logging.INFO]
 
 
 def test_refused_key_is_one_warning_that_says_what_to_do(
@@ -84,7 +84,7 @@ def test_library_loggers_are_quiet_at_info() -> None:
         setup_logging("INFO")
         assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
         assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
-        assert logging.getLogger("cloud_sync.agent").isEnabledFor(logging.INFO)
+        assert logging.getLogger("appliance.sync").isEnabledFor(logging.INFO)
         setup_logging("DEBUG")  # asked for everything: everything
         assert logging.getLogger("httpx").isEnabledFor(logging.DEBUG)
     finally:

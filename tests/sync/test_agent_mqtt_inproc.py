@@ -49,7 +49,7 @@ def test_agent_drains_over_mqtt_and_announces_status(
     tmp_path: Path,
 ) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, _ = aggregator_db
     store = Store(tmp_path / "dev" / "appliance.db")
@@ -84,7 +84,7 @@ def test_poison_record_is_parked_and_does_not_block(
     tmp_path: Path,
 ) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, _ = aggregator_db
     store = Store(tmp_path / "dev" / "appliance.db")
@@ -112,7 +112,7 @@ def test_stop_does_not_wait_for_an_ack_and_keeps_the_batch(broker: Broker, tmp_p
     """Nobody acks (no bridge): the agent waits for its batch's ack for up to ack_timeout_s.
     A device that is stopping ends that wait at once; the batch stays in the outbox."""
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     store = Store(tmp_path / "dev" / "appliance.db")
     records = make_records(20)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cloud_sync.agent.backoff import Backoff
+from appliance.sync.backoff import Backoff
 
 
 def test_delays_grow_exponentially_capped_and_jittered() -> None:

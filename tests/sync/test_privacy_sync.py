@@ -148,7 +148,7 @@ def test_withdrawn_consent_leaves_the_device_after_one_sync(
 def test_deregistered_device_wipes_its_rosters(
         aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, keys = aggregator
     agg.start()

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cloud_sync.agent import ScheduleRosterProvider, pick_session
+from appliance.sync import ScheduleRosterProvider, pick_session
 from cloud_sync.protocol import ClassSession
 from tests.sync.helpers import (
     DEVICE,
@@ -50,7 +50,7 @@ def test_schedule_pulled_with_etag_and_kept_for_offline(
     aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
 ) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, keys = aggregator
     agg.start()

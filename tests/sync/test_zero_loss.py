@@ -50,7 +50,7 @@ def test_aggregator_down_for_the_whole_capture(
     aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
 ) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, keys = aggregator
     store = Store(tmp_path / "dev" / "appliance.db")
@@ -81,7 +81,7 @@ def test_refused_key_keeps_records_and_shows_in_status(
     aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
 ) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, keys = aggregator
     agg.start()
@@ -157,7 +157,7 @@ def test_broker_restarted_mid_stream(
     broker: Broker, aggregator: tuple[Aggregator, dict[str, str]], tmp_path: Path
 ) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, keys = aggregator
     agg.start(mqtt_url=broker.url("aggregator"))
@@ -205,7 +205,7 @@ def test_agent_retry_after_lost_response_counts_once(
     """The aggregator stores a batch but the answer is lost on the way back: the agent keeps
     the records, sends them again, gets 'duplicate' and only then marks them sent."""
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     agg, keys = aggregator
     agg.start()
@@ -236,7 +236,7 @@ def test_http_poison_record_parked_with_reason_and_events_sent(
     from datetime import UTC, datetime
 
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
     from cloud_sync.protocol import Event
 
     agg, keys = aggregator

@@ -25,28 +25,28 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 
 from appliance import __version__ as software_version
 from appliance import metrics
+from appliance.config import ApplianceSettings
 from appliance.logging_setup import LogThrottle
-from cloud_sync.agent.backoff import Backoff
-from cloud_sync.agent.errors import (
+from appliance.status import PipelineStatus
+from appliance.store import Store, boot_id, clock_synced
+from appliance.sync.backoff import Backoff
+from appliance.sync.errors import (
     BatchRefusedError,
     CredentialsRefusedError,
     NotSupportedError,
     TransportError,
 )
-from cloud_sync.agent.http_transport import HttpTransport
-from cloud_sync.agent.mqtt_transport import MqttTransport
-from cloud_sync.agent.roster import ScheduleRosterProvider
+from appliance.sync.http_transport import HttpTransport
+from appliance.sync.mqtt_transport import MqttTransport
+from appliance.sync.roster import ScheduleRosterProvider
+from appliance.system import cpu_temperature
 from cloud_sync.protocol import AttendanceBatch, AttendanceRecord, BatchResult, Heartbeat
-
-if TYPE_CHECKING:
-    from appliance.config import ApplianceSettings
-    from appliance.store import Store
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -95,17 +95,7 @@ class _Uplink:
 
 def _clock_fields() -> tuple[bool, str | None, float]:
     """(clock_synced, boot_id, monotonic seconds since boot), the same helpers as the records."""
-    from appliance.store import boot_id, clock_synced
-
     return clock_synced(), boot_id(), time.monotonic()
-
-
-def _cpu_temperature() -> float | None:
-    try:
-        from appliance.system import cpu_temperature
-    except ImportError:
-        return None
-    return cpu_temperature()
 
 
 class SyncAgent:
@@ -116,12 +106,12 @@ class SyncAgent:
         settings: ApplianceSettings,
         store: Store,
         *,
-        pipeline_status: Callable[[], Any] | None = None,
-        fallback_roster: Any | None = None,
+        pipeline_status: Callable[[], PipelineStatus] | None = None,
+        roster_provider: ScheduleRosterProvider | None = None,
     ) -> None:
-        """``pipeline_status`` (optional) returns an object with ``last_frame_at`` and ``fps``
-        for the heartbeat; ``fallback_roster`` (optional RosterProvider) answers when no
-        schedule of the day is cached."""
+        """``pipeline_status`` (optional) gives the heartbeat the last frame's time and the
+        fps; ``roster_provider`` is the pipeline's (the agent tells it when a new schedule is
+        saved), else the agent makes one without a fallback."""
         sync = settings.sync
         if not sync.aggregator_url and not sync.mqtt_url:
             raise ValueError("SyncAgent needs sync.aggregator_url or sync.mqtt_url")
@@ -129,11 +119,8 @@ class SyncAgent:
         self._store = store
         self._pipeline_status = pipeline_status
         device = settings.device
-        self.roster_provider = ScheduleRosterProvider(
-            store, timezone=device.timezone, device_id=device.device_id,
-            room_id=device.room_id, early_arrival_s=sync.early_arrival_s,
-            fallback=fallback_roster,
-        )
+        self.roster_provider = roster_provider or ScheduleRosterProvider.for_device(
+            settings, store)
         self._http: HttpTransport | None = None
         if sync.aggregator_url:
             self._http = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s)
@@ -161,7 +148,7 @@ class SyncAgent:
         self._events_retry_at = 0.0
         self._next_drain = 0.0
         self._failure_log = LogThrottle(FAILURE_LOG_EVERY_S)
-        self._has_fallback = fallback_roster is not None and \
+        self._has_fallback = self.roster_provider.has_fallback and \
             settings.recognition.roster_file is not None
         self.stats = DrainStats()
 
@@ -438,8 +425,7 @@ class SyncAgent:
         if self._pipeline_status is not None:
             try:
                 status = self._pipeline_status()
-                last_frame_at = getattr(status, "last_frame_at", None)
-                fps = getattr(status, "fps", None)
+                last_frame_at, fps = status.last_frame_at, status.fps
             except Exception:  # the heartbeat must go out even if the pipeline is broken
                 _LOGGER.exception("pipeline status unavailable for the heartbeat")
         return Heartbeat(
@@ -451,7 +437,7 @@ class SyncAgent:
             boot_id=boot,
             monotonic_s=mono,
             uptime_s=max(0.0, time.time() - psutil.boot_time()),
-            cpu_temp_c=_cpu_temperature(),
+            cpu_temp_c=cpu_temperature(),
             outbox_depth=self._store.outbox_depth(),
             oldest_unsent_age_s=self._store.oldest_unsent_age_s(now),
             last_frame_at=last_frame_at,

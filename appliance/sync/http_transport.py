@@ -13,7 +13,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from cloud_sync.agent.errors import (
+from appliance.sync.errors import (
     BatchRefusedError,
     CredentialsRefusedError,
     NotSupportedError,

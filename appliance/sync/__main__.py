@@ -1,4 +1,4 @@
-"""``python -m cloud_sync.agent [--config FILE]``: the sync agent alone, on the device's store.
+"""``python -m appliance.sync [--config FILE]``: the sync agent alone, on the device's store.
 
 For tests, benchmarks and troubleshooting (``appliance run`` starts the same agent with the
 pipeline). Stops cleanly on SIGTERM/SIGINT.
@@ -16,11 +16,11 @@ from appliance import config as appliance_config
 from appliance.logging_setup import setup_logging
 from cloud_sync.settings import ConfigError
 
-_LOGGER = logging.getLogger("cloud_sync.agent")
+_LOGGER = logging.getLogger("appliance.sync")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cloud_sync.agent")
+    parser = argparse.ArgumentParser(prog="python -m appliance.sync")
     parser.add_argument("--config", "-c", type=Path, default=None, help="appliance TOML")
     args = parser.parse_args(argv)
     try:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     from appliance.store import DB_FILENAME, Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     settings.paths.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.paths.data_dir / DB_FILENAME)

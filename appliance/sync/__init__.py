@@ -4,7 +4,7 @@
 ``sync.mqtt_url`` is set and gives the pipeline its ``roster_provider``.
 """
 
-from cloud_sync.agent.agent import DrainStats, SyncAgent, SyncStatus
-from cloud_sync.agent.roster import ScheduleRosterProvider, pick_session
+from appliance.sync.agent import DrainStats, SyncAgent, SyncStatus
+from appliance.sync.roster import ScheduleRosterProvider, pick_session
 
 __all__ = ["DrainStats", "ScheduleRosterProvider", "SyncAgent", "SyncStatus", "pick_session"]

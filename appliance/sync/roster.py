@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
+from appliance.config import ApplianceSettings
+from appliance.recognition import Roster, RosterProvider
+from appliance.store import Store
 from cloud_sync.protocol import ClassSession, Event, ScheduleResponse
-
-if TYPE_CHECKING:
-    from appliance.recognition import Roster, RosterProvider
-    from appliance.store import Store
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -69,6 +68,19 @@ class ScheduleRosterProvider:
         self._rosters: dict[str, Roster] = {}
         self._last_course: str | None = None
 
+    @classmethod
+    def for_device(cls, settings: ApplianceSettings, store: Store, *,
+                   fallback: RosterProvider | None = None) -> ScheduleRosterProvider:
+        """The provider of this device's room, by its timezone, as the settings say."""
+        device = settings.device
+        return cls(store, timezone=device.timezone, device_id=device.device_id,
+                   room_id=device.room_id, early_arrival_s=settings.sync.early_arrival_s,
+                   fallback=fallback)
+
+    @property
+    def has_fallback(self) -> bool:
+        return self._fallback is not None
+
     def invalidate(self) -> None:
         """Forget the cached schedule (the agent saved a new one)."""
         with self._lock:
@@ -86,8 +98,6 @@ class ScheduleRosterProvider:
         return self._schedule
 
     def _roster(self, course_id: str) -> Roster:
-        from appliance.recognition import Roster
-
         roster = self._rosters.get(course_id)
         if roster is None:
             assert self._schedule is not None
@@ -99,8 +109,6 @@ class ScheduleRosterProvider:
         return roster
 
     def current(self, now: datetime) -> tuple[str | None, str | None, Roster]:
-        from appliance.recognition import Roster
-
         with self._lock:
             schedule = self._schedule_for(now)
             if schedule is None:

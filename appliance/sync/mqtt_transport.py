@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ValidationError
 
-from cloud_sync.agent.errors import BatchRefusedError, TransportError
+from appliance.sync.errors import BatchRefusedError, TransportError
 from cloud_sync.protocol import (
     AttendanceBatch,
     BatchResult,
