@@ -90,7 +90,7 @@ class WebServer:
             _LOGGER.debug("uvicorn exited at start-up")
 
     def stop(self) -> None:
-        self.app.state.stopping.set()  # ends SSE and MJPEG streams
+        self.app.state.web.stopping.set()  # ends SSE and MJPEG streams
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -254,7 +254,7 @@ def test_cross_origin_posts_are_refused(settings, pipeline, store, host, with_pa
 def test_tampered_expired_and_stale_sessions(settings, pipeline, store, host,
                                              with_password) -> None:
     app = create_app(settings, pipeline, store, system=host)
-    authn = app.state.auth
+    authn = app.state.web.auth
     good = authn.issue_session()
     assert authn.valid_session(good)
     issued, nonce, mac = good.split(".")

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from fastapi.testclient import TestClient
 
-from appliance.web.app import create_app, match_label, preview_note
+from appliance.web.app import create_app
+from appliance.web.view import match_label, preview_note
 
 from .conftest import Present
 
