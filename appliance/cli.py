@@ -12,7 +12,8 @@ import typer
 
 from appliance import config as appliance_config
 from appliance.logging_setup import setup_logging
-from cloud_sync.settings import ConfigError, describe_fields, dump_settings
+from cloud_sync.config_commands import config_commands
+from cloud_sync.settings import ConfigError
 from models import ModelError, fetch_all, load_manifest
 
 _LOGGER = logging.getLogger(__name__)
@@ -20,9 +21,7 @@ _LOGGER = logging.getLogger(__name__)
 app = typer.Typer(
     help="Classroom attendance appliance.", no_args_is_help=True, add_completion=False
 )
-config_app = typer.Typer(help="Show the configuration.", no_args_is_help=True)
 models_app = typer.Typer(help="Fetch and verify the model files.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 
 ConfigOption = Annotated[
@@ -39,23 +38,8 @@ def load_or_exit(path: Path | None) -> appliance_config.ApplianceSettings:
         raise typer.Exit(2) from err
 
 
-@config_app.command("show")
-def config_show(config: ConfigOption = None) -> None:
-    """Print the effective configuration as JSON, secrets masked."""
-    typer.echo(dump_settings(load_or_exit(config)))
-
-
-@config_app.command("example")
-def config_example() -> None:
-    """Print the documented example TOML (every key, its bounds and default)."""
-    typer.echo(appliance_config.example(), nl=False)
-
-
-@config_app.command("describe")
-def config_describe() -> None:
-    """Print every setting with its type, default and description."""
-    for name, kind, default, text in describe_fields(appliance_config.ApplianceSettings):
-        typer.echo(f"{name} ({kind}, default {default}): {text}")
+app.add_typer(config_commands(appliance_config.ApplianceSettings, load_or_exit,
+                              appliance_config.example, "APPLIANCE_CONFIG"), name="config")
 
 
 @models_app.command("fetch")

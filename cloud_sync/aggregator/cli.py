@@ -18,12 +18,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cloud_sync.aggregator import config as aggregator_config
-from cloud_sync.settings import ConfigError, describe_fields, dump_settings
+from cloud_sync.config_commands import config_commands
+from cloud_sync.settings import ConfigError
 
 app = typer.Typer(
     help="Classroom attendance aggregator.", no_args_is_help=True, add_completion=False
 )
-config_app = typer.Typer(help="Show the configuration.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 devices_app = typer.Typer(help="Room devices.", no_args_is_help=True)
 admin_app = typer.Typer(help="Admin credentials.", no_args_is_help=True)
@@ -34,7 +34,6 @@ schedules_app = typer.Typer(help="Class times (one at a time; many: `import sche
                             no_args_is_help=True)
 mqtt_app = typer.Typer(help="The MQTT broker's files.", no_args_is_help=True)
 users_app = typer.Typer(help="Web console users (admin | teacher).", no_args_is_help=True)
-app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(devices_app, name="devices")
 app.add_typer(admin_app, name="admin")
@@ -106,10 +105,9 @@ def _with_session(config: Path | None, work: Callable[[Any], T]) -> T:
         engine.dispose()
 
 
-@config_app.command("show")
-def config_show(config: ConfigOption = None) -> None:
-    """Print the effective configuration as JSON, secrets masked."""
-    typer.echo(dump_settings(load_or_exit(config)))
+config_app = config_commands(aggregator_config.AggregatorSettings, load_or_exit,
+                             aggregator_config.example, "AGGREGATOR_CONFIG")
+app.add_typer(config_app, name="config")
 
 
 @config_app.command("check")
@@ -119,19 +117,6 @@ def config_check(config: ConfigOption = None) -> None:
     settings = load_or_exit(config)
     backend = aggregator_config.database_url(settings).split(":", 1)[0]
     typer.echo(f"configuration ok (database: {backend})")
-
-
-@config_app.command("example")
-def config_example() -> None:
-    """Print the documented example TOML (every key, its bounds and default)."""
-    typer.echo(aggregator_config.example(), nl=False)
-
-
-@config_app.command("describe")
-def config_describe() -> None:
-    """Print every setting with its type, default and description."""
-    for name, kind, default, text in describe_fields(aggregator_config.AggregatorSettings):
-        typer.echo(f"{name} ({kind}, default {default}): {text}")
 
 
 @app.command()
