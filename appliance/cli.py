@@ -6,7 +6,7 @@ import faulthandler
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,10 @@ from appliance.logging_setup import setup_logging
 from cloud_sync.config_commands import config_commands
 from cloud_sync.settings import ConfigError
 from models import ModelError, fetch_all, load_manifest
+
+if TYPE_CHECKING:
+    from appliance.vision.detector import FaceDetector
+    from appliance.vision.embedding import Embedder
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -191,6 +195,25 @@ roster_app = typer.Typer(help="Build a roster.json from student photos.", no_arg
 app.add_typer(roster_app, name="roster")
 
 
+def _enrol_source(path: Path, detector: FaceDetector, embedder: Embedder,
+                  min_face_px: int) -> tuple[list[list[float]], str | None]:
+    """The descriptors of one photo (one) or enrolment video (its best frames), and why the
+    source was rejected (None: it was not)."""
+    from appliance.vision.enroll import embed_photo, is_video, load_image, select_video_frames
+
+    try:
+        if is_video(path):
+            taken = select_video_frames(path, detector, embedder, min_face_px)
+            found = [[float(v) for v in f.embedding] for f in taken]
+            return found, None if taken else "no usable frame (one sharp face)"
+        result = embed_photo(load_image(path), detector, embedder, min_face_px)
+    except ValueError as err:
+        return [], str(err)
+    if result.embedding is None:
+        return [], result.reason or "rejected"
+    return [[float(v) for v in result.embedding]], None
+
+
 @roster_app.command("build")
 def roster_build(
     photos_dir: Annotated[
@@ -216,12 +239,8 @@ def roster_build(
     from appliance.vision.enroll import (
         RECOMMENDED_PHOTOS,
         collect_photos,
-        embed_photo,
         enrollment_detector,
-        is_video,
-        load_image,
         read_names,
-        select_video_frames,
     )
     from cloud_sync.protocol import RosterEntry
 
@@ -250,29 +269,11 @@ def roster_build(
         for student_id, paths in photos.items():
             embeddings: list[list[float]] = []
             for path in paths:
-                if is_video(path):
-                    try:
-                        taken = select_video_frames(path, detector, embedder,
-                                                    settings.detector.min_face_px)
-                    except ValueError as err:
-                        rejects.append((path, str(err)))
-                    else:
-                        embeddings.extend([float(v) for v in f.embedding] for f in taken)
-                        if not taken:
-                            rejects.append((path, "no usable frame (one sharp face)"))
-                    progress.advance(task)
-                    continue
-                try:
-                    result = embed_photo(
-                        load_image(path), detector, embedder, settings.detector.min_face_px
-                    )
-                except ValueError as err:
-                    rejects.append((path, str(err)))
-                else:
-                    if result.embedding is not None:
-                        embeddings.append([float(v) for v in result.embedding])
-                    else:
-                        rejects.append((path, result.reason or "rejected"))
+                found, reason = _enrol_source(path, detector, embedder,
+                                              settings.detector.min_face_px)
+                embeddings.extend(found)
+                if reason is not None:
+                    rejects.append((path, reason))
                 progress.advance(task)
             if embeddings:
                 try:

@@ -81,6 +81,40 @@ def _face_tile(image: np.ndarray, box: tuple[float, float, float, float], zoom: 
                           borderMode=cv2.BORDER_REPLICATE)
 
 
+def _shot_order(rng: np.random.Generator) -> list[list[str]]:
+    """Who is in each shot: alternate enrolled / stranger so that every cut changes the
+    person; every enrolled person appears at least twice; some shots show two people side by
+    side."""
+    order: list[list[str]] = []
+    enrolled_cycle = list(ENROLLED) * 2
+    rng.shuffle(enrolled_cycle)
+    strangers_cycle = list(STRANGERS) * 3
+    rng.shuffle(strangers_cycle)
+    for k in range(SHOTS):
+        cycle = enrolled_cycle if k % 2 == 0 and enrolled_cycle else strangers_cycle
+        first = cycle.pop()
+        shot = [first]
+        if k % 5 == 3:  # a two-face shot: the other one a stranger
+            shot.append(next(s for s in strangers_cycle if s != first))
+        order.append(shot)
+    return order
+
+
+def _frame(faces: list[tuple[np.ndarray, tuple[float, float, float, float]]],
+           centres: list[int], zoom: float, pan: tuple[float, float]) -> np.ndarray:
+    """One frame of a shot: each (image, face box) as a tile centred at its x."""
+    canvas = np.full((HEIGHT, WIDTH, 3), 40, np.uint8)
+    for (image, box), cx in zip(faces, centres, strict=True):
+        tile = _face_tile(image, box, zoom, pan)
+        if len(faces) == 2:
+            tile = cv2.resize(tile, (WIDTH // 2 - 20, WIDTH // 2 - 20),
+                              interpolation=cv2.INTER_AREA)
+        th, tw = tile.shape[:2]
+        y0, x0 = (HEIGHT - th) // 2, cx - tw // 2
+        canvas[y0:y0 + th, x0:x0 + tw] = tile
+    return canvas
+
+
 def build(faces_dir: Path, out: Path, model_dir: Path, seed: int = SEED) -> Montage:
     """Write the montage to ``out`` (mp4) and return what is in it."""
     from appliance.vision.enroll import detect_still, enrollment_detector, load_image
@@ -112,21 +146,7 @@ def build(faces_dir: Path, out: Path, model_dir: Path, seed: int = SEED) -> Mont
     for name in list(pool):
         pool[name] = [p for p in pool[name] if face_of(p) is not None]
 
-    # shots: alternate enrolled / stranger so that every cut changes the person; every
-    # enrolled person appears at least twice; some shots show two people side by side
-    order: list[list[str]] = []
-    enrolled_cycle = list(ENROLLED) * 2
-    rng.shuffle(enrolled_cycle)
-    strangers_cycle = list(STRANGERS) * 3
-    rng.shuffle(strangers_cycle)
-    for k in range(SHOTS):
-        cycle = enrolled_cycle if k % 2 == 0 and enrolled_cycle else strangers_cycle
-        first = cycle.pop()
-        shot = [first]
-        if k % 5 == 3:  # a two-face shot: the other one a stranger
-            shot.append(next(s for s in strangers_cycle if s != first))
-        order.append(shot)
-
+    order = _shot_order(rng)
     writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (WIDTH, HEIGHT))
     if not writer.isOpened():
         raise RuntimeError(f"cannot write {out}")
@@ -147,20 +167,13 @@ def build(faces_dir: Path, out: Path, model_dir: Path, seed: int = SEED) -> Mont
             centres = [WIDTH // 2] if len(photos) == 1 else [WIDTH // 4 + 5, 3 * WIDTH // 4 - 5]
             for f in range(frames):
                 a = f / max(1, frames - 1)
-                canvas = np.full((HEIGHT, WIDTH, 3), 40, np.uint8)
-                for path, cx in zip(photos, centres, strict=True):
+                faces = []
+                for path in photos:
                     found = face_of(path)
                     assert found is not None
-                    image, box = found
-                    tile = _face_tile(image, box, 1.0 + a * (zoom_to - 1.0),
-                                      (a * pan_to[0], a * pan_to[1]))
-                    if len(photos) == 2:
-                        tile = cv2.resize(tile, (WIDTH // 2 - 20, WIDTH // 2 - 20),
-                                          interpolation=cv2.INTER_AREA)
-                    th, tw = tile.shape[:2]
-                    y0, x0 = (HEIGHT - th) // 2, cx - tw // 2
-                    canvas[y0:y0 + th, x0:x0 + tw] = tile
-                writer.write(canvas)
+                    faces.append(found)
+                writer.write(_frame(faces, centres, 1.0 + a * (zoom_to - 1.0),
+                                    (a * pan_to[0], a * pan_to[1])))
             montage.shots.append(Shot(names, photos, t, frames / FPS))
             t += frames / FPS
     finally:

@@ -53,6 +53,63 @@ def is_console(request: Request) -> bool:
     return not request.url.path.startswith(API_PREFIXES)
 
 
+class _ErrorPages:
+    """Errors on console pages are pages (with the user's menu when logged in); on API paths
+    they stay the app's own JSON answers."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.ctx = app.state.ctx
+        # the app's own handlers, registered before the console's
+        self.service_handler = app.exception_handlers.get(ServiceError)
+        self.http_handler = app.exception_handlers.get(HTTPException)
+
+    def page(self, request: Request, status: int, message: str) -> Response:
+        who = None
+        try:
+            from cloud_sync.aggregator.console.web import user
+
+            with self.ctx.sessions() as session:
+                who = user(request, session)
+        except LoginRequired:
+            who = None
+        return render(request, "error.html", who, status=status,
+                      title=TITLES.get(status, "Error"), message=message)
+
+    async def on_service_error(self, request: Request, err: Exception) -> Response:
+        assert isinstance(err, ServiceError)
+        if is_console(request):
+            return self.page(request, err.status, err.message)
+        if self.service_handler is not None:
+            return await self.service_handler(request, err)  # type: ignore[no-any-return]
+        return JSONResponse({"detail": err.message}, status_code=err.status)
+
+    async def on_http_error(self, request: Request, err: Exception) -> Response:
+        assert isinstance(err, HTTPException)
+        if is_console(request) and "application/json" not in request.headers.get("accept", ""):
+            return self.page(request, err.status_code, str(err.detail))
+        if self.http_handler is not None:
+            return await self.http_handler(request, err)  # type: ignore[no-any-return]
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code,
+                            headers=err.headers)
+
+
+async def _on_login_required(request: Request, err: Exception) -> Response:
+    assert isinstance(err, LoginRequired)
+    if request.method != "GET" or request.url.path.startswith("/console/fragments"):
+        return JSONResponse({"detail": "log in first"}, status_code=401)
+    return login_redirect(err.path)
+
+
+async def _console_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
+    response: Response = await call_next(request)
+    if is_console(request):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if not request.url.path.startswith("/console/static"):
+            response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
 def mount(app: FastAPI) -> None:
     """Add the console to ``app`` (call after the app's own exception handlers)."""
     ctx = app.state.ctx
@@ -62,56 +119,10 @@ def mount(app: FastAPI) -> None:
     for module in (core, courses, students, timetable, devices, unknown, recordings):
         app.include_router(module.router)
     app.include_router(unknown.api_router)
-    service_handler = app.exception_handlers.get(ServiceError)
-    http_handler = app.exception_handlers.get(HTTPException)
-
-    def page(request: Request, status: int, message: str) -> Response:
-        who = None
-        try:
-            from cloud_sync.aggregator.console.web import user
-
-            with ctx.sessions() as session:
-                who = user(request, session)
-        except LoginRequired:
-            who = None
-        return render(request, "error.html", who, status=status,
-                      title=TITLES.get(status, "Error"), message=message)
-
-    async def on_service_error(request: Request, err: Exception) -> Response:
-        assert isinstance(err, ServiceError)
-        if is_console(request):
-            return page(request, err.status, err.message)
-        if service_handler is not None:
-            return await service_handler(request, err)  # type: ignore[no-any-return]
-        return JSONResponse({"detail": err.message}, status_code=err.status)
-
-    async def on_http_error(request: Request, err: Exception) -> Response:
-        assert isinstance(err, HTTPException)
-        if is_console(request) and "application/json" not in request.headers.get("accept", ""):
-            return page(request, err.status_code, str(err.detail))
-        if http_handler is not None:
-            return await http_handler(request, err)  # type: ignore[no-any-return]
-        return JSONResponse({"detail": err.detail}, status_code=err.status_code,
-                            headers=err.headers)
-
-    async def on_login_required(request: Request, err: Exception) -> Response:
-        assert isinstance(err, LoginRequired)
-        if request.method != "GET" or request.url.path.startswith("/console/fragments"):
-            return JSONResponse({"detail": "log in first"}, status_code=401)
-        return login_redirect(err.path)
-
-    app.add_exception_handler(ServiceError, on_service_error)
-    app.add_exception_handler(HTTPException, on_http_error)
-    app.add_exception_handler(LoginRequired, on_login_required)
+    errors = _ErrorPages(app)
+    app.add_exception_handler(ServiceError, errors.on_service_error)
+    app.add_exception_handler(HTTPException, errors.on_http_error)
+    app.add_exception_handler(LoginRequired, _on_login_required)
 
     app.add_middleware(SessionGate, api_prefixes=API_PREFIXES)
-
-    @app.middleware("http")
-    async def console_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response: Response = await call_next(request)
-        if is_console(request):
-            for name, value in SECURITY_HEADERS.items():
-                response.headers.setdefault(name, value)
-            if not request.url.path.startswith("/console/static"):
-                response.headers.setdefault("Cache-Control", "no-store")
-        return response
+    app.middleware("http")(_console_headers)
