@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from cloud_sync.protocol import IDENTIFIER_PATTERN
+from cloud_sync.protocol import Identifier
 from cloud_sync.settings import TimeZoneName, TomlSettings, example_toml, load_settings
 from models import DEFAULT_MODEL_DIR
 
@@ -27,27 +27,18 @@ class Section(BaseModel):
 
 
 class DeviceConfig(Section):
-    device_id: str = Field(
+    device_id: Identifier = Field(
         default="dev-appliance",
-        min_length=1,
-        max_length=64,
-        pattern=IDENTIFIER_PATTERN,
         title="Device id",
         description="Unique id of this appliance, as registered at the aggregator.",
     )
-    room_id: str = Field(
+    room_id: Identifier = Field(
         default="LAB-301",
-        min_length=1,
-        max_length=64,
-        pattern=IDENTIFIER_PATTERN,
         title="Room id",
         description="Room this appliance is mounted in; selects the roster.",
     )
-    site: str = Field(
+    site: Identifier = Field(
         default="main",
-        min_length=1,
-        max_length=64,
-        pattern=IDENTIFIER_PATTERN,
         title="Site",
         description="School or campus id, used in MQTT topic names.",
     )

@@ -30,7 +30,8 @@ EMBEDDER_IDS = {"sface": "sface/sface-2021dec-int8bq", "dlib": "dlib/dlib-resnet
 LEGACY_EMBEDDER = EMBEDDER_IDS["dlib"]
 MAX_BATCH = 1000
 
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9._-]+$"
+IDENTIFIER_CHARS = r"[A-Za-z0-9._-]+"
+IDENTIFIER_PATTERN = rf"^{IDENTIFIER_CHARS}$"
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 # MQTT user names of the aggregator's bridge and of Home Assistant (config/mosquitto/acl): a
 # device registered under one of them would get their broker rights.
@@ -152,7 +153,7 @@ EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
 ALERT_KINDS: tuple[str, ...] = AlertKind.__args__  # type: ignore[attr-defined]
 Severity = Literal["info", "warning", "critical"]
 SessionId = Annotated[str, Field(min_length=1, max_length=100,
-                                 pattern=r"^[A-Za-z0-9._-]+@\d{4}-\d{2}-\d{2}$")]
+                                 pattern=rf"^{IDENTIFIER_CHARS}@\d{{4}}-\d{{2}}-\d{{2}}$")]
 
 
 class _Payload(BaseModel):

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from cloud_sync.protocol import IDENTIFIER_PATTERN
+from cloud_sync.protocol import Identifier
 from cloud_sync.settings import TimeZoneName, TomlSettings, example_toml, load_settings
 
 
@@ -57,11 +57,8 @@ class AggregatorSettings(TomlSettings):
         title="MQTT broker URL",
         description="mqtt://user:pass@host:1883 to run the MQTT bridge; unset = HTTP only.",
     )
-    mqtt_client_id: str = Field(
+    mqtt_client_id: Identifier = Field(
         default="aggregator-bridge",
-        min_length=1,
-        max_length=64,
-        pattern=IDENTIFIER_PATTERN,
         title="MQTT bridge client id",
         description="Fixed client id of the MQTT bridge; with a persistent session the broker "
         "keeps QoS 1 messages for it while it is down.",
@@ -420,11 +417,8 @@ class AggregatorSettings(TomlSettings):
         "number of `aggregator worker` processes on any machines take them; unset = the "
         "aggregator's own database is the queue (one machine, nothing else to run).",
     )
-    job_queue_name: str = Field(
+    job_queue_name: Identifier = Field(
         default="recordings",
-        min_length=1,
-        max_length=64,
-        pattern=IDENTIFIER_PATTERN,
         title="Job queue name",
         description="The RQ queue name on Redis (several districts can share a Redis server "
         "with different names).",

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from cloud_sync.aggregator.api.deps import DB, context, db
 from cloud_sync.aggregator.console.accounts import ConsolePrincipal, load_session
 from cloud_sync.aggregator.services.common import ForbiddenError
+from cloud_sync.protocol import IDENTIFIER_CHARS
 
 _LOGGER = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -38,6 +39,8 @@ def _when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
 
 
 templates.env.filters["when"] = _when
+# what an id field accepts, as the API checks it (an HTML pattern is anchored by itself)
+templates.env.globals["identifier_pattern"] = IDENTIFIER_CHARS
 
 
 class LoginRequired(Exception):  # noqa: N818 (a control-flow signal, not an error)
