@@ -16,6 +16,7 @@ from tests.sync.helpers import (
     OTHER_DEVICE,
     Aggregator,
     Broker,
+    run_bridge,
 )
 
 
@@ -53,3 +54,10 @@ def aggregator(aggregator_db: tuple[Aggregator, dict[str, str]]) -> Iterator[
     agg, keys = aggregator_db
     yield agg, keys
     agg.stop()
+
+
+@pytest.fixture
+def bridge(broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]) -> Iterator[object]:
+    """The aggregator's MQTT bridge, in this process, connected to ``broker``."""
+    with run_bridge(broker, aggregator_db[0]) as b:
+        yield b

@@ -4,6 +4,7 @@ and the appliance side (the real Store and SyncAgent, or `python -m appliance.sy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,28 @@ class Aggregator:
         finally:
             conn.close()
         return None if row is None else row[0]
+
+
+@contextlib.contextmanager
+def run_bridge(broker: Broker, agg: Aggregator, **overrides: object) -> Iterator[Any]:
+    """The aggregator's MQTT bridge, in this process, on ``broker`` and ``agg``'s database;
+    connected and subscribed when it is yielded, stopped at the end."""
+    from cloud_sync.aggregator.config import load
+    from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+    from cloud_sync.aggregator.mqtt_bridge import MqttBridge
+
+    settings = load(None, database_url=agg.db_url, mqtt_url=broker.url("aggregator"),
+                    **overrides)
+    engine = make_engine(agg.db_url)
+    b = MqttBridge(settings, make_session_factory(engine))
+    b.start()
+    try:
+        wait_until(lambda: b.state == "connected", 10, "the bridge to connect")
+        time.sleep(0.2)  # subscriptions
+        yield b
+    finally:
+        b.stop()
+        engine.dispose()
 
 
 def norm_key(key: str) -> str:

@@ -4,7 +4,6 @@ drain with application-level acks, Last Will, roster notice -> pull."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,24 +23,6 @@ from tests.sync.helpers import (
 from tests.sync.mqtt_client import TestClient
 
 pytestmark = pytest.mark.mqtt
-
-
-@pytest.fixture
-def bridge(broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]) -> Iterator[object]:
-    from cloud_sync.aggregator.config import load
-    from cloud_sync.aggregator.db.session import make_engine, make_session_factory
-    from cloud_sync.aggregator.mqtt_bridge import MqttBridge
-
-    agg, _keys = aggregator_db
-    settings = load(None, database_url=agg.db_url, mqtt_url=broker.url("aggregator"),
-                    ha_discovery=False)
-    engine = make_engine(agg.db_url)
-    b = MqttBridge(settings, make_session_factory(engine))
-    b.start()
-    wait_until(lambda: b.state == "connected", 10, "the bridge to connect")
-    yield b
-    b.stop()
-    engine.dispose()
 
 
 def test_agent_drains_over_mqtt_and_announces_status(

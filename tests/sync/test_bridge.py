@@ -3,11 +3,9 @@ acks, dead letters, events, heartbeats, Home Assistant discovery, roster notices
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,37 +28,12 @@ from tests.sync.helpers import (
     Aggregator,
     Broker,
     make_records,
+    run_bridge,
     wait_until,
 )
 from tests.sync.mqtt_client import TestClient
 
 pytestmark = pytest.mark.mqtt
-
-
-@contextlib.contextmanager
-def _run_bridge(broker: Broker, agg: Aggregator, **overrides: object) -> Iterator[object]:
-    from cloud_sync.aggregator.config import load
-    from cloud_sync.aggregator.db.session import make_engine, make_session_factory
-    from cloud_sync.aggregator.mqtt_bridge import MqttBridge
-
-    settings = load(None, database_url=agg.db_url, mqtt_url=broker.url("aggregator"),
-                    **overrides)
-    engine = make_engine(agg.db_url)
-    b = MqttBridge(settings, make_session_factory(engine))
-    b.start()
-    try:
-        wait_until(lambda: b.state == "connected", 10, "the bridge to connect")
-        time.sleep(0.2)  # subscriptions
-        yield b
-    finally:
-        b.stop()
-        engine.dispose()
-
-
-@pytest.fixture
-def bridge(broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]) -> Iterator[object]:
-    with _run_bridge(broker, aggregator_db[0]) as b:
-        yield b
 
 
 def _device(broker: Broker) -> TestClient:
@@ -315,7 +288,7 @@ def test_dead_letters_are_bounded(
     limits = {"mqtt_max_message_bytes": 100_000, "dead_letter_keep_bytes": 1000,
               "dead_letter_max_rows": 100}
     try:
-        with _run_bridge(broker, agg, **limits):
+        with run_bridge(broker, agg, **limits):
             topic = device_topic(SITE, ROOM, DEVICE, "heartbeat")
             for _ in range(20):
                 dev.publish(topic, b"{" * 500_000)
