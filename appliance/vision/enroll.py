@@ -231,12 +231,14 @@ def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetec
     return FaceDetector(model_dir, model=model, score_threshold=0.5, min_face_px=8)
 
 
-def collect_photos(photos_dir: Path) -> dict[str, list[Path]]:
+def collect_photos(photos_dir: Path,
+                   suffixes: tuple[str, ...] = MEDIA_SUFFIXES) -> dict[str, list[Path]]:
     """Student id -> photos: ``S001.jpg`` (one photo) and/or ``S001/*.jpg`` (several); enrolment
-    videos (``S001.mp4``, ``S001/*.mp4``) are listed too (see :func:`is_video`).
+    videos (``S001.mp4``, ``S001/*.mp4``) are listed too (see :func:`is_video`) unless
+    ``suffixes`` leaves them out (``IMAGE_SUFFIXES``: photos only).
 
-    Hidden files and files that are neither images nor videos (by suffix) are ignored; ids are
-    sorted.
+    Hidden files and files whose suffix is not in ``suffixes`` are ignored; ids are sorted.
+    `appliance roster build` and `aggregator faces encode --batch` both read a folder so.
     """
     found: dict[str, list[Path]] = {}
     for entry in sorted(Path(photos_dir).iterdir()):
@@ -245,11 +247,11 @@ def collect_photos(photos_dir: Path) -> dict[str, list[Path]]:
         if entry.is_dir():
             photos = [
                 p for p in sorted(entry.iterdir())
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in MEDIA_SUFFIXES
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
             ]
             if photos:
                 found.setdefault(entry.name, []).extend(photos)
-        elif entry.is_file() and entry.suffix.lower() in MEDIA_SUFFIXES:
+        elif entry.is_file() and entry.suffix.lower() in suffixes:
             found.setdefault(entry.stem, []).append(entry)
     return found
 

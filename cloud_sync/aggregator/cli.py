@@ -350,22 +350,18 @@ def faces_encode(
     config: ConfigOption = None,
 ) -> None:
     """Enrol every photo in a folder (photos/S001.jpg, or photos/S001/*.jpg for several): one
-    embedding per usable photo."""
+    embedding per usable photo. Hidden files are ignored."""
+    from appliance.vision.enroll import IMAGE_SUFFIXES, collect_photos
     from cloud_sync.aggregator.db.models import Student
     from cloud_sync.aggregator.services import faces
     from cloud_sync.aggregator.services.common import ServiceError
     from cloud_sync.aggregator.services.privacy import require_consent
 
     settings = load_or_exit(config)
-    # photos/S001.jpg (student S001) or photos/S001/*.jpg (several photos of S001), as for
-    # `appliance roster build`
-    files: list[tuple[str, Path]] = []
-    for entry in sorted(batch.iterdir()):
-        if entry.is_dir():
-            files.extend((entry.name, p) for p in sorted(entry.iterdir())
-                         if p.is_file() and p.suffix.lower() in faces.PHOTO_SUFFIXES)
-        elif entry.is_file() and entry.suffix.lower() in faces.PHOTO_SUFFIXES:
-            files.append((entry.stem, entry))
+    # photos/S001.jpg (student S001) or photos/S001/*.jpg (several photos of S001), read as
+    # `appliance roster build` reads them
+    files = [(student_id, path) for student_id, paths in
+             collect_photos(batch, IMAGE_SUFFIXES).items() for path in paths]
     if not files:
         typer.echo(f"no photos in {batch}", err=True)
         raise typer.Exit(1)

@@ -154,6 +154,8 @@ def test_first_class_without_csv(db: str, tmp_path: Path, faces_dir: Path) -> No
     photos.mkdir()
     (photos / "S001.png").write_bytes(
         (faces_dir / "face_recognition" / "examples" / "lin-manuel-miranda.png").read_bytes())
+    # what macOS leaves beside a copied photo: a hidden file, ignored as `roster build` does
+    (photos / "._S001.png").write_bytes(b"\x00\x05\x16\x07")
     code, out = _run("faces", "encode", "--batch", str(photos))
     assert code == 0 and "1 of 1 photos enrolled" in out, out
     engine = make_engine(db)

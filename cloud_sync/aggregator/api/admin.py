@@ -22,6 +22,7 @@ from fastapi import (
 )
 from pydantic import BaseModel, Field
 
+from appliance.vision.enroll import VIDEO_SUFFIXES
 from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api.context import AppContext
 from cloud_sync.aggregator.api.deps import DB, Admin, context
@@ -342,7 +343,7 @@ def enroll_video(
     data = _read_upload(session, student_id, video, ctx.settings.max_video_bytes, "video")
     name = FilePath(video.filename or "video.mp4").name
     suffix = FilePath(name).suffix.lower()
-    with tempfile.NamedTemporaryFile(suffix=suffix if suffix in faces.VIDEO_SUFFIXES
+    with tempfile.NamedTemporaryFile(suffix=suffix if suffix in VIDEO_SUFFIXES
                                      else ".mp4") as tmp:
         tmp.write(data)
         tmp.flush()

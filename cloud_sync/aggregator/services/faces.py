@@ -23,6 +23,7 @@ import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from appliance.vision.enroll import IMAGE_SUFFIXES
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import FaceEmbedding, Student
 from cloud_sync.aggregator.db.session import begin_write
@@ -36,8 +37,6 @@ from cloud_sync.aggregator.services.privacy import require_consent
 from cloud_sync.protocol import EMBEDDING_DIM, LEGACY_EMBEDDER
 
 _LOGGER = logging.getLogger(__name__)
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff"}
 MAX_PIXELS = 40_000_000
 
 
@@ -174,7 +173,7 @@ def store_embedding(
     if settings.keep_photos and photo is not None:
         directory = Path(settings.data_dir) / "photos" / student_id
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{row.id}{suffix if suffix in PHOTO_SUFFIXES else '.jpg'}"
+        path = directory / f"{row.id}{suffix if suffix in IMAGE_SUFFIXES else '.jpg'}"
         path.write_bytes(photo)
         row.photo_path = str(path)
     session.commit()
