@@ -312,8 +312,8 @@ def import_csv(
     config: ConfigOption = None,
 ) -> None:
     """Import a CSV file; every bad row is reported with its line number, good rows are kept."""
-    from cloud_sync.aggregator.services.admin import REQUIRED, import_csv
     from cloud_sync.aggregator.services.common import ServiceError
+    from cloud_sync.aggregator.services.csv_import import REQUIRED, import_csv
 
     if kind not in REQUIRED:
         typer.echo(f"error: kind must be one of {', '.join(sorted(REQUIRED))}", err=True)
@@ -601,15 +601,15 @@ def students_add(
 ) -> None:
     """Add a student (kept if the id exists) and enrol them in a course."""
     from cloud_sync.aggregator.db.models import Enrollment, Student
-    from cloud_sync.aggregator.services import admin
+    from cloud_sync.aggregator.services import admin, admin_schemas
 
     with _admin_session(config) as session:
         if session.get(Student, student_id) is None:
-            admin.create_row(session, "students", admin.StudentIn(id=student_id, name=name))
+            admin.create_row(session, "students", admin_schemas.StudentIn(id=student_id, name=name))
             typer.echo(f"student {student_id} ({name}) added")
         if course and session.get(Enrollment, (student_id, course)) is None:
             admin.create_enrollment(
-                session, admin.EnrollmentIn(student_id=student_id, course_id=course))
+                session, admin_schemas.EnrollmentIn(student_id=student_id, course_id=course))
             typer.echo(f"student {student_id} enrolled in {course}")
 
 
@@ -633,7 +633,7 @@ def schedules_add(
     from zoneinfo import ZoneInfo
 
     from cloud_sync.aggregator.db.models import Course, Room
-    from cloud_sync.aggregator.services import admin
+    from cloud_sync.aggregator.services import admin, admin_schemas
     from cloud_sync.aggregator.services.common import ServiceError
 
     if now == bool(weekday or start or end) or (not now and not (weekday and start and end)):
@@ -645,18 +645,18 @@ def schedules_add(
             raise ServiceError(f"room {room!r} does not exist (`aggregator import rooms`)")
         if session.get(Course, course) is None:
             admin.create_row(session, "courses",
-                             admin.CourseIn(id=course, name=course_name or course))
+                             admin_schemas.CourseIn(id=course, name=course_name or course))
             typer.echo(f"course {course} added")
         if now:
             local = datetime.now(ZoneInfo(row.timezone)).replace(second=0, microsecond=0)
             first = local - timedelta(minutes=5)  # already running
             last = min(local + timedelta(minutes=minutes), local.replace(hour=23, minute=59))
-            data = admin.ScheduleIn(
+            data = admin_schemas.ScheduleIn(
                 course_id=course, room_id=room, weekday=local.weekday(),
                 start_time=first.time() if first.date() == local.date() else "00:00",
                 end_time=last.time(), effective_from=local.date(), effective_to=local.date())
         else:
-            data = admin.ScheduleIn(course_id=course, room_id=room, weekday=weekday,
+            data = admin_schemas.ScheduleIn(course_id=course, room_id=room, weekday=weekday,
                                     start_time=start, end_time=end)
         out = admin.create_schedule(session, data)
     when = (f"on {out.effective_from}" if now else

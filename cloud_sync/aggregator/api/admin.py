@@ -30,7 +30,8 @@ from cloud_sync.aggregator.api.notify import notify_rosters
 from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.api.privacy import actor
 from cloud_sync.aggregator.services import admin as svc
-from cloud_sync.aggregator.services import audit, faces, ingest, privacy
+from cloud_sync.aggregator.services import admin_schemas as schemas
+from cloud_sync.aggregator.services import audit, csv_import, faces, ingest, privacy
 from cloud_sync.aggregator.services import devices as device_svc
 from cloud_sync.protocol import EventKind, Identifier
 
@@ -96,20 +97,20 @@ def _simple_routes(kind: str, create: type[BaseModel], patch: type[BaseModel],
                          summary=f"Delete a {noun}.", tags=[kind])
 
 
-_simple_routes("students", svc.StudentIn, svc.StudentPatch, svc.StudentOut)
-_simple_routes("courses", svc.CourseIn, svc.CoursePatch, svc.CourseOut)
-_simple_routes("rooms", svc.RoomIn, svc.RoomPatch, svc.RoomOut)
-_simple_routes("devices", svc.DeviceIn, svc.DevicePatch, svc.DeviceOut)
+_simple_routes("students", schemas.StudentIn, schemas.StudentPatch, schemas.StudentOut)
+_simple_routes("courses", schemas.CourseIn, schemas.CoursePatch, schemas.CourseOut)
+_simple_routes("rooms", schemas.RoomIn, schemas.RoomPatch, schemas.RoomOut)
+_simple_routes("devices", schemas.DeviceIn, schemas.DevicePatch, schemas.DeviceOut)
 
 
-@router.post("/devices", response_model=svc.DeviceCreated, status_code=201, tags=["devices"],
+@router.post("/devices", response_model=schemas.DeviceCreated, status_code=201, tags=["devices"],
              summary="Register a device; the API key is in this answer only.")
 def create_device(request: Request, _who: Admin, session: DB,
-                  body: svc.DeviceIn) -> svc.DeviceCreated:
+                  body: schemas.DeviceIn) -> schemas.DeviceCreated:
     device, key = device_svc.add_device(session, body.room_id, body.id)
     context(request).credentials.clear()
     ingest.invalidate_cache()
-    return svc.DeviceCreated(**svc.DeviceOut.model_validate(device, from_attributes=True)
+    return schemas.DeviceCreated(**schemas.DeviceOut.model_validate(device, from_attributes=True)
                              .model_dump(), api_key=key)
 
 
@@ -154,7 +155,7 @@ def list_events(_who: Admin, session: DB, device_id: Identifier | None = None,
 
 # ---- enrollments -----------------------------------------------------------------------------
 
-@router.get("/enrollments", response_model=list[svc.EnrollmentOut], tags=["enrollments"],
+@router.get("/enrollments", response_model=list[schemas.EnrollmentOut], tags=["enrollments"],
             summary="List enrollments (filter by course or student).")
 def list_enrollments(_who: Admin, session: DB, course_id: Identifier | None = None,
                      student_id: Identifier | None = None, limit: Limit = 100,
@@ -162,10 +163,10 @@ def list_enrollments(_who: Admin, session: DB, course_id: Identifier | None = No
     return svc.list_enrollments(session, course_id, student_id, limit, offset)
 
 
-@router.post("/enrollments", response_model=svc.EnrollmentOut, status_code=201,
+@router.post("/enrollments", response_model=schemas.EnrollmentOut, status_code=201,
              tags=["enrollments"], summary="Enrol a student in a course.")
 def create_enrollment(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                      body: svc.EnrollmentIn) -> Any:
+                      body: schemas.EnrollmentIn) -> Any:
     row = svc.create_enrollment(session, body)
     _after_write(context(request), tasks, "enrollments")
     return row
@@ -182,7 +183,7 @@ def delete_enrollment(request: Request, tasks: BackgroundTasks, _who: Admin, ses
 
 # ---- schedules -------------------------------------------------------------------------------
 
-@router.get("/schedules", response_model=list[svc.ScheduleOut], tags=["schedules"],
+@router.get("/schedules", response_model=list[schemas.ScheduleOut], tags=["schedules"],
             summary="List weekly schedule slots (filter by room or course).")
 def list_schedules(_who: Admin, session: DB, room_id: Identifier | None = None,
                    course_id: Identifier | None = None, limit: Limit = 100,
@@ -190,25 +191,25 @@ def list_schedules(_who: Admin, session: DB, room_id: Identifier | None = None,
     return svc.list_schedules(session, room_id, course_id, limit, offset)
 
 
-@router.get("/schedules/{schedule_id}", response_model=svc.ScheduleOut, tags=["schedules"],
+@router.get("/schedules/{schedule_id}", response_model=schemas.ScheduleOut, tags=["schedules"],
             summary="One schedule slot.")
 def get_schedule(_who: Admin, session: DB, schedule_id: RowId) -> Any:
     return svc.get_schedule(session, schedule_id)
 
 
-@router.post("/schedules", response_model=svc.ScheduleOut, status_code=201, tags=["schedules"],
+@router.post("/schedules", response_model=schemas.ScheduleOut, status_code=201, tags=["schedules"],
              summary="Create a weekly slot.")
 def create_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                    body: svc.ScheduleIn) -> Any:
+                    body: schemas.ScheduleIn) -> Any:
     row = svc.create_schedule(session, body)
     _after_write(context(request), tasks, "schedules")
     return row
 
 
-@router.patch("/schedules/{schedule_id}", response_model=svc.ScheduleOut, tags=["schedules"],
+@router.patch("/schedules/{schedule_id}", response_model=schemas.ScheduleOut, tags=["schedules"],
               summary="Update a weekly slot.")
 def update_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                    schedule_id: RowId, body: svc.SchedulePatch) -> Any:
+                    schedule_id: RowId, body: schemas.SchedulePatch) -> Any:
     row = svc.update_schedule(session, schedule_id, body)
     _after_write(context(request), tasks, "schedules")
     return row
@@ -226,11 +227,11 @@ def delete_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, sessi
 # ---- CSV import ------------------------------------------------------------------------------
 
 @router.post(
-    "/import/{kind}", response_model=svc.ImportReport, tags=["import"],
+    "/import/{kind}", response_model=csv_import.ImportReport, tags=["import"],
     summary="Bulk import from CSV (multipart field `file`, or a text/csv body).",
 )
 async def import_csv(request: Request, tasks: BackgroundTasks, _who: Admin,
-                     kind: svc.ImportKind) -> Any:
+                     kind: csv_import.ImportKind) -> Any:
     limit = context(request).settings.max_photo_bytes
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
@@ -249,9 +250,9 @@ async def import_csv(request: Request, tasks: BackgroundTasks, _who: Admin,
     ctx = context(request)
     from starlette.concurrency import run_in_threadpool
 
-    def run() -> svc.ImportReport:
+    def run() -> csv_import.ImportReport:
         with ctx.sessions() as session:
-            return svc.import_csv(session, kind, text, ctx.settings.timezone)
+            return csv_import.import_csv(session, kind, text, ctx.settings.timezone)
 
     report = await run_in_threadpool(run)
     _after_write(ctx, tasks, kind)

@@ -23,6 +23,7 @@ from cloud_sync.aggregator.console.web import (
 )
 from cloud_sync.aggregator.db.models import Device, EventRow, Room
 from cloud_sync.aggregator.services import admin as svc
+from cloud_sync.aggregator.services import admin_schemas as schemas
 from cloud_sync.aggregator.services import devices as device_svc
 from cloud_sync.aggregator.services.common import utcnow
 from cloud_sync.aggregator.services.recordings import is_recording_device
@@ -69,7 +70,7 @@ def register(request: Request, who: PostUser, session: DB,
              room_id: Annotated[str, Form(max_length=64)],
              device_id: Annotated[str, Form(max_length=64)] = "") -> Response:
     require_admin(who)
-    data = svc.DeviceIn(room_id=room_id, id=device_id or None)
+    data = schemas.DeviceIn(room_id=room_id, id=device_id or None)
     device, key = device_svc.add_device(session, data.room_id, data.id)
     audit(session, who.name, "device.add", f"device:{device.id}", f"room {room_id}")
     session.commit()
@@ -92,7 +93,7 @@ def rotate(request: Request, who: PostUser, session: DB, device_id: str) -> Resp
 def move(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB, device_id: str,
          room_id: Annotated[str, Form(max_length=64)]) -> Response:
     require_admin(who)
-    svc.update_row(session, "devices", device_id, svc.DevicePatch(room_id=room_id))
+    svc.update_row(session, "devices", device_id, schemas.DevicePatch(room_id=room_id))
     audit(session, who.name, "device.move", f"device:{device_id}", f"to room {room_id}")
     session.commit()
     after_write(context(request), tasks, "devices")

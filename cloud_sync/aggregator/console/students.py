@@ -35,6 +35,7 @@ from cloud_sync.aggregator.db.models import (
 )
 from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import admin as admin_service
+from cloud_sync.aggregator.services import admin_schemas as schemas
 from cloud_sync.aggregator.services import faces, privacy, reports
 from cloud_sync.aggregator.services.common import ForbiddenError, NotFoundError, ServiceError
 
@@ -82,11 +83,11 @@ def add_student(request: Request, tasks: BackgroundTasks, who: PostUser, session
                 name: Annotated[str, Form(max_length=200)],
                 course_id: Annotated[str, Form(max_length=64)] = "") -> Response:
     require_admin(who)
-    data = admin_service.StudentIn(id=student_id, name=name)
+    data = schemas.StudentIn(id=student_id, name=name)
     admin_service.create_row(session, "students", data)
     if course_id:
         admin_service.create_enrollment(
-            session, admin_service.EnrollmentIn(student_id=data.id, course_id=course_id))
+            session, schemas.EnrollmentIn(student_id=data.id, course_id=course_id))
     audit(session, who.name, "student.add", f"student:{data.id}", f"course {course_id}")
     session.commit()
     after_write(context(request), tasks, "students")
@@ -131,7 +132,7 @@ def enrol(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
     if not who.can_see_course(course_id):
         raise ForbiddenError("you do not teach this course")
     admin_service.create_enrollment(
-        session, admin_service.EnrollmentIn(student_id=student_id, course_id=course_id))
+        session, schemas.EnrollmentIn(student_id=student_id, course_id=course_id))
     audit(session, who.name, "student.enrol", f"student:{student_id}", f"course {course_id}")
     session.commit()
     after_write(context(request), tasks, "students")

@@ -25,6 +25,8 @@ from cloud_sync.aggregator.console.web import (
 )
 from cloud_sync.aggregator.db.models import ConsoleUser, Course, Room, Schedule
 from cloud_sync.aggregator.services import admin as svc
+from cloud_sync.aggregator.services import admin_schemas as schemas
+from cloud_sync.aggregator.services import csv_import
 from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, utcnow
 from cloud_sync.aggregator.services.timetable import zone
 
@@ -33,15 +35,15 @@ WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 MAX_CSV_BYTES = 2_000_000
 
 
-def _validated(model: type[svc.Strict], values: dict[str, object]) -> svc.Strict:
+def _validated(model: type[schemas.Strict], values: dict[str, object]) -> schemas.Strict:
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        raise ServiceError(svc._validation_message(err)) from err
+        raise ServiceError(csv_import.validation_message(err)) from err
 
 
 def _page(request: Request, who: accounts.ConsolePrincipal, session: DB,
-          report: svc.ImportReport | None = None, status: int = 200) -> Response:
+          report: csv_import.ImportReport | None = None, status: int = 200) -> Response:
     rooms = list(session.scalars(select(Room).order_by(Room.id)))
     courses = list(session.scalars(select(Course).order_by(Course.id)))
     schedules = list(session.scalars(
@@ -78,7 +80,7 @@ def class_now(
               datetime.combine(start.date(), time(23, 59), tzinfo=start.tzinfo))
     if end <= start:
         raise ServiceError("too late today for a class: try after midnight")
-    data = _validated(svc.ScheduleIn, {
+    data = _validated(schemas.ScheduleIn, {
         "course_id": course_id, "room_id": room_id, "weekday": start.weekday(),
         "start_time": start.time(), "end_time": end.time(),
         "effective_from": start.date(), "effective_to": start.date(),
@@ -98,7 +100,7 @@ def add_room(request: Request, tasks: BackgroundTasks, who: PostUser, session: D
              site: Annotated[str, Form(max_length=64)] = "main",
              timezone: Annotated[str, Form(max_length=64)] = "") -> Response:
     require_admin(who)
-    data = _validated(svc.RoomIn, {"id": room_id, "name": name or None, "site": site or "main",
+    data = _validated(schemas.RoomIn, {"id": room_id, "name": name or None, "site": site or "main",
                                    "timezone": timezone or None})
     svc.create_row(session, "rooms", data, context(request).settings.timezone)
     audit(session, who.name, "room.add", f"room:{room_id}")
@@ -113,7 +115,7 @@ def add_course(request: Request, tasks: BackgroundTasks, who: PostUser, session:
                name: Annotated[str, Form(max_length=200)],
                teacher: Annotated[str, Form(max_length=100)] = "") -> Response:
     require_admin(who)
-    data = _validated(svc.CourseIn, {"id": course_id, "name": name})
+    data = _validated(schemas.CourseIn, {"id": course_id, "name": name})
     svc.create_row(session, "courses", data)
     audit(session, who.name, "course.add", f"course:{course_id}")
     session.commit()
@@ -149,7 +151,7 @@ def add_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, sessio
                  weekday: Annotated[int, Form(ge=0, le=6)], start_time: Opt, end_time: Opt,
                  effective_from: Opt = "", effective_to: Opt = "") -> Response:
     require_admin(who)
-    data = _validated(svc.ScheduleIn, _schedule_values(
+    data = _validated(schemas.ScheduleIn, _schedule_values(
         course_id, room_id, weekday, start_time, end_time, effective_from, effective_to))
     row = svc.create_schedule(session, data)  # type: ignore[arg-type]
     audit(session, who.name, "schedule.add", f"schedule:{row.id}", f"{course_id}@{room_id}")
@@ -166,7 +168,7 @@ def edit_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, sessi
     require_admin(who)
     values = _schedule_values(course_id, room_id, weekday, start_time, end_time,
                               effective_from, effective_to)
-    patch = _validated(svc.SchedulePatch, values)
+    patch = _validated(schemas.SchedulePatch, values)
     svc.update_schedule(session, schedule_id, patch)  # type: ignore[arg-type]
     audit(session, who.name, "schedule.edit", f"schedule:{schedule_id}",
           f"{course_id}@{room_id}")
@@ -198,7 +200,7 @@ async def import_csv(request: Request, tasks: BackgroundTasks, who: PostUser, se
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ServiceError(f"the file is not UTF-8 text ({err.reason})") from err
-    report = svc.import_csv(session, kind, text, context(request).settings.timezone)
+    report = csv_import.import_csv(session, kind, text, context(request).settings.timezone)
     audit(session, who.name, "import.csv", f"import:{kind}",
           f"{file.filename}: {report.rows} rows, {report.created} created, "
           f"{report.updated} updated, {len(report.errors)} errors")
