@@ -342,7 +342,8 @@ def test_cancel_a_running_job_and_retry_it(
         app_client: TestClient) -> None:
     w, c = world, world.client
     queued = upload(c, w.admin, clips["walking_short"], w.at(0, 9, 30))
-    running = upload(c, w.admin, clips["walking"], w.at(0, 9, 10))
+    # the longest clip: its analysis outlasts the wait for it, even on a loaded machine
+    running = upload(c, w.admin, clips["hamilton"], w.at(0, 9, 10))
     # a queued job is cancelled at once
     r = c.post(f"/api/v1/jobs/{queued['job']['id']}/cancel", headers=w.admin)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -397,7 +398,7 @@ def test_killed_worker_leaves_the_job_retryable(
     """SIGKILL an `aggregator worker` in the middle of a job: the job is not left running
     forever; once its lease is over it is failed with the reason, and a retry completes it."""
     w, c = world, world.client
-    up = upload(c, w.admin, clips["walking_short"], w.at(0, 9, 5))
+    up = upload(c, w.admin, clips["walking"], w.at(0, 9, 5))
     job_id = up["job"]["id"]
     env = {**os.environ, "AGGREGATOR_DATABASE_URL": settings.database_url.get_secret_value(),
            "AGGREGATOR_DATA_DIR": str(settings.data_dir),
