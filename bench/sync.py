@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.sync.helpers import (
+from tests.support.harness import (
     DEVICE,
     MOSQUITTO,
     OTHER_DEVICE,
@@ -80,7 +80,7 @@ def _drain(transport: str, n: int, workdir: Path) -> dict[str, Any]:
         "upload_failures": stats.failures,
         "exactly_once": set(counts) == expected and max(counts.values()) == 1,
         "outbox_fill_seconds": round(fill_s, 2),
-        # tests.sync.helpers.Aggregator.start raises the per-device rate limit: with the
+        # tests.support.harness.Aggregator.start raises the per-device rate limit: with the
         # default 100 requests/min an HTTP drain is capped at 100 batches (20,000 records) a
         # minute at batch size 200.
         "aggregator_rate_limit_per_min": 100000,

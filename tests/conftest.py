@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# broker, aggregator_db, aggregator, bridge: the real components (tests/support)
+pytest_plugins = ["tests.support.fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
