@@ -4,12 +4,14 @@ from the source: every import statement, at module level or inside a function.""
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.cache  # each package is parsed once for all the tests
 def imports(package: str) -> dict[str, set[str]]:
     """module path -> the absolute module names it imports (``from x import y``: ``x.y``)."""
     found: dict[str, set[str]] = {}
