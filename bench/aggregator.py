@@ -53,6 +53,7 @@ from cloud_sync.aggregator.db.models import (
 from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 from cloud_sync.aggregator.services.devices import add_device, create_admin_token
 from cloud_sync.aggregator.services.ingest import ingest_batch
+from cloud_sync.aggregator.state import STATE_INFO_KEY, AppState
 from cloud_sync.protocol import AttendanceBatch, AttendanceRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +91,8 @@ def _seed(url: str) -> dict[str, Any]:
     100 rooms with one device each; an admin token."""
     engine = make_engine(url)
     upgrade_engine(engine)
-    sessions = make_session_factory(engine)
+    # the app's state (caches, group committer, known partitions), as create_app gives it
+    sessions = make_session_factory(engine, info={STATE_INFO_KEY: AppState(engine)})
     now = datetime.now(UTC)
     rng = np.random.default_rng(7)
     with sessions.begin() as session:
@@ -303,6 +305,7 @@ def _backend(url: str) -> dict[str, Any]:
     _settle(seeded["engine"])
     out: dict[str, Any] = {"ingest": bench_ingest(seeded)}
     _settle(seeded["engine"])
+    seeded["sessions"].kw["info"][STATE_INFO_KEY].close()
     seeded["engine"].dispose()
     roster_key = seeded["keys"]["pi-1"]
     gc.collect()  # the ingest phase's garbage must not be collected inside the measurement

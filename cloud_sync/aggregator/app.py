@@ -1,8 +1,10 @@
 """create_app(settings): the aggregator's FastAPI application.
 
-Lifespan: migrate the database (Alembic), create the PostgreSQL partitions ahead, start the MQTT
+Lifespan: migrate the database (Alembic; on PostgreSQL under an advisory lock, so servers
+starting together migrate once), create the PostgreSQL partitions ahead, connect the bus to the
+other processes (PostgreSQL or Redis; not on SQLite, which runs one process), start the MQTT
 bridge when ``settings.mqtt_url`` is set (imported lazily: ``cloud_sync.aggregator.mqtt_bridge``),
-stop it and dispose of the engine on shutdown.
+stop them, close the app's state and dispose of the engine on shutdown.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
@@ -33,9 +38,16 @@ from cloud_sync.aggregator.api import (
     tokens,
     ws,
 )
-from cloud_sync.aggregator.api.context import AppContext, CredentialCache, RateLimiter
+from cloud_sync.aggregator.api.context import AppContext, CredentialCache
 from cloud_sync.aggregator.api.guard import GuardMiddleware
+from cloud_sync.aggregator.api.limiter import (
+    Limiter,
+    MemoryRateLimiter,
+    PostgresRateLimiter,
+    RedisRateLimiter,
+)
 from cloud_sync.aggregator.api.openapi import document_errors
+from cloud_sync.aggregator.bus import Bus, PostgresBus, RedisBus, split_records
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
@@ -43,14 +55,11 @@ from cloud_sync.aggregator.db.session import make_engine, make_session_factory
 from cloud_sync.aggregator.db.watch import WriteWatch
 from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.services.faces import FaceEncoder
-from cloud_sync.aggregator.services.ingest import (
-    DESCRIPTOR_DAYS_INFO_KEY,
-    EARLY_ARRIVAL_INFO_KEY,
-    invalidate_cache,
-)
-from cloud_sync.aggregator.services.live import LIVE_FEED_INFO_KEY, LiveFeed
+from cloud_sync.aggregator.services.ingest import DESCRIPTOR_DAYS_INFO_KEY, EARLY_ARRIVAL_INFO_KEY
+from cloud_sync.aggregator.services.live import LISTENING_EVERY_S, LIVE_FEED_INFO_KEY, LiveFeed
 from cloud_sync.aggregator.services.reports import Rules
 from cloud_sync.aggregator.services.retention import purge
+from cloud_sync.aggregator.state import STATE_INFO_KEY, AppState
 from cloud_sync.protocol import AttendanceBatch, Event
 
 _LOGGER = logging.getLogger(__name__)
@@ -60,6 +69,67 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around a photo or 
 UPLOAD_ROUTES = ("/api/v1/students/{student_id}/faces", "/api/v1/import/{kind}",
                  "/students/{student_id}/photos", "/timetable/import")  # the last two: console
 VIDEO_ROUTE = "/api/v1/students/{student_id}/faces/video"
+
+
+def instance_name(settings: AggregatorSettings) -> str:
+    return settings.instance_name or socket.gethostname().split(".")[0] or "aggregator"
+
+
+def _limiter(settings: AggregatorSettings, engine: Any) -> Limiter:
+    """Redis when configured, else PostgreSQL's table, else (SQLite: one process) memory."""
+    if settings.redis_url is not None:
+        return RedisRateLimiter(settings.redis_url.get_secret_value(), settings.redis_prefix,
+                                settings.rate_limit_per_min)
+    if engine.dialect.name == "postgresql":
+        return PostgresRateLimiter(engine, settings.rate_limit_per_min)
+    return MemoryRateLimiter(settings.rate_limit_per_min)
+
+
+def _bus(ctx: AppContext) -> Bus | None:
+    """The bus to the other processes (None on SQLite without Redis: one process)."""
+    settings, live = ctx.settings, ctx.live
+
+    def on_message(message: dict[str, Any]) -> None:
+        kind = message.get("t")
+        if kind == "invalidate":
+            ctx.forget()
+        elif kind == "live" and isinstance(message.get("msg"), dict):
+            live.deliver(str(message.get("room")), str(message.get("kind")), message["msg"])
+        elif kind == "listening":
+            live.heard_listener()
+
+    if settings.redis_url is not None:
+        return RedisBus(settings.redis_url.get_secret_value(), settings.redis_prefix,
+                        on_message, ctx.forget)
+    if ctx.engine.dialect.name == "postgresql":
+        return PostgresBus(aggregator_config.database_url(settings), on_message, ctx.forget)
+    return None
+
+
+def _connect_bus(ctx: AppContext) -> None:
+    bus = _bus(ctx)
+    if bus is None:
+        return
+    bus.start()
+    ctx.bus = bus
+
+    def relay(room_id: str, kind: str, message: dict[str, Any]) -> None:
+        for part in split_records(message, bus.max_payload):
+            bus.publish({"t": "live", "room": room_id, "kind": kind, "msg": part})
+
+    ctx.live.relay = relay
+    ctx.live.announce = lambda: bus.publish({"t": "listening"})
+
+
+async def _announce_listening(ctx: AppContext) -> None:
+    """While this process has /ws/events clients, tell the others every few seconds."""
+    while True:
+        await asyncio.sleep(LISTENING_EVERY_S)
+        if ctx.bus is not None and ctx.live.clients:
+            try:
+                await run_in_threadpool(ctx.bus.publish, {"t": "listening"})
+            except Exception as err:
+                _LOGGER.warning("live feed: cannot tell the other processes: %s", err)
 
 
 def _start_bridge(ctx: AppContext) -> None:
@@ -72,17 +142,37 @@ def _start_bridge(ctx: AppContext) -> None:
         _LOGGER.warning("MQTT bridge unavailable: %s", err)
         ctx.mqtt_state = "unavailable"
         return
-    bridge = MqttBridge(ctx.settings, ctx.sessions)
+    bridge = MqttBridge(ctx.settings, ctx.sessions, instance_name(ctx.settings))
     bridge.start()
     ctx.mqtt_bridge = bridge
+
+
+RETENTION_LOCK_ID = 4_242_003  # pg_try_advisory_lock: one purging process at a time
+
+
+def _purge_once(ctx: AppContext) -> None:
+    """One retention purge; on PostgreSQL only if no other process is purging right now
+    (every process runs the hourly loop; they start together)."""
+    if ctx.engine.dialect.name != "postgresql":
+        with ctx.sessions() as session:
+            purge(session, ctx.settings)
+        return
+    with ctx.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock:
+        if not lock.scalar(text("SELECT pg_try_advisory_lock(:id)"), {"id": RETENTION_LOCK_ID}):
+            _LOGGER.info("retention purge: another process is running it")
+            return
+        try:
+            with ctx.sessions() as session:
+                purge(session, ctx.settings)
+        finally:
+            lock.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": RETENTION_LOCK_ID})
 
 
 async def _retention_hourly(ctx: AppContext) -> None:
     """The retention purge (services/retention.py), on start and then every hour."""
     while True:
         def run() -> None:
-            with ctx.sessions() as session:
-                purge(session, ctx.settings)
+            _purge_once(ctx)
 
         try:
             await run_in_threadpool(run)
@@ -114,37 +204,53 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         aggregator_config.database_url(settings), sqlite_synchronous=settings.sqlite_synchronous
     )
     live = LiveFeed(settings.ws_queue_messages, settings.ws_max_clients)
+    trusted: list[Any] = []  # the context's trusted(), once the context exists
+    state = AppState(engine, trusted=lambda: trusted[0]())
     sessions = make_session_factory(
         engine, info={EARLY_ARRIVAL_INFO_KEY: settings.early_arrival_min,
-                      LIVE_FEED_INFO_KEY: live,
+                      LIVE_FEED_INFO_KEY: live, STATE_INFO_KEY: state,
                       DESCRIPTOR_DAYS_INFO_KEY: settings.record_descriptor_days}
     )
     ctx = AppContext(
         settings=settings, engine=engine, sessions=sessions,
-        credentials=CredentialCache(settings.auth_cache_s),
-        limiter=RateLimiter(settings.rate_limit_per_min), encoder=FaceEncoder(settings),
+        credentials=CredentialCache(settings.auth_cache_s, trusted=lambda: trusted[0]()),
+        limiter=_limiter(settings, engine), encoder=FaceEncoder(settings),
         rules=Rules(settings.late_after_min, settings.early_arrival_min), live=live,
-        write_watch=WriteWatch(engine),
+        write_watch=WriteWatch(engine), state=state,
+        instance=f"{instance_name(settings)}:{os.getpid()}",
     )
+    trusted.append(ctx.trusted)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upgrade_engine(engine)
-        invalidate_cache()
-        partitions.forget(engine)
-        partitions.ensure_ahead(engine, settings.partition_months_ahead)
+        partitions.ensure_ahead(engine, settings.partition_months_ahead, known=state)
+        _connect_bus(ctx)
         _start_bridge(ctx)
         app.state.mqtt_bridge = ctx.mqtt_bridge
-        pruner = asyncio.create_task(_retention_hourly(ctx))
+        tasks = [asyncio.create_task(_retention_hourly(ctx)),
+                 asyncio.create_task(_announce_listening(ctx))]
+        ctx.ready = True
         try:
             yield
         finally:
-            pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pruner
+            ctx.ready = False
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if ctx.mqtt_bridge is not None:
                 ctx.mqtt_bridge.stop()
+            if ctx.bus is not None:
+                ctx.bus.close()
+                ctx.bus = None
+            ctx.live.relay = ctx.live.announce = None
+            state.close()
             engine.dispose()
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                from prometheus_client import multiprocess
+
+                multiprocess.mark_process_dead(os.getpid())
 
     # /docs and /redoc with Swagger UI's and ReDoc's files served from the fastapi-offline
     # package (/static-offline-docs): the API docs work without internet.
@@ -213,4 +319,22 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     from cloud_sync.aggregator.console import mount as mount_console
 
     mount_console(app)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """One worker of ``aggregator serve --workers N``: the settings from ``AGGREGATOR_CONFIG``
+    and the environment (which ``serve`` set), logging as ``serve`` sets it."""
+    import faulthandler
+    import gc
+    import signal
+    import sys
+
+    settings = aggregator_config.load(None)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # as `serve` does
+    logging.basicConfig(level=settings.log_level, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     return app

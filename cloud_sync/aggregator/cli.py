@@ -124,33 +124,66 @@ def serve(
     config: ConfigOption = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default: settings).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: settings).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, max=64,
+        help="Processes sharing the port (default: settings.serve_workers); more than 1 needs "
+        "PostgreSQL.")] = None,
 ) -> None:
-    """Migrate the database and serve the API (uvicorn)."""
-    import uvicorn
+    """Migrate the database and serve the API (uvicorn; --workers N processes)."""
+    import os
 
-    from cloud_sync.aggregator.app import create_app
+    import uvicorn
 
     overrides: dict[str, object] = {}
     if host is not None:
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+    if workers is not None:
+        overrides["serve_workers"] = workers
     settings = load_or_exit(config, **overrides)
     _logging(settings.log_level)
+    url = aggregator_config.database_url(settings)
+    if settings.serve_workers > 1 and not url.startswith("postgresql"):
+        typer.echo(f"error: --workers {settings.serve_workers} needs PostgreSQL: SQLite takes "
+                   "one writing process (set database_url = "
+                   "\"postgresql+psycopg://user@host/db\", or run one worker)", err=True)
+        raise typer.Exit(2)
     # `kill -USR1 <pid>` writes every thread's stack to stderr: what a server that does not
     # stop, or hangs, is doing.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     engine, _ = _sessions(settings)  # a clear one-line error before the server starts
     engine.dispose()
-    app_ = create_app(settings)
+    if settings.serve_workers == 1:
+        from cloud_sync.aggregator.app import create_app
+
+        app_ = create_app(settings)
+        _freeze_gc()
+        uvicorn.run(app_, host=settings.host, port=settings.port,
+                    log_level=settings.log_level.lower(), access_log=False)
+        return
+    # Several processes: uvicorn starts (and restarts) the workers, each builds its app from
+    # the same file and environment (app.app_from_env); the port is shared.
+    import tempfile
+
+    if config is not None:
+        os.environ["AGGREGATOR_CONFIG"] = str(config.resolve())
+    os.environ["AGGREGATOR_HOST"] = settings.host
+    os.environ["AGGREGATOR_PORT"] = str(settings.port)
+    os.environ["AGGREGATOR_SERVE_WORKERS"] = str(settings.serve_workers)
+    with tempfile.TemporaryDirectory(prefix="aggregator-metrics-") as metrics_dir:
+        # prometheus_client's multiprocess mode: /metrics of any worker counts them all
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvicorn.run("cloud_sync.aggregator.app:app_from_env", factory=True,
+                    host=settings.host, port=settings.port, workers=settings.serve_workers,
+                    log_level=settings.log_level.lower(), access_log=False)
+
+
+def _freeze_gc() -> None:
     # Long-lived objects (modules, models, compiled SQL) leave the collector's view, and full
     # collections run less often: they were the latency spikes under many small requests.
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-    uvicorn.run(
-        app_, host=settings.host, port=settings.port,
-        log_level=settings.log_level.lower(), access_log=False,
-    )
 
 
 @app.command()

@@ -57,11 +57,59 @@ class AggregatorSettings(TomlSettings):
         title="MQTT broker URL",
         description="mqtt://user:pass@host:1883 to run the MQTT bridge; unset = HTTP only.",
     )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        title="Redis URL",
+        description="redis://[:password@]host:6379/0: recording jobs go through RQ on Redis "
+        "(any number of `aggregator worker` processes on any machines take them), and the "
+        "per-device rate limit and the messages between aggregator processes (cache "
+        "invalidation, live feed) go through Redis instead of PostgreSQL. Unset = the "
+        "aggregator's own database for all of it (memory on SQLite). Masked in `config show`.",
+    )
+    redis_prefix: Identifier = Field(
+        default="aggregator",
+        title="Redis key prefix",
+        description="Prefix of this deployment's Redis keys and channel (several deployments "
+        "can share one Redis).",
+    )
+    serve_workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        title="API processes",
+        description="Processes `aggregator serve` runs on this server (uvicorn workers "
+        "sharing the port; `serve --workers N`). More than 1 needs PostgreSQL; about one per "
+        "core. Not the recording job workers (`aggregator worker`).",
+    )
+    instance_name: str = Field(
+        default="",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]*$",
+        title="Instance name",
+        description="Name of this server in /health, /metrics and the MQTT bridge's client "
+        "ids (empty = the host name). Give each server of a deployment its own.",
+    )
+    mqtt_share_group: Identifier = Field(
+        default="aggregator",
+        title="MQTT shared subscription group",
+        description="The bridges of every process and server subscribe as "
+        "$share/<group>/classroom/...: the broker gives each device message to one of them.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().split("://", 1)[0].lower() not in {
+                "redis", "rediss", "unix"}:
+            raise ValueError("redis_url must look like redis://host:6379/0 (or rediss://, "
+                             "unix://)")
+        return value
+
     mqtt_client_id: Identifier = Field(
         default="aggregator-bridge",
         title="MQTT bridge client id",
-        description="Fixed client id of the MQTT bridge; with a persistent session the broker "
-        "keeps QoS 1 messages for it while it is down.",
+        description="Client id prefix of the MQTT bridges; each process's bridge adds "
+        "-<instance_name>-<pid> (clean sessions in one shared subscription: docs/MQTT.md).",
     )
     mqtt_max_message_bytes: int = Field(
         default=1_048_576,
@@ -409,13 +457,6 @@ class AggregatorSettings(TomlSettings):
         title="Instructor gap (s)",
         description="A stretch of a recording at least this long without the instructor's "
         "face is reported as a gap.",
-    )
-    redis_url: SecretStr | None = Field(
-        default=None,
-        title="Redis URL for the job queue",
-        description="redis://host:6379/0: recording jobs go through RQ on Redis, and any "
-        "number of `aggregator worker` processes on any machines take them; unset = the "
-        "aggregator's own database is the queue (one machine, nothing else to run).",
     )
     job_queue_name: Identifier = Field(
         default="recordings",

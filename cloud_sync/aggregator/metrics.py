@@ -1,4 +1,8 @@
-"""Prometheus metrics of the aggregator (one registry, served at GET /metrics)."""
+"""Prometheus metrics of the aggregator (one registry, served at GET /metrics).
+
+Under ``serve --workers N`` prometheus_client runs in multiprocess mode (``serve`` sets
+PROMETHEUS_MULTIPROC_DIR): counters and histograms are summed over the workers, the gauges
+below say how (``multiprocess_mode``; ignored with one process)."""
 
 from __future__ import annotations
 
@@ -36,10 +40,12 @@ ENROLLMENTS = Counter(
     registry=REGISTRY,
 )
 MQTT_CONNECTED = Gauge(
-    "aggregator_mqtt_bridge_connected", "1 when the MQTT bridge is connected.", registry=REGISTRY
+    "aggregator_mqtt_bridge_connected", "MQTT bridges connected (one per worker).",
+    registry=REGISTRY, multiprocess_mode="livesum",
 )
 WS_CLIENTS = Gauge(
-    "aggregator_ws_clients", "Clients connected to /ws/events.", registry=REGISTRY
+    "aggregator_ws_clients", "Clients connected to /ws/events.", registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 WS_DROPPED = Counter(
     "aggregator_ws_dropped_total", "/ws/events clients dropped for falling behind.",
@@ -51,4 +57,5 @@ EVENTS_PRUNED = Counter(
 DISK_FREE = Gauge(
     "aggregator_disk_free_bytes", "Free bytes where the data lives (SQLite file system, else "
     "data_dir), as of the last /health; -1 if unreadable.", registry=REGISTRY,
+    multiprocess_mode="mostrecent",
 )

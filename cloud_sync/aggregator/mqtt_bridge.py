@@ -1,11 +1,17 @@
 """The MQTT bridge: devices' MQTT messages in, the same ingest services as HTTP, acks out.
 
-- paho-mqtt 2.x (callback API v2), MQTT 5, a fixed client id (``mqtt_client_id``) and a
-  persistent session (``clean_start=False`` with a session expiry), QoS 1 subscriptions to
-  ``classroom/+/+/+/attendance``, ``.../heartbeat`` and ``.../events``: while the bridge is down
-  the broker keeps what devices publish and delivers it when the bridge returns.
-- A message is processed inside the callback; paho sends the PUBACK after the callback returns,
-  so a bridge killed mid-message gets it again (ingest is idempotent on record keys).
+- paho-mqtt 2.x (callback API v2), MQTT 5, QoS 1 **shared** subscriptions
+  ``$share/<mqtt_share_group>/classroom/+/+/+/{attendance,heartbeat,events}``: every aggregator
+  process runs a bridge, all in one share group, and the broker hands each device message to
+  one of them. Client id ``<mqtt_client_id>-<instance>-<pid>``, a clean session (no session
+  expiry): a bridge that is gone gets nothing more, its share goes to the others at once
+  (measured on Mosquitto 2.0: a persistent session of a dead member keeps receiving its round-
+  robin share until it returns, which a lost server never does).
+- Manual acknowledgement (``manual_ack_set``): the PUBACK is sent only after the message is
+  committed (or dead-lettered). A message the broker had handed to a bridge that died before
+  acknowledging is not redelivered by Mosquitto; the device sends the batch again after its
+  ack timeout (its outbox keeps every record until the application ack below), and ingest is
+  idempotent on record keys: nothing lost, nothing counted twice.
 - After an attendance batch is stored, the ``BatchResult`` (with the batch id) is published with
   QoS 1 on the device's ``ack`` topic; only that makes the device mark its records sent. An
   event is acknowledged the same way, with the event key as ``batch_id``.
@@ -19,13 +25,17 @@
   its first ``dead_letter_keep_bytes`` only, the table pruned to ``dead_letter_max_rows`` and
   ``dead_letter_max_age_days``) and is not acknowledged; a database outage is not a dead
   letter: the device re-sends after its ack timeout.
-- Home Assistant discovery (``ha_discovery``) and the rooms' state are published retained.
+- Home Assistant discovery (``ha_discovery``) and the rooms' state are published retained, by
+  one bridge of the group at a time (``leader.Leader``: a PostgreSQL advisory lock; another
+  takes over within a tick when it goes), so unknown-face triggers fire once, not once per
+  process.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timedelta
@@ -34,7 +44,6 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter
@@ -43,9 +52,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cloud_sync.aggregator import ha_discovery
+from cloud_sync.aggregator import ha_discovery, metrics
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import Attendance, Device, Room
+from cloud_sync.aggregator.leader import HA_PUBLISHER_LOCK_ID, Leader
 from cloud_sync.aggregator.metrics import REGISTRY
 from cloud_sync.aggregator.services.common import ServiceError, utcnow
 from cloud_sync.aggregator.services.events import latest_occupancy, new_alerts
@@ -74,8 +84,18 @@ from cloud_sync.protocol import (
 _LOGGER = logging.getLogger(__name__)
 
 LEAVES = ("attendance", "heartbeat", "events")
-SUBSCRIPTIONS = [(f"classroom/+/+/+/{leaf}", 1) for leaf in LEAVES]
-SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+def subscriptions(group: str) -> list[tuple[str, int]]:
+    """The bridge's QoS 1 shared subscriptions (MQTT 5 ``$share/<group>/<filter>``)."""
+    return [(f"$share/{group}/classroom/+/+/+/{leaf}", 1) for leaf in LEAVES]
+
+
+def client_id(settings: AggregatorSettings, instance: str, pid: int) -> str:
+    """Unique per process: ``<mqtt_client_id>-<instance>-<pid>`` (64 characters at most)."""
+    suffix = f"-{instance}-{pid}"
+    return settings.mqtt_client_id[:64 - len(suffix)] + suffix[-64:]
+
 STATE_TICK_S = 5.0
 STATE_FULL_S = 60.0
 MEMORY_DEAD_LETTERS = 1000
@@ -117,7 +137,8 @@ class MqttBridge:
     """Start with ``start()`` (non-blocking), stop with ``stop()``; ``state`` for /health."""
 
     def __init__(
-        self, settings: AggregatorSettings, session_factory: sessionmaker[Session]
+        self, settings: AggregatorSettings, session_factory: sessionmaker[Session],
+        instance: str = "aggregator",
     ) -> None:
         if settings.mqtt_url is None:
             raise ValueError("MqttBridge needs settings.mqtt_url")
@@ -137,14 +158,20 @@ class MqttBridge:
         self._last_sync: dict[tuple[str, str], datetime] = {}
         self._announced: dict[tuple[str, str], tuple[str, ...]] = {}
         self._alerts_since = utcnow()  # unknown-face alerts received after this go to HA
+        engine = session_factory.kw.get("bind")
+        self._leader = Leader(engine, HA_PUBLISHER_LOCK_ID, "Home Assistant publishing") \
+            if engine is not None else None
+        self.publishes_ha = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._state_thread: threading.Thread | None = None
+        self.client_id = client_id(settings, instance, os.getpid())
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=settings.mqtt_client_id,
+            client_id=self.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
+        client.manual_ack_set(True)
         if user is not None:
             client.username_pw_set(user, password)
         if tls:
@@ -157,13 +184,9 @@ class MqttBridge:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        _LOGGER.info("MQTT bridge connecting to %s:%s as %s", self._host, self._port,
-                     self._settings.mqtt_client_id)
-        self._client.connect_async(
-            self._host, self._port, keepalive=30, clean_start=False, properties=props
-        )
+        _LOGGER.info("MQTT bridge connecting to %s:%s as %s (share group %s)", self._host,
+                     self._port, self.client_id, self._settings.mqtt_share_group)
+        self._client.connect_async(self._host, self._port, keepalive=30, clean_start=True)
         self._client.loop_start()
         if self._settings.ha_discovery:
             self._stop.clear()
@@ -177,6 +200,8 @@ class MqttBridge:
         if self._state_thread is not None:
             self._state_thread.join(10)
             self._state_thread = None
+        if self._leader is not None:
+            self._leader.close()
         self._client.disconnect()
         self._client.loop_stop()
         self.state = "disconnected"
@@ -195,8 +220,9 @@ class MqttBridge:
             _LOGGER.error("MQTT bridge: connection refused: %s", reason)
             return
         self.state = "connected"
+        metrics.MQTT_CONNECTED.set(1)
         _LOGGER.info("MQTT bridge connected (session present: %s)", flags.session_present)
-        client.subscribe(SUBSCRIPTIONS)
+        client.subscribe(subscriptions(self._settings.mqtt_share_group))
         with self._lock:
             self._announced.clear()  # re-announce HA configs after a reconnect
 
@@ -205,6 +231,7 @@ class MqttBridge:
         reason: ReasonCode, _props: Properties | None,
     ) -> None:
         self.state = "disconnected"
+        metrics.MQTT_CONNECTED.set(0)
         if reason.is_failure:
             _LOGGER.warning("MQTT bridge disconnected: %s (reconnecting)", reason)
 
@@ -231,6 +258,9 @@ class MqttBridge:
         except Exception:  # never let one message kill the network thread
             MESSAGES.labels(leaf, "error").inc()
             _LOGGER.exception("MQTT bridge: unexpected error on %s", topic)
+        # Committed, dead-lettered, or failed for a reason the device's re-send will meet
+        # again later (its ack never came): the broker may forget the message now.
+        client.ack(message.mid, message.qos)
 
     # -- processing --------------------------------------------------------------------------
     def _check_device(self, session: Session, site: str, room_id: str, device_id: str) -> None:
@@ -317,6 +347,9 @@ class MqttBridge:
         while not self._stop.wait(STATE_TICK_S if last_full else 0.5):
             if self.state != "connected":
                 continue
+            if not self._take_ha():
+                last_full = time.monotonic()  # not ours: the leader publishes
+                continue
             full = time.monotonic() - last_full >= STATE_FULL_S
             try:
                 self.publish_ha(full=full)
@@ -325,6 +358,18 @@ class MqttBridge:
                 continue
             if full:
                 last_full = time.monotonic()
+
+    def _take_ha(self) -> bool:
+        """Whether this bridge publishes for Home Assistant now (one of the group does)."""
+        held = self._leader is None or self._leader.held()
+        if held and not self.publishes_ha:
+            with self._lock:
+                self._announced.clear()  # a new publisher announces every room again
+            # alerts stored just before the takeover may have gone out from the old one
+            self._alerts_since = max(self._alerts_since,
+                                     utcnow() - timedelta(seconds=2 * STATE_TICK_S))
+        self.publishes_ha = held
+        return held
 
     def publish_ha(self, *, full: bool = True) -> int:
         """Publish discovery configs (new or changed rooms) and room states; returns how many
@@ -359,9 +404,12 @@ class MqttBridge:
                     continue
                 occ = self._running(session, room)
                 count = self._present_count(session, room, occ)
-                last = self._last_sync.get(key) or session.scalar(
+                # this bridge's own last message from the room, or (the others got theirs)
+                # the room's last heartbeat, whichever is newer
+                seen = [t for t in (self._last_sync.get(key), session.scalar(
                     select(func.max(Device.last_heartbeat_at)).where(Device.room_id == room.id)
-                )
+                )) if t is not None]
+                last = max(seen) if seen else None
                 occupancy = None if occ is None else latest_occupancy(
                     session, room.id, make_session_id(occ.course_id, utcnow().date()))
                 self._client.publish(

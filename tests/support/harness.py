@@ -82,6 +82,7 @@ class Broker:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.bridge_port = free_port()  # the aggregator bridges' listener (1884)
         self.passwords = {user: secrets.token_urlsafe(12) for user in users}
         passwd = self.dir / "passwd"
         for i, (user, password) in enumerate(self.passwords.items()):
@@ -91,6 +92,7 @@ class Broker:
         persist.mkdir(exist_ok=True)
         text = (REPO / "config/mosquitto/mosquitto.conf").read_text()
         text = re.sub(r"(?m)^listener 1883$", f"listener {self.port} 127.0.0.1", text)
+        text = re.sub(r"(?m)^listener 1884$", f"listener {self.bridge_port} 127.0.0.1", text)
         text = re.sub(r"(?m)^password_file .*$", f"password_file {passwd}", text)
         from cloud_sync.aggregator.mqtt_acl import render
 
@@ -104,13 +106,16 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, user: str) -> str:
-        return f"mqtt://{user}:{self.passwords[user]}@127.0.0.1:{self.port}"
+        """The aggregator's bridges use their own listener (config/mosquitto/mosquitto.conf)."""
+        port = self.bridge_port if user == "aggregator" else self.port
+        return f"mqtt://{user}:{self.passwords[user]}@127.0.0.1:{port}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_until(lambda: port_open(self.port), 10, "mosquitto to listen")
+            wait_until(lambda: port_open(self.port) and port_open(self.bridge_port), 10,
+                       "mosquitto to listen")
         except AssertionError:
             self.proc.kill()
             raise AssertionError(f"mosquitto did not start: {self.proc.stderr.read()!r}") from None

@@ -31,7 +31,7 @@ from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.api.privacy import actor
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import admin_schemas as schemas
-from cloud_sync.aggregator.services import audit, csv_import, faces, ingest, privacy
+from cloud_sync.aggregator.services import audit, csv_import, faces, privacy
 from cloud_sync.aggregator.services import devices as device_svc
 from cloud_sync.protocol import EventKind, Identifier
 
@@ -44,10 +44,8 @@ ROSTER_KINDS = {"students", "courses", "rooms", "enrollments", "schedules"}  # c
 
 
 def _after_write(ctx: AppContext, tasks: BackgroundTasks, kind: str) -> None:
-    if kind == "devices":
-        ctx.credentials.clear()
     if kind in {"devices", "rooms", "courses", "schedules"}:
-        ingest.invalidate_cache()
+        ctx.invalidate()  # here and in every other process (credentials, rooms, timetables)
     if kind in ROSTER_KINDS and ctx.mqtt_bridge is not None:
         tasks.add_task(notify_rosters, ctx)
 
@@ -108,8 +106,7 @@ _simple_routes("devices", schemas.DeviceIn, schemas.DevicePatch, schemas.DeviceO
 def create_device(request: Request, _who: Admin, session: DB,
                   body: schemas.DeviceIn) -> schemas.DeviceCreated:
     device, key = device_svc.add_device(session, body.room_id, body.id)
-    context(request).credentials.clear()
-    ingest.invalidate_cache()
+    context(request).invalidate()
     return schemas.DeviceCreated(**schemas.DeviceOut.model_validate(device, from_attributes=True)
                              .model_dump(), api_key=key)
 
@@ -123,7 +120,7 @@ class NewKey(BaseModel):
              summary="Issue a new API key for a device.")
 def rotate_key(request: Request, _who: Admin, session: DB, key: Identifier) -> NewKey:
     new = device_svc.rotate_device_key(session, key)
-    context(request).credentials.clear()
+    context(request).invalidate()
     return NewKey(device_id=key, api_key=new)
 
 

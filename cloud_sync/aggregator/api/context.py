@@ -1,10 +1,9 @@
-"""Per-app state shared by the routers: settings, sessions, credential cache, rate limiter."""
+"""Per-app state shared by the routers: settings, sessions, credential cache, rate limiter,
+the app's caches (state.py) and the bus to the other processes (bus.py)."""
 
 from __future__ import annotations
 
-import math
-import threading
-import time
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,11 +11,16 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from cloud_sync.aggregator.api.limiter import Limiter
+from cloud_sync.aggregator.bus import Bus
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.watch import WriteWatch
 from cloud_sync.aggregator.services.faces import FaceEncoder
 from cloud_sync.aggregator.services.live import LiveFeed
 from cloud_sync.aggregator.services.reports import Rules
+from cloud_sync.aggregator.state import AppState, TTLCache
+
+_LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,63 +39,9 @@ class AdminPrincipal:
 Principal = DevicePrincipal | AdminPrincipal
 
 
-class CredentialCache:
-    """digest -> principal for ``ttl_s`` seconds (0 disables); cleared on key changes."""
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._items: dict[str, tuple[Principal, float]] = {}
-
-    def get(self, digest: str) -> Principal | None:
-        if self.ttl_s <= 0:
-            return None
-        with self._lock:
-            item = self._items.get(digest)
-            if item is None:
-                return None
-            if item[1] < time.monotonic():
-                del self._items[digest]
-                return None
-            return item[0]
-
-    def put(self, digest: str, principal: Principal) -> None:
-        if self.ttl_s <= 0:
-            return
-        with self._lock:
-            if len(self._items) > 10_000:
-                self._items.clear()
-            self._items[digest] = (principal, time.monotonic() + self.ttl_s)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-class RateLimiter:
-    """Token bucket per device: ``per_min`` requests a minute, bursts up to ``per_min``."""
-
-    def __init__(self, per_min: int) -> None:
-        self.capacity = float(per_min)
-        self.rate = per_min / 60.0
-        self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def acquire(self, key: str, now: float | None = None) -> float:
-        """0 if allowed now, else the seconds to wait before retrying."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens, last = self._buckets.get(key, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - last) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-
-    @staticmethod
-    def retry_after(wait_s: float) -> str:
-        return str(max(1, math.ceil(wait_s)))
+class CredentialCache(TTLCache[Principal]):
+    """digest -> principal for ``ttl_s`` seconds (0 disables); cleared on key changes, in
+    every process (``AppContext.invalidate``)."""
 
 
 @dataclass
@@ -100,9 +50,13 @@ class AppContext:
     engine: Engine
     sessions: sessionmaker[Session]
     credentials: CredentialCache
-    limiter: RateLimiter
+    limiter: Limiter
     encoder: FaceEncoder
     rules: Rules
+    state: AppState
+    instance: str = ""  # <instance_name>:<pid> in /health
+    bus: Bus | None = None
+    ready: bool = False  # migrated and started (the lifespan); False again while stopping
     mqtt_bridge: Any = None
     mqtt_state: str = "disabled"
     write_watch: WriteWatch | None = None
@@ -112,3 +66,23 @@ class AppContext:
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:
             yield session
+
+    def trusted(self) -> bool:
+        """Whether this process may use its caches: it hears the other processes' writes."""
+        return self.bus is None or self.bus.connected
+
+    def forget(self) -> None:
+        """Clear this process's caches (credentials, device contexts, rooms)."""
+        self.credentials.clear()
+        self.state.invalidate()
+
+    def invalidate(self) -> None:
+        """After an admin write that changes devices, keys, rooms, courses or schedules: clear
+        the caches here and now, and in every other process (through the bus)."""
+        self.forget()
+        if self.bus is None:
+            return
+        try:
+            self.bus.publish({"t": "invalidate"})
+        except Exception as err:  # the others keep their caches for at most their TTL
+            _LOGGER.error("cache invalidation not sent to the other processes: %s", err)

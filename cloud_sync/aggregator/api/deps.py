@@ -18,6 +18,7 @@ from cloud_sync.aggregator.api.context import (
     DevicePrincipal,
     Principal,
 )
+from cloud_sync.aggregator.api.limiter import retry_after
 from cloud_sync.aggregator.db.models import Room
 from cloud_sync.aggregator.services.devices import authenticate_admin, authenticate_device
 from cloud_sync.aggregator.services.security import ADMIN_PREFIX, DEVICE_PREFIX, hash_secret
@@ -79,20 +80,25 @@ async def authenticate(ctx: AppContext, authorization: str | None, client: str) 
 Role = Literal["admin", "device", "any"]
 
 
-def authorise(ctx: AppContext, who: Principal, role: Role) -> None:
+async def authorise(ctx: AppContext, who: Principal, role: Role) -> None:
     """403 when ``who`` may not use a route needing ``role``; 429 when a device is over its
-    rate limit."""
+    rate limit (kept in PostgreSQL or Redis when several processes share it: that lookup
+    runs in the thread pool)."""
     if role == "admin" and not isinstance(who, AdminPrincipal):
         raise HTTPException(403, "this endpoint needs an admin token")
     if role == "device" and not isinstance(who, DevicePrincipal):
         raise HTTPException(403, "this endpoint needs a device API key")
     if isinstance(who, DevicePrincipal):
-        wait = ctx.limiter.acquire(who.device_id)
+        limiter = ctx.limiter
+        if limiter.blocking:
+            wait = await run_in_threadpool(limiter.acquire, who.device_id)
+        else:
+            wait = limiter.acquire(who.device_id)
         if wait > 0:
             metrics.RATE_LIMITED.inc()
             raise HTTPException(
                 429, "rate limit exceeded for this device",
-                headers={"Retry-After": ctx.limiter.retry_after(wait)},
+                headers={"Retry-After": retry_after(wait)},
             )
 
 
@@ -105,7 +111,7 @@ async def _checked(request: Request, role: Role) -> Principal:
     ctx = context(request)
     who = await authenticate(ctx, request.headers.get("authorization"),
                              request.client.host if request.client else "?")
-    authorise(ctx, who, role)
+    await authorise(ctx, who, role)
     return who
 
 

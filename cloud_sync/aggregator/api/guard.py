@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_sync.aggregator import metrics
 from cloud_sync.aggregator.api import deps
+from cloud_sync.aggregator.api.limiter import LimiterUnavailableError
 
 _LOGGER = logging.getLogger(__name__)
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -152,13 +153,17 @@ class GuardMiddleware:
                 ctx, raw.decode("latin-1") if raw is not None else None,
                 client[0] if client else "?",
             )
-            deps.authorise(ctx, who, role)
+            await deps.authorise(ctx, who, role)
         except HTTPException as err:
             response = JSONResponse({"detail": err.detail}, status_code=err.status_code,
                                     headers=err.headers)
         except SQLAlchemyError as err:
             _LOGGER.error("database error while authenticating: %s", err)
             response = JSONResponse({"detail": "database unavailable, retry later"},
+                                    status_code=503, headers={"Retry-After": "5"})
+        except LimiterUnavailableError as err:
+            _LOGGER.error("rate limit store unavailable: %s", err)
+            response = JSONResponse({"detail": "rate limit store unavailable, retry later"},
                                     status_code=503, headers={"Retry-After": "5"})
         else:
             state: dict[str, Any] = scope.setdefault("state", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from pydantic import BaseModel, Field
 from sqlalchemy import text
@@ -25,9 +26,13 @@ router = APIRouter(tags=["operations"])
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok | degraded (MQTT down, or disk space below "
-                        "min_free_disk_mb) | error (database unreachable, behind, or "
-                        "refusing writes)")
+    status: str = Field(description="ok | degraded (MQTT down, the bus to the other processes "
+                        "down, or disk space below min_free_disk_mb) | error (not started or "
+                        "stopping, database unreachable, behind, or refusing writes). A load "
+                        "balancer sends traffic only while the answer is 200 (ok or degraded)")
+    instance: str = Field(description="Which process answered: <instance_name>:<pid>")
+    ready: bool = Field(description="Migrations done and the app started (false while "
+                        "starting and stopping)")
     database: str = Field(description="ok, or the error")
     writes: str = Field(description="ok, or the last write error and since when (e.g. a full "
                         "disk: reads still answer while every write fails)")
@@ -40,6 +45,9 @@ class Health(BaseModel):
     revision: str | None
     head: str | None
     mqtt: str = Field(description="disabled | connected | disconnected | unavailable")
+    bus: str = Field(description="Messages to the other processes (cache invalidation, live "
+                     "feed): none (SQLite: one process) | postgresql | redis, then "
+                     "' connected' or ' disconnected' (caches off until back)")
 
 
 def mqtt_state(ctx: Any) -> str:
@@ -94,22 +102,34 @@ def health(request: Request) -> JSONResponse:
     disk = "unknown" if free_mb is None else (
         "low" if free_mb < ctx.settings.min_free_disk_mb else "ok")
     metrics.DISK_FREE.set(-1 if free_mb is None else free_mb * 2**20)
-    if database != "ok" or migrations != "current" or failure is not None:
+    bus = "none" if ctx.bus is None else (
+        f"{ctx.bus.kind} {'connected' if ctx.bus.connected else 'disconnected'}")
+    ready = bool(getattr(ctx, "ready", False))
+    if not ready or database != "ok" or migrations != "current" or failure is not None:
         status = "error"
-    elif (ctx.settings.mqtt_url is not None and mqtt != "connected") or disk == "low":
+    elif ((ctx.settings.mqtt_url is not None and mqtt != "connected") or disk == "low"
+          or bus.endswith("disconnected")):
         status = "degraded"
     else:
         status = "ok"
-    body = Health(status=status, database=database, writes=writes,
+    body = Health(status=status, instance=ctx.instance, ready=ready,
+                  database=database, writes=writes,
                   disk_free_mb=None if free_mb is None else round(free_mb, 1), disk=disk,
                   backend=ctx.engine.dialect.name,
-                  migrations=migrations, revision=revision, head=head, mqtt=mqtt)
+                  migrations=migrations, revision=revision, head=head, mqtt=mqtt, bus=bus)
     return JSONResponse(body.model_dump(), status_code=503 if status == "error" else 200)
 
 
-@router.get("/metrics", summary="Prometheus metrics.", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics of this server (every worker of "
+            "`serve --workers N`, whichever answers).", response_class=Response)
 def prometheus(request: Request) -> Response:
     mqtt_state(context(request))
-    # Ours, plus the default registry (process metrics, the MQTT bridge's counters).
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several workers: prometheus_client's multiprocess files, summed over the workers
+        # (gauges per their multiprocess_mode, see metrics.py).
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    # Ours, plus the default registry (process metrics).
     body = generate_latest(metrics.REGISTRY) + generate_latest(DEFAULT_REGISTRY)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -52,5 +52,5 @@ def create_token(_who: Admin, session: DB, body: TokenIn) -> TokenCreated:
                summary="Revoke an admin token: it stops working at once.")
 def revoke_token(request: Request, _who: Admin, session: DB, token_id: TokenId) -> Response:
     device_svc.revoke_admin_token(session, token_id)
-    context(request).credentials.clear()
+    context(request).invalidate()
     return Response(status_code=204)

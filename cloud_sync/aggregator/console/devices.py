@@ -74,7 +74,7 @@ def register(request: Request, who: PostUser, session: DB,
     device, key = device_svc.add_device(session, data.room_id, data.id)
     audit(session, who.name, "device.add", f"device:{device.id}", f"room {room_id}")
     session.commit()
-    context(request).credentials.clear()
+    context(request).invalidate()
     return _key_page(request, who, device.id, device.room_id, key, False)
 
 
@@ -84,7 +84,7 @@ def rotate(request: Request, who: PostUser, session: DB, device_id: str) -> Resp
     key = device_svc.rotate_device_key(session, device_id)
     audit(session, who.name, "device.rotate_key", f"device:{device_id}")
     session.commit()
-    context(request).credentials.clear()
+    context(request).invalidate()
     device = session.get(Device, device_id)
     return _key_page(request, who, device_id, device.room_id if device else "", key, True)
 

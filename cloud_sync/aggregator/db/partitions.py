@@ -10,16 +10,17 @@ Months far from now (a device with a clock stuck in 1970) are left to the defaul
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, text
 
+if TYPE_CHECKING:
+    from cloud_sync.aggregator.state import AppState
+
 _LOGGER = logging.getLogger(__name__)
 _LOCK_ID = 4_242_001  # pg_advisory_xact_lock id serialising partition creation
-_known: dict[str, set[date]] = {}
-_known_lock = threading.Lock()
 MAX_PAST_MONTHS = 24
 MAX_FUTURE_MONTHS = 24
 
@@ -77,16 +78,19 @@ def _create(conn: Connection, month: date) -> None:
     _LOGGER.info("created partition %s (moved %d rows from the default partition)", name, moved)
 
 
-def ensure_months(engine: Engine, months: Iterable[date], now: datetime | None = None) -> int:
-    """Create the partitions of ``months`` that are missing; returns how many were made."""
+def ensure_months(engine: Engine, months: Iterable[date], now: datetime | None = None,
+                  known: AppState | None = None) -> int:
+    """Create the partitions of ``months`` that are missing; returns how many were made.
+    ``known``: the app's state, whose set of months known to exist saves the check."""
     if engine.dialect.name != "postgresql":
         return 0
     current = month_start(now or datetime.now(UTC))
     lo, hi = add_months(current, -MAX_PAST_MONTHS), add_months(current, MAX_FUTURE_MONTHS)
     wanted = {m for m in months if lo <= m <= hi}
-    key = str(engine.url)
-    with _known_lock:
-        missing = wanted - _known.get(key, set())
+    missing = wanted
+    if known is not None:
+        with known.partitions_lock:
+            missing = wanted - known.partitions
     if not missing:
         return 0
     made = 0
@@ -97,18 +101,15 @@ def ensure_months(engine: Engine, months: Iterable[date], now: datetime | None =
             _create(conn, month)
             made += 1
         have |= missing
-    with _known_lock:
-        _known.setdefault(key, set()).update(have)
+    if known is not None:
+        with known.partitions_lock:
+            known.partitions.update(have)
     return made
 
 
-def ensure_ahead(engine: Engine, months_ahead: int, now: datetime | None = None) -> int:
+def ensure_ahead(engine: Engine, months_ahead: int, now: datetime | None = None,
+                 known: AppState | None = None) -> int:
     """On start: the previous month, this month and ``months_ahead`` months after it."""
     current = month_start(now or datetime.now(UTC))
-    return ensure_months(engine, [add_months(current, i) for i in range(-1, months_ahead + 1)], now)
-
-
-def forget(engine: Engine) -> None:
-    """Drop the in-process cache of known partitions (tests that recreate databases)."""
-    with _known_lock:
-        _known.pop(str(engine.url), None)
+    return ensure_months(engine, [add_months(current, i) for i in range(-1, months_ahead + 1)],
+                         now, known)

@@ -2,12 +2,15 @@
 
 SQLite has one writer at a time, and with ``synchronous=FULL`` every commit waits for an
 fsync. Committing each device's small batch on its own makes concurrent requests queue behind
-each other's fsyncs. Here a writer thread per engine (a few on PostgreSQL) takes every insert
+each other's fsyncs. Here a writer thread per app (a few on PostgreSQL) takes every insert
 waiting at that moment, runs them in ONE transaction (one fsync) and hands each caller its own
 result. If the shared transaction fails, each job is retried alone, so one bad job cannot
 fail the others. Callers block until their rows are durable: the acknowledgement still means
 "committed". On PostgreSQL the same saves a transaction (BEGIN/COMMIT round trips and a WAL
 flush) per batch and keeps the number of busy server connections low.
+
+The app's state (``cloud_sync.aggregator.state.AppState``) owns the committer and closes it
+with the app.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ Job = Callable[[Connection], Any]
 class GroupCommitter:
     def __init__(self, engine: Engine, writers: int = 1) -> None:
         self.engine = engine
-        self._queue: queue.SimpleQueue[tuple[Job, int, Future[Any]]] = queue.SimpleQueue()
+        self._closed = False
+        self._queue: queue.SimpleQueue[tuple[Job, int, Future[Any]] | None] = (
+            queue.SimpleQueue())
         self._threads = [
             threading.Thread(target=self._run, name=f"group-commit-{i}", daemon=True)
             for i in range(writers)
@@ -44,23 +49,41 @@ class GroupCommitter:
     def submit(self, job: Job, rows: int) -> Any:
         """Run ``job(connection)`` inside a shared write transaction; return its result once
         that transaction is committed (or raise what the job raised on its own)."""
+        if self._closed:
+            raise RuntimeError("the group committer is closed (the app is shutting down)")
         future: Future[Any] = Future()
         self._queue.put((job, rows, future))
         return future.result()
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the writers once the jobs queued before this call are committed."""
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout_s)
+
     def _run(self) -> None:
         while True:
             first = self._queue.get()
+            if first is None:
+                return
             jobs = [first]
             rows = first[1]
+            stop = False
             while rows < MAX_ROWS_PER_COMMIT:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if item is None:
+                    stop = True
+                    break
                 jobs.append(item)
                 rows += item[1]
             self._commit(jobs)
+            if stop:
+                return
 
     def _commit(self, jobs: list[tuple[Job, int, Future[Any]]]) -> None:
         results: list[Any] = []
@@ -80,17 +103,13 @@ class GroupCommitter:
             future.set_result(result)
 
 
-_committers: dict[int, GroupCommitter] = {}
-_lock = threading.Lock()
+def writers_for(engine: Engine) -> int:
+    """SQLite has one writer at a time; PostgreSQL overlaps a few transactions (each still
+    groups what is waiting when it starts)."""
+    return PG_WRITERS if engine.dialect.name == "postgresql" else 1
 
 
-def committer(engine: Engine) -> GroupCommitter:
-    with _lock:
-        found = _committers.get(id(engine))
-        if found is None or found.engine is not engine:
-            # SQLite has one writer at a time; PostgreSQL overlaps a few transactions (each
-            # still groups what is waiting when it starts).
-            writers = PG_WRITERS if engine.dialect.name == "postgresql" else 1
-            found = GroupCommitter(engine, writers)
-            _committers[id(engine)] = found
-        return found
+def run_alone(engine: Engine, job: Job) -> Any:
+    """``job`` in a write transaction of its own (no app state: the CLI, a bare session)."""
+    with engine.connect().execution_options(**WRITE) as conn, conn.begin():
+        return job(conn)

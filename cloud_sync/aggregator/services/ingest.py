@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +56,7 @@ from cloud_sync.aggregator.services.common import (
     utcnow,
 )
 from cloud_sync.aggregator.services.timetable import Timetable, room_timetable
-from cloud_sync.aggregator.services.timetable import invalidate as timetable_invalidate
+from cloud_sync.aggregator.state import state_of
 from cloud_sync.protocol import (
     LEGACY_EMBEDDER,
     AttendanceBatch,
@@ -91,41 +89,23 @@ class _DeviceContext:
     device_id: str
     room_id: str
     timetable: Timetable
-    expires: float
-
-
-_contexts: dict[tuple[int, str], _DeviceContext] = {}
-_contexts_lock = threading.Lock()
-CONTEXT_TTL_S = 30.0  # admin writes through the API invalidate at once
-
-
-def invalidate_cache() -> None:
-    """Forget cached device rooms and timetables (after admin writes; on app start)."""
-    with _contexts_lock:
-        _contexts.clear()
-    timetable_invalidate()
 
 
 def _device_context(session: Session, device_id: str) -> _DeviceContext | None:
-    """The device's room and the room's timetable, cached for CONTEXT_TTL_S seconds."""
-    cache_key = (id(session.get_bind()), device_id)
-    now = time.monotonic()
-    with _contexts_lock:
-        found = _contexts.get(cache_key)
-    if found is not None and found.expires > now:
-        return found
+    """The device's room and the room's timetable, cached in the app's state (state.py)."""
+    state = state_of(session)
+    found = state.device_contexts.get(device_id) if state is not None else None
+    if found is not None:
+        return found  # type: ignore[no-any-return]
     row = session.execute(
         select(Device.id, Room).join(Room, Room.id == Device.room_id)
         .where(Device.id == device_id)
     ).first()
     if row is None:
         return None
-    context = _DeviceContext(row[0], row[1].id, room_timetable(session, row[1]),
-                             now + CONTEXT_TTL_S)
-    with _contexts_lock:
-        if len(_contexts) > 10_000:
-            _contexts.clear()
-        _contexts[cache_key] = context
+    context = _DeviceContext(row[0], row[1].id, room_timetable(session, row[1]))
+    if state is not None:
+        state.device_contexts.put(device_id, context)
     return context
 
 
@@ -248,7 +228,8 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
     """Insert the rows whose key is new and commit; returns the keys inserted.
 
     The read transaction is ended first; the insert runs in the engine's group committer (one
-    transaction and one fsync for every batch waiting at that moment, see group_commit.py)."""
+    transaction and one fsync for every batch waiting at that moment, see group_commit.py), or
+    alone without an app state."""
     session.rollback()
     if not rows:
         return set()
@@ -270,7 +251,10 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
             return set(conn.execute(stmt, rows).scalars().all())
 
     engine = session.get_bind()
-    return set(group_commit.committer(engine).submit(job, len(rows)))  # type: ignore[arg-type]
+    state = state_of(session)
+    if state is None:
+        return set(group_commit.run_alone(engine, job))  # type: ignore[arg-type]
+    return set(state.committer().submit(job, len(rows)))
 
 
 DESCRIPTOR_DAYS_INFO_KEY = "record_descriptor_days"
@@ -359,7 +343,8 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
         rows.append(_row(rec, device, at, method, course_id, received))
     # PostgreSQL: a month without a partition gets one (own connection; this transaction has
     # only read other tables, so it holds no lock the DDL waits for). No-op on SQLite.
-    partitions.ensure_months(session.get_bind(), {partitions.month_start(r["at"]) for r in rows})
+    partitions.ensure_months(session.get_bind(), {partitions.month_start(r["at"]) for r in rows},
+                             known=state_of(session))
     fresh = _insert_new(session, rows)
     accepted = len(fresh)
     duplicate += len(rows) - accepted

@@ -7,6 +7,12 @@ listens. Each client has a bounded queue on its own event loop; a client that fa
 ``ws_queue_messages`` behind is marked dropped and its connection closed, so memory stays
 bounded whatever a client does. The feed reaches the ingest functions through the session
 factory's ``info`` (:data:`LIVE_FEED_INFO_KEY`), like the other per-app settings.
+
+Several processes (PostgreSQL): a client is connected to one process, a record may be stored by
+another. The app then sets :attr:`LiveFeed.relay`: a message goes through the bus
+(``cloud_sync.aggregator.bus``) to every process, each delivering it to its own clients. A
+process with clients says so on the bus every ``LISTENING_EVERY_S``; the others relay only
+while they have heard that within ``LISTENING_TTL_S``, so nobody pays while nobody listens.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +34,9 @@ _LOGGER = logging.getLogger(__name__)
 
 LIVE_FEED_INFO_KEY = "live_feed"
 RECORD_TYPE = "attendance"  # the type of a record message; events use their kind
+LISTENING_EVERY_S = 5.0
+LISTENING_TTL_S = 15.0
+Relay = Callable[[str, str, dict[str, Any]], None]
 
 
 class TooManyClientsError(RuntimeError):
@@ -53,6 +63,18 @@ class LiveFeed:
         self._lock = threading.Lock()
         self._subs: list[Subscriber] = []
         self.dropped_total = 0
+        self.relay: Relay | None = None  # set when other processes share the feed
+        self.announce: Callable[[], None] | None = None  # "I have clients", to the others
+        self._heard_until = 0.0
+
+    def heard_listener(self) -> None:
+        """Another process has clients (a ``listening`` message on the bus)."""
+        self._heard_until = time.monotonic() + LISTENING_TTL_S
+
+    def wanted(self) -> bool:
+        """Whether a message would reach anybody (here, or in a process heard of lately)."""
+        return bool(self._subs) or (self.relay is not None
+                                    and time.monotonic() < self._heard_until)
 
     @property
     def clients(self) -> int:
@@ -67,7 +89,10 @@ class LiveFeed:
             if len(self._subs) >= self.max_clients:
                 raise TooManyClientsError(f"{self.max_clients} live clients already")
             self._subs = [*self._subs, sub]
+            first = len(self._subs) == 1
         metrics.WS_CLIENTS.set(len(self._subs))
+        if first and self.announce is not None:
+            self.announce()
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
@@ -76,8 +101,19 @@ class LiveFeed:
         metrics.WS_CLIENTS.set(len(self._subs))
 
     def publish(self, room_id: str, kind: str, message: dict[str, Any]) -> int:
-        """Offer one message (``type`` = kind) to every client that wants it; any thread.
-        Returns the number of clients it was offered to."""
+        """To every client of every process (through the relay when there is one), else
+        :meth:`deliver`; any thread."""
+        if self.relay is not None:
+            try:
+                self.relay(room_id, kind, message)
+                return 0
+            except Exception as err:  # the bus is down: at least this process's clients
+                _LOGGER.warning("live message not relayed: %s", err)
+        return self.deliver(room_id, kind, message)
+
+    def deliver(self, room_id: str, kind: str, message: dict[str, Any]) -> int:
+        """Offer one message (``type`` = kind) to every client of this process that wants
+        it; any thread. Returns the number of clients it was offered to."""
         subs = [s for s in self._subs if s.wants(room_id, kind)]  # a snapshot: no lock needed
         if not subs:
             return 0
@@ -113,7 +149,7 @@ def publish_records(session: Session, rows: list[dict[str, Any]]) -> None:
     """New attendance rows of one batch (one device, so one room) to the live feed: one
     message per batch, so a client's queue counts batches, not records."""
     feed = feed_of(session)
-    if feed is None or not feed.clients or not rows:
+    if feed is None or not feed.wanted() or not rows:
         return
     feed.publish(rows[0]["room_id"], RECORD_TYPE, {"records": [{
         "key": str(row["key"]), "student_id": row["student_id"], "course_id": row["course_id"],
@@ -125,6 +161,6 @@ def publish_records(session: Session, rows: list[dict[str, Any]]) -> None:
 def publish_event(session: Session, event: Any) -> None:
     """A newly stored device event to the live feed (the wire form of the event)."""
     feed = feed_of(session)
-    if feed is None or not feed.clients:
+    if feed is None or not feed.wanted():
         return
     feed.publish(event.room_id, event.kind, {"event": event.model_dump(mode="json")})

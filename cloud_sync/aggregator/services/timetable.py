@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import lru_cache
@@ -14,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import Course, Room, Schedule
 from cloud_sync.aggregator.services.common import ServiceError
+from cloud_sync.aggregator.state import state_of
 
 
 @lru_cache(maxsize=256)
@@ -153,34 +152,19 @@ class RoomInfo:
     site: str
     timezone: str
     timetable: Timetable
-    expires: float
-
-
-_rooms: dict[tuple[int, str], RoomInfo] = {}
-_rooms_lock = threading.Lock()
-ROOM_TTL_S = 30.0  # admin writes through the API call invalidate() at once
-
-
-def invalidate() -> None:
-    with _rooms_lock:
-        _rooms.clear()
 
 
 def cached_room(session: Session, room_id: str) -> RoomInfo | None:
-    """A room and its timetable, cached for ROOM_TTL_S (one query less per request)."""
-    key = (id(session.get_bind()), room_id)
-    now = time.monotonic()
-    with _rooms_lock:
-        found = _rooms.get(key)
-    if found is not None and found.expires > now:
-        return found
+    """A room and its timetable, cached in the app's state (state.py; one query less per
+    request)."""
+    state = state_of(session)
+    found = state.rooms.get(room_id) if state is not None else None
+    if found is not None:
+        return found  # type: ignore[no-any-return]
     room = session.get(Room, room_id)
     if room is None:
         return None
-    info = RoomInfo(room.id, room.site, room.timezone, room_timetable(session, room),
-                    now + ROOM_TTL_S)
-    with _rooms_lock:
-        if len(_rooms) > 10_000:
-            _rooms.clear()
-        _rooms[key] = info
+    info = RoomInfo(room.id, room.site, room.timezone, room_timetable(session, room))
+    if state is not None:
+        state.rooms.put(room_id, info)
     return info

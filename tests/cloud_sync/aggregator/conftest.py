@@ -33,7 +33,8 @@ TABLES = ("attendance", "attendance_keys", "heartbeats", "events", "face_embeddi
           "enrollments", "schedules", "devices", "students", "courses", "rooms",
           "admin_tokens", "dead_letters", "audit_log", "console_users", "console_sessions",
           "course_teachers", "attendance_corrections", "face_negatives",
-          "record_descriptors", "unknown_faces", "recording_jobs", "recordings")
+          "record_descriptors", "unknown_faces", "recording_jobs", "recordings",
+          "rate_buckets")
 
 
 def _pg_connect(dbname: str = "postgres") -> Any:

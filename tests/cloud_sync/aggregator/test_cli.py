@@ -174,3 +174,17 @@ def test_first_class_without_csv(db: str, tmp_path: Path, faces_dir: Path) -> No
                      "--weekday", "Mon", "--start", "10:00", "--end", "09:00")
     assert code == 1 and "end_time must be after start_time" in out
     assert _run("students", "add", "S002", "--name", "X", "--course", "NOPE")[0] == 1
+
+
+def test_serve_refuses_several_workers_on_sqlite(tmp_path: Path) -> None:
+    """SQLite takes one writing process: --workers 2 is refused before anything starts,
+    with the reason and the fix; a worker count out of bounds is refused too."""
+    db = f"sqlite:///{tmp_path / 'agg.db'}"
+    result = CliRunner().invoke(cli, ["serve", "--workers", "2"],
+                                env={"AGGREGATOR_DATABASE_URL": db})
+    assert result.exit_code == 2, result.output
+    assert "--workers 2 needs PostgreSQL" in result.output
+    assert not (tmp_path / "agg.db").exists()  # refused before migrating
+    result = CliRunner().invoke(cli, ["serve", "--workers", "0"],
+                                env={"AGGREGATOR_DATABASE_URL": db})
+    assert result.exit_code == 2 and "--workers" in result.output

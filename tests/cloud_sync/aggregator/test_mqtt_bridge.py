@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -181,38 +179,61 @@ def test_home_assistant_discovery_and_roster_notice(
         dev.close()
 
 
-def test_bridge_persistent_session_gets_what_was_sent_while_it_was_down(
-    broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]], tmp_path: Path
+def test_two_bridges_share_the_traffic_and_one_takes_over_when_the_other_stops(
+    broker: Broker, aggregator_db: tuple[Aggregator, dict[str, str]]
 ) -> None:
+    """MQTT 5 shared subscription: two bridges in one share group each get some of the
+    batches (never both the same one); once one stops, the other gets every batch."""
     from cloud_sync.aggregator.config import load
     from cloud_sync.aggregator.db.session import make_engine, make_session_factory
-    from cloud_sync.aggregator.mqtt_bridge import MqttBridge
+    from cloud_sync.aggregator.mqtt_bridge import MESSAGES, MqttBridge
 
     agg, _ = aggregator_db
     settings = load(None, database_url=agg.db_url, mqtt_url=broker.url("aggregator"),
                     ha_discovery=False)
     engine = make_engine(agg.db_url)
     factory = make_session_factory(engine)
-    first = MqttBridge(settings, factory)
-    first.start()
-    wait_until(lambda: first.state == "connected", 10, "bridge")
-    time.sleep(0.3)
-    first.stop()
+    bridges = [MqttBridge(settings, factory, instance=name) for name in ("a", "b")]
+    assert bridges[0].client_id != bridges[1].client_id
+    ok = MESSAGES.labels("attendance", "ok")
     dev = _device(broker)
+    topic = device_topic(SITE, ROOM, DEVICE, "attendance")
     try:
-        batch = AttendanceBatch(device_id=DEVICE, records=make_records(10))
-        dev.publish(device_topic(SITE, ROOM, DEVICE, "attendance"), batch.model_dump_json())
-        second = MqttBridge(settings, factory)
-        second.start()
+        for bridge in bridges:
+            bridge.start()
+        wait_until(lambda: all(b.state == "connected" for b in bridges), 10, "bridges")
+        time.sleep(0.3)  # subscriptions
+        handled: dict[str, int] = {}
+        original = MqttBridge._handle
+
+        def counting(self: MqttBridge, *args: object) -> None:
+            original(self, *args)  # type: ignore[arg-type]
+            handled[self.client_id] = handled.get(self.client_id, 0) + 1
+
+        MqttBridge._handle = counting  # type: ignore[method-assign]
         try:
-            wait_until(lambda: len(agg.attendance_keys()) == 10, 20, "queued batch ingested")
-            wait_until(lambda: _acks(dev), 10, "ack")
+            before = ok._value.get()
+            for _ in range(10):
+                batch = AttendanceBatch(device_id=DEVICE, records=make_records(5))
+                dev.publish(topic, batch.model_dump_json())
+            wait_until(lambda: len(agg.attendance_keys()) == 50, 20, "10 batches stored")
+            assert ok._value.get() - before == 10  # each batch handled once, not twice
+            assert sorted(handled) == sorted(b.client_id for b in bridges), handled
+            bridges[0].stop()
+            handled.clear()
+            for _ in range(6):
+                batch = AttendanceBatch(device_id=DEVICE, records=make_records(5))
+                dev.publish(topic, batch.model_dump_json())
+            wait_until(lambda: len(agg.attendance_keys()) == 80, 20, "6 more batches stored")
+            assert handled == {bridges[1].client_id: 6}
         finally:
-            second.stop()
+            MqttBridge._handle = original  # type: ignore[method-assign]
+        wait_until(lambda: len(_acks(dev)) == 16, 10, "16 acks")
     finally:
+        for bridge in bridges:
+            bridge.stop()
         dev.close()
         engine.dispose()
-    assert uuid.UUID(str(_acks(dev)[0].batch_id)) == batch.batch_id
 
 
 def test_home_assistant_classroom_entities_and_unknown_face_trigger(
