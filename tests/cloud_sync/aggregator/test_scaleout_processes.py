@@ -73,7 +73,7 @@ def test_two_processes_one_killed_mid_drain_every_record_once_and_one_rate_limit
     broker: Broker, pg_database: str, tmp_path: Path
 ) -> None:
     from appliance.store import Store
-    from cloud_sync.agent import SyncAgent
+    from appliance.sync import SyncAgent
 
     a = Aggregator(tmp_path / "a", db_url=pg_database)
     b = Aggregator(tmp_path / "b", db_url=pg_database)
