@@ -541,6 +541,16 @@ class AlertsConfig(Section):
 
 
 class StoreConfig(Section):
+    encryption: Literal["aggregator", "off"] = Field(
+        default="aggregator",
+        title="Store encryption",
+        description="'aggregator': the store (outbox, roster cache) is encrypted with SQLCipher "
+        "under a key the aggregator hands out at start (POST /api/v1/store-key) and the "
+        "device keeps in memory only, so a copy of the SD card reads as noise; after a "
+        "restart the device records nothing until the aggregator answers (docs/PRIVACY.md). "
+        "Needs sync.aggregator_url; without one the store stays unencrypted and /health says "
+        "so. 'off': unencrypted.",
+    )
     keep_sent_days: float = Field(
         default=30,
         ge=1,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ from typing import Any, Protocol
 import appliance
 from appliance.config import ApplianceSettings
 from appliance.status import PipelineStatus
-from appliance.store import WriteFailure
+from appliance.store import STORE_ERRORS, WriteFailure
 from appliance.system import SystemSnapshot
 from cloud_sync.protocol import Event
 
@@ -176,6 +175,13 @@ def check_recogniser(st: PipelineStatus) -> ComponentHealth:
 def check_database(store: StoreSource, now: datetime, max_age_s: float,
                    system: SystemSnapshot | None = None) -> ComponentHealth:
     free = {} if system is None else {"disk_free_mb": round(system.disk_free_gb * 1024)}
+    if getattr(store, "locked", False):  # encrypted, and its key has not arrived
+        since = getattr(store, "locked_since", None)
+        when = f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since else ""
+        return ComponentHealth(
+            UNHEALTHY, f"store locked{when}: {getattr(store, 'lock_reason', None) or 'no key'}"
+            "; nothing is recognised or recorded until the aggregator hands out its key",
+            {"locked": True, "encrypted": True, "write_ok": False, **free})
     failure = store.write_failure
     if failure is not None:  # a full disk: records are not being saved
         why = "the disk is full" if failure.disk_full else "see the device log"
@@ -187,12 +193,13 @@ def check_database(store: StoreSource, now: datetime, max_age_s: float,
     try:
         depth = store.outbox_depth()
         age = store.oldest_unsent_age_s(now)
-    except (sqlite3.Error, OSError) as err:
+    except (*STORE_ERRORS, OSError) as err:
         _LOGGER.warning("health: store unreadable: %s", err)
         return ComponentHealth(UNHEALTHY, f"store unreadable ({type(err).__name__})", free)
     details: dict[str, Any] = {"outbox_depth": depth,
                                "oldest_unsent_age_s": None if age is None else round(age, 1),
-                               "write_ok": True, **free}
+                               "write_ok": True, "locked": False,
+                               "encrypted": bool(getattr(store, "encrypted", False)), **free}
     if age is not None and age > max_age_s:
         return ComponentHealth(DEGRADED, f"outbox not drained for {_fmt_age(age)}", details)
     return ComponentHealth(HEALTHY, f"{depth} unsent", details)

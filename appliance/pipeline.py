@@ -228,7 +228,10 @@ class Pipeline:
         self.started_at = datetime.now(UTC)
         cfg = settings.decision
         self.debouncer = Debouncer(cfg.debounce_s)
-        self._seed_debounce(self.started_at)
+        # an encrypted store still waiting for its key is read when the pipeline starts
+        self._seed_pending = bool(getattr(store, "locked", False))
+        if not self._seed_pending:
+            self._seed_debounce(self.started_at)
         self._course: tuple[str | None, str | None] = (None, None)
         self._roster: Roster | None = None
         self._offered: Roster | None = None  # the provider's (self._roster: empty if refused)
@@ -262,6 +265,9 @@ class Pipeline:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        if self._seed_pending:
+            self._seed_pending = False
+            self._seed_debounce(datetime.now(UTC))
         if self._thread is not None:
             return
         self._heartbeat = time.monotonic()

@@ -11,6 +11,11 @@ Wiring (each component has a non-blocking ``start()`` and a ``stop()``):
            ├─ WebServer (appliance.web.server; when web.enabled)
            └─ AlertMonitor (appliance.alerts)
 
+With an encrypted store (``store.encryption = "aggregator"``, the default with an aggregator)
+the store opens locked: the status page starts first (its /health says the store is locked
+and why), the main thread asks the aggregator for the key (pinging the watchdog meanwhile),
+and the other components start once the store is unlocked.
+
 The main thread then loops: it pings the systemd watchdog (WATCHDOG=1) only while the pipeline
 is alive, deletes records sent more than ``store.keep_sent_days`` ago once an hour, and stops
 everything in reverse order on SIGTERM/SIGINT (STOPPING=1).
@@ -22,7 +27,6 @@ import fcntl
 import logging
 import os
 import signal
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,8 +40,9 @@ from appliance.alerts import AlertMonitor
 from appliance.config import ApplianceSettings
 from appliance.pipeline import Pipeline
 from appliance.recognition import FileRosterProvider, RosterProvider
-from appliance.store import Store
+from appliance.store import STORE_ERRORS, Store
 from appliance.sync import ScheduleRosterProvider, SyncAgent
+from appliance.sync.store_key import open_store, unlock_store
 from appliance.watchdog import Notifier, watchdog_interval_s
 from cloud_sync.protocol import Event
 from models import load_manifest, model_path
@@ -58,19 +63,24 @@ class Appliance:
     pipeline: Pipeline
     components: list[tuple[str, Any]] = field(default_factory=list)
     sync: SyncAgent | None = None
+    started: list[tuple[str, Any]] = field(default_factory=list)
 
-    def start(self, stop: threading.Event | None = None) -> None:
-        """Start the components in order; once ``stop`` is set (a signal during a slow start)
-        the rest are not started."""
+    def start(self, stop: threading.Event | None = None,
+              only: tuple[str, ...] | None = None) -> None:
+        """Start the components not started yet, in order (``only``: just those named); once
+        ``stop`` is set (a signal during a slow start) the rest are not started."""
         for name, comp in self.components:
+            if (name, comp) in self.started or (only is not None and name not in only):
+                continue
             if stop is not None and stop.is_set():
                 _LOGGER.info("stop requested: %s and later components not started", name)
                 return
             _LOGGER.info("starting %s", name)
             comp.start()
+            self.started.append((name, comp))
 
     def stop(self) -> None:
-        for name, comp in reversed(self.components):
+        for name, comp in reversed(self.started):
             try:
                 comp.stop()
             except Exception:  # one failing stop must not keep the rest running
@@ -83,8 +93,9 @@ def build(settings: ApplianceSettings) -> Appliance:
     for spec in load_manifest():
         model_path(spec.name, settings.paths.model_dir)  # verified, or ModelError
     _LOGGER.info("models verified in %s", settings.paths.model_dir)
-    store = Store(settings.paths.data_dir)
     syncing = bool(settings.sync.aggregator_url or settings.sync.mqtt_url)
+    # encrypted with the aggregator's key: locked until it hands the key out (_unlock)
+    store = open_store(settings) if syncing else Store(settings.paths.data_dir)
     provider: RosterProvider = FileRosterProvider(settings.recognition.roster_file)
     schedule = None
     if syncing:
@@ -178,6 +189,8 @@ def _run_locked(settings: ApplianceSettings, stop_event: threading.Event | None)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     try:
+        if app.store.locked and not _unlock(app, notifier, stop):
+            return 0  # stopped while waiting for the key
         app.start(stop)
         app.store.add_event(Event(
             device_id=settings.device.device_id, room_id=settings.device.room_id,
@@ -197,13 +210,31 @@ def _run_locked(settings: ApplianceSettings, stop_event: threading.Event | None)
     return 0 if app.pipeline.error is None else 1
 
 
+def _unlock(app: Appliance, notifier: Notifier, stop: threading.Event) -> bool:
+    """Status page first, then wait for the store key (READY=1 at once, so systemd does not
+    time the start out; watchdog pings while waiting): True once unlocked."""
+    app.start(only=("status page",))
+    notifier.ready("store locked: waiting for the store key from the aggregator")
+    interval = watchdog_interval_s()
+    last_ping = 0.0
+
+    def tick() -> None:
+        nonlocal last_ping
+        if time.monotonic() - last_ping >= interval:
+            notifier.ping()
+            last_ping = time.monotonic()
+
+    _LOGGER.info("store encrypted: asking the aggregator for its key")
+    return unlock_store(app.settings, app.store, stop, tick)
+
+
 def _prune(app: Appliance) -> None:
     store = app.settings.store
     now = datetime.now(UTC)
     try:
         app.store.prune(now - timedelta(days=store.keep_sent_days),
                         now - timedelta(days=store.keep_parked_days))
-    except sqlite3.Error as err:  # housekeeping must never stop the device
+    except STORE_ERRORS as err:  # housekeeping must never stop the device
         _LOGGER.warning("store: pruning sent records failed: %s", err)
 
 

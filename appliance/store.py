@@ -6,6 +6,13 @@ disk once :meth:`Store.add_record` returns (a SIGKILL or power cut right after l
 One connection shared by every thread, serialised by a lock: the write rate is a few rows a
 minute, so a lock is simpler and cheaper than a connection per thread.
 
+Encrypted at rest (docs/PRIVACY.md, the device at rest): with a key the file, its WAL and
+every page written are SQLCipher 4 (AES-256, HMAC per page; the ``sqlcipher3-wheels``
+driver, a drop-in ``sqlite3``), so a copy of the SD card reads as noise. The key comes from
+the aggregator at start and is kept in memory only (appliance/runtime.py); until it arrives the
+store is *locked*: every call raises :class:`StoreLockedError`. An unencrypted store from
+before is converted on the first unlock without losing a row (:func:`encrypt_plain_file`).
+
 Also here: the device-clock helpers every record carries (:func:`clock_synced`,
 :func:`boot_id`), so the aggregator can correct records from a device whose clock was wrong.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -28,10 +36,24 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from sqlcipher3 import dbapi2 as sqlcipher
 
 from cloud_sync.protocol import AttendanceRecord, Event, ScheduleResponse
 
 _LOGGER = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every unencrypted SQLite file
+# What a store call can raise: the stdlib's errors (other SQLite files) and SQLCipher's.
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, sqlcipher.Error)
+
+
+class StoreLockedError(sqlcipher.OperationalError):
+    """The store is encrypted and its key has not arrived: nothing is read or written."""
+
+
+class StoreKeyError(sqlcipher.DatabaseError):
+    """The key does not open the file (another key's store, or not a database)."""
 
 DB_FILENAME = "appliance.db"
 DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")  # Store(path): a file with one of these, else a dir
@@ -110,13 +132,101 @@ class WriteFailure:
         return "full" in self.error.lower() or "no space" in self.error.lower()
 
 
+def _header(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return b""
+
+
+def _key_pragma(key: bytes) -> str:
+    """SQLCipher's raw-key form (no passphrase derivation: the key is 256 random bits)."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a store key is {KEY_BYTES} bytes, not {len(key)}")
+    return f"\"x'{key.hex()}'\""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shred(path: Path) -> None:
+    """Overwrite a file with zeros, fsync, delete (on flash, wear levelling may keep old
+    blocks: docs/PRIVACY.md says so)."""
+    try:
+        size = path.stat().st_size
+        with path.open("r+b") as fh:
+            fh.write(b"\0" * size)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except FileNotFoundError:
+        return
+    path.unlink()
+
+
+def _row_counts(conn: Any, schema: str = "main") -> dict[str, int]:
+    tables = [r[0] for r in conn.execute(
+        f"SELECT name FROM {schema}.sqlite_master WHERE type = 'table'")]  # noqa: S608
+    return {t: conn.execute(f'SELECT count(*) FROM {schema}."{t}"').fetchone()[0]  # noqa: S608
+            for t in tables}
+
+
+def encrypt_plain_file(path: Path, key: bytes) -> bool:
+    """Convert an unencrypted store at ``path`` into an encrypted one, in place; True if it
+    did. Crash-safe at every step: the encrypted copy is written beside it and checked (same
+    rows in every table), the plaintext is kept under a second name (a hard link) while the
+    copy takes its name (one rename), then zeroed and deleted. A run interrupted anywhere is
+    finished or undone by the next call; no row is lost."""
+    plain = path.with_name(path.name + ".plaintext")
+    tmp = path.with_name(path.name + ".encrypting")
+    if plain.exists():
+        if path.exists() and os.path.samefile(plain, path):
+            plain.unlink()  # stopped before the swap: the store is still the plaintext file
+        else:
+            _shred(plain)  # stopped after the swap: only the old copy is left to destroy
+    tmp.unlink(missing_ok=True)
+    if _header(path) != SQLITE_HEADER:
+        return False
+    src = sqlcipher.connect(str(path), isolation_level=None)
+    try:
+        src.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        src.execute(f"ATTACH DATABASE ? AS enc KEY {_key_pragma(key)}", (str(tmp),))
+        src.execute("SELECT sqlcipher_export('enc')")
+        version = int(src.execute("PRAGMA user_version").fetchone()[0])
+        src.execute(f"PRAGMA enc.user_version = {version}")
+        if _row_counts(src, "enc") != _row_counts(src):
+            raise StoreKeyError(f"encrypting {path}: the copy's rows differ; kept unencrypted")
+        src.execute("DETACH DATABASE enc")
+    finally:
+        src.close()
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.link(path, plain)
+    os.replace(tmp, path)
+    for suffix in ("-wal", "-shm"):  # the plaintext's; the encrypted file makes its own
+        _shred(path.with_name(path.name + suffix))
+    _fsync_dir(path.parent)
+    _shred(plain)
+    _fsync_dir(path.parent)
+    _LOGGER.warning("store: %s converted to an encrypted store (the unencrypted file was "
+                    "overwritten and deleted)", path)
+    return True
+
+
 class Store:
     """Outbox, caches and state of one appliance, in one SQLite file. Thread-safe.
 
     ``path``: the database file (``*.db``, ``*.sqlite``, ``*.sqlite3``) or the data directory
-    (the file is then ``path/appliance.db``)."""
+    (the file is then ``path/appliance.db``). ``key`` (32 bytes): the file is encrypted with
+    it (an unencrypted one is converted first); None: plain SQLite. ``locked``: open nothing
+    yet, every call raises :class:`StoreLockedError` with this reason until :meth:`unlock`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: bytes | None = None, *, locked: str | None = None) -> None:
         path = Path(path)
         if path.suffix.lower() not in DB_SUFFIXES:  # a data directory
             path = path / DB_FILENAME
@@ -124,17 +234,79 @@ class Store:
         self.path = path
         self._lock = threading.RLock()
         self.write_failure: WriteFailure | None = None  # set while writes fail (health)
+        self._cx: Any = None
+        self._sdb: sqlite_utils.Database | None = None
+        self.encrypted = False
+        self.lock_reason: str | None = locked
+        self.locked_since: datetime | None = _utcnow() if locked else None
+        self.set_aside: Path | None = None  # a store another key made, moved away at unlock
+        if locked is None:
+            self._open(key)
+
+    @property
+    def _conn(self) -> Any:
+        if self._cx is None:
+            raise StoreLockedError(f"store locked: {self.lock_reason or 'closed'}")
+        return self._cx
+
+    @property
+    def _db(self) -> sqlite_utils.Database:
+        if self._sdb is None:
+            raise StoreLockedError(f"store locked: {self.lock_reason or 'closed'}")
+        return self._sdb
+
+    @property
+    def locked(self) -> bool:
+        return self._cx is None
+
+    def _open(self, key: bytes | None) -> None:
+        if key is not None:
+            encrypt_plain_file(self.path, key)
         # autocommit mode: every statement outside an explicit `with conn:` commits at once.
-        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                               timeout=30)
+        conn = sqlcipher.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                 timeout=30)
+        try:
+            if key is not None:
+                conn.execute(f"PRAGMA key = {_key_pragma(key)}")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlcipher.DatabaseError as err:
+            conn.close()
+            raise StoreKeyError(
+                f"{self.path} does not open {'with this key' if key else 'without a key'} "
+                f"({err})") from err
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         # Deleted rows (rosters with face descriptors) are overwritten, not left in free pages.
         conn.execute("PRAGMA secure_delete=ON")
         conn.execute("PRAGMA busy_timeout=30000")
-        self._conn = conn
-        self._db = sqlite_utils.Database(conn)
+        self._cx = conn
+        self._sdb = sqlite_utils.Database(conn)
+        self.encrypted = key is not None
         self._create_schema()
+
+    def unlock(self, key: bytes) -> None:
+        """Open the encrypted store with ``key`` (from the aggregator). A store this key does
+        not open was made with another key (the device was deleted and registered again: the
+        old key is gone, so is every way to read it): it is moved aside as
+        ``appliance.db.unreadable-<time>`` and a new store begins."""
+        with self._lock:
+            if self._cx is not None:
+                return
+            try:
+                self._open(key)
+            except StoreKeyError as err:
+                stamp = _utcnow().strftime("%Y%m%dT%H%M%SZ")
+                aside = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+                _LOGGER.error("store: %s; moved aside as %s (without its key it is noise) and "
+                              "a new store begins", err, aside.name)
+                for suffix in ("", "-wal", "-shm"):
+                    src = self.path.with_name(self.path.name + suffix)
+                    if src.exists():
+                        os.replace(src, aside.with_name(aside.name + suffix))
+                self.set_aside = aside
+                self._open(key)
+            self.lock_reason = None
+            self.locked_since = None
 
     # -- schema -------------------------------------------------------------------------------
     def _create_schema(self) -> None:
@@ -169,7 +341,10 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._cx is not None:
+                self._cx.close()
+                self._cx = self._sdb = None
+                self.lock_reason = "closed"
 
     @contextmanager
     def _writing(self, what: str) -> Iterator[None]:
@@ -177,7 +352,9 @@ class Store:
         write succeeds, for /health; the error still goes to the caller."""
         try:
             yield
-        except (sqlite3.Error, OSError) as err:
+        except StoreLockedError:
+            raise  # not a failing disk: /health says why it is locked
+        except (*STORE_ERRORS, OSError) as err:
             if self.write_failure is None:
                 _LOGGER.error("store: writing %s failed: %s", what, err)
             self.write_failure = WriteFailure(what, _utcnow(), f"{type(err).__name__}: {err}")

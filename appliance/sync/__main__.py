@@ -29,15 +29,18 @@ def main(argv: list[str] | None = None) -> int:
         print(err)
         return 2
     setup_logging(settings.log_level)
-    from appliance.store import DB_FILENAME, Store
     from appliance.sync import SyncAgent
+    from appliance.sync.store_key import open_store, unlock_store
 
     settings.paths.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.paths.data_dir / DB_FILENAME)
+    store = open_store(settings)
     agent = SyncAgent(settings, store)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
+    if not unlock_store(settings, store, done):
+        store.close()
+        return 0
     agent.start()
     _LOGGER.info("sync agent running (outbox depth %d)", store.outbox_depth())
     done.wait()

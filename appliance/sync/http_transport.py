@@ -6,6 +6,8 @@ logs the method and URL only, and our own messages name the device, never the ke
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -27,6 +29,8 @@ ATTENDANCE_PATH = "/api/v1/attendance"
 HEARTBEAT_PATH = "/api/v1/heartbeat"
 EVENTS_PATH = "/api/v1/events"
 SCHEDULE_PATH = "/api/v1/schedule"
+STORE_KEY_PATH = "/api/v1/store-key"
+STORE_KEY_BYTES = 32
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -133,6 +137,24 @@ class HttpTransport:
         )
         if not response.is_success:
             raise TransportError(f"POST {HEARTBEAT_PATH}: {_reason(response)}")
+
+    def fetch_store_key(self, device_id: str) -> bytes:
+        """The key of this device's encrypted store (32 bytes; never logged). Raises
+        :class:`CredentialsRefusedError` when the aggregator refuses the device (deregistered:
+        its key is gone) and :class:`TransportError` when it cannot answer."""
+        response = self._request("POST", STORE_KEY_PATH)
+        if not response.is_success:
+            raise TransportError(f"POST {STORE_KEY_PATH}: {_reason(response)}")
+        try:
+            body = response.json()
+            key = base64.b64decode(body["key"], validate=True)
+            owner = body["device_id"]
+        except (ValueError, KeyError, TypeError, binascii.Error) as err:
+            raise TransportError(f"POST {STORE_KEY_PATH}: unreadable answer") from err
+        if owner != device_id or len(key) != STORE_KEY_BYTES:
+            raise TransportError(f"POST {STORE_KEY_PATH}: a key for {owner!r} of {len(key)} "
+                                 f"bytes, not {device_id!r}'s of {STORE_KEY_BYTES}")
+        return key
 
     def fetch_schedule(
         self, room_id: str, etag: str | None, embedder: str | None = None

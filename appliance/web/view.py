@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from appliance.health import (
     check_health,
     read_sync_status,
 )
+from appliance.store import STORE_ERRORS
 from appliance.system import SystemSnapshot
 
 _LOGGER = logging.getLogger(__name__)
@@ -126,8 +126,9 @@ class StatusView:
         st = self.pipeline.status()
         system = self.system()
         sync = read_sync_status(self.sync_status)
-        depth = self.store.outbox_depth()
-        oldest = self.store.oldest_unsent_age_s(now)
+        locked = bool(getattr(self.store, "locked", False))
+        depth = None if locked else self.store.outbox_depth()
+        oldest = None if locked else self.store.oldest_unsent_age_s(now)
         present = sorted(st.present, key=lambda p: p.first_seen)
         health = check_health(self.settings, self.pipeline, self.store, system,
                               self.sync_status, now)
@@ -171,6 +172,9 @@ class StatusView:
                 "last_error": _mask_optional(sync.last_error) if sync else None,
                 "outbox_depth": depth,
                 "oldest_unsent_age_s": _round(oldest, 0),
+                "store": ("locked: " + (getattr(self.store, "lock_reason", None) or "no key"))
+                if locked else ("encrypted" if getattr(self.store, "encrypted", False)
+                                else "not encrypted"),
             },
             "system": {
                 "cpu_percent": _round(system.cpu_percent),
@@ -200,7 +204,7 @@ def refresh_gauges(pipeline: PipelineSource, store: StoreSource, system: SystemS
         metrics.CAMERA_UP.set(1 if st.camera_state == CAMERA_OK else 0)
     try:
         metrics.OUTBOX_DEPTH.set(store.outbox_depth())
-    except (sqlite3.Error, OSError) as err:
+    except (*STORE_ERRORS, OSError) as err:
         _LOGGER.warning("metrics: outbox depth unreadable: %s", err)
     temp = system.cpu_temp_c
     metrics.CPU_TEMPERATURE.set(float("nan") if temp is None else temp)

@@ -169,8 +169,9 @@ def test_status_page_survives_a_broken_pipeline(settings, store, host) -> None:
 def test_full_disk_outbox_write_failure_is_unhealthy(settings, pipeline, store, host) -> None:
     """SQLite's own "database or disk is full" (the file may not grow past its current size):
     /health says the outbox cannot be written, and recovers with the next good write."""
-    import sqlite3
     import uuid
+
+    from appliance.store import STORE_ERRORS
 
     def record() -> AttendanceRecord:
         return AttendanceRecord(key=uuid.uuid4(), student_id="s-1", room_id="LAB-301",
@@ -182,7 +183,7 @@ def test_full_disk_outbox_write_failure_is_unhealthy(settings, pipeline, store, 
     assert body["write_ok"] is True and body["disk_free_mb"] == 10 * 1024
     pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
     store._conn.execute(f"PRAGMA max_page_count = {pages}")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(STORE_ERRORS, match="full"):  # SQLCipher's sqlite3 (the store's driver)
         for _ in range(10_000):
             store.add_record(record())
     r = c.get("/health")

@@ -364,6 +364,19 @@ def start_pushed_agent(agg: Aggregator, broker: Any, keys: dict[str, str],
     return store, settings, agent
 
 
+def device_store_key(agg: Aggregator, api_key: str) -> bytes:
+    """The device's store key, asked of the aggregator as the device does at start (an agent
+    process with an aggregator encrypts the store with it: docs/PRIVACY.md)."""
+    import base64
+
+    import httpx
+
+    answer = httpx.post(f"{agg.base_url}/api/v1/store-key", timeout=10,
+                        headers={"Authorization": f"Bearer {api_key}"})
+    answer.raise_for_status()
+    return base64.b64decode(answer.json()["key"])
+
+
 def write_appliance_toml(path: Path, overrides: dict[str, Any]) -> None:
     lines: list[str] = []
     for section, values in overrides.items():

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator.api.context import DevicePrincipal
 from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
 from cloud_sync.aggregator.api.openapi import IsoDateTime
+from cloud_sync.aggregator.services import devices as device_service
 from cloud_sync.aggregator.services import ingest
 from cloud_sync.aggregator.services.schedule import build_schedule, render
 from cloud_sync.protocol import (
@@ -118,6 +120,26 @@ async def post_attendance(request: Request, who: Device) -> Response:
 
     result = await run_in_threadpool(work)
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+class StoreKey(BaseModel):
+    device_id: str
+    key: str = Field(description="32 bytes, base64 (standard alphabet): the SQLCipher key of "
+                     "the device's store; keep it in memory only")
+    created: bool = Field(description="true on the device's first request (a new key)")
+
+
+@router.post(
+    "/store-key", response_model=StoreKey,
+    responses={403: {"description": "Not a registered device (deregistered devices get no "
+                                    "key: their stores stay unreadable)."}},
+    summary="The key of the device's encrypted store (docs/PRIVACY.md); audited.",
+)
+def post_store_key(who: Device, session: DB, response: Response) -> StoreKey:
+    key, created = device_service.release_store_key(session, who.device_id)
+    response.headers["Cache-Control"] = "no-store"
+    return StoreKey(device_id=who.device_id, key=base64.b64encode(key).decode(),
+                    created=created)
 
 
 @router.post(

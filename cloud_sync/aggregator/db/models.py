@@ -138,6 +138,10 @@ class Device(Base):
     clock_offset_s: Mapped[float | None] = mapped_column(
         Float, default=None, doc="server receive time - device send time, last heartbeat"
     )
+    store_key: Mapped[bytes | None] = mapped_column(
+        LargeBinary, default=None,
+        doc="the key of the device's encrypted store (32 random bytes, made at its first "
+        "request; deleted with the device, which makes a stolen card's copy unreadable)")
 
 
 class FaceEmbedding(Base):

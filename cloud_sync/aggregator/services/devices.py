@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import AdminToken, Device, EventRow, Room
 from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services import audit
 from cloud_sync.aggregator.services.common import (
     ConflictError,
+    ForbiddenError,
     NotFoundError,
     ServiceError,
     utcnow,
@@ -127,6 +129,27 @@ def rotate_device_key(session: Session, device_id: str) -> str:
     session.commit()
     _LOGGER.info("device %s key rotated", device_id)
     return key
+
+
+STORE_KEY_BYTES = 32
+
+
+def release_store_key(session: Session, device_id: str) -> tuple[bytes, bool]:
+    """The key of the device's encrypted store, made on its first request; (key, created).
+    Every release is in the audit log (actor ``device:<id>``). Commits. A device that was
+    deleted (deregistered) gets ``ForbiddenError``: its key went with it."""
+    begin_write(session)
+    device = session.get(Device, device_id)
+    if device is None:
+        raise ForbiddenError(f"device {device_id!r} is not registered")
+    created = device.store_key is None
+    if created:
+        device.store_key = secrets.token_bytes(STORE_KEY_BYTES)
+    key = bytes(device.store_key)  # type: ignore[arg-type]
+    audit.record(session, f"device:{device_id}", "device.store_key", f"device:{device_id}",
+                 "created" if created else "released")
+    session.commit()
+    return key, created
 
 
 def create_admin_token(session: Session, name: str = "admin") -> tuple[AdminToken, str]:

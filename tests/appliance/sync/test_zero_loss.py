@@ -24,6 +24,7 @@ from tests.support.harness import (
     Broker,
     appliance_overrides,
     appliance_settings,
+    device_store_key,
     fill_store,
     make_records,
     start_agent_process,
@@ -142,7 +143,8 @@ def test_agent_killed_mid_drain_and_restarted(
         assert len(agg.attendance_keys()) < len(records), "killed too late to prove anything"
     proc = start_agent_process(config, log)
     try:
-        store = Store(data_dir / "appliance.db")
+        # the agent converted the store to an encrypted one at its first start
+        store = Store(data_dir / "appliance.db", device_store_key(agg, keys[DEVICE]))
         wait_until(lambda: store.outbox_depth() == 0, 120, "the rest to drain")
         store.close()
     finally:
