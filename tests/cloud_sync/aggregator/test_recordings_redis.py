@@ -24,7 +24,7 @@ from tests.cloud_sync.aggregator.conftest import World
 from tests.cloud_sync.aggregator.test_recordings import CHUNK, clips, upload  # noqa: F401 (fixture)
 from tests.conftest import require
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # tests/cloud_sync/aggregator/ -> the repo
 REDIS_URL = os.environ.get("AGGREGATOR_TEST_REDIS", "redis://127.0.0.1:6379/0")
 JOBS = 3
 
