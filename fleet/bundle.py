@@ -5,7 +5,10 @@ A bundle is a directory::
     VERSION                 e.g. 0.1.0+g1a2b3c4 (pyproject version + git commit)
     wheels/                 the project's wheel and every dependency, for the target platform
     models/                 the model files of models/manifest.toml, verified by sha256
+    systemd/                the device's units (the release installs them)
     install-release.sh      installs the bundle into PREFIX/releases/<VERSION>
+    manifest.json           every other file with its sha256 and size (cloud_sync.release_manifest)
+    manifest.sig            when signed (``aggregator releases sign``, ``make image SIGNING_KEY=``)
 
 The same bundle goes into the SD card image (``make image``), onto a Raspberry Pi OS card's
 FAT partition (``make image BASE=...``) and over SSH to a fleet (``make deploy``).
@@ -25,6 +28,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+from cloud_sync.release_manifest import write_manifest
 from models.fetcher import fetch_all
 
 _LOGGER = logging.getLogger(__name__)
@@ -171,13 +175,16 @@ def build_bundle(dest: Path, *, platform: str = "arm64", cache: Path | None = No
             link.hardlink_to(wheel)
         except OSError:
             shutil.copy2(wheel, link)
-    build_project_wheel(wheels, version, src, patch)
+    project = build_project_wheel(wheels, version, src, patch)
     models = dest / "models"
     # The manifest decides which models (generic: a new embedder in the manifest is picked up).
     fetch_all(models, cache_dir=cache / "model-archives")
     shutil.copy2(INSTALLER, dest / "install-release.sh")
     shutil.copytree(src / "systemd", dest / "systemd")
     (dest / "VERSION").write_text(version + "\n")
+    # last: the manifest hashes every file above (anything added to a bundle goes before it)
+    write_manifest(dest, version=version, platform=platform,
+                   project_wheel=f"wheels/{project.name}")
     _LOGGER.info("bundle %s ready in %s", version, dest)
     return dest
 

@@ -53,7 +53,7 @@ def test_the_aggregator_imports_only_the_devices_vision_code_and_pipeline() -> N
 
 def test_the_shared_modules_import_neither_side() -> None:
     for shared in ("cloud_sync/protocol.py", "cloud_sync/settings.py",
-                   "cloud_sync/config_commands.py"):
+                   "cloud_sync/config_commands.py", "cloud_sync/release_manifest.py"):
         names = imports("cloud_sync")[shared]
         assert not [n for n in names if n.startswith(("appliance", "cloud_sync.aggregator"))]
 

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cloud_sync.aggregator import config as aggregator_config
+from cloud_sync.aggregator.releases_cli import app as releases_app
 from cloud_sync.config_commands import config_commands
 from cloud_sync.settings import ConfigError
 
@@ -42,6 +43,7 @@ app.add_typer(students_app, name="students")
 app.add_typer(schedules_app, name="schedules")
 app.add_typer(mqtt_app, name="mqtt")
 app.add_typer(users_app, name="users")
+app.add_typer(releases_app, name="releases")
 
 ConfigOption = Annotated[
     Path | None,
