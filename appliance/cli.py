@@ -12,6 +12,7 @@ import typer
 
 from appliance import config as appliance_config
 from appliance.logging_setup import setup_logging
+from appliance.update.cli import app as update_app
 from cloud_sync.config_commands import config_commands
 from cloud_sync.settings import ConfigError
 from models import ModelError, fetch_all, load_manifest
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Fetch and verify the model files.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(update_app, name="update")
 
 ConfigOption = Annotated[
     Path | None,

@@ -722,6 +722,96 @@ class UnknownFacesConfig(Section):
     )
 
 
+class UpdateConfig(Section):
+    """How releases are installed on this device (`appliance update`, make deploy)."""
+
+    enabled: bool = Field(
+        default=True,
+        title="Pull updates",
+        description="Fetch the release the aggregator names for this device (signed, staged "
+        "rollout; docs/OPERATIONS.md 6.8). make deploy works either way.",
+    )
+    prefix: Path = Field(
+        default=Path("/opt/classroom-attendance"),
+        title="Install prefix",
+        description="Where releases/, deps/, bundles/, update/ and the current symlink live.",
+    )
+    keys_dir: Path = Field(
+        default=Path("/etc/classroom-attendance/release-keys"),
+        title="Trusted release keys",
+        description="Directory of ed25519 public keys (*.pub, PEM) a release must be signed "
+        "with (put there by make image / make flash RELEASE_PUBKEY=...). Pulled releases are "
+        "always checked; make deploy checks a signed bundle and, with --unsigned, takes an "
+        "unsigned one (the operator is root on the device anyway).",
+    )
+    trial_s: float = Field(
+        default=180,
+        ge=5,
+        le=3600,
+        title="Trial time",
+        description="A new release must report healthy (its version, camera frames, store "
+        "open, aggregator reached if configured) within this many seconds of the switch, or "
+        "the device goes back to the previous release by itself.",
+    )
+    max_boots_on_trial: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        title="Boots on trial",
+        description="Reboots during a trial before the device reverts without waiting.",
+    )
+    restart_command: str = Field(
+        default="systemctl restart classroom-appliance.service",
+        max_length=500,
+        title="Restart command",
+        description="Shell command that restarts the appliance on `current` (tests replace "
+        "systemd with a script).",
+    )
+    confirm_command: str = Field(
+        default="systemctl start --no-block classroom-release-confirm.service",
+        max_length=500,
+        title="Start the trial",
+        description="How `apply --detach` (make deploy) hands the trial to a process that "
+        "outlives the SSH session. Empty: a detached child process.",
+    )
+    units_dir: Path | None = Field(
+        default=Path("/etc/systemd/system"),
+        title="Unit directory",
+        description="Where the release's device units are installed (unset: not installed).",
+    )
+    systemctl: str = Field(
+        default="systemctl",
+        max_length=200,
+        title="systemctl",
+        description="systemctl command for daemon-reload/enable after units changed (empty: "
+        "none, e.g. on a test host without systemd).",
+    )
+    min_free_mb: int = Field(
+        default=200,
+        ge=0,
+        le=100_000,
+        title="Free space to keep",
+        description="A download or install that would leave less free space on the install "
+        "file system is refused (reported, nothing switched).",
+    )
+    max_bytes_per_s: int = Field(
+        default=1_000_000,
+        ge=10_000,
+        le=1_000_000_000,
+        title="Download bandwidth",
+        description="Upper bound of a release download (bytes/s); the rollout may set a "
+        "lower one. A school's uplink is shared.",
+    )
+    check_interval_s: float = Field(
+        default=900,
+        ge=1,
+        le=86_400,
+        title="Check interval",
+        description="`appliance update watch` asks the aggregator this often (on a device "
+        "the classroom-update.timer does, and the heartbeat reply triggers it at once).",
+    )
+
+
 class ApplianceSettings(TomlSettings):
     """Settings of one appliance."""
 
@@ -756,6 +846,10 @@ class ApplianceSettings(TomlSettings):
     unknown_faces: UnknownFacesConfig = Field(
         default_factory=UnknownFacesConfig,
         description="Unknown-face crops for walk-in enrolment (off by default).",
+    )
+    update: UpdateConfig = Field(
+        default_factory=UpdateConfig,
+        description="Releases: pulled updates, make deploy, trial and revert.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",

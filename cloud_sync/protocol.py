@@ -121,6 +121,57 @@ class BatchResult(Message):
     rejected: list[RecordRejection] = Field(default_factory=list)
 
 
+UpdateState = Literal["idle", "waiting", "downloading", "installing", "trial", "confirmed",
+                      "reverted", "refused", "failed"]
+UPDATE_STATES: tuple[str, ...] = UpdateState.__args__  # type: ignore[attr-defined]
+# an update that ended: the rollout counts it (confirmed) or halts on it (reverted, refused)
+UPDATE_FINAL_STATES = ("confirmed", "reverted", "refused", "failed")
+ReleaseVersion = Annotated[str, Field(min_length=1, max_length=64,
+                                      pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$")]
+
+
+class UpdateReport(Message):
+    """What a device's updater is doing about a release (docs/OPERATIONS.md 6.8): sent by the
+    updater at every change (``POST /api/v1/releases/report``) and in every heartbeat."""
+
+    state: UpdateState = Field(description="idle, waiting (for the window), downloading, "
+                               "installing, trial (switched, waiting to be healthy), confirmed, "
+                               "reverted (unhealthy: went back), refused (signature, hash, "
+                               "disk: nothing switched), failed (will retry).")
+    version: ReleaseVersion | None = Field(default=None, description="The release concerned.")
+    running: ReleaseVersion | None = Field(default=None, description="The release running now.")
+    reason: str | None = Field(default=None, max_length=500, description="Why (reverted, "
+                               "refused, failed, waiting).")
+    at: AwareDatetime = Field(description="Device wall clock of the change.")
+    done_bytes: int | None = Field(default=None, ge=0, le=2**40)
+    total_bytes: int | None = Field(default=None, ge=0, le=2**40)
+
+
+class ReleaseOffer(Message):
+    """The release the aggregator means for this device (the heartbeat reply's ``release``
+    and ``GET /api/v1/releases/assigned``)."""
+
+    version: ReleaseVersion
+    manifest_url: str = Field(max_length=300, description="Relative to the aggregator URL.")
+    signature_url: str = Field(max_length=300)
+    files_url: str = Field(max_length=300, description="Prefix; append a file's sha256.")
+    allowed_now: bool = Field(description="Download and install now (outside class time, or "
+                              "the rollout says install during class).")
+    window_reason: str | None = Field(default=None, max_length=200,
+                                      description="Why not now (e.g. the class in session).")
+    max_bytes_per_s: int | None = Field(default=None, ge=10_000, le=1_000_000_000,
+                                        description="Download bandwidth bound of the rollout.")
+
+
+class HeartbeatReply(BaseModel):
+    """The answer to ``POST /api/v1/heartbeat``."""
+
+    stored: bool
+    duplicate: bool = False
+    release: ReleaseOffer | None = Field(default=None, description="A release meant for this "
+                                         "device that it does not run yet (None: stay).")
+
+
 class Heartbeat(Message):
     device_id: Identifier
     room_id: Identifier
@@ -135,6 +186,7 @@ class Heartbeat(Message):
     oldest_unsent_age_s: float | None = Field(default=None, ge=0, le=1e10)
     last_frame_at: AwareDatetime | None = None
     fps: float | None = Field(default=None, ge=0, le=10_000)
+    update: UpdateReport | None = Field(default=None, description="The updater's state.")
 
 
 EVENT_SCHEMA_VERSION = 2

@@ -1,17 +1,20 @@
 """``make deploy``: update a fleet over SSH with asyncssh, several hosts at a time.
 
-Per host: push the release bundle (wheels already on the host from an earlier release are not
-sent again), install it into a new versioned venv with the bundle's own installer, switch the
-``current`` symlink atomically, restart the service, and wait until the device's /health (read
-on the device itself, over the same SSH connection) says the new version's pipeline runs: the
-camera delivers frames and the detector processes them. If it does not within the timeout,
-``current`` goes back to the previous release and the service is restarted on it (automatic
-rollback). Only the last two releases are kept. Nothing under /var/lib is touched: the outbox,
-the roster cache and the status page password stay as they are.
+Per host: send the release's manifest (and signature), ask the device which files it lacks
+(``appliance update need``: by sha256, against the bundles it keeps and its installed
+dependency layer), send only those into ``PREFIX/incoming/<version>``, and run the device's own
+``appliance update apply --detach``: the same code as a pulled update checks every file's
+sha256 (and the signature of a signed bundle), installs beside the current release, installs
+the release's units, switches ``current`` and hands the trial to
+``classroom-release-confirm.service`` on the device. The device confirms the release when its
+/health is healthy within the trial time, or goes back to the previous release by itself, even
+if this laptop disconnects. This command then reads the outcome (``appliance update status``).
+A device whose release predates ``appliance update`` gets the whole bundle and the new
+release's installer first. Nothing under /var/lib is touched.
 
 Why asyncssh: one Python process drives many SSH connections concurrently (a semaphore is the
-parallelism limit), SFTP comes with it, and the health/rollback logic stays plain Python that
-the tests exercise against real sshd servers, instead of templated shell in a playbook.
+parallelism limit), SFTP comes with it, and the logic stays plain Python that the tests
+exercise against real sshd servers, instead of templated shell in a playbook.
 """
 
 from __future__ import annotations
@@ -29,26 +32,16 @@ import asyncssh
 from rich.console import Console
 from rich.table import Table
 
+from cloud_sync import release_manifest as rm
 from fleet.bundle import bundle_version
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "/opt/classroom-attendance"
-DEFAULT_RESTART = "systemctl restart classroom-appliance.service"
-DEFAULT_HEALTH = "http://127.0.0.1:8080/health"
-KEEP_RELEASES = 2
-
-# Runs on the device with the release's own Python: prints /health's JSON (also on HTTP 503).
-HEALTH_PROBE = """
-import sys, urllib.request, urllib.error
-try:
-    body = urllib.request.urlopen(sys.argv[1], timeout=5).read()
-except urllib.error.HTTPError as err:
-    body = err.read()
-except Exception as err:
-    print('{"error": "%s"}' % type(err).__name__); sys.exit(0)
-sys.stdout.write(body.decode())
-"""
+DEFAULT_CONFIG = "/etc/classroom-attendance/appliance.toml"
+POLL_S = 2.0
+OUTCOMES = {"confirmed": "updated", "reverted": "rolled back", "refused": "refused",
+            "failed": "failed"}
 
 
 class DeployError(RuntimeError):
@@ -62,8 +55,7 @@ class Host:
     port: int = 22
     user: str = "root"
     prefix: str = DEFAULT_PREFIX
-    restart: str = DEFAULT_RESTART
-    health_url: str = DEFAULT_HEALTH
+    config: str = DEFAULT_CONFIG  # the device's appliance.toml (its [update] section)
 
 
 @dataclass
@@ -74,6 +66,7 @@ class Result:
     result: str = "pending"
     seconds: float = 0.0
     detail: str = ""
+    sent_bytes: int = 0
     steps: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -85,7 +78,7 @@ def parse_hosts(spec: str, inventory: Path | None = None) -> list[Host]:
     """HOSTS="pi-lab301 root@10.0.0.7:2222"; names found in the inventory take its settings.
 
     Inventory (TOML): ``[defaults]`` and ``[hosts.NAME]`` tables with address, port, user,
-    prefix, restart and health_url."""
+    prefix and config."""
     data: dict[str, dict[str, object]] = {}
     defaults: dict[str, object] = {}
     if inventory is not None:
@@ -111,31 +104,14 @@ def parse_hosts(spec: str, inventory: Path | None = None) -> list[Host]:
     return hosts
 
 
-def pipeline_runs(doc: dict[str, object], version: str) -> str | None:
-    """None when /health says this version's pipeline runs, else the reason it does not."""
-    if "error" in doc:
-        return f"/health not answering ({doc['error']})"
-    if doc.get("version") != version:
-        return f"/health reports version {doc.get('version')}, not {version}"
-    components = doc.get("components")
-    if not isinstance(components, dict):
-        return "/health has no components"
-    camera = components.get("camera", {})
-    detector = components.get("detector", {})
-    if camera.get("status") != "healthy":
-        return f"camera {camera.get('status')}: {camera.get('message')}"
-    frames = detector.get("frames", 0)  # /health flattens a component's details
-    if not frames:
-        return f"detector: {detector.get('message')}"
-    return None
-
-
 class Deployer:
     def __init__(self, bundle: Path, *, limit: int = 4, health_timeout: float = 120.0,
                  client_keys: list[str] | None = None, known_hosts: str | None = None,
                  connect_timeout: float = 20.0) -> None:
         self.bundle = bundle
         self.version = bundle_version(bundle)
+        self.manifest = rm.parse_manifest((bundle / rm.MANIFEST).read_bytes())
+        self.signed = (bundle / rm.SIGNATURE).exists()
         self.limit = max(1, limit)
         self.health_timeout = health_timeout
         self.client_keys = client_keys
@@ -182,106 +158,105 @@ class Deployer:
             raise DeployError(f"{what} failed: {' | '.join(tail)}")
         return str(done.stdout or "")
 
+    async def _guard(self, conn: asyncssh.SSHClientConnection, host: Host,
+                     release: str) -> str | None:
+        """``appliance`` of ``release`` if it has the update commands (a release from before
+        them has not), by its real path (``current`` moves during the switch)."""
+        appliance = shlex.quote(f"{host.prefix}/releases/{release}/bin/appliance")
+        done = await conn.run(f"{appliance} update --help", check=False)
+        return appliance if done.exit_status == 0 else None
+
     async def _deploy(self, conn: asyncssh.SSHClientConnection, host: Host,
                       result: Result) -> None:
         prefix = shlex.quote(host.prefix)
+        config = shlex.quote(host.config)
         current = (await self._sh(conn, f"readlink {prefix}/current || true", "read current"))
         result.old = current.strip().removeprefix("releases/") or "-"
         if result.old == self.version:
             result.result, result.detail = "unchanged", "already running this version"
             return
         t = time.monotonic()
-        incoming = await self._push(conn, host)
+        incoming = f"{host.prefix}/incoming/{self.version}"
+        await self._sh(conn, f"mkdir -p {shlex.quote(incoming)}", "mkdir")
+        async with conn.start_sftp_client() as sftp:
+            for name in (rm.MANIFEST, rm.SIGNATURE):
+                if (self.bundle / name).exists():
+                    await sftp.put(str(self.bundle / name), f"{incoming}/{name}")
+            guard = None if result.old == "-" else await self._guard(conn, host, result.old)
+            if guard is not None:
+                need = json.loads(await self._sh(
+                    conn, f"{guard} update need {shlex.quote(incoming)} --config {config}",
+                    "ask which files the device lacks"))
+            else:  # a first install, or a release from before `appliance update`
+                need = [e.path for e in self.manifest.files]
+            for rel in need:
+                rel = rm.safe_path(rel)
+                target = f"{incoming}/{rel}"
+                await sftp.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                await sftp.put(str(self.bundle / rel), target)
+                result.sent_bytes += (self.bundle / rel).stat().st_size
         result.steps["push"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
-        await self._sh(conn, f"sh {incoming}/install-release.sh {incoming} {prefix}", "install")
-        result.steps["install"] = round(time.monotonic() - t, 1)
+        if guard is None:
+            q = shlex.quote(incoming)
+            await self._sh(conn, f"sh {q}/install-release.sh {q} {prefix}", "install")
+            guard = await self._guard(conn, host, self.version)
+            if guard is None:
+                raise DeployError(f"release {self.version} has no `appliance update`")
+        flags = "" if self.signed else " --unsigned"
+        out = await self._sh(
+            conn, f"{guard} update apply {shlex.quote(incoming)} --detach --config {config} "
+                  f"--trial-s {self.health_timeout:.0f}{flags}", "apply", check=False)
+        applied = _last_json(out)
+        result.steps["apply"] = round(time.monotonic() - t, 1)
+        state = applied.get("state")
+        if state == "unchanged":
+            result.result, result.detail = "unchanged", "already running this version"
+            return
+        if state != "trial":
+            result.result = OUTCOMES.get(str(state), "failed")
+            result.detail = str(applied.get("reason") or out.strip()[-300:])
+            return
         t = time.monotonic()
-        await self._switch(conn, host, self.version)
-        reason = await self._wait_healthy(conn, host, self.version)
-        result.steps["health"] = round(time.monotonic() - t, 1)
-        if reason is None:
-            result.result = "updated"
-            await self._prune(conn, host)
+        report = await self._wait_outcome(conn, guard, config)
+        result.steps["trial"] = round(time.monotonic() - t, 1)
+        if report is None:
+            result.result = "unknown"
+            result.detail = "the device did not finish its trial in time (it decides alone)"
             return
-        result.detail = f"health: {reason}"
-        if result.old == "-":
-            result.result = "failed (no previous release)"
-            return
-        await self._switch(conn, host, result.old)
-        back = await self._wait_healthy(conn, host, result.old)
-        result.result = "rolled back" if back is None else "FAILED: rollback unhealthy"
-        if back is not None:
-            result.detail += f"; after rollback: {back}"
+        result.result = OUTCOMES.get(str(report.get("state")), str(report.get("state")))
+        if report.get("reason"):
+            result.detail = f"health: {report['reason']}"
 
-    async def _push(self, conn: asyncssh.SSHClientConnection, host: Host) -> str:
-        """Send the bundle to PREFIX/incoming; wheels the host already has stay (by name+size).
-        """
-        incoming = f"{host.prefix}/incoming"
-        q = shlex.quote(incoming)
-        await self._sh(conn, f"mkdir -p {q}/wheels && rm -rf {q}/models {q}/systemd", "mkdir")
-        async with conn.start_sftp_client() as sftp:
-            present = {}
-            for entry in await sftp.readdir(f"{incoming}/wheels"):
-                present[entry.filename] = entry.attrs.size
-            wanted = {p.name: p for p in (self.bundle / "wheels").glob("*.whl")}
-            for name in set(present) - set(wanted) - {".", ".."}:
-                await sftp.remove(f"{incoming}/wheels/{name}")
-            for name, path in sorted(wanted.items()):
-                if present.get(name) != path.stat().st_size:
-                    await sftp.put(str(path), f"{incoming}/wheels/{name}")
-            for item in ("models", "systemd"):
-                await sftp.put(str(self.bundle / item), f"{incoming}/", recurse=True)
-            for item in ("install-release.sh", "VERSION"):
-                await sftp.put(str(self.bundle / item), f"{incoming}/{item}")
-        return shlex.quote(incoming)
-
-    async def _switch(self, conn: asyncssh.SSHClientConnection, host: Host, version: str) -> None:
-        prefix = shlex.quote(host.prefix)
-        target = shlex.quote(f"releases/{version}")
-        # atomic: a new symlink renamed over the old one
-        await self._sh(conn, f"ln -sfn {target} {prefix}/current.new && "
-                             f"mv -T {prefix}/current.new {prefix}/current", "switch current")
-        await self._sh(conn, host.restart, "restart", check=False)
-
-    async def _wait_healthy(self, conn: asyncssh.SSHClientConnection, host: Host,
-                            version: str) -> str | None:
-        deadline = time.monotonic() + self.health_timeout
-        python = shlex.quote(f"{host.prefix}/current/bin/python")
-        command = f"{python} -c {shlex.quote(HEALTH_PROBE)} {shlex.quote(host.health_url)}"
-        reason = "no answer"
-        while True:
-            out = await self._sh(conn, command, "health probe", check=False)
+    async def _wait_outcome(self, conn: asyncssh.SSHClientConnection, guard: str,
+                            config: str) -> dict[str, object] | None:
+        """The device's final report on this version (it confirms or reverts by itself)."""
+        # the trial, then a revert that waits as long again for the old release
+        deadline = time.monotonic() + 2 * self.health_timeout + 60
+        while time.monotonic() < deadline:
+            out = await self._sh(conn, f"{guard} update status --config {config}", "status",
+                                 check=False)
             try:
-                doc = json.loads(out) if out.strip() else {"error": "empty answer"}
+                status = json.loads(out)
             except json.JSONDecodeError:
-                doc = {"error": "not JSON"}
-            found = pipeline_runs(doc, version)
-            if found is None:
-                return None
-            reason = found
-            if time.monotonic() >= deadline:
-                return reason
-            await asyncio.sleep(2)
+                status = {}
+            report = status.get("report") or {}
+            if (status.get("pending") is None and report.get("version") == self.version
+                    and report.get("state") in OUTCOMES):
+                return report  # type: ignore[no-any-return]
+            await asyncio.sleep(POLL_S)
+        return None
 
-    async def _prune(self, conn: asyncssh.SSHClientConnection, host: Host) -> None:
-        """Keep the current release and the newest other one (the rollback target)."""
-        prefix = shlex.quote(host.prefix)
-        listing = await self._sh(
-            conn, f"cd {prefix}/releases && ls -1t -- */.installed 2>/dev/null || true",
-            "list releases")
-        current = (await self._sh(conn, f"readlink {prefix}/current", "read current")).strip()
-        keep = {current.removeprefix("releases/")}
-        names = [line.strip().removesuffix("/.installed") for line in listing.splitlines()
-                 if line.strip()]
-        for name in names:
-            if len(keep) >= KEEP_RELEASES:
-                break
-            keep.add(name)
-        for name in names:
-            if name not in keep:
-                await self._sh(conn, f"rm -rf {prefix}/releases/{shlex.quote(name)}",
-                               "remove old release")
+
+def _last_json(out: str) -> dict[str, object]:
+    for line in reversed(out.strip().splitlines()):
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(doc, dict):
+            return doc
+    return {}
 
 
 def summary_table(results: list[Result]) -> Table:
@@ -291,6 +266,8 @@ def summary_table(results: list[Result]) -> Table:
     for r in results:
         style = "green" if r.result == "updated" else "yellow" if r.ok else "red"
         steps = " ".join(f"{k} {v:.0f}s" for k, v in r.steps.items())
+        if r.sent_bytes:
+            steps += f" sent {r.sent_bytes / 1e6:.1f} MB"
         table.add_row(r.host, f"{r.old} -> {r.new}", f"[{style}]{r.result}[/{style}]",
                       f"{r.seconds:.0f} s", " ".join(x for x in (r.detail, steps) if x))
     return table

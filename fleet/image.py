@@ -42,9 +42,10 @@ SERVICE_USER = "attendance"
 BOOT_BYTES = 256 * disk.MIB
 FIRSTRUN_DIR = "classroom"
 UNITS = ("classroom-appliance.service", "classroom-firstboot.service",
-         "classroom-sshkeys.service")
+         "classroom-sshkeys.service", "classroom-release-confirm.service")
 ENABLED = ("classroom-appliance.service", "classroom-firstboot.service",
-           "classroom-sshkeys.service", "systemd-networkd.service", "systemd-resolved.service",
+           "classroom-sshkeys.service", "classroom-release-confirm.service",
+           "systemd-networkd.service", "systemd-resolved.service",
            "systemd-timesyncd.service", "ssh.service")
 
 FSTAB = """\
@@ -179,7 +180,23 @@ def install_bundle(root: Path, bundle: Path) -> str:
     if current.is_symlink():
         current.unlink()
     current.symlink_to(f"releases/{version}")
+    keep_bundle(bundle, root / PREFIX / "bundles" / version)
     return version
+
+
+def keep_bundle(bundle: Path, dest: Path) -> None:
+    """The installed release's bundle, as the device keeps it (appliance.update): the next
+    update reuses its files by sha256 and a revert its units. Without the dependency wheels:
+    their exact set is installed (the deps layer), so an update that keeps them needs none."""
+    from appliance.update.manager import is_dependency_wheel
+
+    def skip(directory: str, names: list[str]) -> list[str]:
+        if Path(directory).name != "wheels":
+            return []
+        return [n for n in names if is_dependency_wheel(f"wheels/{n}")]
+
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(bundle, dest, ignore=skip)
 
 
 def boot_files(root: Path, boot: Path) -> None:

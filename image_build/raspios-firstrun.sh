@@ -13,13 +13,21 @@ id attendance >/dev/null 2>&1 || useradd --system --user-group --groups video \
 mkdir -p /etc/classroom-attendance
 # --system-site-packages: the venv sees the OS's python3-picamera2 (the Pi camera)
 sh "$here/bundle/install-release.sh" "$here/bundle" /opt/classroom-attendance --system-site-packages
-ln -sfn "releases/$(cat "$here/bundle/VERSION")" /opt/classroom-attendance/current
+version=$(cat "$here/bundle/VERSION")
+ln -sfn "releases/$version" /opt/classroom-attendance/current
+# the installed release's bundle, kept as `appliance update` keeps it (the next update reuses its
+# files by sha256, a revert its units); the dependency wheels are installed already (deps layer)
+mkdir -p /opt/classroom-attendance/bundles
+cp -R "$here/bundle" "/opt/classroom-attendance/bundles/$version"
+find "/opt/classroom-attendance/bundles/$version/wheels" -name '*.whl' ! -name 'classroom_attendance-*' -delete
 install -m 0644 "$here"/bundle/systemd/classroom-*.service /etc/systemd/system/
+rm -f /etc/systemd/system/classroom-aggregator*.service
 mkdir -p /etc/systemd/journald.conf.d
 install -m 0644 "$here/journald.conf" /etc/systemd/journald.conf.d/50-classroom-sdcard.conf
 grep -q '^tmpfs /tmp ' /etc/fstab || echo 'tmpfs /tmp tmpfs defaults,nosuid,nodev,size=128M,mode=1777 0 0' >> /etc/fstab
 sed -i -E '/^[^#].*[[:space:]]\/[[:space:]]+ext4/ s/defaults([^,[:space:]]*)/defaults,noatime\1/; s/noatime,noatime/noatime/' /etc/fstab
-systemctl enable classroom-firstboot.service classroom-appliance.service ssh.service
+systemctl enable classroom-firstboot.service classroom-appliance.service \
+  classroom-release-confirm.service ssh.service
 rm -rf "$here/bundle"   # frees the FAT partition
 sync
 exit 0

@@ -16,6 +16,7 @@ from cloud_sync.aggregator.app import create_app
 from cloud_sync.aggregator.services.devices import create_admin_token
 from fleet import disk
 from tests.conftest import require
+from tests.fleet.releases import Releases, build_releases
 
 TOOLS = ("mkfs.vfat", "fsck.vfat", "mcopy", "mkfs.ext4", "e2fsck", "debugfs", "sfdisk", "xz")
 
@@ -24,6 +25,12 @@ TOOLS = ("mkfs.vfat", "fsck.vfat", "mcopy", "mkfs.ext4", "e2fsck", "debugfs", "s
 def _tools() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None and not Path("/sbin", t).exists()]
     require(not missing, f"missing disk tools: {missing} (scripts/ensure-system-deps.sh test)")
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    """Three signed releases of this tree and an installed dependency layer (built once)."""
+    return build_releases(tmp_path_factory.mktemp("releases"))
 
 
 @dataclass

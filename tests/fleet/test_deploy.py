@@ -1,14 +1,17 @@
 """`make deploy` against two test hosts on this machine: two real sshd servers on loopback
 ports, each host with its own /opt prefix, data directory and a real `appliance run` (the
-service) reading a video file. Release 1 goes to both hosts in parallel and its pipeline's
-health is awaited; release 2 breaks the camera, its health check fails, and it is rolled back.
-The outbox records under the data directory survive all of it; two releases are kept.
+service) reading a video file. Release 1 (signed) goes to both hosts in parallel; each device
+checks every file, installs, switches and confirms the release itself once healthy. The broken
+release (camera) is sent to one host, which goes back to release 1 by itself: the deploy only
+reads the outcome. The outbox records under the data directory survive all of it; two
+releases are kept; the second release sends only what the device lacked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -22,12 +25,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from appliance.store import Store
+from appliance.update.manager import deps_key
+from appliance.update.probe import release_healthy
+from cloud_sync import release_manifest as rm
 from cloud_sync.protocol import AttendanceRecord
-from fleet.bundle import REPO, build_bundle
-from fleet.deploy import Deployer, Host, parse_hosts, pipeline_runs, summary_table
+from fleet.deploy import Deployer, Host, parse_hosts, summary_table
 from tests.conftest import require
+from tests.fleet.releases import BROKEN, V1, Releases
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +64,13 @@ fps = 4.0
 [web]
 host = "127.0.0.1"
 port = {port}
+[update]
+prefix = "{prefix}"
+keys_dir = "{home}/keys"
+restart_command = "sh {home}/service.sh"
+confirm_command = ""
+units_dir = "{home}/units"
+systemctl = ""
 """
 
 
@@ -92,9 +106,12 @@ def ssh_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return key
 
 
-def start_host(name: str, base: Path, key: Path, clip: Path) -> TestHost:
+def start_host(name: str, base: Path, key: Path, clip: Path, releases: Releases) -> TestHost:
     home = base / name
     (home / "data").mkdir(parents=True)
+    (home / "units").mkdir()
+    (home / "keys").mkdir()
+    shutil.copy(releases.public_key, home / "keys" / "office.pub")
     prefix = home / "opt/classroom-attendance"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                     str(home / "host_key")], check=True)
@@ -111,11 +128,12 @@ def start_host(name: str, base: Path, key: Path, clip: Path) -> TestHost:
                             stderr=(home / "sshd.log").open("wb"))
     (home / "service.sh").write_text(SERVICE.format(here=home, prefix=prefix))
     (home / "service.sh").chmod(0o755)
-    (home / "appliance.toml").write_text(CONFIG.format(name=name, clip=clip, port=free_port()))
-    web_port = int((home / "appliance.toml").read_text().split("port = ")[1].split()[0])
+    (home / "appliance.toml").write_text(CONFIG.format(name=name, clip=clip, port=free_port(),
+                                                       prefix=prefix, home=home))
+    # the dependency layer a flashed card has (built once per session; see releases.py)
+    releases.seed(prefix)
     host = Host(name=name, address="127.0.0.1", port=port, user=getpass.getuser(),
-                prefix=str(prefix), restart=f"sh {home}/service.sh",
-                health_url=f"http://127.0.0.1:{web_port}/health")
+                prefix=str(prefix), config=str(home / "appliance.toml"))
     for _ in range(50):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -125,12 +143,13 @@ def start_host(name: str, base: Path, key: Path, clip: Path) -> TestHost:
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path,
-          faces_dir: Path) -> Iterator[list[TestHost]]:
+def hosts(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path, faces_dir: Path,
+          releases: Releases) -> Iterator[list[TestHost]]:
     clip = faces_dir / "face_recognition" / "examples" / "short_hamilton_clip.mp4"
     require(clip.is_file(), f"{clip} missing")
     base = tmp_path_factory.mktemp("hosts")
-    started = [start_host(name, base, ssh_key, clip) for name in ("pi-test-a", "pi-test-b")]
+    started = [start_host(name, base, ssh_key, clip, releases)
+               for name in ("pi-test-a", "pi-test-b")]
     yield started
     for h in started:
         pid_file = h.home / "appliance.pid"
@@ -139,18 +158,6 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, ssh_key: Path,
                 os.kill(int(pid_file.read_text()), signal.SIGTERM)
         h.sshd.terminate()
         h.sshd.wait(10)
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("bundles")
-    cache = REPO / "build" / "cache"
-    good = build_bundle(out / "good", platform="native", cache=cache, version="0.1.0+gtest1")
-    # release 2 breaks the camera: every video file "does not exist"
-    broken = build_bundle(out / "broken", platform="native", cache=cache,
-                          version="0.1.0+gtest2", patch={"appliance/capture/opencv.py": (
-                              "if not self.path.is_file():", "if True:  # the faulty release")})
-    return good, broken
 
 
 def known_hosts(hosts: list[TestHost], path: Path) -> str:
@@ -170,12 +177,12 @@ def outbox_keys(home: Path) -> set[str]:
         store.close()
 
 
-# Two real installs into release venvs over ssh, a failed one and its rollback: 1.5-4 min on a
-# quiet 2-core machine, over the default 300 s when the machine is loaded.
-@pytest.mark.timeout(900)
-def test_deploy_then_failed_release_rolls_back(hosts: list[TestHost], bundles: tuple[Path, Path],
+# Two thin installs into release venvs over ssh (the dependency layer is seeded), a failed one
+# and the device's own revert.
+@pytest.mark.timeout(600)
+def test_deploy_then_failed_release_rolls_back(hosts: list[TestHost], releases: Releases,
                                                ssh_key: Path, tmp_path: Path) -> None:
-    good, broken = bundles
+    good, broken = releases.bundles[V1], releases.bundles[BROKEN]
     a, b = hosts
     # host b was installed before: two old releases (placeholders), the outbox holds a record
     for old in ("0.0.1", "0.0.2"):
@@ -196,26 +203,43 @@ def test_deploy_then_failed_release_rolls_back(hosts: list[TestHost], bundles: t
     results = Deployer(good, **kwargs).run_sync([a.host, b.host])
     first = time.monotonic() - start
     table = {r.host: r for r in results}
+    Console(width=160).print(f"release 1 on two hosts: {first:.0f} s", summary_table(results))
     assert table["pi-test-a"].result == "updated", table["pi-test-a"]
     assert table["pi-test-b"].result == "updated", table["pi-test-b"]
     assert (table["pi-test-a"].old, table["pi-test-b"].old) == ("-", "0.0.2")
-    assert a.current() == b.current() == "0.1.0+gtest1"
+    assert a.current() == b.current() == V1
     # the last two releases are kept: the new one and the one before it
-    assert b.releases() == {"0.1.0+gtest1", "0.0.2"}
+    assert b.releases() == {V1, "0.0.2"}
     assert str(key) in outbox_keys(b.home)
     # hosts ran in parallel (limit 2): the whole run is shorter than the two hosts' times added
     assert first < 0.9 * (table["pi-test-a"].seconds + table["pi-test-b"].seconds)
-    assert {"push", "install", "health"} <= set(table["pi-test-a"].steps)
-    print(f"release 1 on two hosts: {first:.0f} s", summary_table(results))
+    assert {"push", "apply", "trial"} <= set(table["pi-test-a"].steps)
+    # the release's units were installed by the device (the confirm unit among them)
+    assert (a.home / "units" / "classroom-release-confirm.service").is_file()
+    status = json.loads((a.prefix / "update" / "state.json").read_text())
+    assert (status["state"], status["version"]) == ("confirmed", V1)
+    # install-release.sh and the device's code agree on the dependency layer's key (the device
+    # decides from it which wheels it does not need)
+    manifest = rm.parse_manifest((good / rm.MANIFEST).read_bytes())
+    python = subprocess.run(["python3", "-c", "import sys; print(sys.version)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert (a.prefix / "releases" / V1 / ".deps").read_text().strip() == deps_key(
+        manifest, python, "")
 
-    # release 2: health fails (camera), rolled back to release 1 whose pipeline runs again
+    # the broken release: only what host a lacked is sent (the project wheel and VERSION);
+    # it is unhealthy (camera), and host a goes back to release 1 by itself
     results = Deployer(broken, **{**kwargs, "health_timeout": 15.0}).run_sync([a.host])
     (r,) = results
+    Console(width=160).print(summary_table(results))
     assert r.result == "rolled back", r
-    assert (r.old, r.new) == ("0.1.0+gtest1", "0.1.0+gtest2")
+    assert (r.old, r.new) == (V1, BROKEN)
     assert "camera" in r.detail
-    assert a.current() == "0.1.0+gtest1"
-    assert a.releases() == {"0.1.0+gtest1", "0.1.0+gtest2"}
+    assert r.sent_bytes < 2_000_000, r.sent_bytes
+    assert a.current() == V1
+    assert a.releases() == {V1, BROKEN}
+    status = json.loads((a.prefix / "update" / "state.json").read_text())
+    assert (status["state"], status["version"]) == ("reverted", BROKEN)
+    assert "camera" in status["reason"]
     # the same release again is not reinstalled
     (again,) = Deployer(good, **kwargs).run_sync([a.host])
     assert again.result == "unchanged"
@@ -223,13 +247,21 @@ def test_deploy_then_failed_release_rolls_back(hosts: list[TestHost], bundles: t
 
 
 def test_unreachable_host_and_bad_health() -> None:
-    assert pipeline_runs({"error": "URLError"}, "1") == "/health not answering (URLError)"
+    assert release_healthy({"error": "URLError"}, "1") == "/health not answering (URLError)"
     doc = {"version": "2", "components": {"camera": {"status": "healthy"},
-                                          "detector": {"status": "healthy", "frames": 3}}}
-    assert pipeline_runs(doc, "2") is None
-    assert "version 2, not 3" in str(pipeline_runs(doc, "3"))
+                                          "detector": {"status": "healthy", "frames": 3},
+                                          "database": {"status": "healthy"},
+                                          "aggregator": {"status": "not_configured"}}}
+    assert release_healthy(doc, "2") is None
+    assert "version 2, not 3" in str(release_healthy(doc, "3"))
+    doc["components"]["aggregator"] = {"status": "degraded", "message": "unreachable"}  # type: ignore[index]
+    assert release_healthy(doc, "2") == "aggregator: unreachable"
+    doc["components"]["aggregator"] = {"status": "healthy"}  # type: ignore[index]
+    doc["components"]["database"] = {"status": "unhealthy", "message": "store locked"}  # type: ignore[index]
+    assert release_healthy(doc, "2") == "store: store locked"
+    doc["components"]["database"] = {"status": "healthy"}  # type: ignore[index]
     doc["components"]["detector"]["frames"] = 0  # type: ignore[index]
-    assert pipeline_runs(doc, "2") is not None
+    assert release_healthy(doc, "2") is not None
     parsed = parse_hosts("pi-a root@10.0.0.7:2222")
     assert [(h.name, h.address, h.port, h.user) for h in parsed] == [
         ("pi-a", "pi-a", 22, "root"), ("root@10.0.0.7:2222", "10.0.0.7", 2222, "root")]
