@@ -357,6 +357,24 @@ class SyncConfig(Section):
         title="Outbox poll period",
         description="Seconds between outbox checks when everything has been sent.",
     )
+    roster_days: int = Field(
+        default=2,
+        ge=0,
+        le=14,
+        title="School days cached ahead",
+        description="Besides today's, the schedule and rosters of this many next school days "
+        "(days with a class in the room, within 31 days) are kept in the encrypted store, so "
+        "a device offline across midnight or a weekend still recognises the next class. "
+        "Every pull replaces them all (a withdrawn student is gone at the next contact).",
+    )
+    roster_valid_days: float = Field(
+        default=7,
+        ge=1,
+        le=31,
+        title="Cached roster validity",
+        description="A cached day's roster the aggregator made more than this many days ago "
+        "is not used (a device offline that long recognises nobody from it).",
+    )
     early_arrival_s: float = Field(
         default=600,
         ge=0,
@@ -537,6 +555,47 @@ class AlertsConfig(Section):
         title="Outbox age alert",
         description="Seconds the oldest unsent record or event may wait before an "
         "outbox_stale alert.",
+    )
+
+
+class ClockConfig(Section):
+    trust_ntp: bool = Field(
+        default=True,
+        title="Trust NTP",
+        description="The clock is trusted once NTP has synchronised it (timedatectl's "
+        "NTPSynchronized, or systemd-timesyncd's flag file). Off: only the aggregator's time "
+        "(authenticated with the device key) is trusted (appliance/clock.py).",
+    )
+    trust_aggregator: bool = Field(
+        default=True,
+        title="Trust the aggregator's time",
+        description="While NTP has not synchronised the clock, take the time from the Date of "
+        "the aggregator's authenticated answers (round trip at most 3 s; error about 1-2 s).",
+    )
+    trust_rtc: bool = Field(
+        default=True,
+        title="Trust a real-time clock",
+        description="After a reboot without network, trust a real-time clock "
+        "(/sys/class/rtc/rtc0) if it is not behind the last trusted time plus the time since "
+        "boot (a Pi 4 has none; a Pi 5's needs its battery).",
+    )
+    untrusted: Literal["record-flagged", "record-nothing"] = Field(
+        default="record-flagged",
+        title="With an untrusted clock",
+        description="What the device does while its clock is not trusted (after a reboot "
+        "without NTP, aggregator or RTC). 'record-flagged': recognise against the cached "
+        "rosters of every class from the last trusted time to untrusted_horizon_h later and "
+        "record without a class, flagged clock_synced=false (the aggregator places each record "
+        "in time once this boot gets a trusted time, and picks the class). 'record-nothing': "
+        "recognise nobody until the clock is trusted.",
+    )
+    untrusted_horizon_h: float = Field(
+        default=24,
+        ge=1,
+        le=168,
+        title="Untrusted-clock horizon",
+        description="With an untrusted clock: how long after the last trusted time a class may "
+        "be running (the longest outage the device assumes), in hours.",
     )
 
 
@@ -834,6 +893,8 @@ class ApplianceSettings(TomlSettings):
         default_factory=DecisionConfig, description="Voting and debounce."
     )
     store: StoreConfig = Field(default_factory=StoreConfig, description="Local SQLite store.")
+    clock: ClockConfig = Field(default_factory=ClockConfig,
+                               description="When to trust the device's clock.")
     sync: SyncConfig = Field(default_factory=SyncConfig, description="Link to the aggregator.")
     web: WebConfig = Field(default_factory=WebConfig, description="Local status page.")
     alerts: AlertsConfig = Field(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import appliance
+from appliance.clock import ClockState
 from appliance.config import ApplianceSettings
 from appliance.status import PipelineStatus
 from appliance.store import STORE_ERRORS, WriteFailure
@@ -40,8 +41,8 @@ UNHEALTHY = "unhealthy"
 NOT_CONFIGURED = "not_configured"
 _RANK = {NOT_CONFIGURED: -1, HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
 
-COMPONENTS = ("camera", "detector", "recogniser", "database", "aggregator", "mqtt", "disk",
-              "temperature", "provisioning")
+COMPONENTS = ("camera", "detector", "recogniser", "database", "clock", "aggregator", "mqtt",
+              "disk", "temperature", "provisioning")
 # Written by the first boot of a card made with `make flash` (fleet.firstboot).
 PROVISIONING_FILE = "provisioning.json"
 # A stage slower than this on average (ms) makes its component "degraded": a Pi 4 needs
@@ -80,6 +81,12 @@ class SyncStatusLike(Protocol):
 
 
 SyncStatusFn = Callable[[], SyncStatusLike | None]
+
+
+class ClockSource(Protocol):
+    """The device's clock (appliance.clock.DeviceClock)."""
+
+    def state(self) -> ClockState: ...
 
 
 # --- result ----------------------------------------------------------------------------------
@@ -205,6 +212,15 @@ def check_database(store: StoreSource, now: datetime, max_age_s: float,
     return ComponentHealth(HEALTHY, f"{depth} unsent", details)
 
 
+def check_clock(clock: ClockSource | None) -> ComponentHealth:
+    """Trusted (NTP, the aggregator's time, this boot's anchor, an RTC) or not, and why."""
+    if clock is None:
+        return ComponentHealth(NOT_CONFIGURED, "no device clock")
+    state = clock.state()
+    return ComponentHealth(HEALTHY if state.trusted else DEGRADED, state.message,
+                           state.as_dict())
+
+
 def check_aggregator(settings: ApplianceSettings, sync: SyncStatusLike | None,
                      now: datetime) -> ComponentHealth:
     if not settings.sync.aggregator_url:
@@ -283,6 +299,7 @@ def check_health(
     system: SystemSnapshot,
     sync_status: SyncStatusFn | None = None,
     now: datetime | None = None,
+    clock: ClockSource | None = None,
 ) -> dict[str, Any]:
     """The /health document. Never raises for a failing component: it reports it."""
     now = now or datetime.now(UTC)
@@ -299,6 +316,11 @@ def check_health(
         components["recogniser"] = check_recogniser(st)
     components["database"] = check_database(store, now, settings.alerts.outbox_max_age_s,
                                             system)
+    try:
+        components["clock"] = check_clock(clock)
+    except Exception as err:  # a clock bug must show, not take /health down
+        _LOGGER.exception("health: clock state failed")
+        components["clock"] = ComponentHealth(DEGRADED, f"clock unreadable ({type(err).__name__})")
     sync = read_sync_status(sync_status)
     components["aggregator"] = check_aggregator(settings, sync, now)
     components["mqtt"] = check_mqtt(settings, sync)

@@ -41,6 +41,7 @@ import numpy as np
 
 from appliance import metrics
 from appliance.capture import CaptureWorker, Frame, FrameSource, source_from_config
+from appliance.clock import DeviceClock
 from appliance.config import ApplianceSettings, DetectorConfig
 from appliance.decision import Debouncer, Decision, Sample, TrackVote
 from appliance.preview import Preview
@@ -53,7 +54,7 @@ from appliance.recognition import (
     check_embedder,
 )
 from appliance.status import PipelineStatus, PresentEntry, StageTimer
-from appliance.store import Store, boot_id, clock_synced
+from appliance.store import Store
 from appliance.tracking import CutDetector, Track, Tracker
 from appliance.vision.detector import Detection, FaceDetector
 from appliance.vision.embedder_process import EMBED_TIMEOUT_S, EmbedderProcess, InProcessEmbedder
@@ -68,6 +69,7 @@ _LOGGER = logging.getLogger(__name__)
 PROVIDER_PERIOD_S = 1.0
 STALL_S = 30.0
 REPLAY_MAX_LAG_FRAMES = 24
+MAX_RECORD_LAG_S = 600.0  # a track older than this at its record: the clock jumped
 REFRESH_QUALITY_RATIO = 0.9  # a refresh descriptor needs a crop this close to the best one
 CROP_MARGIN = 1.0  # context kept around a face crop (in face sizes), as the embedder keeps
 
@@ -185,12 +187,17 @@ class Pipeline:
         embedder: Embedder | None = None,
         quality: Callable[[np.ndarray, Detection], float] | None = None,
         unknown_sink: Callable[[np.ndarray, np.ndarray, datetime], None] | None = None,
+        clock: DeviceClock | None = None,
     ) -> None:
         """Live use: ``Pipeline(settings, store, provider)`` (source from ``camera``).
-        Replay: pass ``source=VideoFileSource(path), every_frame=True, paced=realtime``."""
+        Replay: pass ``source=VideoFileSource(path), every_frame=True, paced=realtime``.
+        ``clock``: the device's clock (appliance.clock: frames, records and the class are
+        stamped with its time and whether it is trusted); default: the system clock, trusted
+        when NTP-synchronised."""
         from appliance.vision.quality import face_quality
 
         self.settings = settings
+        self.clock = clock or DeviceClock(settings.clock)
         self._unknown_sink = unknown_sink
         self.store = store
         model_dir = settings.paths.model_dir
@@ -213,8 +220,10 @@ class Pipeline:
         self.capture = CaptureWorker(
             src, every_frame=every_frame, paced=paced,
             loop=settings.camera.loop_file if loop is None else loop,
-            backoff_max_s=settings.camera.reopen_backoff_max_s,
+            backoff_max_s=settings.camera.reopen_backoff_max_s, clock=self.clock.now,
         )
+        # frames stamped by the clock (live, or a file at its own pace), not by a file's time
+        self._clock_stamped = src.live or paced
         self.tracker = Tracker()
         self.cut_detector = CutDetector()
         self.splits = 0  # tracks whose face changed (descriptors disagreed): new identity
@@ -225,7 +234,7 @@ class Pipeline:
         self.unknown_tracks = 0
         self.decided_tracks = 0
         self.embeddings = 0
-        self.started_at = datetime.now(UTC)
+        self.started_at = self.clock.now()
         cfg = settings.decision
         self.debouncer = Debouncer(cfg.debounce_s)
         # an encrypted store still waiting for its key is read when the pipeline starts
@@ -267,7 +276,7 @@ class Pipeline:
     def start(self) -> None:
         if self._seed_pending:
             self._seed_pending = False
-            self._seed_debounce(datetime.now(UTC))
+            self._seed_debounce(self.clock.now())
         if self._thread is not None:
             return
         self._heartbeat = time.monotonic()
@@ -670,19 +679,23 @@ class Pipeline:
 
     def _record(self, track: Track, student_id: str, name: str, confidence: float,
                 distance: float | None, descriptor: np.ndarray | None = None) -> None:
-        seen_at = track.first_seen or datetime.now(UTC)
+        clock = self.clock.reading()
+        seen_at = track.first_seen or clock.at
+        lag_s = (clock.at - seen_at).total_seconds()
+        if self._clock_stamped and not 0.0 <= lag_s <= MAX_RECORD_LAG_S:
+            seen_at, lag_s = clock.at, 0.0  # the clock became trusted since the sighting
         if not self.debouncer.allow(student_id, seen_at):
             _LOGGER.debug("track %d: %s again within the debounce window", track.track_id,
                           student_id)
             return
-        lag_s = max(0.0, (datetime.now(UTC) - seen_at).total_seconds())
         record = AttendanceRecord(
             key=uuid.uuid4(), student_id=student_id, course_id=self._course[0],
             room_id=self.settings.device.room_id, device_id=self.settings.device.device_id,
             seen_at=seen_at, confidence=max(0.0, min(1.0, confidence)),
             distance=None if distance is None else max(0.0, min(2.0, distance)),
-            clock_synced=clock_synced(), boot_id=boot_id(),
-            monotonic_s=max(0.0, time.monotonic() - lag_s),
+            # trusted time, or flagged for the aggregator to place by this boot's heartbeats
+            clock_synced=clock.trusted, boot_id=clock.boot_id,
+            monotonic_s=max(0.0, clock.monotonic_s - lag_s),
             # the track's mean descriptor: lets a "not this student" correction become a
             # negative example in the roster (appliance/negatives.py)
             descriptor=_descriptor(descriptor),

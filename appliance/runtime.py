@@ -37,6 +37,7 @@ from typing import Any
 
 import appliance
 from appliance.alerts import AlertMonitor
+from appliance.clock import DeviceClock
 from appliance.config import ApplianceSettings
 from appliance.pipeline import Pipeline
 from appliance.recognition import FileRosterProvider, RosterProvider
@@ -61,6 +62,7 @@ class Appliance:
     settings: ApplianceSettings
     store: Store
     pipeline: Pipeline
+    clock: DeviceClock
     components: list[tuple[str, Any]] = field(default_factory=list)
     sync: SyncAgent | None = None
     started: list[tuple[str, Any]] = field(default_factory=list)
@@ -85,6 +87,7 @@ class Appliance:
                 comp.stop()
             except Exception:  # one failing stop must not keep the rest running
                 _LOGGER.exception("stopping %s failed", name)
+        self.clock.save()
         self.store.close()
 
 
@@ -96,10 +99,13 @@ def build(settings: ApplianceSettings) -> Appliance:
     syncing = bool(settings.sync.aggregator_url or settings.sync.mqtt_url)
     # encrypted with the aggregator's key: locked until it hands the key out (_unlock)
     store = open_store(settings) if syncing else Store(settings.paths.data_dir)
+    # trusted time (NTP, the aggregator's, this boot's persisted anchor, an RTC) or flagged
+    clock = DeviceClock(settings.clock, settings.paths.data_dir)
     provider: RosterProvider = FileRosterProvider(settings.recognition.roster_file)
     schedule = None
     if syncing:
-        schedule = ScheduleRosterProvider.for_device(settings, store, fallback=provider)
+        schedule = ScheduleRosterProvider.for_device(settings, store, fallback=provider,
+                                                     clock=clock)
         provider = schedule
     reporter = None
     if settings.unknown_faces.enabled and settings.sync.aggregator_url:
@@ -107,12 +113,13 @@ def build(settings: ApplianceSettings) -> Appliance:
 
         reporter = UnknownFaceReporter(settings)
     pipeline = Pipeline(settings, store, provider,
-                        unknown_sink=reporter.offer if reporter is not None else None)
+                        unknown_sink=reporter.offer if reporter is not None else None,
+                        clock=clock)
     sync = None
     if syncing:
         sync = SyncAgent(settings, store, pipeline_status=pipeline.status,
-                         roster_provider=schedule)
-    app = Appliance(settings, store, pipeline, sync=sync)
+                         roster_provider=schedule, clock=clock)
+    app = Appliance(settings, store, pipeline, clock, sync=sync)
     if sync is not None:
         app.components.append(("sync agent", sync))
     if reporter is not None:
@@ -122,7 +129,8 @@ def build(settings: ApplianceSettings) -> Appliance:
         from appliance.web.server import WebServer  # FastAPI and uvicorn: only when serving
 
         app.components.append(("status page", WebServer(
-            settings, pipeline, store, sync_status=sync.status if sync is not None else None)))
+            settings, pipeline, store, sync_status=sync.status if sync is not None else None,
+            clock=clock)))
     app.components.append(("alert monitor", AlertMonitor(settings, pipeline, store)))
     return app
 
@@ -196,7 +204,7 @@ def _run_locked(settings: ApplianceSettings, stop_event: threading.Event | None)
             device_id=settings.device.device_id, room_id=settings.device.room_id,
             kind="device_started", severity="info",
             message=f"appliance {appliance.__version__} started",
-            at=datetime.now(UTC),
+            at=app.clock.now(),
         ))
         if not stop.is_set():
             notifier.ready(f"camera {app.pipeline.capture.description}")
@@ -220,12 +228,13 @@ def _unlock(app: Appliance, notifier: Notifier, stop: threading.Event) -> bool:
 
     def tick() -> None:
         nonlocal last_ping
+        app.clock.tick()
         if time.monotonic() - last_ping >= interval:
             notifier.ping()
             last_ping = time.monotonic()
 
     _LOGGER.info("store encrypted: asking the aggregator for its key")
-    return unlock_store(app.settings, app.store, stop, tick)
+    return unlock_store(app.settings, app.store, stop, tick, clock=app.clock)
 
 
 def _prune(app: Appliance) -> None:
@@ -244,6 +253,7 @@ def _main_loop(app: Appliance, notifier: Notifier, stop: threading.Event) -> Non
     last_prune = -PRUNE_EVERY_S
     warned = False
     while not stop.wait(LOOP_S):
+        app.clock.tick()  # the trusted time on disk every 10 min (a restart starts from it)
         if time.monotonic() - last_prune >= PRUNE_EVERY_S:
             _prune(app)
             last_prune = time.monotonic()

@@ -513,22 +513,32 @@ class Store:
 
     # -- schedule / roster cache ----------------------------------------------------------------
     def save_schedule(self, schedule: ScheduleResponse, etag: str | None) -> None:
-        """Cache the room's schedule (with rosters) of one day; replaces that day's copy and
-        deletes the days before it (a roster holds only the coming classes). The replaced
-        descriptors are overwritten (secure_delete) and the WAL truncated, so a student
-        dropped from the roster (consent withdrawn) is gone from the files too."""
-        row = {
-            "day": schedule.date.isoformat(), "payload": schedule.model_dump_json(),
-            "etag": etag, "saved_at": _iso(_utcnow()),
-        }
+        """Cache the room's schedule (with rosters) of one day: :meth:`save_schedules`."""
+        self.save_schedules([schedule], etag)
+
+    def save_schedules(self, schedules: list[ScheduleResponse], etag: str | None) -> None:
+        """Cache the room's schedules (with rosters) of today and the next school days, in
+        one transaction that replaces every cached day (past ones, and coming ones no longer
+        sent). The replaced descriptors are overwritten (secure_delete) and the WAL
+        truncated, so a student dropped from the rosters (consent withdrawn) is gone from
+        every day and from the files too."""
+        saved_at = _iso(_utcnow())
+        rows = [{"day": s.date.isoformat(), "payload": s.model_dump_json(), "etag": etag,
+                 "saved_at": saved_at} for s in schedules]
         with self._writing("the schedule"), self._lock:
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.execute(
+                self._conn.execute("DELETE FROM schedules")
+                self._conn.executemany(
                     "INSERT OR REPLACE INTO schedules (day, payload, etag, saved_at) "
-                    "VALUES (:day, :payload, :etag, :saved_at)", row)
-                self._conn.execute("DELETE FROM schedules WHERE day < ?", (row["day"],))
+                    "VALUES (:day, :payload, :etag, :saved_at)", rows)
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def cached_days(self) -> list[date]:
+        """The days whose schedule is cached, in order."""
+        with self._lock:
+            rows = self._conn.execute("SELECT day FROM schedules ORDER BY day").fetchall()
+        return [date.fromisoformat(r[0]) for r in rows]
 
     def wipe_rosters(self) -> int:
         """Delete every cached schedule and roster (the device was deregistered); returns
@@ -541,11 +551,12 @@ class Store:
         return deleted
 
     def load_schedule(self, day: date | None = None) -> tuple[ScheduleResponse, str | None] | None:
-        """The cached schedule of ``day`` (default: the one saved last), with its etag."""
+        """The cached schedule of ``day`` (default: the first day of the last pull), with its
+        etag."""
         with self._lock:
             if day is None:
                 row = self._conn.execute(
-                    "SELECT payload, etag FROM schedules ORDER BY saved_at DESC LIMIT 1"
+                    "SELECT payload, etag FROM schedules ORDER BY saved_at DESC, day LIMIT 1"
                 ).fetchone()
             else:
                 row = self._conn.execute(

@@ -77,7 +77,9 @@ class AttendanceRecord(BaseModel):
         default=None, ge=0.0, le=2.0, description="Best embedding distance of the track."
     )
     clock_synced: bool = Field(
-        default=True, description="Whether the device clock was NTP-synchronised at seen_at."
+        default=True, description="Whether seen_at came from a trusted clock (NTP, the "
+        "aggregator's time, the same boot's persisted time or a real-time clock); false: the "
+        "aggregator places the record by the heartbeats of its boot.",
     )
     boot_id: str | None = Field(
         default=None, max_length=64,
@@ -177,9 +179,11 @@ class Heartbeat(Message):
     room_id: Identifier
     software_version: str = Field(max_length=64)
     sent_at: AwareDatetime = Field(description="Device wall clock when sent.")
-    clock_synced: bool = True
+    clock_synced: bool = Field(default=True, description="Whether sent_at is a trusted time.")
     boot_id: str | None = Field(default=None, max_length=64)
     monotonic_s: float | None = Field(default=None, ge=0)
+    clock_source: Literal["ntp", "aggregator", "anchor", "rtc", "none"] | None = Field(
+        default=None, description="What made the device's clock trusted (none: untrusted).")
     uptime_s: float = Field(ge=0, le=1e10)
     cpu_temp_c: float | None = Field(default=None, ge=-100, le=250)
     outbox_depth: int = Field(ge=0, le=2**31 - 1)
@@ -386,6 +390,50 @@ class ScheduleResponse(Message):
         description="`name/model_version` of the embedder that made the rosters' descriptors "
         "(the `embedder` query parameter); a device refuses rosters of another embedder.",
     )
+
+
+MAX_SCHEDULE_DAYS = 15  # today and up to 14 next school days
+
+
+class ScheduleDay(BaseModel):
+    """One day of a room's :class:`ScheduleWindow`."""
+
+    model_config = ConfigDict(extra="forbid")
+    date: date
+    sessions: list[ClassSession] = Field(description="Every class in the room that day.")
+
+
+class ScheduleWindow(Message):
+    """`GET /api/v1/schedule/days?room_id=...&days=N`: today and the room's next N school days
+    (days with a class, within 31 days), with the roster of every course in them once."""
+
+    room_id: Identifier
+    timezone: str
+    generated_at: AwareDatetime
+    embedder: str = Field(default=LEGACY_EMBEDDER, max_length=100,
+                          description="`name/model_version` of the rosters' descriptors.")
+    days: list[ScheduleDay] = Field(min_length=1, max_length=MAX_SCHEDULE_DAYS,
+                                    description="Today first, then the next school days.")
+    rosters: dict[str, list[RosterEntry]] = Field(
+        description="Enrolled students (with embeddings) per course_id of the days' sessions."
+    )
+
+    def per_day(self) -> list[ScheduleResponse]:
+        """One :class:`ScheduleResponse` per day, each with its courses' rosters (what the
+        device caches and reads by day)."""
+        out = []
+        for i, day in enumerate(self.days):
+            courses = {s.course_id for s in day.sessions}
+            current = None
+            if i == 0:
+                current = next((s.course_id for s in day.sessions
+                                if s.starts_at <= self.generated_at < s.ends_at), None)
+            out.append(ScheduleResponse(
+                room_id=self.room_id, date=day.date, timezone=self.timezone,
+                generated_at=self.generated_at, current_course_id=current,
+                sessions=day.sessions, embedder=self.embedder,
+                rosters={c: self.rosters.get(c, []) for c in sorted(courses)}))
+        return out
 
 
 def topic_base(site: str, room: str, device: str) -> str:

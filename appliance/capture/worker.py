@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -53,12 +54,14 @@ class CaptureWorker:
         backoff_max_s: float = 30.0,
         queue_size: int = 4,
         fail_fast: bool = False,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         """``every_frame``: hand over every frame (replay) instead of the newest only;
         ``paced``: deliver a video file at its own frame rate (live sources are never paced);
         ``loop``: restart a video file at its end; ``fail_fast``: a video file that cannot be
         opened or decoded ends the worker ("failed", :attr:`fatal_error`) instead of being
-        reopened (replay; a live source is always reopened)."""
+        reopened (replay; a live source is always reopened); ``clock``: the wall time
+        frames are stamped with (default: the system clock)."""
         self.source = source
         self.every_frame = every_frame
         self.paced = paced
@@ -66,6 +69,8 @@ class CaptureWorker:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = max(backoff_max_s, backoff_initial_s)
         self.fail_fast = fail_fast
+        # the wall time frames are stamped with (the device's trusted clock: appliance.clock)
+        self._now: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.fatal_error: str | None = None
         self._retry_log = LogThrottle(RETRY_LOG_EVERY_S)
         self.state: CameraState = "starting"
@@ -83,7 +88,7 @@ class CaptureWorker:
         self._stop = threading.Event()
         self._ended = threading.Event()
         self._thread: threading.Thread | None = None
-        self._origin_wall = datetime.now(UTC)
+        self._origin_wall = self._now()
         self._origin_mono = time.monotonic()
         # a file read unpaced: the wall time of its first frame (a recorded session's start,
         # so its frames carry the time they were filmed); None: the time start() is called
@@ -97,7 +102,7 @@ class CaptureWorker:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._origin_wall = self.file_origin or datetime.now(UTC)
+        self._origin_wall = self.file_origin or self._now()
         self._origin_mono = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
@@ -256,14 +261,14 @@ class CaptureWorker:
                 return "end", n / fps
             if live:
                 pts = time.monotonic() - self._origin_mono
-                at = datetime.now(UTC)
+                at = self._now()
             else:
                 pts = file_offset_s + n / fps
                 if self.paced:
                     wait = start_mono + n / fps - time.monotonic()
                     if wait > 0 and self._stop.wait(wait):
                         return "stopped", n / fps
-                    at = datetime.now(UTC)
+                    at = self._now()
                 else:
                     at = self._origin_wall + timedelta(seconds=pts)
             n += 1

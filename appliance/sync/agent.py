@@ -31,10 +31,11 @@ import psutil
 
 from appliance import __version__ as software_version
 from appliance import metrics
+from appliance.clock import DeviceClock
 from appliance.config import ApplianceSettings
 from appliance.logging_setup import LogThrottle
 from appliance.status import PipelineStatus
-from appliance.store import Store, boot_id, clock_synced
+from appliance.store import Store
 from appliance.sync.backoff import Backoff
 from appliance.sync.errors import (
     BatchRefusedError,
@@ -46,7 +47,13 @@ from appliance.sync.http_transport import HttpTransport
 from appliance.sync.mqtt_transport import MqttTransport
 from appliance.sync.roster import ScheduleRosterProvider
 from appliance.system import cpu_temperature
-from cloud_sync.protocol import AttendanceBatch, AttendanceRecord, BatchResult, Heartbeat
+from cloud_sync.protocol import (
+    AttendanceBatch,
+    AttendanceRecord,
+    BatchResult,
+    Heartbeat,
+    ScheduleResponse,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -93,11 +100,6 @@ class _Uplink:
     def send_heartbeat(self, heartbeat: Heartbeat) -> None: ...
 
 
-def _clock_fields() -> tuple[bool, str | None, float]:
-    """(clock_synced, boot_id, monotonic seconds since boot), the same helpers as the records."""
-    return clock_synced(), boot_id(), time.monotonic()
-
-
 class SyncAgent:
     """Starts with ``start()`` (non-blocking, one thread), stops with ``stop()``."""
 
@@ -108,10 +110,12 @@ class SyncAgent:
         *,
         pipeline_status: Callable[[], PipelineStatus] | None = None,
         roster_provider: ScheduleRosterProvider | None = None,
+        clock: DeviceClock | None = None,
     ) -> None:
         """``pipeline_status`` (optional) gives the heartbeat the last frame's time and the
         fps; ``roster_provider`` is the pipeline's (the agent tells it when a new schedule is
-        saved), else the agent makes one without a fallback."""
+        saved), else the agent makes one without a fallback; ``clock`` is the device's (the
+        aggregator's answers give it the time; heartbeats carry it), else the system clock."""
         sync = settings.sync
         if not sync.aggregator_url and not sync.mqtt_url:
             raise ValueError("SyncAgent needs sync.aggregator_url or sync.mqtt_url")
@@ -119,11 +123,13 @@ class SyncAgent:
         self._store = store
         self._pipeline_status = pipeline_status
         device = settings.device
+        self.clock = clock or DeviceClock(settings.clock)
         self.roster_provider = roster_provider or ScheduleRosterProvider.for_device(
-            settings, store)
+            settings, store, clock=self.clock)
         self._http: HttpTransport | None = None
         if sync.aggregator_url:
-            self._http = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s)
+            self._http = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s,
+                                       clock=self.clock)
         self._mqtt: MqttTransport | None = None
         if sync.mqtt_url:
             self._mqtt = MqttTransport(
@@ -148,6 +154,7 @@ class SyncAgent:
         self._events_retry_at = 0.0
         self._next_drain = 0.0
         self._failure_log = LogThrottle(FAILURE_LOG_EVERY_S)
+        self._window_unsupported = False  # an aggregator without /schedule/days
         self._has_fallback = self.roster_provider.has_fallback and \
             settings.recognition.roster_file is not None
         self.stats = DrainStats()
@@ -381,8 +388,7 @@ class SyncAgent:
         cached = self._store.load_schedule()
         etag = cached[1] if cached else None
         try:
-            fetched = self._http.fetch_schedule(
-                room_id, etag, self._settings.recognition.embedder)
+            fetched = self._fetch_schedules(room_id, etag)
         except CredentialsRefusedError as err:
             # Deregistered (or the key was rotated): the rosters are not ours to keep (the
             # store logs what it wiped, once); the refusal is one throttled warning.
@@ -407,20 +413,40 @@ class SyncAgent:
         if fetched is None:
             self.stats.schedule_unchanged += 1
             return True
-        schedule, new_etag = fetched
-        self._store.save_schedule(schedule, new_etag)
+        schedules, new_etag = fetched
+        self._store.save_schedules(schedules, new_etag)
         self.roster_provider.invalidate()
         self.stats.schedule_updates += 1
+        first = schedules[0]
         _LOGGER.info(
-            "schedule of %s for %s: %d classes, %d students", schedule.date, room_id,
-            len(schedule.sessions), sum(len(r) for r in schedule.rosters.values()),
-        )
+            "schedule of %s for %s: %d classes, %d students%s", first.date, room_id,
+            len(first.sessions), sum(len(r) for r in first.rosters.values()),
+            f"; and of {', '.join(str(s.date) for s in schedules[1:])} (kept for offline)"
+            if len(schedules) > 1 else "")
         return True
+
+    def _fetch_schedules(self, room_id: str,
+                         etag: str | None) -> tuple[list[ScheduleResponse], str | None] | None:
+        """Today's and the next ``sync.roster_days`` school days' schedules (None: unchanged);
+        an aggregator without the days endpoint gives today's only."""
+        assert self._http is not None
+        embedder = self._settings.recognition.embedder
+        if not self._window_unsupported:
+            try:
+                window = self._http.fetch_schedule_window(room_id, etag, embedder,
+                                                          self._settings.sync.roster_days)
+            except NotSupportedError as err:
+                _LOGGER.warning("%s: caching today's roster only (update the aggregator)", err)
+                self._window_unsupported = True
+            else:
+                return None if window is None else (window[0].per_day(), window[1])
+        single = self._http.fetch_schedule(room_id, etag, embedder)
+        return None if single is None else ([single[0]], single[1])
 
     # -- heartbeat ---------------------------------------------------------------------------
     def build_heartbeat(self) -> Heartbeat:
-        now = datetime.now(UTC)
-        synced, boot, mono = _clock_fields()
+        clock = self.clock.reading()
+        now = clock.at
         last_frame_at = fps = None
         if self._pipeline_status is not None:
             try:
@@ -433,9 +459,10 @@ class SyncAgent:
             room_id=self._settings.device.room_id,
             software_version=software_version,
             sent_at=now,
-            clock_synced=synced,
-            boot_id=boot,
-            monotonic_s=mono,
+            clock_synced=clock.trusted,
+            boot_id=clock.boot_id,
+            monotonic_s=clock.monotonic_s,
+            clock_source=clock.source,
             uptime_s=max(0.0, time.time() - psutil.boot_time()),
             cpu_temp_c=cpu_temperature(),
             outbox_depth=self._store.outbox_depth(),

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import SecretStr, ValidationError
@@ -21,7 +23,17 @@ from appliance.sync.errors import (
     NotSupportedError,
     TransportError,
 )
-from cloud_sync.protocol import AttendanceBatch, BatchResult, Event, Heartbeat, ScheduleResponse
+from cloud_sync.protocol import (
+    AttendanceBatch,
+    BatchResult,
+    Event,
+    Heartbeat,
+    ScheduleResponse,
+    ScheduleWindow,
+)
+
+if TYPE_CHECKING:
+    from appliance.clock import DeviceClock
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -29,6 +41,7 @@ ATTENDANCE_PATH = "/api/v1/attendance"
 HEARTBEAT_PATH = "/api/v1/heartbeat"
 EVENTS_PATH = "/api/v1/events"
 SCHEDULE_PATH = "/api/v1/schedule"
+SCHEDULE_DAYS_PATH = "/api/v1/schedule/days"
 STORE_KEY_PATH = "/api/v1/store-key"
 STORE_KEY_BYTES = 32
 
@@ -63,7 +76,11 @@ class HttpTransport:
 
     name = "http"
 
-    def __init__(self, base_url: str, api_key: SecretStr | None, timeout_s: float) -> None:
+    def __init__(self, base_url: str, api_key: SecretStr | None, timeout_s: float,
+                 clock: DeviceClock | None = None) -> None:
+        """``clock``: given the ``Date`` of every answer that is not a refusal, with the
+        round trip (the aggregator's time, trusted while NTP has not synchronised)."""
+        self._clock = clock
         headers = {"User-Agent": "classroom-attendance-appliance"}
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
@@ -79,13 +96,17 @@ class HttpTransport:
         self._client.close()
 
     def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        sent = time.monotonic()
         try:
             response = self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as err:
             self.reachable = False
             raise TransportError(f"{method} {path}: {type(err).__name__}: {err}") from err
+        received = time.monotonic()
         self.reachable = True
         status = response.status_code
+        if self._clock is not None and status < 400:  # answered as this device's aggregator
+            self._clock.offer_server_time(response.headers.get("date"), sent, received)
         self.refused = f"HTTP {status}: {_reason(response)}" if status in (401, 403) else None
         if status in (401, 403):
             # A key problem an operator must fix (deregistered, rotated): keep the records and
@@ -155,6 +176,28 @@ class HttpTransport:
             raise TransportError(f"POST {STORE_KEY_PATH}: a key for {owner!r} of {len(key)} "
                                  f"bytes, not {device_id!r}'s of {STORE_KEY_BYTES}")
         return key
+
+    def fetch_schedule_window(
+        self, room_id: str, etag: str | None, embedder: str | None, days: int
+    ) -> tuple[ScheduleWindow, str | None] | None:
+        """Today and the room's next ``days`` school days with their rosters, or None when
+        unchanged (304). :class:`NotSupportedError` from an aggregator without the endpoint."""
+        headers = {"If-None-Match": etag} if etag else {}
+        params: dict[str, str | int] = {"room_id": room_id, "days": days}
+        if embedder:
+            params["embedder"] = embedder
+        response = self._request("GET", SCHEDULE_DAYS_PATH, params=params, headers=headers)
+        if response.status_code == 304:
+            return None
+        if response.status_code in (404, 405):
+            raise NotSupportedError(f"the aggregator has no {SCHEDULE_DAYS_PATH}")
+        if not response.is_success:
+            raise TransportError(f"GET {SCHEDULE_DAYS_PATH}: {_reason(response)}")
+        try:
+            window = ScheduleWindow.model_validate_json(response.content)
+        except ValidationError as err:
+            raise TransportError(f"GET {SCHEDULE_DAYS_PATH}: unreadable schedule: {err}") from err
+        return window, response.headers.get("ETag")
 
     def fetch_schedule(
         self, room_id: str, etag: str | None, embedder: str | None = None

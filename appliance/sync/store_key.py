@@ -23,6 +23,7 @@ from appliance.sync.errors import CredentialsRefusedError, TransportError
 from appliance.sync.http_transport import HttpTransport
 
 if TYPE_CHECKING:
+    from appliance.clock import DeviceClock
     from appliance.config import ApplianceSettings
 
 _LOGGER = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def open_store(settings: ApplianceSettings) -> Store:
 
 
 def unlock_store(settings: ApplianceSettings, store: Store, stop: threading.Event,
-                 tick: Callable[[], None] | None = None) -> bool:
+                 tick: Callable[[], None] | None = None,
+                 clock: DeviceClock | None = None) -> bool:
     """Ask the aggregator for the store key until it answers, then unlock the store: True; or
     until ``stop`` is set: False. ``tick`` runs at least once a second while waiting (the
     systemd watchdog). ``store.lock_reason`` says what the wait is about (shown by /health:
@@ -60,7 +62,8 @@ def unlock_store(settings: ApplianceSettings, store: Store, stop: threading.Even
     assert sync.aggregator_url is not None
     backoff = Backoff(sync.backoff_initial_s, sync.backoff_max_s)
     throttle = LogThrottle(LOG_EVERY_S)
-    transport = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s)
+    transport = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s,
+                              clock=clock)
     attempts = 0
     try:
         while not stop.is_set():

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 
 import appliance
 from appliance.config import ApplianceSettings
-from appliance.health import PipelineSource, StoreSource, SyncStatusFn
+from appliance.health import ClockSource, PipelineSource, StoreSource, SyncStatusFn
 from appliance.system import SystemSnapshot, read_system
 from appliance.web.auth import Authenticator
 from appliance.web.context import HERE, WebContext
@@ -39,13 +39,16 @@ def create_app(
     sync_status: SyncStatusFn | None = None,
     *,
     system: Callable[[], SystemSnapshot] | None = None,
+    clock: ClockSource | None = None,
 ) -> FastAPI:
-    """The status page app. ``system`` overrides the host reader (tests)."""
+    """The status page app. ``system`` overrides the host reader (tests); ``clock`` is the
+    device's (appliance.clock: whether its time is trusted)."""
     data_dir = settings.paths.data_dir
     read_host = system or (lambda: read_system(data_dir))
     context = WebContext(
         settings, pipeline, store, sync_status, read_host, auth=Authenticator(settings),
-        view=StatusView(settings, pipeline, store, sync_status, read_host))
+        view=StatusView(settings, pipeline, store, sync_status, read_host, clock=clock),
+        clock=clock)
 
     app = FastAPI(title="Attendance appliance", version=appliance.__version__,
                   docs_url=None, redoc_url=None, openapi_url=None)

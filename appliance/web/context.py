@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 
 import appliance
 from appliance.config import ApplianceSettings
-from appliance.health import PipelineSource, StoreSource, SyncStatusFn
+from appliance.health import ClockSource, PipelineSource, StoreSource, SyncStatusFn
 from appliance.system import SystemSnapshot
 from appliance.web.auth import COOKIE_NAME, PASSWORD_FILE, Authenticator
 from appliance.web.view import StatusView
@@ -47,6 +47,7 @@ class WebContext:
     templates: Jinja2Templates = field(
         default_factory=lambda: Jinja2Templates(directory=str(HERE / "templates")))
     stopping: threading.Event = field(default_factory=threading.Event)  # ends the streams
+    clock: ClockSource | None = None
 
     def authorized(self, request: Request) -> bool:
         """A session cookie, or ``Authorization: Bearer <device API key>``."""

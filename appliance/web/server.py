@@ -9,7 +9,7 @@ import time
 import uvicorn
 
 from appliance.config import ApplianceSettings
-from appliance.health import PipelineSource, StoreSource, SyncStatusFn
+from appliance.health import ClockSource, PipelineSource, StoreSource, SyncStatusFn
 from appliance.web.app import create_app
 
 _LOGGER = logging.getLogger(__name__)
@@ -23,9 +23,10 @@ class WebServer:
     ``stop()`` ends open SSE/MJPEG streams and joins the thread."""
 
     def __init__(self, settings: ApplianceSettings, pipeline: PipelineSource, store: StoreSource,
-                 sync_status: SyncStatusFn | None = None) -> None:
+                 sync_status: SyncStatusFn | None = None,
+                 clock: ClockSource | None = None) -> None:
         self._settings = settings
-        self.app = create_app(settings, pipeline, store, sync_status)
+        self.app = create_app(settings, pipeline, store, sync_status, clock=clock)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port: int = settings.web.port

@@ -19,6 +19,8 @@ from appliance import metrics
 from appliance.config import ApplianceSettings
 from appliance.health import (
     CAMERA_OK,
+    NOT_CONFIGURED,
+    ClockSource,
     PipelineSource,
     StoreSource,
     SyncStatusFn,
@@ -90,8 +92,10 @@ class StatusView:
 
     def __init__(self, settings: ApplianceSettings, pipeline: PipelineSource, store: StoreSource,
                  sync_status: SyncStatusFn | None,
-                 system: Callable[[], SystemSnapshot]) -> None:
+                 system: Callable[[], SystemSnapshot],
+                 clock: ClockSource | None = None) -> None:
         self.settings = settings
+        self.clock = clock
         self.pipeline = pipeline
         self.store = store
         self.sync_status = sync_status
@@ -131,7 +135,8 @@ class StatusView:
         oldest = None if locked else self.store.oldest_unsent_age_s(now)
         present = sorted(st.present, key=lambda p: p.first_seen)
         health = check_health(self.settings, self.pipeline, self.store, system,
-                              self.sync_status, now)
+                              self.sync_status, now, clock=self.clock)
+        clock = health["components"]["clock"]
         sync_cfg = self.settings.sync
         return {
             "version": appliance.__version__,
@@ -140,6 +145,7 @@ class StatusView:
             "now": self._local(now, "%Y-%m-%d %H:%M:%S %Z"),
             "course_id": st.course_id,
             "course_name": st.course_name,
+            "class_line": class_line(st.course_id, st.course_name, clock),
             "roster_size": st.roster_size,
             "note": st.note,
             "camera": {
@@ -189,7 +195,22 @@ class StatusView:
             "health": {name: c["status"] for name, c in health["components"].items()},
             "health_status": health["status"],
             "provisioning": health["components"]["provisioning"]["message"],
+            "clock": {"trusted": clock.get("trusted"), "source": clock.get("source"),
+                      "configured": clock["status"] != NOT_CONFIGURED,
+                      "message": clock["message"],
+                      "warning": "" if clock.get("trusted", True) else
+                      "Clock not trusted: " + clock["message"]},
         }
+
+
+def class_line(course_id: str | None, course_name: str | None,
+               clock: dict[str, Any]) -> str:
+    """The "Class now" headline."""
+    if course_id:
+        return f"{course_name or course_id} ({course_id})"
+    if clock.get("trusted") is False:
+        return "No class chosen: the clock is not trusted"
+    return "No class scheduled"
 
 
 def refresh_gauges(pipeline: PipelineSource, store: StoreSource, system: SystemSnapshot) -> None:

@@ -21,7 +21,7 @@ router = APIRouter()
 async def health(ctx: Context) -> JSONResponse:
     def build() -> dict[str, Any]:
         return check_health(ctx.settings, ctx.pipeline, ctx.store, ctx.read_host(),
-                            ctx.sync_status)
+                            ctx.sync_status, clock=ctx.clock)
 
     doc = await run_in_threadpool(build)
     code = 503 if doc["status"] == UNHEALTHY else 200

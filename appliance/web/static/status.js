@@ -52,8 +52,7 @@
       el.textContent = empty ? blank : String(v) + (el.dataset.unit || "");
     });
     var course = document.getElementById("course");
-    course.textContent = s.course_id ? (s.course_name || s.course_id) + " (" + s.course_id + ")"
-                                     : "No class scheduled";
+    course.textContent = s.class_line;
     var present = document.getElementById("present");
     present.replaceChildren();
     if (s.present.length === 0) { present.appendChild(row(["Nobody yet"], "none", 3)); }

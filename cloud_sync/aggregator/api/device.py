@@ -15,14 +15,16 @@ from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
 from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.services import devices as device_service
 from cloud_sync.aggregator.services import ingest
-from cloud_sync.aggregator.services.schedule import build_schedule, render
+from cloud_sync.aggregator.services.schedule import build_schedule, build_window, render
 from cloud_sync.protocol import (
     EMBEDDER_IDS,
+    MAX_SCHEDULE_DAYS,
     AttendanceBatch,
     BatchResult,
     Heartbeat,
     Identifier,
     ScheduleResponse,
+    ScheduleWindow,
     UnsupportedVersionError,
     parse_event,
 )
@@ -63,13 +65,7 @@ async def get_schedule(
     if isinstance(who, DevicePrincipal) and who.room_id != room_id:
         raise HTTPException(403, "a device may only read its own room's schedule")
     ctx = context(request)
-    name = embedder or ctx.settings.embedders[0]
-    if name not in ctx.settings.embedders:
-        raise HTTPException(
-            422, f"this aggregator computes no {name} descriptors (embedders = "
-            f"{list(ctx.settings.embedders)}); add {name!r} to `embedders` and run "
-            "`aggregator faces reencode`")
-    embedder_id = EMBEDDER_IDS[name]
+    embedder_id = _embedder_id(ctx.settings.embedders, embedder)
     sessions = ctx.sessions
 
     def work() -> tuple[bytes, str]:
@@ -81,6 +77,53 @@ async def get_schedule(
     if _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/json", headers=headers)
+
+
+@router.get(
+    "/schedule/days",
+    response_model=ScheduleWindow,
+    responses={304: {"description": "Not modified (If-None-Match matched the ETag)."},
+               403: {"description": "A device asked for another room."}},
+    summary="Today and the room's next school days, with each course's roster once (what a "
+            "device caches to recognise offline across a night or a weekend).",
+)
+async def get_schedule_days(
+    request: Request,
+    who: DeviceOrAdmin,
+    room_id: Annotated[Identifier, Query(description="Room id, e.g. LAB-301.")],
+    days: Annotated[int, Query(ge=0, le=MAX_SCHEDULE_DAYS - 1, description=(
+        "Next school days after today (days with a class in the room, within 31 days)."))] = 2,
+    at: Annotated[IsoDateTime | None, Query(description="ISO time (default: now).")] = None,
+    embedder: Annotated[Literal["sface", "dlib"] | None, Query(
+        description="The device's embedder (`recognition.embedder`).")] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    if isinstance(who, DevicePrincipal) and who.room_id != room_id:
+        raise HTTPException(403, "a device may only read its own room's schedule")
+    ctx = context(request)
+    embedder_id = _embedder_id(ctx.settings.embedders, embedder)
+    sessions = ctx.sessions
+
+    def work() -> tuple[bytes, str]:
+        with sessions() as session:
+            return render(build_window(session, room_id, at, days, embedder_id))
+
+    body, etag = await run_in_threadpool(work)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _embedder_id(configured: list[str], asked: str | None) -> str:
+    """``name/model_version`` of the embedder the device asks for (422 if not computed)."""
+    name = asked or configured[0]
+    if name not in configured:
+        raise HTTPException(
+            422, f"this aggregator computes no {name} descriptors (embedders = "
+            f"{list(configured)}); add {name!r} to `embedders` and run "
+            "`aggregator faces reencode`")
+    return EMBEDDER_IDS[name]
 
 
 BATCH_BODY = {

@@ -1,4 +1,6 @@
-"""`GET /api/v1/schedule`: a room's day (sessions) and the rosters of its courses.
+"""`GET /api/v1/schedule`: a room's day (sessions) and the rosters of its courses;
+`GET /api/v1/schedule/days`: today and the next school days (what a device caches, so that it
+recognises the next class after a night or a weekend offline).
 
 Rosters hold only the students enrolled in the day's courses whose consent to face recognition
 is granted and who have at least one face embedding (a student without one cannot be
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 from sqlalchemy import select
@@ -19,7 +21,14 @@ from sqlalchemy.orm import Session
 from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, FaceNegative, Student
 from cloud_sync.aggregator.services.common import NotFoundError, utcnow
 from cloud_sync.aggregator.services.timetable import cached_room, zone
-from cloud_sync.protocol import LEGACY_EMBEDDER, ClassSession, RosterEntry, ScheduleResponse
+from cloud_sync.protocol import (
+    LEGACY_EMBEDDER,
+    ClassSession,
+    RosterEntry,
+    ScheduleDay,
+    ScheduleResponse,
+    ScheduleWindow,
+)
 
 
 def rosters(session: Session, course_ids: list[str],
@@ -97,7 +106,37 @@ def build_schedule(session: Session, room_id: str, at: datetime | None = None,
     )
 
 
-def render(schedule: ScheduleResponse) -> tuple[bytes, str]:
+SCAN_DAYS = 31  # school days are looked for this far ahead
+
+
+def build_window(session: Session, room_id: str, at: datetime | None = None, days: int = 2,
+                 embedder: str = LEGACY_EMBEDDER) -> ScheduleWindow:
+    """Today (in the room's zone) and the next ``days`` school days: days with at least one
+    class in the room, looked for within :data:`SCAN_DAYS`; each course's roster once."""
+    room = cached_room(session, room_id)
+    if room is None:
+        raise NotFoundError(f"room {room_id!r} does not exist")
+    at = at or utcnow()
+    today = at.astimezone(zone(room.timezone)).date()
+    found: list[ScheduleDay] = []
+    for ahead in range(SCAN_DAYS + 1):
+        if ahead and len(found) > days:
+            break
+        day = today + timedelta(days=ahead)
+        occurrences = room.timetable.occurrences(day, room_id)
+        if ahead and not occurrences:
+            continue  # not a school day in this room
+        found.append(ScheduleDay.model_construct(date=day, sessions=[
+            ClassSession.model_construct(course_id=o.course_id, course_name=o.course_name,
+                                         starts_at=o.starts_at, ends_at=o.ends_at)
+            for o in occurrences]))
+    course_ids = list(dict.fromkeys(s.course_id for d in found for s in d.sessions))
+    return ScheduleWindow.model_construct(
+        v=1, room_id=room_id, timezone=room.timezone, generated_at=utcnow(),
+        embedder=embedder, days=found, rosters=rosters(session, course_ids, embedder))
+
+
+def render(schedule: ScheduleResponse | ScheduleWindow) -> tuple[bytes, str]:
     """(JSON body, strong ETag) with one serialisation: the ETag hashes the content without
     ``generated_at``, which is then put first in the body."""
     core = schedule.model_dump_json(exclude={"generated_at"})
