@@ -79,7 +79,7 @@ def _codes(path: str, method: str, operation: dict[str, Any], role: str | None) 
         codes += ["401", "403"]
     if role in ("device", "any"):
         codes.append("429")
-    if "{" in path or method in WRITES or path == "/api/v1/schedule":
+    if "{" in path or method in WRITES or path in ("/api/v1/schedule", "/api/v1/schedule/days"):
         codes.append("404")
     if method in WRITES:
         codes.append("409")
