@@ -36,7 +36,7 @@ from fleet.deploy import Deployer, Host, parse_hosts, summary_table
 from tests.conftest import require
 from tests.fleet.releases import BROKEN, V1, Releases
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=240)
 
 SERVICE = """#!/bin/sh
 # The test host's service manager: stop the running appliance, start `current`'s.

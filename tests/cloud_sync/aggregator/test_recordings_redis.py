@@ -67,6 +67,7 @@ def settings(db_url: str, tmp_path: Path) -> Iterator[AggregatorSettings]:
 _JOB_IDS: list[str] = []
 
 
+@pytest.mark.slow(seconds=75)
 def test_two_workers_share_a_backlog_and_run_no_job_twice(
         world: World, settings: AggregatorSettings, clips: dict[str, Path],  # noqa: F811
         app_client: Any) -> None:

@@ -54,6 +54,7 @@ def _fuzz(agg: Aggregator, secret: str, report: Path) -> None:
     assert f"Tested: {_operations(agg)}" in proc.stdout, proc.stdout[-3000:]
 
 
+@pytest.mark.slow(seconds=120)
 def test_schemathesis_admin_and_device(served: tuple[Aggregator, dict[str, str]],
                                        tmp_path: Path) -> None:
     agg, keys = served
