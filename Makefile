@@ -20,7 +20,7 @@ help:
 	@echo "make run    - start a local aggregator and the appliance (SQLite, HTTP, no broker)"
 	@echo "make test   - set everything up and run the test suite"
 	@echo "make lint   - ruff"
-	@echo "make bench  - pipeline, recognition, aggregator, scaleout, sync and recordings benchmarks (JSON)"
+	@echo "make bench  - pipeline, recognition, aggregator, cost, scaleout, sync and recordings benchmarks (JSON)"
 	@echo "make setup  - venv + packages + models only"
 	@echo "make image  - SD card image build/classroom-appliance-<version>-arm64.img.xz (root;"
 	@echo "              BASE=raspios-lite.img.xz customises Raspberry Pi OS Lite instead)"
@@ -62,6 +62,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 bench: setup
+	bash scripts/ensure-system-deps.sh bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # --- fleet: image, flash, deploy (docs/OPERATIONS.md) ---------------------------------------------

@@ -2,7 +2,7 @@
 
     python -m bench                 # all
     python -m bench pipeline        # one or more by name: pipeline, recognition, aggregator,
-                                    # scaleout, sync, recordings
+                                    # cost, scaleout, sync, recordings
     python -m bench --out FILE      # also write the JSON to FILE
 """
 
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("pipeline", "recognition", "aggregator", "scaleout", "sync", "recordings")
+SUITES = ("pipeline", "recognition", "aggregator", "cost", "scaleout", "sync", "recordings")
 
 
 def main(argv: list[str] | None = None) -> int:

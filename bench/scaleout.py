@@ -7,19 +7,20 @@ On a temporary PostgreSQL database on 127.0.0.1:5432 (skipped, with the reason i
 when the server is not reachable), seeded like ``bench aggregator`` (100 rooms, one device
 each, 5,000 students). For each worker count: ``aggregator serve --workers N`` in a subprocess
 (the shared rate limit in PostgreSQL, the bus on LISTEN/NOTIFY: what several processes
-really run), then DEVICES devices (one HTTP/1.1 connection each) POST batches of BATCH
-records back to back (closed loop) for WARMUP_S uncounted, then DURATION_S counted seconds.
-Reported: accepted records/s, requests/s, request latency (P50/P95/P99), errors, and the CPU
-seconds the aggregator processes and the PostgreSQL server spent per 1,000 records (psutil),
-from which docs/OPERATIONS.md sizes a deployment. ``ratio_2_to_1`` is measured in the same
-run. The load generator runs on the same 2 cores as the servers and the database: the ratio
-is what this machine gives, not what a separate load generator would see.
+really run), then ``wrk`` with DEVICES connections POSTs batches of BATCH records, each from
+the next device, back to back (closed loop) for WARMUP_S uncounted, then DURATION_S counted
+seconds; then the same with 1-record batches. Reported per phase (bench/loadgen.py): records/s,
+requests/s, latency P50/P95/P99, the CPU per request of the aggregator processes and of the
+PostgreSQL backends of the bench database, the processes' run-queue wait, CPU pressure and the
+load average. ``what_it_shows`` says what the 1-to-2 comparison can and cannot show on a
+2-core machine; ``bench cost`` has the CPU per request against a bare endpoint.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.aggregator import REPO, _free_port, _postgres, _records, _seed, _settle, _stats_ms
+from bench.aggregator import REPO, _free_port, _postgres, _records, _seed, _settle
+from bench.loadgen import KEY, Target, measure, wrk_available
 
 DEVICES = 50
 BATCH = 50
@@ -81,17 +83,6 @@ class Workers:
             self.proc.wait(5)
 
 
-def _cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
 def _postgres_cpu(database: str) -> dict[int, float]:
     """CPU seconds of each PostgreSQL backend serving ``database`` (its process title names
     the database: other users of the server are not counted)."""
@@ -112,66 +103,36 @@ def _pg_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
-async def _load(base: str, keys: dict[str, str], batch: int, warmup_s: float,
-                duration_s: float) -> dict[str, Any]:
-    """Every device posts batches of ``batch`` back to back; only requests started in the
-    counted window are counted."""
+def _targets(keys: dict[str, str], batch: int) -> Target:
+    """Each device's batch of ``batch`` records (fresh keys on every request)."""
     start = datetime.now(UTC) - timedelta(minutes=30)
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    accepted = 0
-    t_begin = time.perf_counter()
-    count_from = t_begin + warmup_s
-    count_to = count_from + duration_s
-
-    async def device(name: str, key: str) -> None:
-        nonlocal accepted
-        room = f"LAB-{name.split('-')[1]}"
-        headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(headers=headers, timeout=60) as client:
-            while time.perf_counter() < count_to:
-                body = {"v": 1, "device_id": name, "records": _records(name, room, batch, start)}
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(f"{base}/api/v1/attendance", json=body)
-                except httpx.HTTPError as err:
-                    errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
-                    continue
-                t1 = time.perf_counter()
-                if count_from <= t0 < count_to:
-                    latencies.append((t1 - t0) * 1000)
-                    if r.status_code == 200:
-                        accepted += r.json()["accepted"]
-                    else:
-                        errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
-
-    await asyncio.gather(*(device(n, k) for n, k in list(keys.items())[:DEVICES]))
-    return {"accepted_records": accepted, "requests": len(latencies),
-            "latency": _stats_ms(latencies) if latencies else None, "errors": errors}
+    target = Target("/api/v1/attendance")
+    for device, key in list(keys.items())[:DEVICES]:
+        room = f"LAB-{device.split('-')[1]}"
+        records = _records(device, room, batch, start)
+        for record in records:
+            record["key"] = KEY
+        target.bodies.append((
+            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            json.dumps({"v": 1, "device_id": device, "records": records})))
+    return target
 
 
 def _phase(server: Workers, database: str, keys: dict[str, str], batch: int,
            warmup_s: float, duration_s: float) -> dict[str, Any]:
-    procs = server.processes()
-    cpu_agg0, pg0 = _cpu_s(procs), _postgres_cpu(database)
-    load0 = os.getloadavg()[0]
-    wall0 = time.perf_counter()
-    out = asyncio.run(_load(server.base, keys, batch, warmup_s, duration_s))
-    wall = time.perf_counter() - wall0
-    cpu_agg = _cpu_s(procs) - cpu_agg0
-    cpu_pg = _pg_delta(pg0, _postgres_cpu(database))
-    # CPU over the whole phase (warm-up too): the counted figures scaled to it
-    scale = duration_s / wall
-    out.update(
-        batch_size=batch,
-        records_per_s=round(out["accepted_records"] / duration_s),
-        requests_per_s=round(out["requests"] / duration_s, 1),
-        aggregator_cpu_ms_per_request=round(cpu_agg * scale * 1000 / max(1, out["requests"]),
-                                            2),
-        postgres_cpu_ms_per_request=round(cpu_pg * scale * 1000 / max(1, out["requests"]), 2),
-        load_avg_1m_before_after=[round(load0, 2), round(os.getloadavg()[0], 2)],
-    )
+    pids = [p.pid for p in server.processes()]
+    pg0 = _postgres_cpu(database)
+    out = measure(server.base, _targets(keys, batch), pids, DEVICES, warmup_s, duration_s,
+                  _prefix())
+    out["database_cpu_ms_per_request"] = round(
+        _pg_delta(pg0, _postgres_cpu(database)) * 1000 / max(1, out["requests"]), 3)
+    out.update(batch_size=batch, records_per_s=round(out["requests_per_s"] * batch))
     return out
+
+
+def _prefix() -> str:
+    raw = secrets.token_hex(8)
+    return f"{raw[:8]}-{raw[8:12]}-4{raw[12:15]}-8"
 
 
 def _measure(url: str, keys: dict[str, str], workers: int) -> dict[str, Any]:
@@ -186,10 +147,26 @@ def _measure(url: str, keys: dict[str, str], workers: int) -> dict[str, Any]:
         server.stop()
 
 
+WHAT_IT_SHOWS = (
+    "Whether processes of one server answer as one and what each request costs (CPU per "
+    "request of the aggregator processes and of PostgreSQL, from /proc): that holds on any "
+    "machine. What it cannot show on this 2-core machine is the throughput a second process "
+    "adds: wrk, PostgreSQL, both workers and other people's jobs share the same two cores, "
+    "so a second worker only takes CPU time from the first (see server_runq_wait and "
+    "cpu_pressure_some_share beside each figure); the ratio of 2 to 1 workers is "
+    "meaningful only where the server has a free core per worker and the database and the "
+    "load generator run elsewhere. Latencies are those of a saturated closed loop (DEVICES "
+    "connections posting back to back): queueing, not service times.")
+
+
 def run() -> dict[str, Any]:
     results: dict[str, Any] = {"cpu_count": os.cpu_count(), "devices": DEVICES,
                                "batch_size": BATCH, "counted_s": DURATION_S,
-                               "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+                               "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+                               "what_it_shows": WHAT_IT_SHOWS}
+    if not wrk_available():
+        results["skipped"] = "wrk is not installed (scripts/ensure-system-deps.sh bench)"
+        return results
     pg = _postgres()
     if pg is None:
         results["postgresql"] = {"skipped": "no PostgreSQL server on 127.0.0.1:5432"}
@@ -208,8 +185,8 @@ def run() -> dict[str, Any]:
         "workers_1": one, "workers_2": two,
         "ratio_2_to_1_records_per_s": round(b2["records_per_s"] / b1["records_per_s"], 2)
         if b1["records_per_s"] else None,
-        "ratio_2_to_1_p95": round(b2["latency"]["p95_ms"] / b1["latency"]["p95_ms"], 2)
-        if b1["latency"] and b2["latency"] else None,
+        "ratio_2_to_1_p95": round(b2["latency_ms"]["p95_ms"] / b1["latency_ms"]["p95_ms"], 2)
+        if b1["latency_ms"]["p95_ms"] else None,
     }
     return results
 

@@ -12,6 +12,7 @@
 #         binfmt-support (foreign binaries), arch-test, and the disk tools
 #   image-base: make image BASE=... (no foreign code runs): the disk tools
 #   image-test: qemu-system-aarch64 and ssh
+#   bench: wrk (make bench's load generator: costs the server nothing it would not pay anyway)
 set -euo pipefail
 what=${1:-base}
 
@@ -50,6 +51,9 @@ case "$what" in
     ;;
   image-base)
     disk_tools
+    ;;
+  bench)
+    command -v wrk >/dev/null 2>&1 || need+=(wrk)
     ;;
   image-test)
     disk_tools
