@@ -14,7 +14,9 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud_sync.aggregator.console import (
     core,
@@ -100,14 +102,34 @@ async def _on_login_required(request: Request, err: Exception) -> Response:
     return login_redirect(err.path)
 
 
-async def _console_headers(request: Request, call_next):  # type: ignore[no-untyped-def]
-    response: Response = await call_next(request)
-    if is_console(request):
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if not request.url.path.startswith("/console/static"):
-            response.headers.setdefault("Cache-Control", "no-store")
-    return response
+class ConsoleHeaders:
+    """Pure ASGI: the console's security headers (and ``Cache-Control: no-store`` but on its
+    static files) on console answers only. API paths go straight through: the devices' hot
+    path pays nothing for the console (an ``app.middleware("http")`` function wrapped every
+    API request in a BaseHTTPMiddleware: ~0.35 ms of CPU each)."""
+
+    def __init__(self, app: ASGIApp, api_prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.api_prefixes = api_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or path.startswith(self.api_prefixes):
+            await self.app(scope, receive, send)
+            return
+        cache = not path.startswith("/console/static")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+                if cache:
+                    headers.setdefault("Cache-Control", "no-store")
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def mount(app: FastAPI) -> None:
@@ -125,4 +147,4 @@ def mount(app: FastAPI) -> None:
     app.add_exception_handler(LoginRequired, _on_login_required)
 
     app.add_middleware(SessionGate, api_prefixes=API_PREFIXES)
-    app.middleware("http")(_console_headers)
+    app.add_middleware(ConsoleHeaders, api_prefixes=API_PREFIXES)
