@@ -286,12 +286,15 @@ def event_version(raw: bytes | str) -> int | None:
 def parse_event(raw: bytes | str) -> Event:
     """Validate an event from JSON: :class:`UnsupportedVersionError` for a version this side
     does not read (with the reason), pydantic's ValidationError for anything else wrong."""
-    v = event_version(raw)
-    if v is not None and v not in EVENT_SCHEMA_VERSIONS:
-        raise UnsupportedVersionError(
-            f"event schema version {v} is not supported (this side reads "
-            f"{', '.join(map(str, EVENT_SCHEMA_VERSIONS))})")
-    return Event.model_validate_json(raw)
+    try:
+        return Event.model_validate_json(raw)  # one parse when valid (v is then 1 or 2)
+    except ValidationError:
+        v = event_version(raw)
+        if v is not None and v not in EVENT_SCHEMA_VERSIONS:
+            raise UnsupportedVersionError(
+                f"event schema version {v} is not supported (this side reads "
+                f"{', '.join(map(str, EVENT_SCHEMA_VERSIONS))})") from None
+        raise
 
 
 class Event(BaseModel):

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -51,7 +52,7 @@ from cloud_sync.aggregator.bus import Bus, PostgresBus, RedisBus, split_records
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db import partitions
 from cloud_sync.aggregator.db.migrate import upgrade_engine
-from cloud_sync.aggregator.db.session import make_engine, make_session_factory
+from cloud_sync.aggregator.db.session import THREADS, make_engine, make_session_factory
 from cloud_sync.aggregator.db.watch import WriteWatch
 from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.services.faces import FaceEncoder
@@ -60,7 +61,7 @@ from cloud_sync.aggregator.services.live import LISTENING_EVERY_S, LIVE_FEED_INF
 from cloud_sync.aggregator.services.reports import Rules
 from cloud_sync.aggregator.services.retention import purge
 from cloud_sync.aggregator.state import STATE_INFO_KEY, AppState
-from cloud_sync.protocol import AttendanceBatch, Event
+from cloud_sync.protocol import AttendanceBatch, Event, Heartbeat
 
 _LOGGER = logging.getLogger(__name__)
 PRUNE_PERIOD_S = 3600.0
@@ -182,15 +183,15 @@ async def _retention_hourly(ctx: AppContext) -> None:
 
 
 def _document_batch_body(app: FastAPI) -> None:
-    """POST /api/v1/attendance reads its body itself (see api/device.py): put the
-    AttendanceBatch schema its OpenAPI entry refers to into the components."""
+    """POST /api/v1/attendance, /heartbeat and /events read their bodies themselves (see
+    api/device.py): put the schemas their OpenAPI entries refer to into the components."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (AttendanceBatch, Event):
+            for model in (AttendanceBatch, Event, Heartbeat):
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
@@ -223,6 +224,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the request thread pool, sized with the database pool (db/session.py)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         upgrade_engine(engine)
         partitions.ensure_ahead(engine, settings.partition_months_ahead, known=state)
         _connect_bus(ctx)

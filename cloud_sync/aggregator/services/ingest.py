@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, false, select
+from sqlalchemy import Connection, bindparam, false, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -56,7 +56,7 @@ from cloud_sync.aggregator.services.common import (
     utcnow,
 )
 from cloud_sync.aggregator.services.timetable import Timetable, room_timetable
-from cloud_sync.aggregator.state import state_of
+from cloud_sync.aggregator.state import AppState, state_of
 from cloud_sync.protocol import (
     LEGACY_EMBEDDER,
     AttendanceBatch,
@@ -109,11 +109,17 @@ def _device_context(session: Session, device_id: str) -> _DeviceContext | None:
     return context
 
 
+def cached_device(state: AppState, device_id: str) -> _DeviceContext | None:
+    """The device's room and timetable if this process has them cached (no database)."""
+    return state.device_contexts.get(device_id)  # type: ignore[no-any-return]
+
+
 def _early_min(session: Session) -> float:
     return float(session.info.get(EARLY_ARRIVAL_INFO_KEY, DEFAULT_EARLY_ARRIVAL_MIN))
 
 
-def _beats(session: Session, device_id: str, boot_ids: set[str]) -> dict[str, list[_Beat]]:
+def _beats(session: Session | Connection, device_id: str,
+           boot_ids: set[str]) -> dict[str, list[_Beat]]:
     if not boot_ids:
         return {}
     rows = session.execute(
@@ -224,18 +230,28 @@ def _copy_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
         cursor.close()
 
 
-def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
-    """Insert the rows whose key is new and commit; returns the keys inserted.
+_DESCRIPTORS = RecordDescriptor.__table__
+_DESCRIPTOR_INSERT = {
+    "postgresql": pg_insert(_DESCRIPTORS).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(_DESCRIPTORS).on_conflict_do_nothing(),
+}
+
+
+def _insert_new(session: Session, rows: list[dict[str, Any]],
+                descriptors: list[dict[str, Any]]) -> set[uuid.UUID]:
+    """Insert the rows whose key is new, and the descriptors (idempotent on the record key),
+    and commit; returns the keys inserted.
 
     The read transaction is ended first; the insert runs in the engine's group committer (one
     transaction and one fsync for every batch waiting at that moment, see group_commit.py), or
     alone without an app state."""
-    session.rollback()
     if not rows:
+        session.rollback()
         return set()
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
 
-        def job(conn: Connection) -> set[uuid.UUID]:
+        def insert_rows(conn: Connection) -> set[uuid.UUID]:
             fresh = _claim_keys(conn, rows)
             if fresh:
                 _copy_rows(conn, fresh)
@@ -247,36 +263,31 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
             .returning(Attendance.__table__.c.key)
         )
 
-        def job(conn: Connection) -> set[uuid.UUID]:
+        def insert_rows(conn: Connection) -> set[uuid.UUID]:
             return set(conn.execute(stmt, rows).scalars().all())
 
-    engine = session.get_bind()
-    state = state_of(session)
-    if state is None:
-        return set(group_commit.run_alone(engine, job))  # type: ignore[arg-type]
-    return set(state.committer().submit(job, len(rows)))
+    def job(conn: Connection) -> set[uuid.UUID]:
+        fresh = insert_rows(conn)
+        if descriptors:
+            conn.execute(_DESCRIPTOR_INSERT[dialect], descriptors)
+        return fresh
+
+    return set(_write(session, job, len(rows)))
 
 
 DESCRIPTOR_DAYS_INFO_KEY = "record_descriptor_days"
 
 
-def store_descriptors(session: Session, records: list[AttendanceRecord],
-                      received: datetime) -> None:
-    """Keep the descriptors the devices matched (``record_descriptors``, idempotent on the
-    record key), unless ``record_descriptor_days`` is 0. A re-sent batch fills any gap."""
-    if not records or session.info.get(DESCRIPTOR_DAYS_INFO_KEY, 1) <= 0:
-        return
-    table = RecordDescriptor.__table__
-    values = [{"key": r.key, "received_at": received,
-               "embedder": r.descriptor_embedder or LEGACY_EMBEDDER,
-               "vector": np.asarray(r.descriptor, dtype="<f4").tobytes()} for r in records]
-    begin_write(session)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt: Any = pg_insert(table).on_conflict_do_nothing()
-    else:
-        stmt = sqlite_insert(table).on_conflict_do_nothing()
-    session.execute(stmt, values)
-    session.commit()
+def _descriptor_rows(session: Session, records: list[AttendanceRecord],
+                     received: datetime) -> list[dict[str, Any]]:
+    """The descriptors the devices matched, to keep in ``record_descriptors`` (in the batch's
+    own transaction), unless ``record_descriptor_days`` is 0. A re-sent batch fills any gap."""
+    if session.info.get(DESCRIPTOR_DAYS_INFO_KEY, 1) <= 0:
+        return []
+    return [{"key": r.key, "received_at": received,
+             "embedder": r.descriptor_embedder or LEGACY_EMBEDDER,
+             "vector": np.asarray(r.descriptor, dtype="<f4").tobytes()}
+            for r in records if r.descriptor is not None]
 
 
 def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
@@ -345,14 +356,13 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
     # only read other tables, so it holds no lock the DDL waits for). No-op on SQLite.
     partitions.ensure_months(session.get_bind(), {partitions.month_start(r["at"]) for r in rows},
                              known=state_of(session))
-    fresh = _insert_new(session, rows)
+    kept = {r["key"] for r in rows}
+    fresh = _insert_new(session, rows, _descriptor_rows(
+        session, [r for r in candidates if r.key in kept], received))
     accepted = len(fresh)
     duplicate += len(rows) - accepted
     if fresh:
         live.publish_records(session, [r for r in rows if r["key"] in fresh])
-    kept = {r["key"] for r in rows}
-    store_descriptors(session, [r for r in candidates
-                                if r.descriptor is not None and r.key in kept], received)
     metrics.RECORDS.labels("accepted").inc(accepted)
     metrics.RECORDS.labels("duplicate").inc(duplicate)
     metrics.RECORDS.labels("rejected").inc(len(rejected))
@@ -364,8 +374,9 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
     )
 
 
-def _check_device(session: Session, device_id: str, claimed_device: str, room_id: str) -> Device:
-    device = session.get(Device, device_id)
+def _claimed(device: _DeviceContext | None, device_id: str, claimed_device: str,
+             room_id: str) -> _DeviceContext:
+    """The device's context, once the message's own device and room are checked."""
     if device is None:
         raise NotFoundError(f"unknown device {device_id!r}")
     if claimed_device != device_id:
@@ -375,43 +386,65 @@ def _check_device(session: Session, device_id: str, claimed_device: str, room_id
     return device
 
 
-def _recorrect(session: Session, device: Device, hb: Heartbeat) -> int:
+def _write(session: Session, job: group_commit.Job, rows: int, order: str = "") -> Any:
+    """``job`` in the app's group committer (durable when this returns), or alone without an
+    app state. The session's read transaction is ended first."""
+    session.rollback()
+    state = state_of(session)
+    if state is None:
+        return group_commit.run_alone(session.get_bind(), job)
+    return state.committer().submit(job, rows, order)
+
+
+_RECORD = Attendance.__table__
+_RECORRECT = (
+    update(_RECORD)
+    .where(_RECORD.c.id == bindparam("_id"), _RECORD.c.at == bindparam("_at"))
+    .values(at=bindparam("at"), correction=bindparam("correction"),
+            time_uncertain=bindparam("time_uncertain"), course_id=bindparam("course_id"))
+)
+
+
+def _recorrect(conn: Connection, device: _DeviceContext, hb: Heartbeat, early: float) -> int:
     """Re-correct this boot's uncertain records (and offset-corrected ones if ``hb`` is
-    synchronised with a monotonic reading) now that the heartbeat is stored."""
+    synchronised with a monotonic reading) now that the heartbeat is stored (same
+    transaction). The partial index ix_attendance_unsynced makes the usual answer, none,
+    cheap."""
     methods = ["uncertain"]
     if hb.clock_synced and hb.monotonic_s is not None:
         methods.append("heartbeat_offset")
-    records = session.scalars(
-        select(Attendance).where(
-            Attendance.device_id == device.id, Attendance.boot_id == hb.boot_id,
-            Attendance.clock_synced == false(), Attendance.correction.in_(methods),
+    c = _RECORD.c
+    records = conn.execute(
+        select(c.id, c.at, c.seen_at, c.monotonic_s, c.correction, c.room_id).where(
+            c.device_id == device.device_id, c.boot_id == hb.boot_id,
+            c.clock_synced == false(), c.correction.in_(methods),
         )
     ).all()
     if not records:
         return 0
-    beats = _beats(session, device.id, {hb.boot_id} if hb.boot_id else set()).get(
+    beats = _beats(conn, device.device_id, {hb.boot_id} if hb.boot_id else set()).get(
         hb.boot_id or "", []
     )
-    room = session.get(Room, device.room_id)
-    timetable = room_timetable(session, room) if room is not None else Timetable([], {})
-    early = _early_min(session)
-    changed = 0
+    changes: list[dict[str, Any]] = []
     for rec in records:
         at, method = correct_time(rec.seen_at, False, rec.monotonic_s, beats)
         if method == rec.correction and at == rec.at:
             continue
-        rec.at = at
-        rec.correction = method
-        rec.time_uncertain = method == "uncertain"
-        rec.course_id = timetable.course_at(rec.room_id, at, early)
-        changed += 1
-    return changed
+        changes.append({"_id": rec.id, "_at": rec.at, "at": at, "correction": method,
+                        "time_uncertain": method == "uncertain",
+                        "course_id": device.timetable.course_at(rec.room_id, at, early)})
+    if changes:
+        conn.execute(_RECORRECT, changes)
+    return len(changes)
 
 
-def record_heartbeat(session: Session, device_id: str, hb: Heartbeat) -> None:
-    """Store a heartbeat, update the device's status and clock offset, and re-correct this
-    boot's records made with an unsynchronised clock. Commits. Raises ``ForbiddenError`` when the
-    heartbeat claims another device or room, ``NotFoundError`` for an unknown device."""
+def heartbeat_job(device: _DeviceContext | None, device_id: str, hb: Heartbeat,
+                  early_min: float) -> group_commit.Job:
+    """Check a heartbeat (``ServiceError``: values; ``ForbiddenError``: another device or
+    room; ``NotFoundError``: an unknown device) and return its write, for the group
+    committer: store it, update the device's status and clock offset, and re-correct this
+    boot's records made with an unsynchronised clock. The job returns how many records it
+    re-corrected; submit it with ``order=device_id`` (it updates the device's row)."""
     received = utcnow()
     if not (_time_ok(hb.sent_at) and _time_ok(hb.last_frame_at)):
         raise ServiceError("sent_at / last_frame_at outside 1970..2100")
@@ -420,57 +453,102 @@ def record_heartbeat(session: Session, device_id: str, hb: Heartbeat) -> None:
     if not all(_finite(v) for v in (hb.monotonic_s, hb.uptime_s, hb.cpu_temp_c, hb.fps,
                                     hb.oldest_unsent_age_s)):
         raise ServiceError("numbers must be finite")
-    begin_write(session)
-    device = _check_device(session, device_id, hb.device_id, hb.room_id)
-    session.add(HeartbeatRow(
-        device_id=device_id, received_at=received, sent_at=hb.sent_at,
-        clock_synced=hb.clock_synced, boot_id=hb.boot_id, monotonic_s=hb.monotonic_s,
-        software_version=hb.software_version, uptime_s=hb.uptime_s, cpu_temp_c=hb.cpu_temp_c,
-        outbox_depth=hb.outbox_depth, oldest_unsent_age_s=hb.oldest_unsent_age_s,
-        last_frame_at=hb.last_frame_at, fps=hb.fps,
-    ))
-    device.last_heartbeat_at = received
-    device.software_version = hb.software_version
-    device.clock_offset_s = (received - hb.sent_at).total_seconds()
-    session.flush()
-    changed = _recorrect(session, device, hb) if hb.boot_id else 0
+    found = _claimed(device, device_id, hb.device_id, hb.room_id)
+    row = {
+        "device_id": device_id, "received_at": received, "sent_at": hb.sent_at,
+        "clock_synced": hb.clock_synced, "boot_id": hb.boot_id, "monotonic_s": hb.monotonic_s,
+        "software_version": hb.software_version, "uptime_s": hb.uptime_s,
+        "cpu_temp_c": hb.cpu_temp_c, "outbox_depth": hb.outbox_depth,
+        "oldest_unsent_age_s": hb.oldest_unsent_age_s, "last_frame_at": hb.last_frame_at,
+        "fps": hb.fps,
+    }
+    status = {"last_heartbeat_at": received, "software_version": hb.software_version,
+              "clock_offset_s": (received - hb.sent_at).total_seconds()}
+
+    def job(conn: Connection) -> int:
+        conn.execute(_HEARTBEAT_INSERT, row)
+        conn.execute(_DEVICE_STATUS, {"_id": device_id, **status})
+        return _recorrect(conn, found, hb, early_min) if hb.boot_id else 0
+
+    return job
+
+
+_HEARTBEAT_INSERT = insert(HeartbeatRow.__table__)
+_DEVICE_STATUS = (
+    update(Device.__table__).where(Device.__table__.c.id == bindparam("_id"))
+    .values(last_heartbeat_at=bindparam("last_heartbeat_at"),
+            software_version=bindparam("software_version"),
+            clock_offset_s=bindparam("clock_offset_s"))
+)
+
+
+def heartbeat_stored(device_id: str, hb: Heartbeat, changed: int) -> None:
+    """After a heartbeat's job committed: the log line and the metric."""
     if changed:
         _LOGGER.info("device %s boot %s: %d record time(s) corrected", device_id, hb.boot_id,
                      changed)
-    session.commit()
     metrics.HEARTBEATS.inc()
 
 
-def record_event(session: Session, device_id: str, event: Event) -> bool:
-    """Store an event; False when its key was already stored (a re-send). Commits."""
+def record_heartbeat(session: Session, device_id: str, hb: Heartbeat) -> None:
+    """Store a heartbeat (see :func:`heartbeat_job`); durable when this returns. Raises
+    ``ForbiddenError`` when the heartbeat claims another device or room, ``NotFoundError`` for
+    an unknown device, ``ServiceError`` for values out of range."""
+    job = heartbeat_job(_device_context(session, device_id), device_id, hb,
+                        _early_min(session))
+    heartbeat_stored(device_id, hb, _write(session, job, 1, order=device_id))
+
+
+def event_job(device: _DeviceContext | None, device_id: str,
+              event: Event) -> group_commit.Job:
+    """Check an event (``ServiceError``, ``ForbiddenError``, ``NotFoundError`` as for a
+    heartbeat) and return its write for the group committer; the job returns whether the
+    event was new (False: its key was already stored, a re-send)."""
     if not _time_ok(event.at):
         raise ServiceError("at outside 1970..2100")
     if not _text_ok(event.message):
         raise ServiceError("message contains NUL characters")
     try:
-        json.dumps(event.data, allow_nan=False)
+        plain = json.dumps(event.data, allow_nan=False)
     except ValueError as err:
         raise ServiceError(f"data is not plain JSON: {err}") from err
-    if "\\u0000" in json.dumps(event.data):
+    if "\\u0000" in plain:
         raise ServiceError("data contains NUL characters")
-    begin_write(session)
-    _check_device(session, device_id, event.device_id, event.room_id)
+    _claimed(device, device_id, event.device_id, event.room_id)
     values = {
         "key": event.key, "device_id": device_id, "room_id": event.room_id, "kind": event.kind,
         "severity": event.severity, "message": event.message, "at": event.at,
         "received_at": utcnow(), "data": event.data, "session_id": event.session_id,
         "v": event.v,
     }
-    table = EventRow.__table__
-    if session.get_bind().dialect.name == "postgresql":
-        stmt: Any = pg_insert(table).values(values).on_conflict_do_nothing()
-    else:
-        stmt = sqlite_insert(table).values(values).on_conflict_do_nothing()
-    inserted = session.execute(stmt.returning(table.c.key)).first() is not None
-    session.commit()
+
+    def job(conn: Connection) -> bool:
+        stmt = _EVENT_INSERT[conn.dialect.name == "postgresql"]
+        return conn.execute(stmt, values).first() is not None
+
+    return job
+
+
+_EVENTS = EventRow.__table__
+_EVENT_INSERT = (
+    sqlite_insert(_EVENTS).on_conflict_do_nothing().returning(_EVENTS.c.key),
+    pg_insert(_EVENTS).on_conflict_do_nothing().returning(_EVENTS.c.key),
+)
+
+
+def event_stored(feed: live.LiveFeed | None, event: Event, inserted: bool) -> None:
+    """After an event's job committed: the metric, and a new event to the live feed."""
     metrics.EVENTS.labels(event.kind).inc()
     if inserted:
-        live.publish_event(session, event)
+        live.publish_event_on(feed, event)
+
+
+def record_event(session: Session, device_id: str, event: Event) -> bool:
+    """Store an event; False when its key was already stored (a re-send). Durable when this
+    returns."""
+    job = event_job(_device_context(session, device_id), device_id, event)
+    inserted = bool(_write(session, job, 1))
+    event_stored(live.feed_of(session), event, inserted)
     return inserted
 
 

@@ -160,7 +160,11 @@ def publish_records(session: Session, rows: list[dict[str, Any]]) -> None:
 
 def publish_event(session: Session, event: Any) -> None:
     """A newly stored device event to the live feed (the wire form of the event)."""
-    feed = feed_of(session)
+    publish_event_on(feed_of(session), event)
+
+
+def publish_event_on(feed: LiveFeed | None, event: Any) -> None:
+    """:func:`publish_event` when the caller holds the feed itself, not a session."""
     if feed is None or not feed.wanted():
         return
     feed.publish(event.room_id, event.kind, {"event": event.model_dump(mode="json")})
