@@ -14,7 +14,7 @@ FACE_RECOGNITION := face-recognition==1.3.0
 # (python3-picamera2, installed by ensure-system-deps.sh); the venv must see them.
 SYSTEM_PICAMERA2 := /usr/lib/python3/dist-packages/picamera2
 
-.PHONY: setup venv models run test lint bench clean help image image-test flash deploy
+.PHONY: setup venv models run test lint bench clean help image image-test flash deploy lock
 
 help:
 	@echo "make run    - start a local aggregator and the appliance (SQLite, HTTP, no broker)"
@@ -23,7 +23,9 @@ help:
 	@echo "make bench  - pipeline, recognition, aggregator, cost, scaleout, sync and recordings benchmarks (JSON)"
 	@echo "make setup  - venv + packages + models only"
 	@echo "make image  - SD card image build/classroom-appliance-<version>-arm64.img.xz (root;"
-	@echo "              BASE=raspios-lite.img.xz customises Raspberry Pi OS Lite instead)"
+	@echo "              BASE=raspios-lite.img.xz customises Raspberry Pi OS Lite (trixie; TARGET=bookworm"
+	@echo "              for an older one) instead)"
+	@echo "make lock   - re-resolve the devices' dependency locks (fleet/locks/, UPGRADE=1: newest)"
 	@echo "make flash  - DEVICE=/dev/sdX (or IMAGE_ONLY=out.img) ROOM=LAB-301 AGGREGATOR=https://..."
 	@echo "              [WIFI_SSID= WIFI_PSK= SSH_KEY= HOSTNAME= DEVICE_ID= CAMERA=] or DEVICES_CSV=rooms.csv"
 	@echo "make deploy - HOSTS=\"pi-lab301 pi-lab302\" [VERSION=... INVENTORY=... LIMIT=4]"
@@ -77,9 +79,13 @@ FLASH_ARGS = --aggregator "$(AGGREGATOR)" \
 	$(if $(ADMIN_TOKEN_FILE),--admin-token-file "$(ADMIN_TOKEN_FILE)") \
 	$(if $(ADMIN_URL),--admin-url "$(ADMIN_URL)")
 
+lock: venv
+	$(BIN)/python -m fleet lock $(if $(UPGRADE),--upgrade)
+
 image: setup
 	bash scripts/ensure-system-deps.sh $(if $(BASE),image-base,image)
-	$(BIN)/python -m fleet image $(if $(BASE),--base "$(BASE)") $(IMAGE_ARGS)
+	$(BIN)/python -m fleet image $(if $(BASE),--base "$(BASE)") $(if $(TARGET),--target "$(TARGET)") \
+		$(IMAGE_ARGS)
 
 # WIFI_PSK goes through the environment, not the command line (ps would show it)
 flash: setup

@@ -14,6 +14,7 @@ import typer
 
 from fleet import disk
 from fleet.bundle import REPO, BundleError, build_bundle, release_version
+from fleet.lock import LockError
 
 _LOGGER = logging.getLogger(__name__)
 app = typer.Typer(help="SD card image, flashing and fleet deploys.", no_args_is_help=True,
@@ -35,16 +36,35 @@ def _fail(err: Exception) -> typer.Exit:
 
 
 @app.command()
+def lock(
+    target: Annotated[list[str] | None, typer.Option(
+        help="bookworm (the Debian image) or trixie (Raspberry Pi OS); default: both.")] = None,
+    upgrade: Annotated[bool, typer.Option(
+        help="Take the newest releases (otherwise the lock's pins are kept).")] = False,
+) -> None:
+    """Pin the device's dependencies with hashes per target interpreter (fleet/locks/)."""
+    from fleet.lock import TARGETS, LockError, compile_lock
+    from fleet.lock import target as find_target
+
+    try:
+        for name in target or list(TARGETS):
+            typer.echo(compile_lock(find_target(name), upgrade=upgrade))
+    except LockError as err:
+        raise _fail(err) from err
+
+
+@app.command()
 def bundle(
     out: Annotated[Path, typer.Option(help="Bundle directory to (re)create.")],
     platform: Annotated[str, typer.Option(
-        help="arm64 (the Pi) or native (this machine).")] = "arm64",
+        help="bookworm (= arm64, the Debian image), trixie (Raspberry Pi OS) or native (this "
+             "machine).")] = "arm64",
 ) -> None:
     """Build a release bundle: wheels for the platform, the manifest's models, the installer."""
     _setup_logging()
     try:
         build_bundle(out, platform=platform)
-    except (BundleError, OSError) as err:
+    except (BundleError, LockError, OSError) as err:
         raise _fail(err) from err
     typer.echo(out)
 
@@ -56,6 +76,9 @@ def image(
     out: Annotated[Path | None, typer.Option(help="Output .img.xz.")] = None,
     reuse: Annotated[bool, typer.Option(
         help="Keep an existing image of this version (make image-test).")] = False,
+    target: Annotated[str | None, typer.Option(
+        help="With --base: the Raspberry Pi OS release (trixie, or bookworm for an older "
+             "one). Default: trixie with --base, bookworm without.")] = None,
 ) -> None:
     """make image: the flashable image (Debian arm64), or a customised Raspberry Pi OS Lite."""
     from fleet.image import build_image, customize_raspios
@@ -73,7 +96,7 @@ def image(
     start = time.monotonic()
     try:
         t = time.monotonic()
-        build_bundle(bundle_dir, platform="arm64")
+        build_bundle(bundle_dir, platform=target or ("trixie" if base else "bookworm"))
         timings["bundle"] = round(time.monotonic() - t, 1)
         if base is not None:
             target = out or image_path(version, "-raspios")
@@ -91,7 +114,8 @@ def image(
             target = out or image_path(version)
             build_image(target, base_tar=Path(tarball), bundle=bundle_dir,
                         units_dir=REPO / "systemd", workdir=work, timings=timings)
-    except (BundleError, disk.DiskError, subprocess.CalledProcessError, OSError) as err:
+    except (BundleError, LockError, disk.DiskError, subprocess.CalledProcessError,
+            OSError) as err:
         raise _fail(err) from err
     timings["total"] = round(time.monotonic() - start, 1)
     (target.with_name(target.name + ".timings.json")).write_text(json.dumps(timings, indent=2))
@@ -194,7 +218,7 @@ def deploy(
             build_bundle(bundle_dir, platform=platform)
         results = run_deploy(bundle_dir, targets, limit=limit, health_timeout=health_timeout,
                              client_keys=[str(identity)] if identity else None)
-    except (DeployError, BundleError, OSError) as err:
+    except (DeployError, BundleError, LockError, OSError) as err:
         raise _fail(err) from err
     if not all(r.ok for r in results):
         raise typer.Exit(1)

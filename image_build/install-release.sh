@@ -3,7 +3,8 @@
 # host). Shared by `make image`, the Raspberry Pi OS first-boot installer, `make deploy` and the
 # pulled update (`appliance update apply`), so there is one way a release gets installed.
 #   install-release.sh BUNDLE_DIR PREFIX [--system-site-packages]
-# BUNDLE_DIR holds VERSION, wheels/ (an offline wheelhouse), models/ (verified model files) and
+# BUNDLE_DIR holds VERSION, wheels/ (an offline wheelhouse), requirements.txt (every wheel by
+# version and sha256, from the target's lock: fleet/locks/), models/ (verified model files) and
 # usually manifest.json (every file's sha256; `appliance update apply` has checked them all and
 # the signature before this runs).
 # Two layers:
@@ -61,13 +62,26 @@ reqs = [r for r in reqs if not re.search(r"extra\s*==", r)]
 EOF
 key=$(cat "$work/key")
 deps="$prefix/deps/$key"
-pip_offline="--quiet --no-index --no-cache-dir --disable-pip-version-check --find-links $bundle/wheels"
+# --require-hashes: the bundle's requirements.txt pins every dependency wheel by sha256 (the
+# project's line goes to the thin release below); a file changed or missing, or a dependency
+# not pinned, fails here, not at run time. A bundle from before the locks has no such file:
+# the project's own requirements, unpinned.
+hashes=""
+if [ -e "$bundle/requirements.txt" ]; then
+  grep -v '^classroom-attendance==' "$bundle/requirements.txt" > "$work/requirements.txt"
+  hashes="--require-hashes"
+fi
+# --no-index: a classroom Pi may not reach any package registry; everything is in the bundle.
+# No pip configuration of this machine applies (Raspberry Pi OS ships /etc/pip.conf with an
+# extra index; a builder's PIP_FIND_LINKS must not reach a chroot): PIP_CONFIG_FILE=/dev/null
+# skips every config file, --isolated every PIP_* variable.
+export PIP_CONFIG_FILE=/dev/null
+pip_offline="--isolated --quiet --no-index --no-cache-dir --disable-pip-version-check --only-binary=:all: --find-links $bundle/wheels"
 mkdir -p "$prefix/releases" "$prefix/deps"
 if [ ! -e "$deps/.installed" ]; then
   rm -rf "$deps"
   "$python" -m venv $site "$deps"
-  # --no-index: a classroom Pi may not reach any package registry; everything is in the bundle.
-  "$deps/bin/python" -m pip install $pip_offline -r "$work/requirements.txt"
+  "$deps/bin/python" -m pip install $pip_offline $hashes -r "$work/requirements.txt"
   chmod -R a+rX "$deps"
   touch "$deps/.installed"
 fi
