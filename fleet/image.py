@@ -94,6 +94,12 @@ CMDLINE = ("console=tty1 console=ttyS1,115200 root=LABEL=rootfs rootfstype=ext4 
            "rootflags=noatime fsck.repair=yes rootwait net.ifnames=0\n")
 
 
+# the device trees of the boards this image boots: Pi 4 B, Pi 400, CM4 (the Pi 5 needs Raspberry
+# Pi OS, see make image BASE=...; the Pi 3 is not supported: 1 GB of RAM, ~3x slower)
+PI_DTBS = "bcm2711-*.dtb"
+CHROOT_ENV = {"HOME": "/root", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
 @contextmanager
 def step(name: str, timings: dict[str, float]) -> Iterator[None]:
     start = time.monotonic()
@@ -171,9 +177,10 @@ def install_bundle(root: Path, bundle: Path) -> str:
     version = bundle_version(bundle)
     try:
         inside = "/tmp/bundle"  # noqa: S108 (a path inside the image's root, not on this host)
+        # a clean environment: nothing of this machine's (PIP_FIND_LINKS, PIP_INDEX_URL, a
+        # virtualenv's variables) reaches the image's installer
         disk.run(["chroot", str(root), "/bin/sh", f"{inside}/install-release.sh",
-                  inside, "/" + PREFIX], env={**os.environ, "HOME": "/root",
-                                                     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                  inside, "/" + PREFIX], env=CHROOT_ENV)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     current = root / PREFIX / "current"
@@ -214,7 +221,7 @@ def boot_files(root: Path, boot: Path) -> None:
     shutil.copy2(kernels[-1], boot / "vmlinuz")
     shutil.copy2(initrds[-1], boot / "initrd.img")
     version = kernels[-1].name.removeprefix("vmlinuz-")
-    for dtb in sorted((root / f"usr/lib/linux-image-{version}/broadcom").glob("bcm27*.dtb")):
+    for dtb in sorted((root / f"usr/lib/linux-image-{version}/broadcom").glob(PI_DTBS)):
         shutil.copy2(dtb, boot / dtb.name)
     (boot / "config.txt").write_text(CONFIG_TXT)
     (boot / "cmdline.txt").write_text(CMDLINE)

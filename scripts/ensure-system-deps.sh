@@ -7,11 +7,13 @@
 #   test: what the test suite drives for real: mosquitto, chromium, ffmpeg (recorded
 #         sessions: upload check, browser copy); for the fleet tests the disk
 #         tools (sfdisk, mkfs.vfat/fsck.vfat, mtools, mkfs.ext4/e2fsck/debugfs, xz), sshd and
-#         ssh-keygen (two test hosts), systemd-analyze
+#         ssh-keygen (two test hosts), systemd-analyze; depmod (kmod: the initramfs check indexes
+#         the image's kernel package)
 #   image: make image (Debian arm64 from this machine): mmdebstrap, qemu-user-static and
 #         binfmt-support (foreign binaries), arch-test, and the disk tools
 #   image-base: make image BASE=... (no foreign code runs): the disk tools
-#   image-test: qemu-system-aarch64 and ssh
+#   image-test: qemu-system-aarch64 with its option ROMs (ipxe-qemu: efi-virtio.rom for the
+#         virtio NIC, a Recommends that --no-install-recommends would skip) and ssh
 #   bench: wrk (make bench's load generator: costs the server nothing it would not pay anyway)
 set -euo pipefail
 what=${1:-base}
@@ -41,6 +43,7 @@ case "$what" in
     [ -x /usr/sbin/sshd ] || need+=(openssh-server)
     command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+    command -v depmod >/dev/null 2>&1 || [ -x /sbin/depmod ] || need+=(kmod)
     ;;
   image)
     disk_tools
@@ -58,6 +61,7 @@ case "$what" in
   image-test)
     disk_tools
     command -v qemu-system-aarch64 >/dev/null 2>&1 || need+=(qemu-system-arm)
+    [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
     command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
     ;;
 esac
