@@ -65,10 +65,28 @@ class Timer:
         _LOGGER.info("%-40s %7.1f s", name, self.steps[name])
 
 
-def wait_for(what: str, check, timeout: float, every: float = 3.0):  # type: ignore[no-untyped-def]
+class GuestDiedError(RuntimeError):
+    """The qemu process ended; the message carries its last words (e.g. a missing ROM)."""
+
+
+def console_tail(log: Path, lines: int = 15) -> str:
+    try:
+        text = log.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+def wait_for(what: str, check, timeout: float, every: float = 3.0,  # type: ignore[no-untyped-def]
+             guest: subprocess.Popen[bytes] | None = None, log: Path | None = None):
+    """Poll ``check`` until it returns something true; with ``guest``, stop at once (with
+    qemu's own message from ``log``) when the qemu process has ended."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
+        if guest is not None and guest.poll() is not None:
+            raise GuestDiedError(f"{what}: qemu exited with {guest.returncode}:\n"
+                            + (console_tail(log) if log else ""))
         try:
             last = check()
         except Exception as err:  # the guest is still booting: any failure means "not yet"
@@ -207,10 +225,12 @@ def main() -> int:
             stdin=subprocess.DEVNULL, stdout=(OUT / "console.log").open("wb"),
             stderr=subprocess.STDOUT)
         guest = Guest(key, ssh_port)
-        wait_for("ssh in the guest", lambda: guest.run("true", timeout=30) == "", 900, 5)
+        watch = {"guest": qemu, "log": OUT / "console.log"}
+        wait_for("ssh in the guest", lambda: guest.run("true", timeout=30) == "", 900, 5,
+                 **watch)
         timer.mark("boot to ssh (key from the card)")
         status = wait_for("first boot", lambda: json.loads(guest.run(
-            "cat /var/lib/classroom-attendance/provisioning.json")), 600, 5)
+            "cat /var/lib/classroom-attendance/provisioning.json")), 600, 5, **watch)
         report["provisioning"] = status
         report["settings_left_on_fat"] = guest.run(
             "ls /boot/firmware/classroom-device.toml 2>/dev/null || echo none").strip()
@@ -222,14 +242,14 @@ def main() -> int:
                  "'http://127.0.0.1:8080/health',timeout=5).read()\nexcept urllib.error."
                  "HTTPError as e:\n b=e.read()\nprint(b.decode())")
         health = wait_for("/health in the guest", lambda: json.loads(guest.run(
-            f"/opt/classroom-attendance/current/bin/python -c \"{probe}\"")), 900, 5)
+            f"/opt/classroom-attendance/current/bin/python -c \"{probe}\"")), 900, 5, **watch)
         report["health"] = health
         timer.mark("appliance /health answers (in the guest)")
         headers = {"Authorization": f"Bearer {token}"}
         seen = wait_for("heartbeat at the aggregator", lambda: [
             d for d in httpx.get(f"http://127.0.0.1:{agg_port}/api/v1/devices",
                                  headers=headers).json()
-            if d["id"] == "pi-qemu" and d.get("last_heartbeat_at")], 600, 5)
+            if d["id"] == "pi-qemu" and d.get("last_heartbeat_at")], 600, 5, **watch)
         report["aggregator_device"] = seen[0]
         timer.mark("device shows up at the aggregator")
         roster = build_roster(OUT)

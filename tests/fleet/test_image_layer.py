@@ -3,8 +3,13 @@ directory (no mmdebstrap, no chroot): files, user, enabled units, then a whole i
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from fleet import disk
 from fleet.image import CMDLINE, ENABLED, boot_files, configure_root
@@ -74,3 +79,26 @@ def test_appliance_layer_and_boot_partition(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=True).stdout
     assert "stub-resolv.conf" in link
     assert disk.fat_read(image, layout.boot, "cmdline.txt").decode() == CMDLINE
+
+
+def test_image_test_stops_at_once_with_qemus_message_when_the_guest_dies(tmp_path: Path) -> None:
+    """make image-test on a machine without ipxe-qemu: qemu exits at once ('failed to find
+    romfile'); the wait for SSH must end within seconds and say why, not wait 15 minutes."""
+    from fleet.imagetest import GuestDiedError, wait_for
+
+    log = tmp_path / "console.log"
+    if shutil.which("qemu-system-aarch64"):
+        cmd = ["qemu-system-aarch64", "-M", "virt", "-nographic", "-nodefaults",
+               "-device", f"virtio-net-pci,romfile={tmp_path / 'missing.rom'}"]
+        expected = "romfile"
+    else:  # the same logic with a process that dies the same way
+        cmd = [sys.executable, "-c", "import sys; sys.exit('failed to find romfile')"]
+        expected = "romfile"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    start = time.monotonic()
+    with pytest.raises(GuestDiedError, match=expected) as err:
+        wait_for("ssh in the guest", lambda: False, 900, 0.2, guest=proc, log=log)
+    assert time.monotonic() - start < 30
+    assert "qemu exited with" in str(err.value)
