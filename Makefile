@@ -27,7 +27,8 @@ help:
 	@echo "              for an older one) instead)"
 	@echo "make lock   - re-resolve the devices' dependency locks (fleet/locks/, UPGRADE=1: newest)"
 	@echo "make flash  - DEVICE=/dev/sdX (or IMAGE_ONLY=out.img) ROOM=LAB-301 AGGREGATOR=https://..."
-	@echo "              [WIFI_SSID= WIFI_PSK= SSH_KEY= HOSTNAME= DEVICE_ID= CAMERA=] or DEVICES_CSV=rooms.csv"
+	@echo "              [WIFI_SSID= WIFI_PSK= WIFI_COUNTRY= NTP= SSH_KEY= HOSTNAME= DEVICE_ID= CAMERA=]"
+	@echo "              or DEVICES_CSV=rooms.csv"
 	@echo "make deploy - HOSTS=\"pi-lab301 pi-lab302\" [VERSION=... INVENTORY=... LIMIT=4]"
 	@echo "make image-test - boot the image under qemu-system-aarch64 and identify a photo in it"
 
@@ -75,6 +76,7 @@ FLASH_ARGS = --aggregator "$(AGGREGATOR)" \
 	$(if $(DEVICE_ID),--device-id "$(DEVICE_ID)") \
 	$(if $(filter command line,$(origin HOSTNAME)),--hostname "$(HOSTNAME)") \
 	$(if $(WIFI_SSID),--wifi-ssid "$(WIFI_SSID)") $(if $(SSH_KEY),--ssh-key "$(SSH_KEY)") \
+	$(if $(WIFI_COUNTRY),--wifi-country "$(WIFI_COUNTRY)") $(if $(NTP),--ntp "$(NTP)") \
 	$(if $(CAMERA),--camera-source "$(CAMERA)") $(if $(DEVICES_CSV),--devices-csv "$(DEVICES_CSV)") \
 	$(if $(ADMIN_TOKEN_FILE),--admin-token-file "$(ADMIN_TOKEN_FILE)") \
 	$(if $(ADMIN_URL),--admin-url "$(ADMIN_URL)")

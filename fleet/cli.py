@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from fleet import disk
 from fleet.bundle import REPO, BundleError, build_bundle, release_version
@@ -153,6 +154,12 @@ def flash(
     hostname: Annotated[str | None, typer.Option(help="Default: the device id.")] = None,
     wifi_ssid: Annotated[str | None, typer.Option()] = None,
     wifi_psk: Annotated[str | None, typer.Option(envvar="WIFI_PSK")] = None,
+    wifi_country: Annotated[str | None, typer.Option(
+        help="ISO country code of the Wi-Fi regulatory domain (required with --wifi-ssid).")
+    ] = None,
+    ntp: Annotated[str | None, typer.Option(
+        help='Time servers, space-separated (e.g. "ntp.school.lan"); default: Debian\'s pool.')
+    ] = None,
     ssh_key: Annotated[Path | None, typer.Option(help="Public key file for root login.")] = None,
     camera_source: Annotated[str | None, typer.Option(help="Default: USB camera 0.")] = None,
     devices_csv: Annotated[Path | None, typer.Option(help="Batch: one card per row.")] = None,
@@ -171,7 +178,9 @@ def flash(
     key = ssh_key.expanduser().read_text() if ssh_key else None
     card = CardRequest(room_id=room or "", device_id=device_id, hostname=hostname,
                        wifi_ssid=wifi_ssid, wifi_psk=wifi_psk, ssh_key=key,
-                       camera_source=camera_source)
+                       camera_source=camera_source,
+                       wifi_country=wifi_country.upper() if wifi_country else None,
+                       ntp=ntp.split() if ntp else None)
     try:
         if devices_csv is not None:
             done = flash_batch(source, read_csv(devices_csv), aggregator=aggregator,
@@ -183,6 +192,9 @@ def flash(
             raise FlashError("ROOM=... is required (e.g. ROOM=LAB-301)")
         settings = flash_one(source, card, aggregator=aggregator, admin_token=token,
                              device=device, image_only=image_only, admin_url=admin_url)
+    except ValidationError as err:
+        raise _fail(ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: "
+                                         f"{e['msg']}" for e in err.errors()))) from err
     except (FlashError, disk.DiskError) as err:
         raise _fail(err) from err
     typer.echo(f"written {settings.device_id} (room {settings.room_id}, host "

@@ -1,13 +1,14 @@
 """First boot of a flashed card (runs on the device, as root, from classroom-firstboot.service).
 
 Reads the settings ``make flash`` wrote into the FAT partition, moves the secrets into
-/etc/classroom-attendance (0600, owned by the service user) and deletes the file from FAT,
-sets hostname, Wi-Fi and SSH keys, grows the root partition to the card, checks the device key
-against the aggregator by pulling the room's schedule (registration happened at flash time),
-and records what it did in ``provisioning.json`` under the data directory, which the status
-page and /health read ("provisioned", and what is missing). Every step is idempotent; a step
-that fails is recorded and the others still run, so a device with a wrong Wi-Fi passphrase still
-boots and says so.
+/etc/classroom-attendance (0600, owned by the service user), sets hostname, Wi-Fi (with the
+card's country), SSH keys and NTP servers, and deletes the file from FAT once every one of these
+steps succeeded (a failed step keeps it, so the next boot tries again); grows the root partition
+to the card, checks the device key against the aggregator by pulling the room's schedule
+(registration happened at flash time), and records what it did in ``provisioning.json`` under
+the data directory, which the status page and /health read ("provisioned", and what is missing).
+Every step is idempotent; a step that fails is recorded and the others still run, so a device
+with a wrong Wi-Fi passphrase still boots and says so.
 
 Run: ``python -m fleet.firstboot [--boot /boot/firmware] [--root /]`` (``--root`` lets the
 tests run it against a directory tree).
@@ -52,7 +53,8 @@ class Report:
     missing: list[str] = field(default_factory=list)
 
     def ok(self, step: str, note: str = "ok") -> None:
-        self.steps[step] = note
+        if not self.steps.get(step, "").startswith("failed"):  # a failure is not overwritten
+            self.steps[step] = note
 
     def fail(self, step: str, reason: str) -> None:
         self.steps[step] = f"failed: {reason}"
@@ -113,6 +115,7 @@ def _wifi(settings: DeviceSettings, root: Path, report: Report) -> None:
         report.ok("wifi", "not configured (wired)")
         return
     psk = settings.wifi_psk.get_secret_value() if settings.wifi_psk else None
+    _regulatory_domain(settings, root)
     if shutil.which("nmcli") and root == Path("/"):
         # Raspberry Pi OS (bookworm) manages networks with NetworkManager
         cmd = ["nmcli", "connection", "add", "type", "wifi", "con-name", "classroom",
@@ -123,7 +126,8 @@ def _wifi(settings: DeviceSettings, root: Path, report: Report) -> None:
         if result.returncode != 0:
             report.fail("wifi", "nmcli could not add the connection")
             return
-        report.ok("wifi", "NetworkManager")
+        _radio_on(settings, report)
+        report.ok("wifi", f"NetworkManager ({settings.wifi_country})")
         return
     network = [f"ssid={json.dumps(settings.wifi_ssid)}"]
     network.append(f"psk={json.dumps(psk)}" if psk else "key_mgmt=NONE")
@@ -134,9 +138,51 @@ def _wifi(settings: DeviceSettings, root: Path, report: Report) -> None:
                   service=False)
     _systemctl(root, "enable", "wpa_supplicant@wlan0.service")
     if root == Path("/"):
-        subprocess.run(["rfkill", "unblock", "wifi"], check=False, capture_output=True)
-        _systemctl(root, "restart", "wpa_supplicant@wlan0.service")
-    report.ok("wifi", "wpa_supplicant")
+        _radio_on(settings, report)
+        if not _systemctl(root, "restart", "wpa_supplicant@wlan0.service"):
+            report.fail("wifi", "wpa_supplicant@wlan0 did not start (no wlan0?)")
+            return
+    report.ok("wifi", f"wpa_supplicant ({settings.wifi_country})")
+
+
+def _regulatory_domain(settings: DeviceSettings, root: Path) -> None:
+    """The Wi-Fi country, for every later boot too (cfg80211 reads it when it loads)."""
+    _write(root / "etc/modprobe.d/classroom-wifi.conf",
+           f"# written by the first boot (make flash WIFI_COUNTRY=)\n"
+           f"options cfg80211 ieee80211_regdom={settings.wifi_country}\n")
+
+
+def _radio_on(settings: DeviceSettings, report: Report) -> None:
+    """Now: set the country and unblock the radio (Raspberry Pi OS soft-blocks Wi-Fi until a
+    country is set). A missing tool is recorded, never a crash of the first boot."""
+    for cmd in (["iw", "reg", "set", str(settings.wifi_country)], ["rfkill", "unblock", "wifi"]):
+        if shutil.which(cmd[0]) is None:
+            report.fail("wifi", f"{cmd[0]} is not installed")
+            continue
+        subprocess.run(cmd, check=False, capture_output=True)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+TIMESYNCD_CONF = "etc/systemd/timesyncd.conf.d/50-classroom.conf"
+
+
+def _time(settings: DeviceSettings, root: Path, report: Report) -> None:
+    """NTP servers from the card (a school network may block the public pool; a Pi has no
+    real-time clock, so until one answers the clock is wherever the last boot left it)."""
+    conf = root / TIMESYNCD_CONF
+    if not settings.ntp:
+        conf.unlink(missing_ok=True)
+        report.ok("time", "NTP: the distribution's servers")
+        return
+    _write(conf, "# written by the first boot (make flash NTP=)\n[Time]\n"
+           f"NTP={' '.join(settings.ntp)}\n")
+    if root == Path("/"):
+        _systemctl(root, "restart", "systemd-timesyncd.service")
+    report.ok("time", f"NTP: {' '.join(settings.ntp)}")
 
 
 def _systemctl(root: Path, *args: str) -> bool:
@@ -259,13 +305,23 @@ def provision(root: Path = Path("/"), *, wait_s: float = 120.0, grow: bool = Tru
     report.device_id, report.room_id = settings.device_id, settings.room_id
     _write_secret(root / CONFIG_DIR / "appliance.toml", appliance_toml(settings), root,
                   service=True)
-    report.ok("settings", "moved to /etc/classroom-attendance/appliance.toml")
-    # the secrets now live in /etc only: remove them from the FAT partition
-    source.unlink()
-    os.sync()
-    _hostname(settings, root, report)
-    _wifi(settings, root, report)
-    _ssh(settings, root, report)
+    for name, apply in (("hostname", _hostname), ("wifi", _wifi), ("ssh", _ssh),
+                        ("time", _time)):
+        try:
+            apply(settings, root, report)
+        except Exception as err:  # one step's failure is recorded; the others still run
+            _LOGGER.exception("first boot step %s", name)
+            report.fail(name, f"{type(err).__name__}: {err}"[:200])
+    if report.missing:
+        # a step failed: the card's settings stay, so the next boot applies them again
+        # (otherwise a card whose Wi-Fi step died would boot unprovisioned for good)
+        report.ok("settings", "written to /etc/classroom-attendance/appliance.toml; kept on "
+                  "the boot partition until every step succeeds")
+    else:
+        # the secrets now live in /etc only: remove them from the FAT partition
+        source.unlink()
+        os.sync()
+        report.ok("settings", "moved to /etc/classroom-attendance/appliance.toml")
     if grow and root == Path("/"):
         grow_root(report)
     check_aggregator(settings, report, wait_s=wait_s, client=client)

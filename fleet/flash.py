@@ -41,6 +41,8 @@ class CardRequest:
     wifi_psk: str | None = None
     ssh_key: str | None = None
     camera_source: str | None = None
+    wifi_country: str | None = None
+    ntp: list[str] | None = None
 
     def resolved_id(self) -> str:
         return self.device_id or f"pi-{self.room_id.lower()}"
@@ -194,7 +196,8 @@ def flash(image: Path, request: CardRequest, *, aggregator: str, admin_token: st
     draft = dict(device_id=device_id, room_id=request.room_id, aggregator_url=aggregator,
                  hostname=request.hostname or device_id.lower(), wifi_ssid=request.wifi_ssid,
                  wifi_psk=request.wifi_psk, ssh_authorized_keys=ssh_keys,
-                 camera_source=request.camera_source)
+                 camera_source=request.camera_source, wifi_country=request.wifi_country,
+                 ntp=request.ntp or [])
     DeviceSettings.model_validate({**draft, "device_key": "x" * 16})
     key = obtain_device_key(admin_url or aggregator, admin_token, device_id, request.room_id,
                             client=client)
@@ -209,7 +212,7 @@ def flash(image: Path, request: CardRequest, *, aggregator: str, admin_token: st
 
 def read_csv(path: Path) -> list[CardRequest]:
     """rooms.csv: a header with room_id and optional device_id, hostname, wifi_ssid, wifi_psk,
-    ssh_key_file, camera_source."""
+    wifi_country, ntp (space-separated), ssh_key_file, camera_source."""
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "room_id" not in rows[0]:
@@ -223,7 +226,9 @@ def read_csv(path: Path) -> list[CardRequest]:
             wifi_ssid=(row.get("wifi_ssid") or "").strip() or None,
             wifi_psk=(row.get("wifi_psk") or "").strip() or None,
             ssh_key=Path(key_file).expanduser().read_text() if key_file else None,
-            camera_source=(row.get("camera_source") or "").strip() or None))
+            camera_source=(row.get("camera_source") or "").strip() or None,
+            wifi_country=(row.get("wifi_country") or "").strip().upper() or None,
+            ntp=(row.get("ntp") or "").split() or None))
     return cards
 
 
@@ -240,7 +245,8 @@ def flash_batch(image: Path, cards: list[CardRequest], *, aggregator: str, admin
     done = []
     for index, card in enumerate(cards, 1):
         if defaults is not None:
-            for field in ("wifi_ssid", "wifi_psk", "ssh_key", "camera_source"):
+            for field in ("wifi_ssid", "wifi_psk", "ssh_key", "camera_source", "wifi_country",
+                          "ntp"):
                 if getattr(card, field) is None:
                     setattr(card, field, getattr(defaults, field))
         answer = prompt(f"[{index}/{len(cards)}] insert the card for {card.room_id} "

@@ -10,7 +10,15 @@ import json
 import tomllib
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    StringConstraints,
+    model_validator,
+)
 
 from cloud_sync.protocol import Identifier
 
@@ -34,14 +42,29 @@ class DeviceSettings(BaseModel):
                                   max_length=32, description="Wi-Fi network; unset = wired.")
     wifi_psk: SecretStr | None = Field(default=None, title="Wi-Fi passphrase", min_length=8,
                                        max_length=63, description="WPA2 passphrase.")
-    wifi_country: str = Field(default="DE", title="Wi-Fi country", pattern=r"^[A-Z]{2}$",
-                              description="ISO 3166 country code for the Wi-Fi regulatory domain.")
+    wifi_country: str | None = Field(
+        default=None, title="Wi-Fi country", pattern=r"^[A-Z]{2}$",
+        description="ISO 3166 country code for the Wi-Fi regulatory domain (which channels and "
+                    "power the radio may use); required with a Wi-Fi SSID.")
+    ntp: list[Annotated[str, StringConstraints(
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:-]{0,252})$")]] = Field(
+        default_factory=list, title="NTP servers", max_length=8,
+        description="Time servers (names or addresses) the device asks first, e.g. the school's "
+                    "own; none = the distribution's pool. A Pi has no real-time clock.")
     ssh_authorized_keys: list[Annotated[str, StringConstraints(
         pattern=r"^(ssh-|ecdsa-|sk-)[^\n]+$", max_length=4096)]] = Field(
         default_factory=list, title="SSH keys", max_length=20,
         description="Public keys allowed to log in as root (for make deploy); none = no SSH.")
     camera_source: str | None = Field(default=None, title="Camera source", max_length=512,
                                       description="Overrides camera.source (default: USB 0).")
+
+
+    @model_validator(mode="after")
+    def _country_with_wifi(self) -> DeviceSettings:
+        if self.wifi_ssid and not self.wifi_country:
+            raise ValueError("wifi_country (WIFI_COUNTRY=, e.g. GB or DE) is required with a "
+                             "Wi-Fi SSID: it sets the radio's legal channels and power")
+        return self
 
 
 def _toml_value(value: object) -> str:

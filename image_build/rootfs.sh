@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The cached arm64 base root file system of the SD card image (Debian bookworm, ~17 min under
-# qemu-user on 2 cores). Only this script and initramfs-modules are the cache key: a code change
+# qemu-user on 2 cores). Wi-Fi at first boot needs rfkill (unblock), iw and wireless-regdb (the
+# regulatory database: without it the radio stays in the world domain, channels 12-13 and 5 GHz
+# DFS channels unusable). Only this script and initramfs-modules are the cache key: a code change
 # of the appliance never rebuilds it (the appliance layer goes on top in fleet/image.py).
 #   usage: image_build/rootfs.sh OUT_DIR   -> prints the path of OUT_DIR/rootfs-<key>.tar
 set -euo pipefail
@@ -24,7 +26,7 @@ base_packages=(
   systemd-sysv udev kmod dbus systemd-timesyncd
   openssh-server sudo
   python3 python3-venv ca-certificates
-  wpasupplicant iproute2 iputils-ping
+  wpasupplicant iproute2 iputils-ping rfkill iw wireless-regdb
   cloud-guest-utils fdisk e2fsprogs dosfstools
   initramfs-tools firmware-brcm80211 raspi-firmware
   v4l-utils less

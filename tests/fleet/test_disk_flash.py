@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from fleet import disk, firstboot
 from fleet.flash import CardRequest, FlashError, check_device, flash, image_size, read_csv
-from fleet.settings import SETTINGS_FILE, load
+from fleet.settings import SETTINGS_FILE, DeviceSettings, dump, load
 from tests.fleet.conftest import Aggregator, fabricated_root
 
 SSH_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBd2pF1Yq3k0mY4s6n5x0Zc4ZfS0oJ0Qk6b6m3t2v8wQ "
@@ -79,6 +80,7 @@ def test_flash_image_only_writes_settings_and_first_boot_applies_them(
     xz, layout = small_image
     out = tmp_path / "card.img"
     settings = flash(xz, CardRequest(room_id="LAB-301", wifi_ssid="school", wifi_psk="s3cret-psk",
+                                     wifi_country="GB", ntp=["ntp.school.lan", "10.0.0.1"],
                                      ssh_key=SSH_KEY + "\n"),
                      aggregator=aggregator.url, admin_token=aggregator.admin_token,
                      image_only=out, client=aggregator.client)
@@ -115,6 +117,11 @@ def test_flash_image_only_writes_settings_and_first_boot_applies_them(
     assert applied.web.host == "0.0.0.0"
     wpa = root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf"
     assert stat.S_IMODE(wpa.stat().st_mode) == 0o600 and 'psk="s3cret-psk"' in wpa.read_text()
+    assert "country=GB" in wpa.read_text()  # the flashed country, not a hard-coded one
+    regdom = (root / "etc/modprobe.d/classroom-wifi.conf").read_text()
+    assert "ieee80211_regdom=GB" in regdom
+    timesyncd = (root / "etc/systemd/timesyncd.conf.d/50-classroom.conf").read_text()
+    assert "NTP=ntp.school.lan 10.0.0.1" in timesyncd
     assert (root / "etc/hostname").read_text() == "pi-lab-301\n"
     assert "127.0.1.1\tpi-lab-301" in (root / "etc/hosts").read_text()
     assert (root / "root/.ssh/authorized_keys").read_text() == SSH_KEY + "\n"
@@ -154,6 +161,44 @@ def test_first_boot_reports_what_is_missing(tmp_path: Path, aggregator: Aggregat
     (root / "boot/firmware" / SETTINGS_FILE).write_text('device_id = "bad id!"\n')
     report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
     assert report.steps["settings"].startswith("failed: classroom-device.toml is invalid")
+
+
+def test_wifi_needs_a_country_and_a_failed_step_keeps_the_settings(
+        tmp_path: Path, small_image: tuple[Path, disk.Layout], aggregator: Aggregator,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """WIFI_COUNTRY is asked for with an SSID (no hard-coded country); and a first boot whose
+    Wi-Fi step dies keeps classroom-device.toml on the FAT partition, so the next boot applies
+    the settings (SSH key included) again, instead of booting unprovisioned for good."""
+    xz, _ = small_image
+    with pytest.raises(ValidationError, match="wifi_country"):
+        flash(xz, CardRequest(room_id="LAB-301", wifi_ssid="school"), aggregator=aggregator.url,
+              admin_token=aggregator.admin_token, image_only=tmp_path / "c.img",
+              client=aggregator.client)
+    settings = dump(load_settings_dict(wifi_ssid="school", wifi_country="DE"))
+    root = fabricated_root(tmp_path / "device")
+    card = root / "boot/firmware" / SETTINGS_FILE
+    card.write_text(settings)
+
+    def broken(*_args: object) -> None:
+        raise FileNotFoundError(2, "No such file or directory", "rfkill")
+
+    monkeypatch.setattr(firstboot, "_wifi", broken)
+    report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    assert not report.provisioned
+    assert report.missing[0].startswith("wifi: FileNotFoundError")
+    assert card.exists()  # kept: the next boot tries again
+    assert (root / "root/.ssh/authorized_keys").exists()  # the other steps still ran
+    monkeypatch.undo()
+    report = firstboot.provision(root, wait_s=0, grow=False, client=aggregator.client)
+    assert "wifi" not in " ".join(report.missing)
+    assert not card.exists()
+
+
+def load_settings_dict(**extra: object) -> DeviceSettings:
+    return DeviceSettings.model_validate({
+        "device_id": "pi-w", "room_id": "LAB-301", "aggregator_url": "http://testserver",
+        "device_key": "dev_" + "k" * 20, "hostname": "pi-w",
+        "ssh_authorized_keys": [SSH_KEY], **extra})
 
 
 def test_flash_refuses_bad_targets_and_input(tmp_path: Path,
@@ -219,7 +264,7 @@ def test_batch_prompts_for_each_card(tmp_path: Path, small_image: tuple[Path, di
     out = tmp_path / "cards"
     done = flash_batch(xz, read_csv(rooms), aggregator=aggregator.url,
                        admin_token=aggregator.admin_token, image_only_dir=out, prompt=prompt,
-                       defaults=CardRequest(room_id="", wifi_ssid="school"),
+                       defaults=CardRequest(room_id="", wifi_ssid="school", wifi_country="IE"),
                        client=aggregator.client)
     assert done == ["pi-a"]
     assert asked[0].startswith("[1/3] insert the card for LAB-301 (pi-a)")
@@ -227,3 +272,4 @@ def test_batch_prompts_for_each_card(tmp_path: Path, small_image: tuple[Path, di
     assert sorted(p.name for p in out.iterdir()) == ["pi-a.img"]
     settings = load(disk.fat_read(out / "pi-a.img", layout.boot, SETTINGS_FILE).decode())
     assert settings.wifi_ssid == "school"  # the command line's value fills empty columns
+    assert settings.wifi_country == "IE"
