@@ -42,10 +42,11 @@ SERVICE_USER = "attendance"
 BOOT_BYTES = 256 * disk.MIB
 FIRSTRUN_DIR = "classroom"
 UNITS = ("classroom-appliance.service", "classroom-firstboot.service",
-         "classroom-sshkeys.service", "classroom-release-confirm.service")
+         "classroom-sshkeys.service", "classroom-release-confirm.service",
+         "classroom-console.service")
 ENABLED = ("classroom-appliance.service", "classroom-firstboot.service",
            "classroom-sshkeys.service", "classroom-release-confirm.service",
-           "systemd-networkd.service", "systemd-resolved.service",
+           "classroom-console.service", "systemd-networkd.service", "systemd-resolved.service",
            "systemd-timesyncd.service", "ssh.service")
 
 FSTAB = """\
@@ -66,6 +67,15 @@ RuntimeMaxUse=32M
 MaxRetentionSec=7day
 RateLimitIntervalSec=30s
 RateLimitBurst=2000
+"""
+
+# systemd pings the hardware watchdog (the Pi's bcm2835_wdt, qemu's i6300esb): a hung kernel or
+# PID 1 resets the board. 15 s is the most bcm2835_wdt can count; RebootWatchdogSec bounds a
+# reboot that hangs. (The appliance's own WatchdogSec=60 covers a hung pipeline.)
+WATCHDOG = """\
+[Manager]
+RuntimeWatchdogSec=15s
+RebootWatchdogSec=2min
 """
 
 NETWORK = {
@@ -120,6 +130,7 @@ def configure_root(root: Path, units_dir: Path, *, hostname: str = "classroom-ap
     """Files, user and units of the appliance layer (no foreign code runs here)."""
     _write(root, "etc/fstab", FSTAB)
     _write(root, "etc/systemd/journald.conf.d/50-classroom-sdcard.conf", JOURNALD)
+    _write(root, "etc/systemd/system.conf.d/50-classroom-watchdog.conf", WATCHDOG)
     for name, text in NETWORK.items():
         _write(root, f"etc/systemd/network/{name}", text)
     _write(root, "etc/ssh/sshd_config.d/50-classroom.conf", SSHD)
@@ -315,6 +326,7 @@ def customize_raspios(base: Path, out: Path, *, bundle: Path, workdir: Path,
         shutil.copytree(bundle, stage / "bundle")
         (stage / "firstrun.sh").write_text(FIRSTRUN)
         (stage / "journald.conf").write_text(JOURNALD)
+        (stage / "watchdog.conf").write_text(WATCHDOG)
         disk.fat_copy_tree(raw, layout.boot, stage, FIRSTRUN_DIR)
         cmdline = disk.fat_read(raw, layout.boot, "cmdline.txt").decode().strip()
         if "systemd.run=" not in cmdline:

@@ -24,10 +24,12 @@ install -m 0644 "$here"/bundle/systemd/classroom-*.service /etc/systemd/system/
 rm -f /etc/systemd/system/classroom-aggregator*.service
 mkdir -p /etc/systemd/journald.conf.d
 install -m 0644 "$here/journald.conf" /etc/systemd/journald.conf.d/50-classroom-sdcard.conf
+mkdir -p /etc/systemd/system.conf.d
+install -m 0644 "$here/watchdog.conf" /etc/systemd/system.conf.d/50-classroom-watchdog.conf
 grep -q '^tmpfs /tmp ' /etc/fstab || echo 'tmpfs /tmp tmpfs defaults,nosuid,nodev,size=128M,mode=1777 0 0' >> /etc/fstab
 sed -i -E '/^[^#].*[[:space:]]\/[[:space:]]+ext4/ s/defaults([^,[:space:]]*)/defaults,noatime\1/; s/noatime,noatime/noatime/' /etc/fstab
 systemctl enable classroom-firstboot.service classroom-appliance.service \
-  classroom-release-confirm.service ssh.service
+  classroom-release-confirm.service classroom-console.service ssh.service
 rm -rf "$here/bundle"   # frees the FAT partition
 sync
 exit 0

@@ -53,6 +53,8 @@ def test_appliance_layer_and_boot_partition(tmp_path: Path) -> None:
     journald = (root / "etc/systemd/journald.conf.d/50-classroom-sdcard.conf").read_text()
     assert "Storage=volatile" in journald and "RateLimitBurst" in journald
     assert "MaxRetentionSec=7day" in journald
+    watchdog = (root / "etc/systemd/system.conf.d/50-classroom-watchdog.conf").read_text()
+    assert "RuntimeWatchdogSec=15s" in watchdog  # the most bcm2835_wdt can count
     assert not list((root / "etc/ssh").glob("ssh_host_*"))  # made per card at first boot
     assert (root / "etc/machine-id").read_text() == ""
     wants = root / "etc/systemd/system/multi-user.target.wants"

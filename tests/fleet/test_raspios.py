@@ -75,7 +75,8 @@ def test_raspios_image_customised_on_its_fat_partition(tmp_path: Path) -> None:
     assert "systemd.run_success_action=reboot systemd.unit=kernel-command-line.target" in cmdline
     assert cmdline.count("\n") == 1  # one line, as the firmware wants
     assert disk.fat_list(raw, layout.boot, FIRSTRUN_DIR) == ["bundle", "firstrun.sh",
-                                                             "journald.conf"]
+                                                             "journald.conf", "watchdog.conf"]
+    assert b"RuntimeWatchdogSec=" in disk.fat_read(raw, layout.boot, "classroom/watchdog.conf")
     assert disk.fat_read(raw, layout.boot, "classroom/bundle/VERSION") == b"0.1.0+gtest\n"
     firstrun = disk.fat_read(raw, layout.boot, "classroom/firstrun.sh").decode()
     assert "install-release.sh" in firstrun and "--system-site-packages" in firstrun
