@@ -91,7 +91,7 @@ PermitRootLogin prohibit-password
 """
 
 CONFIG_TXT = """\
-# Raspberry Pi 3/4 (64-bit), Debian kernel with the upstream device trees
+# Raspberry Pi 4 (64-bit), Debian kernel with the upstream device trees
 arm_64bit=1
 enable_uart=1
 upstream_kernel=1
