@@ -18,7 +18,7 @@ from cloud_sync.settings import ConfigError
 from models import ModelError, fetch_all, load_manifest
 
 if TYPE_CHECKING:
-    from appliance.vision.detector import FaceDetector
+    from appliance.vision.detectors import Detector
     from appliance.vision.embedding import Embedder
 
 _LOGGER = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ roster_app = typer.Typer(help="Build a roster.json from student photos.", no_arg
 app.add_typer(roster_app, name="roster")
 
 
-def _enrol_source(path: Path, detector: FaceDetector, embedder: Embedder,
+def _enrol_source(path: Path, detector: Detector, embedder: Embedder,
                   min_face_px: int) -> tuple[list[list[float]], str | None]:
     """The descriptors of one photo (one) or enrolment video (its best frames), and why the
     source was rejected (None: it was not)."""
@@ -239,6 +239,7 @@ def roster_build(
     from appliance.recognition import Roster
     from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import (
+        ENROLL_MIN_FACE_PX,
         RECOMMENDED_PHOTOS,
         collect_photos,
         enrollment_detector,
@@ -272,7 +273,7 @@ def roster_build(
             embeddings: list[list[float]] = []
             for path in paths:
                 found, reason = _enrol_source(path, detector, embedder,
-                                              settings.detector.min_face_px)
+                                              ENROLL_MIN_FACE_PX)
                 embeddings.extend(found)
                 if reason is not None:
                     rejects.append((path, reason))
@@ -312,7 +313,7 @@ def identify(
     import math
 
     from appliance.recognition import Matcher, Roster, RosterError, check_embedder
-    from appliance.vision.detector import FaceDetector
+    from appliance.vision.detectors import detector_from_config
     from appliance.vision.embedding import create_embedder, embedder_id
     from appliance.vision.enroll import detect_still, load_image
 
@@ -322,7 +323,7 @@ def identify(
     try:
         known = Roster.load(roster)
         check_embedder(known.embedder, embedder_id(rcfg.embedder), f"roster {roster}")
-        detector = FaceDetector.from_config(settings.detector, settings.paths.model_dir)
+        detector = detector_from_config(settings.detector, settings.paths.model_dir)
         embedder = create_embedder(rcfg.embedder, settings.paths.model_dir,
                                    detector_model=settings.detector.model)
     except (RosterError, ModelError) as err:

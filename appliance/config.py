@@ -98,11 +98,13 @@ class CameraConfig(Section):
 
 
 class DetectorConfig(Section):
-    model: Literal["full_range", "short_range"] = Field(
+    model: Literal["yunet", "full_range", "short_range"] = Field(
         default="full_range",
-        title="BlazeFace model",
-        description="full_range for a classroom door view (faces up to ~5 m); "
-        "short_range for faces within ~2 m.",
+        title="Face detector",
+        description="yunet (OpenCV's YuNet: finds faces from ~10 px at any frame size, needs "
+        "no extra runtime; the door detector); full_range or short_range: BlazeFace (needs the "
+        "optional ai-edge-litert package; full_range up to ~5 m, short_range within ~2 m, "
+        "both lose faces under ~60 px in a 720p frame unless tiled). See docs/RECOGNITION.md.",
     )
     score_threshold: float = Field(
         default=0.6,
@@ -123,22 +125,34 @@ class DetectorConfig(Section):
         ge=8,
         le=1000,
         title="Minimum face size",
-        description="Faces narrower than this many pixels are ignored (too small to recognise).",
+        description="Faces narrower than this many pixels (in the full-resolution frame) are "
+        "ignored. Crops below the recognition quality floor get no descriptor anyway.",
+    )
+    input_width: int = Field(
+        default=640,
+        ge=0,
+        le=4096,
+        title="Detector input width",
+        description="yunet only: frames wider than this are scaled down to this width for "
+        "detection (0: detect at full resolution); crops for recognition always come from the "
+        "full-resolution frame. 640 finds faces from ~24 px in a 1280x720 frame at a quarter "
+        "of the full-resolution cost.",
     )
     tiles: int = Field(
         default=1,
         ge=1,
         le=4,
         title="Tiles per row",
-        description="Split wide frames into this many overlapping tiles per row (1 = no tiling), "
-        "for small faces in a wide classroom view.",
+        description="BlazeFace only: split wide frames into this many overlapping tiles per row "
+        "(1 = no tiling), for small faces in a wide classroom view.",
     )
     threads: int = Field(
         default=2,
         ge=1,
         le=8,
-        title="Interpreter threads",
-        description="TFLite interpreter threads.",
+        title="Detector threads",
+        description="Threads of the detector (OpenCV or the TFLite interpreter); the pipeline "
+        "keeps one core free for descriptors.",
     )
 
 

@@ -56,7 +56,8 @@ from appliance.recognition import (
 from appliance.status import PipelineStatus, PresentEntry, StageTimer
 from appliance.store import Store
 from appliance.tracking import CutDetector, Track, Tracker
-from appliance.vision.detector import Detection, FaceDetector
+from appliance.vision.detector import Detection
+from appliance.vision.detectors import Detector, detector_from_config
 from appliance.vision.embedder_process import EMBED_TIMEOUT_S, EmbedderProcess, InProcessEmbedder
 from appliance.vision.embedding import Embedder
 from cloud_sync.protocol import EMBEDDING_DIM, AttendanceRecord
@@ -183,7 +184,7 @@ class Pipeline:
         every_frame: bool = False,
         paced: bool = True,
         loop: bool | None = None,
-        detector: FaceDetector | None = None,
+        detector: Detector | None = None,
         embedder: Embedder | None = None,
         quality: Callable[[np.ndarray, Detection], float] | None = None,
         unknown_sink: Callable[[np.ndarray, np.ndarray, datetime], None] | None = None,
@@ -201,7 +202,7 @@ class Pipeline:
         self._unknown_sink = unknown_sink
         self.store = store
         model_dir = settings.paths.model_dir
-        self.detector = detector or FaceDetector.from_config(
+        self.detector = detector or detector_from_config(
             detector_config_for_pipeline(settings), model_dir)
         self.embedder: EmbedderProcess | InProcessEmbedder = (
             InProcessEmbedder(embedder) if embedder is not None

@@ -71,8 +71,7 @@ def build_roster(path: Path, embedder_name: str = "sface",
     for sid, (name, photos) in people.items():
         vectors = []
         for photo in photos:
-            result = embed_photo(load_image(photo), detector, embedder,
-                                 settings.detector.min_face_px)
+            result = embed_photo(load_image(photo), detector, embedder)
             if result.embedding is None:
                 raise RuntimeError(f"cannot enroll {photo}: {result.reason}")
             vectors.append(result.embedding.tolist())

@@ -79,13 +79,15 @@ class ClassroomEvents:
         self.count_ms = 0.0  # total time of the counting passes
 
     def _make_counter(self, model_dir: Path) -> Any:
-        from appliance.vision.detector import FaceDetector
+        from appliance.vision.detectors import create_detector
 
         cfg = self.cfg
-        return FaceDetector(model_dir, model=self.settings.detector.model,
-                            score_threshold=cfg.count_score_threshold,
-                            nms_iou=self.settings.detector.nms_iou,
-                            min_face_px=cfg.count_min_face_px, tiles=cfg.count_tiles, threads=1)
+        # BlazeFace counts on tiles; YuNet at the frame's full resolution (it needs no tiles)
+        return create_detector(model_dir, self.settings.detector.model,
+                               score_threshold=cfg.count_score_threshold,
+                               nms_iou=self.settings.detector.nms_iou,
+                               min_face_px=cfg.count_min_face_px, tiles=cfg.count_tiles,
+                               threads=1, input_width=0)
 
     # -- the per-frame hook -----------------------------------------------------------------
     def observe(self, image: np.ndarray, now: datetime, tracks: Sequence[Track],

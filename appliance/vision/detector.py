@@ -1,7 +1,9 @@
-"""BlazeFace face detection (TFLite): anchors, decoding, weighted NMS, letterboxing, tiling.
+"""BlazeFace face detection (TFLite): anchors, decoding, weighted NMS, letterboxing, tiling;
+and :class:`Detection`, what every detector returns (:mod:`appliance.vision.detectors`).
 
 The two MediaPipe BlazeFace models are run with the LiteRT interpreter (``ai_edge_litert``,
-falling back to ``tflite_runtime``):
+falling back to ``tflite_runtime``; optional: imported only when a BlazeFace model is chosen,
+the default detector is YuNet on OpenCV, :mod:`appliance.vision.yunet`):
 
 - ``full_range`` (default): 192x192 input, one SSD layer of stride 4 with one anchor per cell,
   48 * 48 = 2304 anchors; faces up to ~5 m from the camera.
@@ -26,15 +28,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
 from models import model_path
-
-if TYPE_CHECKING:
-    from appliance.config import DetectorConfig
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -67,8 +66,9 @@ MODELS: dict[str, ModelSpec] = {
 class Detection:
     """One face: box ``(x1, y1, x2, y2)`` and 6 keypoints in frame pixels, score 0..1.
 
-    Keypoints in MediaPipe order: right eye, left eye, nose tip, mouth, right ear, left ear
-    (the subject's right eye appears on the left of the image).
+    Keypoints 0-3, whatever the detector: right eye, left eye, nose tip, mouth centre (the
+    subject's right eye appears on the left of the image). 4 and 5: BlazeFace's right and left
+    ear, YuNet's right and left mouth corner.
     """
 
     box: tuple[float, float, float, float]
@@ -216,11 +216,23 @@ class Letterbox:
         return out
 
 
+class TFLiteMissingError(RuntimeError):
+    """No TFLite interpreter is installed (BlazeFace needs one; YuNet does not)."""
+
+
 def _load_interpreter(path: Path, threads: int) -> Any:
+    """LiteRT's interpreter (``ai_edge_litert``, else ``tflite_runtime``): an optional
+    dependency, imported only when a BlazeFace model is chosen."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:  # pragma: no cover - depends on the platform's wheel
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        except ImportError:
+            raise TFLiteMissingError(
+                "BlazeFace needs a TFLite interpreter: `pip install ai-edge-litert` (or "
+                "tflite-runtime) where a wheel exists, or use detector.model = \"yunet\" "
+                "(OpenCV only, the default)") from None
     return Interpreter(model_path=str(path), num_threads=threads)
 
 
@@ -284,18 +296,6 @@ class FaceDetector:
         _LOGGER.info(
             "BlazeFace %s loaded: %d anchors, threshold %.2f, tiles %d",
             model, len(self.anchors), score_threshold, tiles,
-        )
-
-    @classmethod
-    def from_config(cls, cfg: DetectorConfig, model_dir: Path) -> FaceDetector:
-        return cls(
-            model_dir,
-            model=cfg.model,
-            score_threshold=cfg.score_threshold,
-            nms_iou=cfg.nms_iou,
-            min_face_px=cfg.min_face_px,
-            tiles=cfg.tiles,
-            threads=cfg.threads,
         )
 
     def _find_outputs(self) -> tuple[int, int]:

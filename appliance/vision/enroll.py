@@ -14,13 +14,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from appliance.vision.detector import Detection, FaceDetector
+from appliance.vision.detector import Detection
+from appliance.vision.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from appliance.vision.embedding import Embedder
 from appliance.vision.quality import face_quality, sharpness
 
 _LOGGER = logging.getLogger(__name__)
 
 ENROLL_JITTERS = 5  # re-sampled descriptors averaged for roster photos (enrolment only)
+# A roster photo's face must be this wide, and smaller faces beside it (people in the
+# background) are not counted as a second face; the door detector's floor is lower
+# (detector.min_face_px), a roster photo is a close-up.
+ENROLL_MIN_FACE_PX = 40
 MIN_SHARPNESS = 40.0  # Laplacian variance; real LFW/press photos are above ~140, blurred ~10
 MAX_SIDE_PX = 1600  # larger photos are downscaled first (faces stay far above the minimum)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm", ".tif", ".tiff")
@@ -67,7 +72,7 @@ def decode_image(data: bytes) -> np.ndarray:
 STILL_PAD = 0.5  # grey border (in longest sides) added when a still photo shows no face
 
 
-def detect_still(image_bgr: np.ndarray, detector: FaceDetector) -> list[Detection]:
+def detect_still(image_bgr: np.ndarray, detector: Detector) -> list[Detection]:
     """Faces in a still photo, in its pixel coordinates.
 
     A tight face crop (the face filling the photo, e.g. a 150x150 ID crop) is outside what the
@@ -95,8 +100,8 @@ def detect_still(image_bgr: np.ndarray, detector: FaceDetector) -> list[Detectio
 
 def one_face(
     image_bgr: np.ndarray,
-    detector: FaceDetector,
-    min_face_px: int = 40,
+    detector: Detector,
+    min_face_px: int = ENROLL_MIN_FACE_PX,
     *,
     min_sharpness: float = MIN_SHARPNESS,
 ) -> tuple[np.ndarray, EnrollResult]:
@@ -124,9 +129,9 @@ def one_face(
 
 def embed_photo(
     image_bgr: np.ndarray,
-    detector: FaceDetector,
+    detector: Detector,
     embedder: Embedder,
-    min_face_px: int = 40,
+    min_face_px: int = ENROLL_MIN_FACE_PX,
     *,
     num_jitters: int = ENROLL_JITTERS,
     min_sharpness: float = MIN_SHARPNESS,
@@ -190,9 +195,9 @@ class VideoFrame:
 
 def select_video_frames(
     path: Path,
-    detector: FaceDetector,
+    detector: Detector,
     embedder: Embedder,
-    min_face_px: int = 40,
+    min_face_px: int = ENROLL_MIN_FACE_PX,
     *,
     count: int = VIDEO_FRAMES,
     num_jitters: int = ENROLL_JITTERS,
@@ -226,9 +231,21 @@ def select_video_frames(
                        vectors[i].astype(np.float32)) for i in chosen]
 
 
-def enrollment_detector(model_dir: Path, model: str = "full_range") -> FaceDetector:
-    """A detector for still photos: low size floor (sizes are checked by embed_photo)."""
-    return FaceDetector(model_dir, model=model, score_threshold=0.5, min_face_px=8)
+ENROLL_YUNET_WIDTH = 640  # YuNet was trained on faces up to ~300 px: close-ups are scaled down
+ENROLL_YUNET_SCORE = 0.75  # YuNet scores real faces >= ~0.85; painted or partial ones lower
+
+
+def enrollment_detector(model_dir: Path, model: str = DEFAULT_DETECTOR) -> Detector:
+    """A detector for still photos: low size floor (sizes are checked by embed_photo).
+
+    BlazeFace letterboxes the whole photo into its input; YuNet runs on a copy at most
+    ``ENROLL_YUNET_WIDTH`` wide (a 1200 px portrait's 450 px face is outside what it was
+    trained on: it then also "finds" faces in a painting behind the person) and keeps faces
+    scoring ``ENROLL_YUNET_SCORE`` or more."""
+    if model == "yunet":
+        return create_detector(model_dir, model, score_threshold=ENROLL_YUNET_SCORE,
+                               min_face_px=8, input_width=ENROLL_YUNET_WIDTH)
+    return create_detector(model_dir, model, score_threshold=0.5, min_face_px=8)
 
 
 def collect_photos(photos_dir: Path,

@@ -283,11 +283,12 @@ class AggregatorSettings(TomlSettings):
         description="Largest enrolment video accepted, in bytes (413 above); a few seconds of "
         "phone video is 5-20 MB.",
     )
-    detector_model: Literal["full_range", "short_range"] = Field(
+    detector_model: Literal["yunet", "full_range", "short_range"] = Field(
         default="full_range",
         title="Enrollment detector model",
-        description="BlazeFace model used for server-side enrollment; keep it equal to the "
-        "devices' detector.model (the embedder's box calibration depends on it).",
+        description="Face detector used for server-side enrollment (yunet, or BlazeFace "
+        "full_range / short_range, which need ai-edge-litert); keep it equal to the devices' "
+        "detector.model (alignment and the dlib box calibration depend on it).",
     )
     embedders: list[Literal["sface", "dlib"]] = Field(
         default=["sface", "dlib"],
@@ -304,7 +305,7 @@ class AggregatorSettings(TomlSettings):
         le=2000,
         title="Enrollment minimum face size",
         description="Enrollment photos whose face is narrower than this many pixels are "
-        "rejected (the devices' detector.min_face_px default).",
+        "rejected (appliance roster build uses the same 40).",
     )
     auth_cache_s: float = Field(
         default=30.0,

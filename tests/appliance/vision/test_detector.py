@@ -19,6 +19,8 @@ from appliance.vision.detector import (
     tile_windows,
     weighted_nms,
 )
+from appliance.vision.detectors import detector_from_config
+from appliance.vision.yunet import YuNetDetector
 from tests.conftest import require
 
 # ---------------------------------------------------------------- geometry (synthetic)
@@ -233,15 +235,22 @@ def test_deepface_single_portraits(detector: FaceDetector, faces_dir: Path) -> N
 
 
 def test_from_config_and_tiling_find_small_faces(model_dir: Path, faces_dir: Path) -> None:
-    """A small group photo in the middle of a wide 1920x1080 frame: tiling finds its faces."""
+    """A small group photo in the middle of a wide 1920x1080 frame: BlazeFace needs tiles to
+    find its faces; YuNet finds them in one pass over a 960 px copy."""
     img = cv2.imread(str(faces_dir / "faceapi_bbt/examples/images/bbt4.jpg"))
     small = cv2.resize(img, (355, 236))  # faces ~50 px wide
     frame = np.full((1080, 1920, 3), 60, np.uint8)
     frame[400:636, 800:1155] = small
-    plain = FaceDetector.from_config(DetectorConfig(min_face_px=20), model_dir)
-    tiled = FaceDetector.from_config(DetectorConfig(min_face_px=20, tiles=3), model_dir)
+    blaze = DetectorConfig(model="full_range", min_face_px=20)
+    plain = detector_from_config(blaze, model_dir)
+    tiled = detector_from_config(blaze.model_copy(update={"tiles": 3}), model_dir)
+    yunet = detector_from_config(DetectorConfig(model="yunet", min_face_px=20, input_width=960),
+                                 model_dir)
+    assert isinstance(yunet, YuNetDetector)
     n_plain, n_tiled = len(plain.detect(frame)), len(tiled.detect(frame))
     assert n_tiled >= 5
     assert n_tiled > n_plain  # 1 tile: the faces are ~5 px in the 192 px input
-    for d in tiled.detect(frame):
+    found = yunet.detect(frame)
+    assert len(found) >= 5
+    for d in tiled.detect(frame) + found:
         assert 790 < d.center[0] < 1165 and 390 < d.center[1] < 646
