@@ -99,10 +99,10 @@ class CameraConfig(Section):
 
 class DetectorConfig(Section):
     model: Literal["yunet", "full_range", "short_range"] = Field(
-        default="full_range",
+        default="yunet",
         title="Face detector",
-        description="yunet (OpenCV's YuNet: finds faces from ~10 px at any frame size, needs "
-        "no extra runtime; the door detector); full_range or short_range: BlazeFace (needs the "
+        description="yunet (the default: OpenCV's YuNet, finds faces from ~10 px at any frame "
+        "size, needs no extra runtime); full_range or short_range: BlazeFace (needs the "
         "optional ai-edge-litert package; full_range up to ~5 m, short_range within ~2 m, "
         "both lose faces under ~60 px in a 720p frame unless tiled). See docs/RECOGNITION.md.",
     )
@@ -121,7 +121,7 @@ class DetectorConfig(Section):
         description="Overlap above which detections are merged (weighted NMS).",
     )
     min_face_px: int = Field(
-        default=40,
+        default=24,
         ge=8,
         le=1000,
         title="Minimum face size",

@@ -35,6 +35,8 @@ from cloud_sync.protocol import Event, make_session_id
 
 _LOGGER = logging.getLogger(__name__)
 
+YUNET_COUNT_SCORE = 0.8  # occupancy without a TFLite runtime (see ClassroomEvents._make_counter)
+
 
 class EventStore(Protocol):
     def add_event(self, event: Event) -> None: ...
@@ -79,15 +81,29 @@ class ClassroomEvents:
         self.count_ms = 0.0  # total time of the counting passes
 
     def _make_counter(self, model_dir: Path) -> Any:
+        from appliance.vision.detector import TFLiteMissingError
         from appliance.vision.detectors import create_detector
 
         cfg = self.cfg
-        # BlazeFace counts on tiles; YuNet at the frame's full resolution (it needs no tiles)
-        return create_detector(model_dir, self.settings.detector.model,
-                               score_threshold=cfg.count_score_threshold,
-                               nms_iou=self.settings.detector.nms_iou,
-                               min_face_px=cfg.count_min_face_px, tiles=cfg.count_tiles,
-                               threads=1, input_width=0)
+        # Counting was validated against hand counts with BlazeFace on tiles (docs/RECOGNITION.md):
+        # it counts with BlazeFace whatever detector recognition uses, when a TFLite runtime is
+        # installed. Without one (Python 3.13 on aarch64), YuNet on the whole frame, which also
+        # finds dim and partial faces: it counts higher (Hamilton frame 225: 7 where there are
+        # 4 seated in the light), so its threshold is raised to YUNET_COUNT_SCORE.
+        model = self.settings.detector.model
+        try:
+            return create_detector(model_dir, model if model != "yunet" else "full_range",
+                                   score_threshold=cfg.count_score_threshold,
+                                   nms_iou=self.settings.detector.nms_iou,
+                                   min_face_px=cfg.count_min_face_px, tiles=cfg.count_tiles,
+                                   threads=1)
+        except TFLiteMissingError:
+            _LOGGER.warning("no TFLite runtime: occupancy counts with YuNet")
+            return create_detector(model_dir, "yunet",
+                                   score_threshold=max(cfg.count_score_threshold,
+                                                       YUNET_COUNT_SCORE),
+                                   nms_iou=self.settings.detector.nms_iou,
+                                   min_face_px=cfg.count_min_face_px, threads=1, input_width=0)
 
     # -- the per-frame hook -----------------------------------------------------------------
     def observe(self, image: np.ndarray, now: datetime, tracks: Sequence[Track],

@@ -1,6 +1,6 @@
 """Which face detector: ``detector.model`` -> a loaded detector.
 
-- ``yunet``: YuNet on ``cv2.FaceDetectorYN`` (:mod:`appliance.vision.yunet`); finds
+- ``yunet`` (default): YuNet on ``cv2.FaceDetectorYN`` (:mod:`appliance.vision.yunet`); finds
   faces from ~10 px at any input size, on OpenCV alone.
 - ``full_range`` / ``short_range``: MediaPipe BlazeFace (:mod:`appliance.vision.detector`) on
   the LiteRT interpreter (``ai_edge_litert`` or ``tflite_runtime``, an optional dependency:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 DetectorModel = Literal["yunet", "full_range", "short_range"]
 DETECTOR_MODELS: tuple[DetectorModel, ...] = ("yunet", "full_range", "short_range")
-DEFAULT_DETECTOR: DetectorModel = "full_range"
+DEFAULT_DETECTOR: DetectorModel = "yunet"
 
 
 class Detector(Protocol):

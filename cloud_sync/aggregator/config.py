@@ -284,7 +284,7 @@ class AggregatorSettings(TomlSettings):
         "phone video is 5-20 MB.",
     )
     detector_model: Literal["yunet", "full_range", "short_range"] = Field(
-        default="full_range",
+        default="yunet",
         title="Enrollment detector model",
         description="Face detector used for server-side enrollment (yunet, or BlazeFace "
         "full_range / short_range, which need ai-edge-litert); keep it equal to the devices' "

@@ -167,8 +167,10 @@ def test_knn_examples_people_recognised_across_photos(pipeline, faces_dir: Path)
     assert obama.student_id == "obama"
     (alex,) = matcher.match(faces(knn / "test/alex_lacamoire1.jpg"))
     assert alex.student_id == "alex_lacamoire"
-    both = {m.student_id for m in matcher.match(faces(knn / "test/obama_and_biden.jpg"))}
-    assert both == {"obama", "biden"}
+    # YuNet also finds the girl in the bottom right corner (not enrolled: unknown)
+    both = [m.student_id for m in matcher.match(faces(knn / "test/obama_and_biden.jpg"))]
+    assert {"obama", "biden"} <= set(both) <= {"obama", "biden", None}
+    assert len(both) <= 3
 
 
 def test_unenrolled_people_are_unknown(pipeline, faces_dir: Path) -> None:  # type: ignore[no-untyped-def]

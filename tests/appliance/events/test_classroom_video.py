@@ -56,8 +56,10 @@ def test_hamilton_occupancy_and_attention_timeline(hamilton: Path, roster_file: 
         return [c for at, c in timeline if at <= t][-1]
 
     # by eye: 2 faces at the start, 1 performer from ~3 s to ~6 s, 4 in the audience at the end
+    # (the shot before ~2.8 s has dim audience faces behind a performer in profile, which
+    # YuNet's tracks count: the count of the 2.5 s event may be 4; the next one is the shot's)
     assert count_at(0.0) == 2, timeline
-    assert count_at(3.0) == count_at(6.0) == 1, timeline
+    assert count_at(4.0) == count_at(6.0) == 1, timeline
     assert count_at(9.1) == 4, timeline
     assert all(e.data["capacity"] == 30 and e.data["free"] == 30 - e.data["count"]
                for e in occupancy)

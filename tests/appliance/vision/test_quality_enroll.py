@@ -91,10 +91,13 @@ def test_enroll_reads_webp_by_content(faces_dir: Path) -> None:
 
 
 def test_enroll_tight_crops_via_border_retry(enroll_detector: FaceDetector,
-                                             embedder: FaceEmbedder, faces_dir: Path) -> None:
+                                             embedder: FaceEmbedder, faces_dir: Path,
+                                             model_dir: Path) -> None:
     crop = load_image(faces_dir / "faceapi_bbt/examples/images/amy/amy1.png")  # 150x150 grey
-    assert enroll_detector.detect(crop) == []  # the face fills the photo: full range misses it
-    result = embed_photo(crop, enroll_detector, embedder)
+    blaze = enrollment_detector(model_dir, "full_range")
+    assert blaze.detect(crop) == []  # the face fills the photo: full range misses it
+    assert embed_photo(crop, enroll_detector, embedder).ok  # the default (YuNet)
+    result = embed_photo(crop, blaze, embedder)
     assert result.ok, result.reason
     assert result.detection is not None
     x1, y1, x2, y2 = result.detection.box

@@ -27,9 +27,9 @@ def _photo(faces_dir: Path) -> np.ndarray:
     return image
 
 
-def test_config_chooses_yunet(model_dir: Path) -> None:
-    cfg = DetectorConfig(model="yunet", min_face_px=24)
-    assert isinstance(detector_from_config(cfg, model_dir), YuNetDetector)
+def test_default_detector_is_yunet(model_dir: Path) -> None:
+    assert DetectorConfig().model == "yunet"
+    assert isinstance(detector_from_config(DetectorConfig(), model_dir), YuNetDetector)
 
 
 def test_keypoints_follow_the_common_order(yunet: YuNetDetector, faces_dir: Path) -> None:
