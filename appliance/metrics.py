@@ -47,3 +47,21 @@ CLASSROOM_EVENTS = Counter(
     f"{PREFIX}classroom_events",
     "Occupancy, attention and unknown-face events written to the outbox, by kind.", ["kind"]
 )
+# placement check (appliance/placement.py): each person who walked past counts once, at the
+# largest width their face reached
+FACE_SIZE = Histogram(
+    f"{PREFIX}face_size_pixels", "Largest face width of each ended track, in frame pixels.",
+    buckets=(24, 32, 40, 50, 60, 80, 120, 200, 300),
+)
+FACES_BY_SIZE = Counter(
+    f"{PREFIX}faces_by_size", "Ended tracks by face size band and whether recognised.",
+    ["size", "recognised"],
+)
+PLACEMENT_OK = Gauge(
+    f"{PREFIX}placement_ok",
+    "1 when the faces of the last class were big enough to recognise, 0 when not, -1 before "
+    "enough faces were seen.",
+)
+PLACEMENT_MEDIAN_FACE = Gauge(
+    f"{PREFIX}placement_median_face_pixels", "Median face width of the last class (0: none).",
+)

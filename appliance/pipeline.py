@@ -17,9 +17,9 @@ Threads:
 
 Callers on other threads (status page, watchdog) use :meth:`Pipeline.status`
 (:mod:`appliance.status`) and :meth:`Pipeline.latest_preview_jpeg` (:mod:`appliance.preview`),
-which encodes an annotated frame only when asked, at most ~2 times a second. The roster comes
-from a :class:`appliance.recognition.RosterProvider`; `appliance replay` is
-:mod:`appliance.replay`.
+which encodes an annotated frame only when asked, at most ~2 times a second. Which class is on
+and its roster: :mod:`appliance.class_roster`; face sizes per class (the placement check):
+:mod:`appliance.placement`; `appliance replay` is :mod:`appliance.replay`.
 """
 
 from __future__ import annotations
@@ -41,17 +41,15 @@ import numpy as np
 
 from appliance import metrics
 from appliance.capture import CaptureWorker, Frame, FrameSource, source_from_config
+from appliance.class_roster import ClassRoster
 from appliance.clock import DeviceClock
 from appliance.config import ApplianceSettings, DetectorConfig
 from appliance.decision import Debouncer, Decision, Sample, TrackVote
+from appliance.placement import PlacementStats, observe_live
 from appliance.preview import Preview
 from appliance.recognition import (
     FileRosterProvider,
-    Matcher,
-    Roster,
-    RosterEmbedderError,
     RosterProvider,
-    check_embedder,
 )
 from appliance.status import PipelineStatus, PresentEntry, StageTimer
 from appliance.store import Store
@@ -67,7 +65,6 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-PROVIDER_PERIOD_S = 1.0
 STALL_S = 30.0
 REPLAY_MAX_LAG_FRAMES = 24
 MAX_RECORD_LAG_S = 600.0  # a track older than this at its record: the clock jumped
@@ -126,6 +123,7 @@ class RecordedSighting:
     distance: float | None
     track_id: int
     key: uuid.UUID
+    decided_pts_s: float | None = None  # video time of the frame the decision was made in
 
 
 def detector_config_for_pipeline(settings: ApplianceSettings) -> DetectorConfig:
@@ -213,10 +211,11 @@ class Pipeline:
         from appliance.vision.embedding import spec
 
         self.embedder_spec = spec(getattr(embedder, "name", settings.recognition.embedder))
-        self.roster_error: str | None = None
         self.quality = quality or face_quality
         self.roster_provider: RosterProvider = roster_provider or FileRosterProvider(
             settings.recognition.roster_file)
+        self.classes = ClassRoster(self.roster_provider, store, settings.recognition,
+                                   self.embedder_spec)
         src = source or source_from_config(settings.camera)
         self.capture = CaptureWorker(
             src, every_frame=every_frame, paced=paced,
@@ -227,6 +226,7 @@ class Pipeline:
         self._clock_stamped = src.live or paced
         self.tracker = Tracker()
         self.cut_detector = CutDetector()
+        self.placement = PlacementStats()  # face sizes per class (the status page's check)
         self.splits = 0  # tracks whose face changed (descriptors disagreed): new identity
         self.reverified = 0  # descriptors computed for already decided tracks
         self._now: tuple[datetime | None, float | None] = (None, None)  # current frame
@@ -242,12 +242,6 @@ class Pipeline:
         self._seed_pending = bool(getattr(store, "locked", False))
         if not self._seed_pending:
             self._seed_debounce(self.started_at)
-        self._course: tuple[str | None, str | None] = (None, None)
-        self._roster: Roster | None = None
-        self._offered: Roster | None = None  # the provider's (self._roster: empty if refused)
-        self._matcher: Matcher | None = None
-        self._names: dict[str, str] = {}
-        self._provider_checked = -1e9
         self._present: dict[str, PresentEntry] = {}
         self._unknown_in_class = 0
         self._frames = 0
@@ -347,7 +341,7 @@ class Pipeline:
         while self._pending_jobs and not self._stop.is_set():
             self._heartbeat = time.monotonic()
             self._collect(timeout=0.5)
-        self.tracker.flush()
+        self.placement.ended(self.tracker.flush())
         self._finished.set()
 
     # -- embedding thread -----------------------------------------------------------------------
@@ -388,63 +382,19 @@ class Pipeline:
         return sum(j.ms for j in jobs)
 
     def _refresh_roster(self, now: datetime) -> None:
-        mono = time.monotonic()
-        if self._matcher is not None and mono - self._provider_checked < PROVIDER_PERIOD_S:
+        change = self.classes.refresh(now)
+        if change is None:
             return
-        self._provider_checked = mono
-        try:
-            course_id, course_name, roster = self.roster_provider.current(now)
-        except Exception:  # a provider bug must not stop recognition; keep the last roster
-            _LOGGER.exception("roster provider failed")
-            if self._matcher is not None:
-                return
-            course_id, course_name, roster = None, None, Roster.empty()
-        if roster is self._offered and (course_id, course_name) == self._course:
-            return
-        rcfg = self.settings.recognition
-        offered = roster
-        try:
-            if len(roster.student_ids):
-                check_embedder(roster.embedder, self.embedder_spec.id,
-                               f"the roster of {course_id or 'the roster file'}")
-            self.roster_error = None
-        except RosterEmbedderError as err:
-            if self.roster_error != str(err):
-                _LOGGER.error("%s", err)
-            self.roster_error = str(err)
-            roster = Roster.empty()
-        names = dict(zip(roster.student_ids, roster.names, strict=False))
-        matcher = Matcher(roster, rcfg.match_threshold(), rcfg.match_margin(),
-                          metric=self.embedder_spec.metric)
-        switched = course_id != self._course[0]
-        present = self._seed_present(course_id, now, names) if switched else None
-        with self._lock:
-            if switched:
-                if self._matcher is not None:
-                    _LOGGER.info("class switched: %s -> %s", self._course[0], course_id)
-                self._present = present or {}
+        self.placement.roster_size = self.roster_size
+        if change.switched:
+            self.placement.new_class(self.classes.course[0])
+            with self._lock:
+                self._present = change.present
                 self._unknown_in_class = 0
-            self._course = (course_id, course_name)
-            self._roster, self._names, self._matcher = roster, names, matcher
-            self._offered = offered
 
     def _seed_debounce(self, now: datetime) -> None:
         window = timedelta(seconds=self.settings.decision.debounce_s)
         self.debouncer.seed(self.store.last_seen_by_student(now - window))
-
-    def _seed_present(self, course_id: str | None, now: datetime,
-                      names: dict[str, str]) -> dict[str, PresentEntry]:
-        """Students already recorded today for this class (after a restart)."""
-        if course_id is None:
-            return {}
-        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        present: dict[str, PresentEntry] = {}
-        for rec in self.store.records_since(day):
-            if rec.course_id == course_id and rec.student_id not in present:
-                present[rec.student_id] = PresentEntry(
-                    rec.student_id, names.get(rec.student_id, rec.student_id),
-                    rec.seen_at, rec.confidence)
-        return present
 
     def process(self, frame: Frame) -> list[Track]:
         """Run one frame through every stage (the processing thread calls this)."""
@@ -458,8 +408,11 @@ class Pipeline:
         self._now = (now, frame.pts_s)
         if self.cut_detector.update(image):
             ended = self.tracker.cut()
+            self.placement.ended(ended)
             _LOGGER.debug("frame %d: camera cut, %d tracks ended", frame.index, len(ended))
         tracks = self.tracker.update(detections, frame.index, at=now, pts_s=frame.pts_s)
+        self.placement.ended(self.tracker.expired)
+        observe_live(tracks)
         t2 = time.perf_counter()
         self._schedule(image, tracks, frame.index)
         t3 = time.perf_counter()
@@ -483,7 +436,7 @@ class Pipeline:
         metrics.FPS.set(fps)
         self.preview.keep(image, [(t.box, t.track_id, _label(t)) for t in tracks if t.matched])
         if self.events is not None:
-            self.events.observe(image, now, tracks, self._course[0], self.roster_size)
+            self.events.observe(image, now, tracks, self.classes.course[0], self.roster_size)
         return tracks
 
     def _wait_for_lagging(self, frame_index: int) -> float:
@@ -635,8 +588,9 @@ class Pipeline:
         if not voting:
             return
         jobs = voting
-        assert self._matcher is not None  # the roster was refreshed before any crop was queued
-        matches = self._matcher.match(np.stack(means).astype(np.float32))
+        matcher = self.classes.matcher
+        assert matcher is not None  # the roster was refreshed before any crop was queued
+        matches = matcher.match(np.stack(means).astype(np.float32))
         for job, match, mean in zip(jobs, matches, means, strict=True):
             track, state, q = job.track, job.state, job.quality
             decision = state.vote.add(Sample(match.student_id, q, float(match.distance),
@@ -655,7 +609,7 @@ class Pipeline:
                     self._unknown_sink(job.crop, mean, track.first_seen or datetime.now(UTC))
                 continue
             assert decision.student_id is not None
-            name = self._names.get(decision.student_id, decision.student_id)
+            name = self.classes.names.get(decision.student_id, decision.student_id)
             state.label = name
             self._record(track, decision.student_id, name, decision.confidence,
                          decision.distance, mean)
@@ -690,7 +644,7 @@ class Pipeline:
                           student_id)
             return
         record = AttendanceRecord(
-            key=uuid.uuid4(), student_id=student_id, course_id=self._course[0],
+            key=uuid.uuid4(), student_id=student_id, course_id=self.classes.course[0],
             room_id=self.settings.device.room_id, device_id=self.settings.device.device_id,
             seen_at=seen_at, confidence=max(0.0, min(1.0, confidence)),
             distance=None if distance is None else max(0.0, min(2.0, distance)),
@@ -706,7 +660,7 @@ class Pipeline:
         metrics.ATTENDANCE_RECORDS.inc()
         metrics.OUTBOX_DEPTH.set(self.store.outbox_depth())
         sighting = RecordedSighting(student_id, name, seen_at, track.first_pts_s, confidence,
-                                    distance, track.track_id, record.key)
+                                    distance, track.track_id, record.key, self._now[1])
         with self._lock:
             self.recorded.append(sighting)
             if student_id not in self._present:
@@ -727,15 +681,14 @@ class Pipeline:
     @property
     def roster_size(self) -> int:
         """Students in the active roster (0: everyone is unknown)."""
-        roster = self._roster
-        return 0 if roster is None else len(roster.student_ids)
+        return self.classes.size
 
     def status(self) -> PipelineStatus:
         cap = self.capture
         size = self.roster_size
         note = None
         if size == 0:
-            why = self.roster_error or getattr(self.roster_provider, "error", None)
+            why = self.classes.error or getattr(self.roster_provider, "error", None)
             note = "no roster: every face is unknown" + (f" ({why})" if why else "")
         with self._lock:
             return PipelineStatus(
@@ -743,13 +696,13 @@ class Pipeline:
                 last_frame_at=self._last_frame_at or cap.last_frame_at, frames=self._frames,
                 fps=round(self._fps_locked(), 2),
                 stage_ms={k: round(v, 3) for k, v in self.timer.recent_means().items()},
-                room_id=self.settings.device.room_id, course_id=self._course[0],
-                course_name=self._course[1],
+                room_id=self.settings.device.room_id, course_id=self.classes.course[0],
+                course_name=self.classes.course[1],
                 present=sorted(self._present.values(), key=lambda p: p.first_seen),
                 unknown_count=self._unknown_in_class,
                 tracks_active=len(self.tracker.tracks), started_at=self.started_at,
                 roster_size=size, note=note, camera_error=cap.last_error,
-                frames_dropped=cap.dropped,
+                frames_dropped=cap.dropped, placement=self.placement.summary(),
             )
 
     # -- preview -------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
+from appliance.placement import PlacementSummary
+
 STAGES = ("decode", "detect", "track", "embed", "match")
 
 
@@ -42,6 +44,7 @@ class PipelineStatus:
     note: str | None = None  # e.g. "no roster: every face is unknown"
     camera_error: str | None = None
     frames_dropped: int = 0
+    placement: PlacementSummary | None = None  # face sizes of the class (appliance/placement.py)
 
 
 class StageTimer:

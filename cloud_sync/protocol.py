@@ -174,6 +174,34 @@ class HeartbeatReply(BaseModel):
                                          "device that it does not run yet (None: stay).")
 
 
+PlacementStatus = Literal["no_data", "ok", "marginal", "too_small", "too_large",
+                          "low_recognition"]
+
+
+class PlacementBand(BaseModel):
+    """Faces of one size band (largest width per person, frame pixels, e.g. ``"40-49"``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    size: str = Field(min_length=1, max_length=16)
+    faces: int = Field(ge=0, le=2**31 - 1)
+    recognised: int = Field(ge=0, le=2**31 - 1)
+
+
+class PlacementReport(BaseModel):
+    """The device's placement check (appliance/placement.py): how big the faces the camera saw
+    in the current (or last) class were, how many were recognised, the verdict and a hint."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    status: PlacementStatus
+    faces: int = Field(ge=0, le=2**31 - 1)
+    recognised: int = Field(ge=0, le=2**31 - 1)
+    median_px: float | None = Field(default=None, ge=0, le=100_000)
+    hint: str = Field(max_length=300)
+    course_id: Identifier | None = None
+    current_class: bool = True
+    bands: list[PlacementBand] = Field(default_factory=list, max_length=16)
+
+
 class Heartbeat(Message):
     device_id: Identifier
     room_id: Identifier
@@ -191,6 +219,9 @@ class Heartbeat(Message):
     last_frame_at: AwareDatetime | None = None
     fps: float | None = Field(default=None, ge=0, le=10_000)
     update: UpdateReport | None = Field(default=None, description="The updater's state.")
+    placement: PlacementReport | None = Field(
+        default=None, description="Face sizes seen and recognised: is the camera well placed "
+        "(optional; devices before issue 22 send none).")
 
 
 EVENT_SCHEMA_VERSION = 2

@@ -34,6 +34,7 @@ from appliance import metrics
 from appliance.clock import DeviceClock
 from appliance.config import ApplianceSettings
 from appliance.logging_setup import LogThrottle
+from appliance.placement import placement_report
 from appliance.status import PipelineStatus
 from appliance.store import Store
 from appliance.sync.backoff import Backoff
@@ -447,11 +448,12 @@ class SyncAgent:
     def build_heartbeat(self) -> Heartbeat:
         clock = self.clock.reading()
         now = clock.at
-        last_frame_at = fps = None
+        last_frame_at = fps = placement = None
         if self._pipeline_status is not None:
             try:
                 status = self._pipeline_status()
                 last_frame_at, fps = status.last_frame_at, status.fps
+                placement = placement_report(getattr(status, "placement", None))
             except Exception:  # the heartbeat must go out even if the pipeline is broken
                 _LOGGER.exception("pipeline status unavailable for the heartbeat")
         return Heartbeat(
@@ -469,6 +471,7 @@ class SyncAgent:
             oldest_unsent_age_s=self._store.oldest_unsent_age_s(now),
             last_frame_at=last_frame_at,
             fps=fps,
+            placement=placement,
         )
 
     def _send_heartbeat(self) -> bool:

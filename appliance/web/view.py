@@ -160,6 +160,7 @@ class StatusView:
                     st.camera_state, st.frames, _mask_optional(st.camera_error)),
             },
             "stage_ms": {name: _round(ms) for name, ms in st.stage_ms.items()},
+            "placement": placement_view(getattr(st, "placement", None)),
             "present": [
                 {"student_id": p.student_id, "name": p.name,
                  "first_seen": self._local(p.first_seen),
@@ -201,6 +202,23 @@ class StatusView:
                       "warning": "" if clock.get("trusted", True) else
                       "Clock not trusted: " + clock["message"]},
         }
+
+
+def placement_view(summary: Any) -> dict[str, Any] | None:
+    """The placement check for the page: verdict, hint, and the size bands that have faces."""
+    if summary is None:
+        return None
+    return {
+        "status": summary.status,
+        "ok": summary.status in ("ok", "marginal", "no_data"),
+        "hint": summary.hint,
+        "faces": summary.faces,
+        "recognised": summary.recognised,
+        "median_px": summary.median_px,
+        "which": "this class so far" if summary.current_class else "the last class",
+        "bands": [{"size": size, "faces": faces, "recognised": rec}
+                  for size, faces, rec in summary.bands if faces],
+    }
 
 
 def class_line(course_id: str | None, course_name: str | None,

@@ -67,6 +67,19 @@
     var names = Object.keys(s.stage_ms);
     if (names.length === 0) { stages.appendChild(row(["No frame yet"], "none")); }
     names.forEach(function (n) { stages.appendChild(row([n, s.stage_ms[n] + " ms"], "num")); });
+    var pl = s.placement, bands = document.getElementById("placement-bands");
+    if (pl && bands) {
+      var hint = document.getElementById("placement-hint");
+      hint.textContent = pl.hint;
+      hint.className = pl.ok ? "ok" : "warn";
+      bands.replaceChildren();
+      if (pl.bands.length === 0) { bands.appendChild(row(["Nobody has walked past yet"], "none", 3)); }
+      pl.bands.forEach(function (b) {
+        var tr = row([b.size + " px", String(b.faces), String(b.recognised)]);
+        tr.children[1].className = "num"; tr.children[2].className = "num";
+        bands.appendChild(tr);
+      });
+    }
     var health = document.getElementById("health");
     health.replaceChildren();
     Object.keys(s.health).forEach(function (n) {
