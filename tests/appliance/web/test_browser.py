@@ -131,6 +131,8 @@ def test_status_page_in_chromium(tmp_path: Path, faces_dir: Path, model_dir: Pat
             assert state == "ok"
             text = browser.evaluate("document.body.innerText")
             assert "pi-lab-301" in text and "detect" in text
+            assert "CAMERA PLACEMENT" in text.upper()  # the placement check's card (issue 22)
+            assert browser.evaluate("document.getElementById('placement-hint').textContent")
             shot = browser.screenshot(OUT / "status-desktop.png")
             assert shot.stat().st_size > 20_000
 
