@@ -1,7 +1,7 @@
 """Run the benchmarks and print one JSON document.
 
     python -m bench                 # all
-    python -m bench pipeline        # one or more by name: pipeline, recognition, aggregator,
+    python -m bench pipeline        # one or more by name: pipeline, door, recognition, aggregator,
                                     # cost, scaleout, sync, recordings
     python -m bench --out FILE      # also write the JSON to FILE
 """
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("pipeline", "recognition", "aggregator", "cost", "scaleout", "sync", "recordings")
+SUITES = ("pipeline", "door", "recognition", "aggregator", "cost", "scaleout", "sync", "recordings")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,3 +88,70 @@ def build(faces_dir: Path, out: Path, model_dir: Path, person: int = 0) -> Walkt
     writer.release()
     cap.release()
     return Walkthrough(out, name, list(split.enroll[name]), shown, n, SECONDS)
+
+
+OTHERS = 9  # other students of the class, enrolled too
+PERSON = 7  # which benchmark person walks in
+
+
+def _roster(people: dict[str, list[Path]], model_dir: Path, path: Path,
+            detector_model: str) -> None:
+    from appliance.recognition import Roster
+    from appliance.vision.embedding import create_embedder, embedder_id
+    from appliance.vision.enroll import embed_photo, enrollment_detector, load_image
+    from cloud_sync.protocol import RosterEntry
+
+    detector = enrollment_detector(model_dir, detector_model)
+    embedder = create_embedder("sface", model_dir)
+    entries = []
+    for sid, photos in people.items():
+        vectors = [r.embedding.tolist() for r in
+                   (embed_photo(load_image(p), detector, embedder) for p in photos)
+                   if r.embedding is not None]
+        if vectors:
+            entries.append(RosterEntry(student_id=sid, name=sid, embeddings=vectors))
+    Roster.from_entries(entries, embedder_id("sface")).save(path)
+
+
+def run(faces_dir: Path, model_dir: Path, tmp: Path, detector: dict[str, object] | None = None,
+        person: int = PERSON) -> dict[str, object]:
+    """The walk-through through the whole pipeline (replay of every frame) at the default
+    settings, or with ``detector`` overrides: who was recorded, and when."""
+    from appliance.capture import VideoFileSource
+    from appliance.config import load
+    from appliance.pipeline import Pipeline
+    from appliance.recognition import FileRosterProvider
+    from appliance.store import Store
+
+    walk = build(faces_dir, tmp / "walk.mp4", model_dir, person=person)
+    split = lfw_split(faces_dir / "lfw_dev")
+    others = [n for n in sorted(split.enroll) if n != walk.student][:OTHERS]
+    settings = load(None, paths={"data_dir": tmp, "model_dir": model_dir},
+                    events={"enabled": False}, detector=detector or {})
+    roster = tmp / "roster.json"
+    _roster({walk.student: walk.enrol, **{n: split.enroll[n] for n in others}}, model_dir,
+            roster, settings.detector.model)
+    store = Store(tmp / "s.db")
+    pipeline = Pipeline(settings, store,
+                        FileRosterProvider(roster, course_id="C1", course_name="Door"),
+                        source=VideoFileSource(walk.video), every_frame=True, paced=False,
+                        loop=False)
+    pipeline.start()
+    try:
+        finished = pipeline.wait_finished(300)
+    finally:
+        pipeline.stop()
+        store.close()
+    recorded = {r.student_id: r for r in pipeline.recorded}
+    mine = recorded.get(walk.student)
+    decided = mine.decided_pts_s if mine else None
+    face_px = (None if decided is None else
+               round(FACE_FROM_PX + (FACE_TO_PX - FACE_FROM_PX) * decided / walk.seconds, 1))
+    return {
+        "finished": finished, "error": repr(pipeline.error) if pipeline.error else None,
+        "detector": settings.detector.model, "student": walk.student,
+        "recorded": sorted(recorded), "others_recorded": sorted(set(recorded) - {walk.student}),
+        "student_recorded_at_s": decided, "face_px_when_recorded": face_px,
+        "seconds": walk.seconds, "deadline_80px_s": round(walk.seconds_at(80), 2),
+        "placement": pipeline.status().placement,
+    }
