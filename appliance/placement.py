@@ -1,7 +1,7 @@
 """The placement check: how big the faces the camera sees are, and how many were recognised.
 
 A camera above a door is placed well when the faces that pass it are big enough to recognise
-(docs/OPERATIONS.md 6.8: 50 px and wider reliably, 40 px often, 32 px rarely). Each track that
+(docs/OPERATIONS.md 6.9: 50 px and wider reliably, 40 px often, 32 px rarely). Each track that
 ends (a person who walked past) counts once, at its largest face width (the closest it came),
 in a size band, with whether it was recognised as a student. The figures are kept per class:
 the current class so far and the last finished one; ``summary()`` reports the current class

@@ -14,6 +14,7 @@ from cloud_sync.aggregator.db.models import Device, EventRow, Heartbeat, Room
 from cloud_sync.aggregator.services.recordings import is_recording_device
 from cloud_sync.aggregator.services.reports import Rules, course_day
 from cloud_sync.aggregator.services.timetable import Occurrence, room_timetable, zone
+from cloud_sync.protocol import PlacementReport
 
 ALERT_WINDOW = timedelta(hours=6)
 # an alert of these kinds stays open until the device reports the matching recovery event
@@ -30,6 +31,12 @@ class DeviceView:
     cpu_temp_c: float | None
     outbox_depth: int | None
     alerts: list[EventRow] = field(default_factory=list)
+    placement: PlacementReport | None = None  # the camera's placement check (issue 22)
+
+    @property
+    def placement_bad(self) -> bool:
+        """The camera needs moving: faces too small or too large, or seldom recognised."""
+        return self.placement is not None and self.placement.status in BAD_PLACEMENT
 
 
 @dataclass
@@ -80,6 +87,19 @@ def open_alerts(session: Session, device_ids: list[str],
     return out
 
 
+BAD_PLACEMENT = ("too_small", "too_large", "low_recognition")
+
+
+def _placement(text: str | None) -> PlacementReport | None:
+    """The stored placement check (None: a device from before issue 22, or unreadable)."""
+    if not text:
+        return None
+    try:
+        return PlacementReport.model_validate_json(text)
+    except ValueError:
+        return None
+
+
 def device_views(session: Session, devices: list[Device], now: datetime,
                  offline_after_s: float) -> list[DeviceView]:
     ids = [d.id for d in devices]
@@ -101,6 +121,7 @@ def device_views(session: Session, devices: list[Device], now: datetime,
             cpu_temp_c=beat.cpu_temp_c if beat else None,
             outbox_depth=beat.outbox_depth if beat else None,
             alerts=alerts.get(device.id, []),
+            placement=_placement(beat.placement if beat else None),
         ))
     return views
 

@@ -223,6 +223,8 @@ class Heartbeat(Base):
     oldest_unsent_age_s: Mapped[float | None] = mapped_column(Float, default=None)
     last_frame_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     fps: Mapped[float | None] = mapped_column(Float, default=None)
+    placement: Mapped[str | None] = mapped_column(
+        Text, default=None, doc="the device's placement check (protocol.PlacementReport, JSON)")
     __table_args__ = (
         Index("ix_heartbeats_device_boot", "device_id", "boot_id", "clock_synced"),
         Index("ix_heartbeats_device_received", "device_id", "received_at"),

@@ -448,7 +448,10 @@ def heartbeat_job(device: _DeviceContext | None, device_id: str, hb: Heartbeat,
     received = utcnow()
     if not (_time_ok(hb.sent_at) and _time_ok(hb.last_frame_at)):
         raise ServiceError("sent_at / last_frame_at outside 1970..2100")
-    if hb.outbox_depth > MAX_INT32 or not _text_ok(hb.boot_id, hb.software_version):
+    placement = hb.placement
+    if hb.outbox_depth > MAX_INT32 or not _text_ok(
+            hb.boot_id, hb.software_version, placement.hint if placement else None,
+            *(b.size for b in (placement.bands if placement else []))):
         raise ServiceError("outbox_depth too large or text with NUL characters")
     if not all(_finite(v) for v in (hb.monotonic_s, hb.uptime_s, hb.cpu_temp_c, hb.fps,
                                     hb.oldest_unsent_age_s)):
@@ -460,7 +463,7 @@ def heartbeat_job(device: _DeviceContext | None, device_id: str, hb: Heartbeat,
         "software_version": hb.software_version, "uptime_s": hb.uptime_s,
         "cpu_temp_c": hb.cpu_temp_c, "outbox_depth": hb.outbox_depth,
         "oldest_unsent_age_s": hb.oldest_unsent_age_s, "last_frame_at": hb.last_frame_at,
-        "fps": hb.fps,
+        "fps": hb.fps, "placement": placement.model_dump_json() if placement else None,
     }
     status = {"last_heartbeat_at": received, "software_version": hb.software_version,
               "clock_offset_s": (received - hb.sent_at).total_seconds()}
