@@ -81,7 +81,7 @@ class FaceEmbedder:
         self,
         model_dir: Path,
         *,
-        detector_model: str = "full_range",
+        detector_model: str = "yunet",
         num_jitters: int = 1,
         flip_average: bool = False,
     ) -> None:

@@ -100,7 +100,7 @@ class EmbedderProcess:
     parent is inherited, and unlike multiprocessing's spawn it never re-imports the caller's
     main script."""
 
-    def __init__(self, model_dir: Path, detector_model: str = "full_range",
+    def __init__(self, model_dir: Path, detector_model: str = "yunet",
                  name: str = "sface") -> None:
         self.model_dir, self.detector_model, self.name = Path(model_dir), detector_model, name
         self._proc: subprocess.Popen[bytes] | None = None

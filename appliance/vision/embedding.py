@@ -79,7 +79,7 @@ def embedder_id(name: str) -> str:
     return spec(name).id
 
 
-def create_embedder(name: str, model_dir: Path, *, detector_model: str = "full_range",
+def create_embedder(name: str, model_dir: Path, *, detector_model: str = "yunet",
                     threads: int = 1) -> Embedder:
     """Load the named embedder's models (size + sha256 checked) and return it."""
     spec(name)

@@ -66,7 +66,7 @@ class SFaceEmbedder:
     model_version = MODEL_VERSION
     metric = "cosine"
 
-    def __init__(self, model_dir: Path, *, detector_model: str = "full_range",
+    def __init__(self, model_dir: Path, *, detector_model: str = "yunet",
                  threads: int = 1, flip_average: bool = False) -> None:
         del detector_model  # alignment uses the keypoints, whatever the detector's box style
         self.flip_average = flip_average
