@@ -26,7 +26,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -235,70 +235,52 @@ _DESCRIPTOR_INSERT = {
     "postgresql": pg_insert(_DESCRIPTORS).on_conflict_do_nothing(),
     "sqlite": sqlite_insert(_DESCRIPTORS).on_conflict_do_nothing(),
 }
-
-
-def _insert_new(session: Session, rows: list[dict[str, Any]],
-                descriptors: list[dict[str, Any]]) -> set[uuid.UUID]:
-    """Insert the rows whose key is new, and the descriptors (idempotent on the record key),
-    and commit; returns the keys inserted.
-
-    The read transaction is ended first; the insert runs in the engine's group committer (one
-    transaction and one fsync for every batch waiting at that moment, see group_commit.py), or
-    alone without an app state."""
-    if not rows:
-        session.rollback()
-        return set()
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-
-        def insert_rows(conn: Connection) -> set[uuid.UUID]:
-            fresh = _claim_keys(conn, rows)
-            if fresh:
-                _copy_rows(conn, fresh)
-            return {r["key"] for r in fresh}
-    else:
-        stmt = (
-            sqlite_insert(Attendance.__table__)
-            .on_conflict_do_nothing(index_elements=["key"])
-            .returning(Attendance.__table__.c.key)
-        )
-
-        def insert_rows(conn: Connection) -> set[uuid.UUID]:
-            return set(conn.execute(stmt, rows).scalars().all())
-
-    def job(conn: Connection) -> set[uuid.UUID]:
-        fresh = insert_rows(conn)
-        if descriptors:
-            conn.execute(_DESCRIPTOR_INSERT[dialect], descriptors)
-        return fresh
-
-    return set(_write(session, job, len(rows)))
-
-
+_SQLITE_RECORD_INSERT = (
+    sqlite_insert(Attendance.__table__)
+    .on_conflict_do_nothing(index_elements=["key"])
+    .returning(Attendance.__table__.c.key)
+)
+_KNOWN_STUDENTS = select(Student.id).where(Student.id.in_(bindparam("ids", expanding=True)))
 DESCRIPTOR_DAYS_INFO_KEY = "record_descriptor_days"
 
 
-def _descriptor_rows(session: Session, records: list[AttendanceRecord],
+def _descriptor_rows(records: list[AttendanceRecord],
                      received: datetime) -> list[dict[str, Any]]:
-    """The descriptors the devices matched, to keep in ``record_descriptors`` (in the batch's
-    own transaction), unless ``record_descriptor_days`` is 0. A re-sent batch fills any gap."""
-    if session.info.get(DESCRIPTOR_DAYS_INFO_KEY, 1) <= 0:
-        return []
+    """The descriptors the devices matched, kept in ``record_descriptors`` in the batch's own
+    transaction (idempotent on the record key: a re-sent batch fills any gap)."""
     return [{"key": r.key, "received_at": received,
              "embedder": r.descriptor_embedder or LEGACY_EMBEDDER,
              "vector": np.asarray(r.descriptor, dtype="<f4").tobytes()}
             for r in records if r.descriptor is not None]
 
 
-def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
-    """Store a device's batch; see the module docstring. Commits (call it on a fresh session)."""
-    received = utcnow()
-    device = _device_context(session, device_id)
+@dataclass
+class PreparedBatch:
+    """What the checks that need no database left of a batch (see :func:`prepare_batch`)."""
+
+    device: _DeviceContext
+    batch: AttendanceBatch
+    candidates: list[AttendanceRecord]
+    rejected: list[RecordRejection]
+    duplicate: int
+    received: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _NeedPartitions:
+    """A batch job's answer when a record's month has no attendance partition known to
+    exist (PostgreSQL): nothing was written; make them and submit again."""
+
+    months: frozenset[date]
+
+
+def prepare_batch(device: _DeviceContext | None, device_id: str,
+                  batch: AttendanceBatch) -> PreparedBatch | BatchResult:
+    """The checks without the database: the device, the records' device and room, times and
+    text, keys repeated inside the batch. A BatchResult when nothing is left to store."""
     if device is None:
-        session.rollback()
         return _reject_all(batch, f"unknown device {device_id!r}")
     if batch.device_id != device_id:
-        session.rollback()
         return _reject_all(
             batch, f"batch device_id {batch.device_id!r} is not the authenticated device"
         )
@@ -329,49 +311,130 @@ def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> Ba
         else:
             seen.add(rec.key)
             candidates.append(rec)
-    wanted = {r.student_id for r in candidates}
-    known: set[str] = set()
-    if wanted:
-        known = set(session.scalars(select(Student.id).where(Student.id.in_(wanted))))
-    timetable = device.timetable
-    beats = _beats(
-        session, device_id,
-        {r.boot_id for r in candidates if not r.clock_synced and r.boot_id},
-    )
-    early = _early_min(session)
-    rows: list[dict[str, Any]] = []
-    for rec in candidates:
-        if rec.student_id not in known:
-            rejected.append(RecordRejection(
-                key=str(rec.key), reason=f"unknown student {rec.student_id!r}"
-            ))
-            continue
-        at, method = correct_time(
-            rec.seen_at, rec.clock_synced, rec.monotonic_s, beats.get(rec.boot_id or "", [])
-            if rec.boot_id else [],
-        )
-        course_id = timetable.course_at(device.room_id, at, early)
-        rows.append(_row(rec, device, at, method, course_id, received))
-    # PostgreSQL: a month without a partition gets one (own connection; this transaction has
-    # only read other tables, so it holds no lock the DDL waits for). No-op on SQLite.
-    partitions.ensure_months(session.get_bind(), {partitions.month_start(r["at"]) for r in rows},
-                             known=state_of(session))
-    kept = {r["key"] for r in rows}
-    fresh = _insert_new(session, rows, _descriptor_rows(
-        session, [r for r in candidates if r.key in kept], received))
-    accepted = len(fresh)
-    duplicate += len(rows) - accepted
-    if fresh:
-        live.publish_records(session, [r for r in rows if r["key"] in fresh])
+    return PreparedBatch(device, batch, candidates, rejected, duplicate, utcnow())
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    rows: list[dict[str, Any]]
+    fresh: set[uuid.UUID]
+    unknown: list[RecordRejection]
+
+
+def batch_job(prepared: PreparedBatch, early_min: float, keep_descriptors: bool,
+              known: AppState | None, checked: frozenset[date] = frozenset()
+              ) -> group_commit.Job:
+    """The write of a prepared batch, for the group committer, all in its transaction: the
+    students that exist, this boot's heartbeats for records made with an unsynchronised clock,
+    each record's time and course, the insert of the new keys (idempotent) and the
+    descriptors. On PostgreSQL a record in a month whose partition is neither in ``known``
+    nor ``checked`` makes the job write nothing and answer _NeedPartitions."""
+    device, candidates = prepared.device, prepared.candidates
+
+    def job(conn: Connection) -> _Stored | _NeedPartitions:
+        wanted = {r.student_id for r in candidates}
+        students = set(conn.execute(_KNOWN_STUDENTS, {"ids": list(wanted)}).scalars()
+                       ) if wanted else set()
+        beats = _beats(conn, device.device_id,
+                       {r.boot_id for r in candidates if not r.clock_synced and r.boot_id})
+        rows: list[dict[str, Any]] = []
+        unknown: list[RecordRejection] = []
+        for rec in candidates:
+            if rec.student_id not in students:
+                unknown.append(RecordRejection(
+                    key=str(rec.key), reason=f"unknown student {rec.student_id!r}"))
+                continue
+            at, method = correct_time(
+                rec.seen_at, rec.clock_synced, rec.monotonic_s,
+                beats.get(rec.boot_id or "", []) if rec.boot_id else [])
+            course_id = device.timetable.course_at(device.room_id, at, early_min)
+            rows.append(_row(rec, device, at, method, course_id, prepared.received))
+        postgres = conn.dialect.name == "postgresql"
+        if postgres and rows:
+            months = {partitions.month_start(r["at"]) for r in rows} - checked
+            if known is not None and months:
+                with known.partitions_lock:
+                    months -= known.partitions
+            if months:
+                return _NeedPartitions(frozenset(months))
+        fresh: set[uuid.UUID] = set()
+        if rows and postgres:
+            claimed = _claim_keys(conn, rows)
+            if claimed:
+                _copy_rows(conn, claimed)
+            fresh = {r["key"] for r in claimed}
+        elif rows:
+            fresh = set(conn.execute(_SQLITE_RECORD_INSERT, rows).scalars().all())
+        kept = {r["key"] for r in rows}
+        descriptors = _descriptor_rows([r for r in candidates if r.key in kept],
+                                       prepared.received) if keep_descriptors else []
+        if descriptors:
+            conn.execute(_DESCRIPTOR_INSERT[conn.dialect.name], descriptors)
+        return _Stored(rows, fresh, unknown)
+
+    return job
+
+
+def batch_stored(prepared: PreparedBatch, stored: _Stored,
+                 feed: live.LiveFeed | None) -> BatchResult:
+    """After a batch's job committed: the live feed, the metrics, the answer."""
+    accepted = len(stored.fresh)
+    duplicate = prepared.duplicate + len(stored.rows) - accepted
+    rejected = prepared.rejected + stored.unknown
+    if stored.fresh:
+        live.publish_records_on(feed, [r for r in stored.rows if r["key"] in stored.fresh])
     metrics.RECORDS.labels("accepted").inc(accepted)
     metrics.RECORDS.labels("duplicate").inc(duplicate)
     metrics.RECORDS.labels("rejected").inc(len(rejected))
     if rejected:
-        _LOGGER.info("device %s: %d record(s) rejected, first: %s", device_id, len(rejected),
-                     rejected[0].reason)
-    return BatchResult(
-        batch_id=batch.batch_id, accepted=accepted, duplicate=duplicate, rejected=rejected
-    )
+        _LOGGER.info("device %s: %d record(s) rejected, first: %s", prepared.device.device_id,
+                     len(rejected), rejected[0].reason)
+    return BatchResult(batch_id=prepared.batch.batch_id, accepted=accepted,
+                       duplicate=duplicate, rejected=rejected)
+
+
+def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
+    """Store a device's batch; see the module docstring. Durable when this returns (call it
+    on a fresh session)."""
+    prepared = prepare_batch(_device_context(session, device_id), device_id, batch)
+    if isinstance(prepared, BatchResult):
+        session.rollback()
+        return prepared
+    if not prepared.candidates:
+        session.rollback()
+        return batch_stored(prepared, _Stored([], set(), []), live.feed_of(session))
+    state = state_of(session)
+    engine = session.get_bind()
+    keep = session.info.get(DESCRIPTOR_DAYS_INFO_KEY, 1) > 0
+    checked: frozenset[date] = frozenset()
+    while True:
+        stored = _write(session, batch_job(prepared, _early_min(session), keep, state, checked),
+                        len(prepared.candidates))
+        if not isinstance(stored, _NeedPartitions):
+            return batch_stored(prepared, stored, live.feed_of(session))
+        # PostgreSQL: a month without a partition gets one (own connection, outside any
+        # write transaction), then the batch is written
+        partitions.ensure_months(engine, stored.months, known=state)  # type: ignore[arg-type]
+        checked |= stored.months
+
+
+async def ingest_cached_batch(state: AppState, device: _DeviceContext, device_id: str,
+                              batch: AttendanceBatch, early_min: float,
+                              keep_descriptors: bool, feed: live.LiveFeed | None
+                              ) -> BatchResult | None:
+    """:func:`ingest_batch` from the event loop for a device whose context is cached: the
+    checks here, the rest in one group-committed job awaited without a thread. None (nothing
+    written) when a month's attendance partition must be made first: use ingest_batch."""
+    prepared = prepare_batch(device, device_id, batch)
+    if isinstance(prepared, BatchResult):
+        return prepared
+    if not prepared.candidates:
+        return batch_stored(prepared, _Stored([], set(), []), feed)
+    stored = await state.committer().submit_async(
+        batch_job(prepared, early_min, keep_descriptors, state), len(prepared.candidates))
+    if isinstance(stored, _NeedPartitions):
+        return None
+    return batch_stored(prepared, stored, feed)
 
 
 def _claimed(device: _DeviceContext | None, device_id: str, claimed_device: str,

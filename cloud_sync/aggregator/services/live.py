@@ -148,7 +148,11 @@ def feed_of(session: Session) -> LiveFeed | None:
 def publish_records(session: Session, rows: list[dict[str, Any]]) -> None:
     """New attendance rows of one batch (one device, so one room) to the live feed: one
     message per batch, so a client's queue counts batches, not records."""
-    feed = feed_of(session)
+    publish_records_on(feed_of(session), rows)
+
+
+def publish_records_on(feed: LiveFeed | None, rows: list[dict[str, Any]]) -> None:
+    """:func:`publish_records` when the caller holds the feed itself, not a session."""
     if feed is None or not feed.wanted() or not rows:
         return
     feed.publish(rows[0]["room_id"], RECORD_TYPE, {"records": [{
