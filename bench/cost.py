@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.aggregator import PG_DSN, REPO, _free_port, _postgres, _seed, _settle
+from bench.aggregator import PG_DSN, REPO, _free_port, _postgres, _seed, _settle, stop_process
 from bench.loadgen import KEY, Target, measure, wrk_available
 from bench.scaleout import _postgres_cpu
 from cloud_sync.aggregator.state import STATE_INFO_KEY
@@ -82,12 +82,7 @@ class Process:
         raise RuntimeError(f"{argv} did not start")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 20)
 
 
 def aggregator(url: str) -> Process:

@@ -30,7 +30,15 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.aggregator import REPO, _free_port, _postgres, _records, _seed, _settle
+from bench.aggregator import (
+    REPO,
+    _free_port,
+    _postgres,
+    _records,
+    _seed,
+    _settle,
+    stop_process,
+)
 from bench.loadgen import KEY, Target, measure, wrk_available
 
 DEVICES = 50
@@ -75,12 +83,7 @@ class Workers:
         return [parent, *parent.children(recursive=True)]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 20)
 
 
 def _postgres_cpu(database: str) -> dict[int, float]:
