@@ -263,3 +263,30 @@ def test_allow_header_lists_only_the_paths_methods(world: World, raw: TestClient
     r = raw.request("OPTIONS", "/api/v1/students/S001/faces/video", headers=world.admin)
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert raw.delete("/api/v1/students/S001/faces/999", headers=world.admin).status_code == 404
+
+
+def test_device_hanging_up_mid_body_gets_a_quiet_400(world: World) -> None:
+    """The endpoints that read their bodies themselves: a client gone before its body arrived
+    is answered (to nobody) instead of raising out of the app (a traceback in the log)."""
+    import asyncio
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    for path in ("/api/v1/heartbeat", "/api/v1/events", "/api/v1/attendance"):
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+            "headers": [(b"authorization", world.device["Authorization"].encode()),
+                        (b"content-type", b"application/json"), (b"content-length", b"300")],
+        }
+        sent.clear()
+        asyncio.run(world.client.app(scope, receive, send))  # type: ignore[arg-type]
+        assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400, path
