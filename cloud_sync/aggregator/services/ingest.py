@@ -468,34 +468,42 @@ _RECORRECT = (
 )
 
 
-def _recorrect(conn: Connection, device: _DeviceContext, hb: Heartbeat, early: float) -> int:
+def _recorrect_methods(hb: Heartbeat) -> list[str]:
+    """The corrections a heartbeat can improve: uncertain records, and offset-corrected ones
+    when it is synchronised with a monotonic reading."""
+    if hb.clock_synced and hb.monotonic_s is not None:
+        return ["uncertain", "heartbeat_offset"]
+    return ["uncertain"]
+
+
+def _recorrect(conn: Connection, device: _DeviceContext, hb: Heartbeat, early: float,
+               records: Sequence[Any] | None = None) -> int:
     """Re-correct this boot's uncertain records (and offset-corrected ones if ``hb`` is
     synchronised with a monotonic reading) now that the heartbeat is stored (same
     transaction). The partial index ix_attendance_unsynced makes the usual answer, none,
-    cheap."""
-    methods = ["uncertain"]
-    if hb.clock_synced and hb.monotonic_s is not None:
-        methods.append("heartbeat_offset")
-    c = _RECORD.c
-    records = conn.execute(
-        select(c.id, c.at, c.seen_at, c.monotonic_s, c.correction, c.room_id).where(
-            c.device_id == device.device_id, c.boot_id == hb.boot_id,
-            c.clock_synced == false(), c.correction.in_(methods),
-        )
-    ).all()
+    cheap. ``records``: those rows (id, at, seen_at, monotonic_s, correction, room_id) when
+    the caller already read them."""
+    if records is None:
+        c = _RECORD.c
+        records = conn.execute(
+            select(c.id, c.at, c.seen_at, c.monotonic_s, c.correction, c.room_id).where(
+                c.device_id == device.device_id, c.boot_id == hb.boot_id,
+                c.clock_synced == false(), c.correction.in_(_recorrect_methods(hb)),
+            )
+        ).all()
     if not records:
         return 0
     beats = _beats(conn, device.device_id, {hb.boot_id} if hb.boot_id else set()).get(
         hb.boot_id or "", []
     )
     changes: list[dict[str, Any]] = []
-    for rec in records:
-        at, method = correct_time(rec.seen_at, False, rec.monotonic_s, beats)
-        if method == rec.correction and at == rec.at:
+    for rec_id, rec_at, seen_at, monotonic_s, correction, room_id in records:
+        at, method = correct_time(seen_at, False, monotonic_s, beats)
+        if method == correction and at == rec_at:
             continue
-        changes.append({"_id": rec.id, "_at": rec.at, "at": at, "correction": method,
+        changes.append({"_id": rec_id, "_at": rec_at, "at": at, "correction": method,
                         "time_uncertain": method == "uncertain",
-                        "course_id": device.timetable.course_at(rec.room_id, at, early)})
+                        "course_id": device.timetable.course_at(room_id, at, early)})
     if changes:
         conn.execute(_RECORRECT, changes)
     return len(changes)
@@ -532,11 +540,39 @@ def heartbeat_job(device: _DeviceContext | None, device_id: str, hb: Heartbeat,
               "clock_offset_s": (received - hb.sent_at).total_seconds()}
 
     def job(conn: Connection) -> int:
+        if conn.dialect.name == "postgresql":  # one round trip for the three statements
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(_PG_HEARTBEAT, {**row, **status,
+                                               "methods": _recorrect_methods(hb)})
+                records = cursor.fetchall()
+            finally:
+                cursor.close()
+            return _recorrect(conn, found, hb, early_min, records) if records else 0
         conn.execute(_HEARTBEAT_INSERT, row)
         conn.execute(_DEVICE_STATUS, {"_id": device_id, **status})
         return _recorrect(conn, found, hb, early_min) if hb.boot_id else 0
 
     return job
+
+
+_HEARTBEAT_COLUMNS = (
+    "device_id", "received_at", "sent_at", "clock_synced", "boot_id", "monotonic_s",
+    "software_version", "uptime_s", "cpu_temp_c", "outbox_depth", "oldest_unsent_age_s",
+    "last_frame_at", "fps",
+)
+# PostgreSQL: the heartbeat, the device's status and the search for this boot's records to
+# re-correct in one statement (the SELECT does not depend on the two writes).
+_PG_HEARTBEAT = (
+    f"WITH hb AS (INSERT INTO heartbeats ({', '.join(_HEARTBEAT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join(f'%({c})s' for c in _HEARTBEAT_COLUMNS)})), "
+    "dev AS (UPDATE devices SET last_heartbeat_at = %(last_heartbeat_at)s, "
+    "software_version = %(software_version)s, clock_offset_s = %(clock_offset_s)s "
+    "WHERE id = %(device_id)s) "
+    "SELECT id, at, seen_at, monotonic_s, correction, room_id FROM attendance "
+    "WHERE %(boot_id)s::text IS NOT NULL AND device_id = %(device_id)s "
+    "AND boot_id = %(boot_id)s AND clock_synced = false AND correction = ANY(%(methods)s)"
+)
 
 
 _HEARTBEAT_INSERT = insert(HeartbeatRow.__table__)
