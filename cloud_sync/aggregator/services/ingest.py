@@ -596,11 +596,9 @@ def heartbeat_job(device: _DeviceContext | None, device_id: str, hb: Heartbeat,
     return job
 
 
-_HEARTBEAT_COLUMNS = (
-    "device_id", "received_at", "sent_at", "clock_synced", "boot_id", "monotonic_s",
-    "software_version", "uptime_s", "cpu_temp_c", "outbox_depth", "oldest_unsent_age_s",
-    "last_frame_at", "fps",
-)
+# every column but the id: a column added to the model is written here too (or, missing from
+# the job's row, fails loudly)
+_HEARTBEAT_COLUMNS = tuple(c.name for c in HeartbeatRow.__table__.columns if c.name != "id")
 # PostgreSQL: the heartbeat, the device's status and the search for this boot's records to
 # re-correct in one statement (the SELECT does not depend on the two writes).
 _PG_HEARTBEAT = (
