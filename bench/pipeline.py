@@ -150,10 +150,10 @@ def run_baseline(clip: Path) -> dict[str, Any]:
 
 def run_detection_only(frames: list[Any]) -> dict[str, Any]:
     from appliance.config import load
-    from appliance.vision.detector import FaceDetector
+    from appliance.vision.detectors import detector_from_config
 
     settings = load()
-    detector = FaceDetector.from_config(settings.detector, settings.paths.model_dir)
+    detector = detector_from_config(settings.detector, settings.paths.model_dir)
     for frame in frames[:10]:  # warm-up
         detector.detect(frame)
     t0 = time.perf_counter()
