@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ import httpx
 import numpy as np
 
 from bench.aggregator import PG_DSN, REPO, _free_port, _postgres, _seed, _settle, stop_process
-from bench.loadgen import KEY, Target, measure, wrk_available
+from bench.loadgen import KEY, WRK_MISSING, Target, key_prefix, measure, wrk_available
 from bench.scaleout import _postgres_cpu
 from cloud_sync.aggregator.state import STATE_INFO_KEY
 
@@ -160,11 +159,6 @@ def _pg_sessions(database: str | None) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def _prefix() -> str:
-    raw = secrets.token_hex(8)
-    return f"{raw[:8]}-{raw[8:12]}-4{raw[12:15]}-8"
-
-
 def _backend(url: str, pg_database: str | None) -> dict[str, Any]:
     seeded = _seed(url)
     _settle(seeded["engine"])
@@ -184,12 +178,12 @@ def _backend(url: str, pg_database: str | None) -> dict[str, Any]:
         for kind in KINDS:  # side by side: each kind on the bare endpoint, then the aggregator
             out[kind] = {"bare": measure(
                 floor.base, targets[kind], [floor.proc.pid], DEVICES, WARMUP_S, COUNTED_S,
-                _prefix())}
+                key_prefix())}
             counters = {} if pg_database is None else {
                 "postgres_connections_opened": lambda: _pg_sessions(pg_database)}
             out[kind]["aggregator"] = measure(
                 server.base, targets[kind], [server.proc.pid], DEVICES, WARMUP_S, COUNTED_S,
-                _prefix(), extra_cpu=extra, counters=counters)
+                key_prefix(), extra_cpu=extra, counters=counters)
     finally:
         floor.stop()
         if server is not None:
@@ -215,7 +209,7 @@ def run() -> dict[str, Any]:
                                "counted_s": COUNTED_S,
                                "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
     if not wrk_available():
-        results["skipped"] = "wrk is not installed (scripts/ensure-system-deps.sh bench)"
+        results["skipped"] = WRK_MISSING
         return results
     with tempfile.TemporaryDirectory() as tmp:
         results["sqlite"] = _backend(f"sqlite:///{Path(tmp) / 'bench.db'}", None)

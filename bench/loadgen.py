@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -209,8 +210,17 @@ def wrk_script(target: Target, key_prefix: str) -> str:
             .replace("{PATH}", target.path).replace("{PREFIX}", key_prefix))
 
 
+WRK_MISSING = "wrk is not installed (scripts/ensure-system-deps.sh bench)"
+
+
 def wrk_available() -> bool:
     return shutil.which("wrk") is not None
+
+
+def key_prefix() -> str:
+    """A random start for a run's keys: "xxxxxxxx-xxxx-4xxx-8" (a version-4 UUID's)."""
+    raw = secrets.token_hex(8)
+    return f"{raw[:8]}-{raw[8:12]}-4{raw[12:15]}-8"
 
 
 def run_wrk(base: str, target: Target, connections: int, seconds: float,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from bench.aggregator import (
     _settle,
     stop_process,
 )
-from bench.loadgen import KEY, Target, measure, wrk_available
+from bench.loadgen import KEY, WRK_MISSING, Target, key_prefix, measure, wrk_available
 
 DEVICES = 50
 BATCH = 50
@@ -126,16 +125,11 @@ def _phase(server: Workers, database: str, keys: dict[str, str], batch: int,
     pids = [p.pid for p in server.processes()]
     pg0 = _postgres_cpu(database)
     out = measure(server.base, _targets(keys, batch), pids, DEVICES, warmup_s, duration_s,
-                  _prefix())
+                  key_prefix())
     out["database_cpu_ms_per_request"] = round(
         _pg_delta(pg0, _postgres_cpu(database)) * 1000 / max(1, out["requests"]), 3)
     out.update(batch_size=batch, records_per_s=round(out["requests_per_s"] * batch))
     return out
-
-
-def _prefix() -> str:
-    raw = secrets.token_hex(8)
-    return f"{raw[:8]}-{raw[8:12]}-4{raw[12:15]}-8"
 
 
 def _measure(url: str, keys: dict[str, str], workers: int) -> dict[str, Any]:
@@ -168,7 +162,7 @@ def run() -> dict[str, Any]:
                                "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
                                "what_it_shows": WHAT_IT_SHOWS}
     if not wrk_available():
-        results["skipped"] = "wrk is not installed (scripts/ensure-system-deps.sh bench)"
+        results["skipped"] = WRK_MISSING
         return results
     pg = _postgres()
     if pg is None:
