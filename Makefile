@@ -100,6 +100,7 @@ deploy: setup
 		$(if $(SSH_IDENTITY),--identity "$(SSH_IDENTITY)")
 
 image-test: setup
+	bash scripts/ensure-system-deps.sh image
 	bash scripts/ensure-system-deps.sh image-test
 	$(BIN)/python -m fleet image --reuse
 	$(BIN)/python -m fleet.imagetest

@@ -13,7 +13,8 @@
 #         binfmt-support (foreign binaries), arch-test, and the disk tools
 #   image-base: make image BASE=... (no foreign code runs): the disk tools
 #   image-test: qemu-system-aarch64 with its option ROMs (ipxe-qemu: efi-virtio.rom for the
-#         virtio NIC, a Recommends that --no-install-recommends would skip) and ssh
+#         virtio NIC, a Recommends that --no-install-recommends would skip), ssh, and mmdebstrap
+#         (the trixie tool root with QEMU >= 9 for the raspi4b boot)
 #   bench: wrk (make bench's load generator: costs the server nothing it would not pay anyway)
 set -euo pipefail
 what=${1:-base}
@@ -62,6 +63,8 @@ case "$what" in
     disk_tools
     command -v qemu-system-aarch64 >/dev/null 2>&1 || need+=(qemu-system-arm)
     [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || need+=(ipxe-qemu)
+    # the raspi4b boot needs QEMU >= 9: a trixie tool root made by mmdebstrap (toolroot.sh)
+    command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
     command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
     ;;
 esac

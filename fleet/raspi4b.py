@@ -1,0 +1,159 @@
+"""The image booted the way a Raspberry Pi 4 boots it: QEMU's ``raspi4b`` machine.
+
+``make image-test`` proves the software under ``-M virt`` (virtio disk and NIC, kernel handed
+in from outside). This proves the Pi 4's own boot chain on top: the kernel and initramfs with
+the image's ``bcm2711-rpi-4-b.dtb`` and ``cmdline.txt`` from the card's FAT partition, root on
+the SD card behind the emmc2 controller (its regulators and GPIO expander), the serial console
+the cmdline names (ttyS1, the mini UART on GPIO 14/15). QEMU >= 9 has the machine; it runs from
+a cached Debian trixie tool root (image_build/toolroot.sh) through that root's own dynamic
+loader, so nothing is installed on this machine. The machine has no network: first boot and the
+appliance's /health are read on the serial console (``provisioned: ...``,
+``classroom-appliance /health: ...``; fleet/console.py).
+
+Run: ``python -m fleet.raspi4b CARD.img [--out DIR]`` (a card written by ``fleet flash``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fleet import disk
+from fleet.bundle import REPO
+
+_LOGGER = logging.getLogger(__name__)
+
+FIRSTBOOT_LINE = "provisioned:"
+HEALTH_LINE = "classroom-appliance /health:"
+# /health answered (fleet.console prints "no answer from ..." otherwise)
+HEALTH_ANSWERED = re.compile(r"classroom-appliance /health: (healthy|degraded|unhealthy)")
+MILESTONES = {"kernel started": re.compile(r"Booting Linux"),
+              "root on the SD card": re.compile(r"EXT4-fs \(mmcblk\d+p2\): mounted"),
+              "first boot on the console": re.compile(r"provisioned: (True|False)"),
+              "/health on the console": HEALTH_ANSWERED}
+
+
+def toolroot(cache: Path = REPO / "build" / "cache") -> Path:
+    """The trixie tool root with qemu-system-aarch64 (built once, cached)."""
+    out = subprocess.run(["bash", str(REPO / "image_build" / "toolroot.sh"), str(cache)],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def qemu_command(root: Path) -> tuple[list[str], dict[str, str]]:
+    """qemu-system-aarch64 of the tool root, run through the root's own loader and libraries."""
+    loader = next((p for p in (root / "usr/lib64/ld-linux-x86-64.so.2",
+                               root / "lib64/ld-linux-x86-64.so.2") if p.exists()), None)
+    if loader is None:
+        raise FileNotFoundError(f"{root}: no ld-linux-x86-64.so.2 (tool root incomplete)")
+    libs = ":".join(str(root / d) for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu",
+                                           "usr/lib/x86_64-linux-gnu/pulseaudio"))
+    env = {**os.environ, "QEMU_MODULE_DIR": str(root / "usr/lib/x86_64-linux-gnu/qemu")}
+    return [str(loader), "--library-path", libs, str(root / "usr/bin/qemu-system-aarch64"),
+            "-L", str(root / "usr/share/qemu")], env
+
+
+def prepare(card: Path, out: Path) -> dict[str, Path | str]:
+    """The boot files out of the card's FAT partition, and the card padded to a power of two
+    (QEMU's SD card model refuses other sizes; first boot grows root into the rest)."""
+    layout = disk.read_layout(card)
+    files: dict[str, Path | str] = {}
+    for name in ("vmlinuz", "initrd.img", "bcm2711-rpi-4-b.dtb", "cmdline.txt"):
+        path = out / name
+        path.write_bytes(disk.fat_read(card, layout.boot, name))
+        files[name] = path
+    files["cmdline"] = (out / "cmdline.txt").read_text().strip()
+    size = card.stat().st_size
+    target = 1 << max(size - 1, 1).bit_length()
+    with card.open("r+b") as fh:
+        fh.truncate(target)
+    return files
+
+
+def console_text(out: Path) -> str:
+    text = ""
+    for name in ("serial0.log", "serial1.log"):
+        with contextlib.suppress(OSError):
+            text += (out / name).read_bytes().decode(errors="replace").replace("\r", "")
+    return text
+
+
+def boot(card: Path, out: Path, *, tools: Path, timeout: float = 3600) -> dict[str, object]:
+    """Boot ``card`` in -M raspi4b until first boot and /health printed their lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = prepare(card, out)
+    base, env = qemu_command(tools)
+    version = subprocess.run([*base, "--version"], capture_output=True, text=True, env=env,
+                             check=False).stdout.splitlines()[:1]
+    cmd = [*base, "-M", "raspi4b", "-kernel", str(files["vmlinuz"]),
+           "-initrd", str(files["initrd.img"]), "-dtb", str(files["bcm2711-rpi-4-b.dtb"]),
+           "-append", str(files["cmdline"]),
+           "-drive", f"file={card},format=raw,if=sd",
+           # serial0: the PL011 (Bluetooth on a Pi 4), serial1: the mini UART = ttyS1, the
+           # console cmdline.txt names (GPIO 14/15 on the real board)
+           "-serial", f"file:{out / 'serial0.log'}", "-serial", f"file:{out / 'serial1.log'}",
+           "-display", "none", "-monitor", "none", "-no-reboot"]
+    result: dict[str, object] = {"qemu": version[0] if version else "?",
+                                 "cmdline": files["cmdline"], "milestones_s": {}}
+    start = time.monotonic()
+    milestones: dict[str, float] = {}
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=(out / "qemu.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        while time.monotonic() - start < timeout:
+            text = console_text(out)
+            for name, marker in MILESTONES.items():
+                if name not in milestones and marker.search(text):
+                    milestones[name] = round(time.monotonic() - start, 1)
+                    _LOGGER.info("raspi4b: %-28s %7.1f s", name, milestones[name])
+            if len(milestones) == len(MILESTONES):
+                break
+            if proc.poll() is not None:
+                qemu_log = (out / "qemu.log").read_text(errors="replace")[-2000:]
+                result["error"] = f"qemu exited with {proc.returncode}: {qemu_log}"
+                break
+            time.sleep(2)
+        else:
+            result["error"] = f"not all milestones within {timeout:.0f} s"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    text = console_text(out)
+    result["milestones_s"] = milestones
+    result["console_lines"] = [ln for ln in text.splitlines()
+                               if FIRSTBOOT_LINE in ln or HEALTH_LINE in ln][:6]
+    result["passed"] = len(milestones) == len(MILESTONES) and "error" not in result
+    if not result["passed"]:
+        result["console_tail"] = text.splitlines()[-40:]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("card", type=Path)
+    parser.add_argument("--out", type=Path, default=REPO / "build" / "image-test" / "raspi4b")
+    parser.add_argument("--timeout", type=float, default=3600)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    shutil.rmtree(args.out, ignore_errors=True)
+    result = boot(args.card, args.out, tools=toolroot(), timeout=args.timeout)
+    (args.out / "report.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
