@@ -103,7 +103,9 @@ def boot(card: Path, out: Path, *, tools: Path, timeout: float = 3600) -> dict[s
                              check=False).stdout.splitlines()[:1]
     cmd = [*base, "-M", "raspi4b", "-kernel", str(files["vmlinuz"]),
            "-initrd", str(files["initrd.img"]), "-dtb", str(files["bcm2711-rpi-4-b.dtb"]),
-           "-append", str(files["cmdline"]),
+           # the card's cmdline.txt, plus an early console on the PL011 (serial0) so that a
+           # kernel that stops before its serial driver binds still says where
+           "-append", f"{files['cmdline']} earlycon=pl011,mmio32,0xfe201000",
            "-drive", f"file={card},format=raw,if=sd",
            # serial0: the PL011 (Bluetooth on a Pi 4), serial1: the mini UART = ttyS1, the
            # console cmdline.txt names (GPIO 14/15 on the real board)
