@@ -217,6 +217,27 @@ def check_wifi(guest: Guest) -> dict[str, object]:
             "missing": status.get("missing"), "settings_left_on_fat": left, "regdom": regdom}
 
 
+def boot_raspi4b(image: Path, token: str, agg_port: int) -> dict[str, object]:
+    """A second card (device pi-raspi4b) booted in QEMU's raspi4b machine (fleet.raspi4b)."""
+    from fleet import raspi4b
+
+    out = OUT / "raspi4b"
+    out.mkdir(parents=True, exist_ok=True)
+    card = out / "card.img"
+    subprocess.run(
+        [sys.executable, "-m", "fleet", "flash", "--image", str(image), "--image-only",
+         str(card), "--room", "LAB-301", "--device-id", "pi-raspi4b",
+         "--aggregator", f"http://10.0.2.2:{agg_port}",
+         "--admin-url", f"http://127.0.0.1:{agg_port}"],
+        check=True, env={**os.environ, "AGGREGATOR_ADMIN_TOKEN": token}, capture_output=True)
+    try:
+        tools = raspi4b.toolroot()
+    except subprocess.CalledProcessError as err:
+        return {"passed": False, "error": f"tool root: {err}"}
+    return raspi4b.boot(card, out, tools=tools,
+                        timeout=float(os.environ.get("RASPI4B_TIMEOUT", "1500")))
+
+
 def start_aggregator(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "AGGREGATOR_DATABASE_URL": f"sqlite:///{work / 'aggregator.db'}",
            "AGGREGATOR_DATA_DIR": str(work / "aggregator-data")}
@@ -391,6 +412,12 @@ def main() -> int:
         checks["identify: same students, distances within tolerance"] = (
             same and bool(diffs) and max(diffs) <= TOLERANCE)
         checks["provisioned"] = bool(status.get("provisioned"))
+        qemu.send_signal(signal.SIGTERM)  # the raspi4b guest gets both cores
+        qemu.wait(60)
+        report["raspi4b"] = pi4 = boot_raspi4b(image, token, agg_port)
+        checks["raspi4b: Pi 4 boot chain, first boot and /health on the serial console"] = bool(
+            pi4.get("passed"))
+        timer.mark("raspi4b boot (QEMU machine raspi4b)")
         report["checks"] = checks
         report["passed"] = all(checks.values())
     finally:

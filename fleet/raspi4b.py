@@ -42,6 +42,7 @@ HEALTH_ANSWERED = re.compile(r"classroom-appliance /health: (healthy|degraded|un
 # initramfs holds them (tests/fleet/test_initramfs.py); after, from the root, when it did not.
 EMMC2_PROBED = re.compile(r"mmc\d+: SDHCI controller on fe340000\.mmc")
 ROOT_MOUNTED = re.compile(r"EXT4-fs \(mmcblk\d+p2\): mounted")
+STUCK = re.compile(r"Gave up waiting for root[^\n]*|Kernel panic[^\n]*|ALERT! [^\n]*")
 MILESTONES = {"kernel started": re.compile(r"Booting Linux"),
               "emmc2 probed (its regulators bound)": EMMC2_PROBED,
               "root on the SD card": ROOT_MOUNTED,
@@ -125,6 +126,10 @@ def boot(card: Path, out: Path, *, tools: Path, timeout: float = 3600) -> dict[s
                     milestones[name] = round(time.monotonic() - start, 1)
                     _LOGGER.info("raspi4b: %-28s %7.1f s", name, milestones[name])
             if len(milestones) == len(MILESTONES):
+                break
+            stuck = STUCK.search(text)
+            if stuck:  # root never appeared: initramfs-tools gave up (its shell) or a panic
+                result["error"] = f"boot stopped: {stuck.group(0)}"
                 break
             if proc.poll() is not None:
                 qemu_log = (out / "qemu.log").read_text(errors="replace")[-2000:]
