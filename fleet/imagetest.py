@@ -152,7 +152,7 @@ def check_camera(guest: Guest, probe: str, watch: dict) -> dict[str, object]:  #
     def healthy() -> dict[str, object] | None:
         health = json.loads(guest.run(f"{HEALTH_PY} -c \"{probe}\""))
         comps = health.get("components", {})
-        frames = comps.get("detector", {}).get("details", {}).get("frames", 0)
+        frames = comps.get("detector", {}).get("frames", 0)  # /health flattens details
         if comps.get("camera", {}).get("status") == "healthy" and frames > 0:
             return {"camera": comps["camera"], "detector": comps["detector"]}
         return None
