@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from appliance.vision import decode
 from appliance.vision.detector import Detection
 from appliance.vision.detectors import DEFAULT_DETECTOR, Detector, create_detector
 from appliance.vision.embedding import Embedder
@@ -38,6 +39,7 @@ VIDEO_FRAMES = 5  # descriptors taken from one enrolment video
 VIDEO_CANDIDATES = 12  # sharpest, most frontal frames considered for them
 VIDEO_MAX_SAMPLED = 60  # frames looked at, spread over the clip
 VIDEO_MAX_SECONDS = 20.0
+VIDEO_MAX_PIXELS = 3840 * 2160  # frames of an enrolment video: a phone's 4K at most
 
 
 @dataclass(frozen=True)
@@ -55,20 +57,18 @@ class EnrollResult:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """A photo as BGR uint8 (EXIF orientation applied; any format OpenCV reads, by content)."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ValueError(f"{path}: not an image OpenCV can read")
-    return image
+    """A photo as BGR uint8 (EXIF orientation applied; JPEG, PNG, WebP, BMP, PPM/PGM or TIFF,
+    by content; its header is checked before decoding: appliance.vision.decode)."""
+    try:
+        return decode.decode_image(Path(path).read_bytes(), formats=decode.LOCAL_FORMATS)
+    except decode.ImageRejectedError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Uploaded image bytes as BGR uint8 (for server-side enrollment)."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise ValueError("not an image OpenCV can read")
-    return image
+    """Uploaded image bytes as BGR uint8 (JPEG, PNG, WebP or BMP; the header is checked
+    before decoding: appliance.vision.decode)."""
+    return decode.decode_image(data)
 
 
 STILL_PAD = 0.5  # grey border (in longest sides) added when a still photo shows no face
@@ -164,6 +164,11 @@ def video_frames(path: Path, max_frames: int = VIDEO_MAX_SAMPLED,
     try:
         if not cap.isOpened():
             raise ValueError(f"{path}: not a video OpenCV can read")
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        if width * height > VIDEO_MAX_PIXELS:
+            raise ValueError(f"{path}: frames of {width}x{height} pixels are larger than "
+                             f"{VIDEO_MAX_PIXELS} pixels (4K)")
         fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         limit = int(min(count if count > 0 else fps * max_seconds, fps * max_seconds))

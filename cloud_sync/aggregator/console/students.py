@@ -37,7 +37,7 @@ from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import admin as admin_service
 from cloud_sync.aggregator.services import admin_schemas as schemas
 from cloud_sync.aggregator.services import faces, privacy, reports
-from cloud_sync.aggregator.services.common import ForbiddenError, NotFoundError, ServiceError
+from cloud_sync.aggregator.services.common import NotFoundError, ServiceError
 
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
@@ -46,15 +46,19 @@ PAGE = 200
 
 
 def _visible_student(session: DB, who: ConsolePrincipal, student_id: str) -> Student:
+    """The student, if ``who`` may see them. A teacher gets the same 404 (same words) for an
+    id that does not exist and for a student in none of their courses: a teacher cannot tell
+    which ids exist."""
     student = session.get(Student, student_id)
-    if student is None:
-        raise NotFoundError(f"student {student_id!r} does not exist")
-    if not who.is_admin:
+    if student is not None and not who.is_admin:
         taught = session.scalars(select(Enrollment.course_id).where(
             Enrollment.student_id == student_id, Enrollment.course_id.in_(who.courses or {""})
         )).first()
         if taught is None:
-            raise ForbiddenError("this student is in none of your courses")
+            student = None
+    if student is None:
+        raise NotFoundError(f"no student {student_id!r}" + (
+            "" if who.is_admin else " in your courses"))
     return student
 
 
@@ -108,7 +112,9 @@ def student_page(
     face_rows = faces.list_faces(session, student_id)
     negatives = session.scalar(select(func.count()).where(FaceNegative.student_id == student_id))
     enrolled = {p.course_id for p in report.courses}
-    others = [c for c in visible_courses(session, who) if c.id not in enrolled]
+    # the office enrols students in courses (docs/PRIVACY.md, "Who may do what")
+    others = [c for c in visible_courses(session, who)
+              if c.id not in enrolled] if who.is_admin else []
     return render(request, "student.html", who, student=student, report=report,
                   faces=face_rows, negatives=negatives, other_courses=others)
 
@@ -129,8 +135,10 @@ def student_download(
 def enrol(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
           student_id: str,
           course_id: Annotated[str, Form(max_length=64)]) -> Response:
-    if not who.can_see_course(course_id):
-        raise ForbiddenError("you do not teach this course")
+    """Enrol a student in a course: the office's job (admins), never a teacher's. Enrolment
+    puts the student's face descriptors into the room devices' rosters of that course, so a
+    teacher who could enrol anyone could pull any child's descriptors (docs/PRIVACY.md)."""
+    require_admin(who)  # before anything is looked up: the answer tells nothing about the id
     admin_service.create_enrollment(
         session, schemas.EnrollmentIn(student_id=student_id, course_id=course_id))
     audit(session, who.name, "student.enrol", f"student:{student_id}", f"course {course_id}")

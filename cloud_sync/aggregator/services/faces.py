@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from appliance.vision import decode
 from appliance.vision.enroll import IMAGE_SUFFIXES
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import FaceEmbedding, Student
@@ -37,7 +37,7 @@ from cloud_sync.aggregator.services.privacy import require_consent
 from cloud_sync.protocol import EMBEDDING_DIM, LEGACY_EMBEDDER
 
 _LOGGER = logging.getLogger(__name__)
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = decode.MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,16 @@ class Encoded:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """BGR pixels of an encoded image, or ServiceError (not an image / too large)."""
+def decode_image(data: bytes, max_side: int | None = None) -> np.ndarray:
+    """BGR pixels of an uploaded image, or ServiceError (not a JPEG, PNG, WebP or BMP; larger
+    than MAX_PIXELS or ``max_side``): the header is checked before anything is decoded
+    (appliance.vision.decode), so a small file declaring a huge image allocates nothing."""
     if not data:
         raise ServiceError("empty photo")
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ServiceError("not a decodable image (JPEG, PNG, WebP, BMP ...)")
-    if image.shape[0] * image.shape[1] > MAX_PIXELS:
-        raise ServiceError(f"image larger than {MAX_PIXELS} pixels")
-    return image
+    try:
+        return decode.decode_image(data, max_pixels=MAX_PIXELS, max_side=max_side)
+    except decode.ImageRejectedError as err:
+        raise ServiceError(str(err)) from err
 
 
 class FaceEncoder:

@@ -144,7 +144,7 @@ def test_teacher_sees_only_own_courses(world: World, sessions: Any) -> None:
     assert c.get(f"/courses/CS101?date={day}").status_code == 403
     assert c.get(f"/courses/CS101/day.csv?date={day}").status_code == 403
     assert c.get(f"/courses/MA201?date={day}").status_code == 200
-    assert c.get("/students/S001").status_code == 403  # in CS101 only
+    assert c.get("/students/S001").status_code == 404  # in CS101 only: as if it did not exist
     assert c.get("/students/S004").status_code == 200  # also in MA201
     assert c.get("/timetable").status_code == 403
     assert c.get("/devices").status_code == 403

@@ -189,7 +189,7 @@ def test_console_end_to_end(db_url: str, tmp_path: Path, faces_dir: Path,
         browser.navigate(f"{url}/courses/CS101?date={day}")
         assert browser.responses("/courses/CS101")[-1] == 403
         browser.navigate(f"{url}/students/S001")
-        assert browser.responses("/students/S001")[-1] == 403
+        assert browser.responses("/students/S001")[-1] == 404  # as an id that does not exist
         browser.navigate(f"{url}/")
         assert "Intro CS" not in browser.evaluate("document.body.innerText")
         shoot(browser, out, "teacher-dashboard")
