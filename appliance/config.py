@@ -8,15 +8,21 @@ itself: ``appliance config show`` prints the effective values (secrets masked) a
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from cloud_sync.protocol import Identifier
-from cloud_sync.settings import TimeZoneName, TomlSettings, example_toml, load_settings
+from cloud_sync.settings import (
+    Networks,
+    TimeZoneName,
+    TomlSettings,
+    example_toml,
+    load_settings,
+    network_list,
+)
 from models import DEFAULT_MODEL_DIR
 
 
@@ -451,7 +457,7 @@ class WebConfig(Section):
         description="Password checks allowed per minute from all client addresses together: a "
         "ceiling against guessing from many addresses; more get HTTP 429 for up to a minute.",
     )
-    trusted_proxies: str = Field(
+    trusted_proxies: Networks = Field(
         default="",
         max_length=1000,
         pattern=r"^[0-9A-Fa-f.:/, ]*$",
@@ -474,19 +480,8 @@ class WebConfig(Section):
         description="Seconds between status updates pushed to an open status page (SSE).",
     )
 
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, value: str) -> str:
-        for item in value.split(","):
-            if item.strip():
-                try:
-                    ipaddress.ip_network(item.strip(), strict=False)
-                except ValueError as err:
-                    raise ValueError(f"not an address or network: {item.strip()!r}") from err
-        return value
-
     def trusted_proxy_list(self) -> list[str]:
-        return [item.strip() for item in self.trusted_proxies.split(",") if item.strip()]
+        return network_list(self.trusted_proxies)
 
 
 class AlertsConfig(Section):

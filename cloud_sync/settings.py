@@ -7,6 +7,7 @@ every offending field and what is allowed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -62,6 +63,25 @@ def _check_time_zone(value: str) -> str:
 
 TimeZoneName = Annotated[str, AfterValidator(_check_time_zone)]
 """An IANA time zone name, checked when the configuration is loaded (not at run time)."""
+
+
+def _check_networks(value: str) -> str:
+    for item in value.split(","):
+        if item.strip():
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError as err:
+                raise ValueError(f"not an address or network: {item.strip()!r}") from err
+    return value
+
+
+Networks = Annotated[str, AfterValidator(_check_networks)]
+"""Comma-separated IP addresses or CIDR networks (trusted reverse proxies), checked at load."""
+
+
+def network_list(value: str) -> list[str]:
+    """The items of a :data:`Networks` value."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def env_var_of(cls: type[BaseSettings], loc: tuple[Any, ...]) -> str | None:

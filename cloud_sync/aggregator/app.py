@@ -26,8 +26,10 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from cloud_sync.aggregator import config as aggregator_config
+from cloud_sync.aggregator import logsafe
 from cloud_sync.aggregator.api import (
     admin,
     device,
@@ -76,14 +78,16 @@ def instance_name(settings: AggregatorSettings) -> str:
     return settings.instance_name or socket.gethostname().split(".")[0] or "aggregator"
 
 
-def _limiter(settings: AggregatorSettings, engine: Any) -> Limiter:
-    """Redis when configured, else PostgreSQL's table, else (SQLite: one process) memory."""
+def make_limiter(settings: AggregatorSettings, engine: Any, per_min: int) -> Limiter:
+    """``per_min`` a minute per key, where every process sees the same count: Redis when
+    configured, else PostgreSQL's table, else (SQLite: one process) memory. The devices' rate
+    limit, and the console's login limits (console/accounts.py)."""
     if settings.redis_url is not None:
         return RedisRateLimiter(settings.redis_url.get_secret_value(), settings.redis_prefix,
-                                settings.rate_limit_per_min)
+                                per_min)
     if engine.dialect.name == "postgresql":
-        return PostgresRateLimiter(engine, settings.rate_limit_per_min)
-    return MemoryRateLimiter(settings.rate_limit_per_min)
+        return PostgresRateLimiter(engine, per_min)
+    return MemoryRateLimiter(per_min)
 
 
 def _bus(ctx: AppContext) -> Bus | None:
@@ -215,17 +219,21 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     ctx = AppContext(
         settings=settings, engine=engine, sessions=sessions,
         credentials=CredentialCache(settings.auth_cache_s, trusted=lambda: trusted[0]()),
-        limiter=_limiter(settings, engine), encoder=FaceEncoder(settings),
+        limiter=make_limiter(settings, engine, settings.rate_limit_per_min),
+        encoder=FaceEncoder(settings),
         rules=Rules(settings.late_after_min, settings.early_arrival_min), live=live,
         write_watch=WriteWatch(engine), state=state,
         instance=f"{instance_name(settings)}:{os.getpid()}",
     )
     trusted.append(ctx.trusted)
 
+    logsafe.install()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # the request thread pool, sized with the database pool (db/session.py)
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        logsafe.install()  # again: uvicorn has configured its loggers by now
         upgrade_engine(engine)
         partitions.ensure_ahead(engine, settings.partition_months_ahead, known=state)
         _connect_bus(ctx)
@@ -322,7 +330,18 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     from cloud_sync.aggregator.console import mount as mount_console
 
     mount_console(app)
+    _trust_proxies(app, settings)
     return app
+
+
+def _trust_proxies(app: FastAPI, settings: AggregatorSettings) -> None:
+    """X-Forwarded-For/-Proto believed from ``trusted_proxies`` only. Outermost (add it last):
+    every part of the app sees the client's address and scheme as the trusted proxy reports
+    them; `serve` runs uvicorn without its own proxy handling (which would believe 127.0.0.1
+    whatever trusted_proxies says)."""
+    proxies = settings.trusted_proxy_list()
+    if proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=proxies)
 
 
 def app_from_env() -> FastAPI:

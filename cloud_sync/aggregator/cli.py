@@ -161,7 +161,8 @@ def serve(
 
         app_ = create_app(settings)
         _freeze_gc()
-        uvicorn.run(app_, host=settings.host, port=settings.port,
+        # proxy headers: the app's own middleware, for settings.trusted_proxies only
+        uvicorn.run(app_, host=settings.host, port=settings.port, proxy_headers=False,
                     log_level=settings.log_level.lower(), access_log=False)
         return
     # Several processes: uvicorn starts (and restarts) the workers, each builds its app from
@@ -178,7 +179,8 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         uvicorn.run("cloud_sync.aggregator.app:app_from_env", factory=True,
                     host=settings.host, port=settings.port, workers=settings.serve_workers,
-                    log_level=settings.log_level.lower(), access_log=False)
+                    proxy_headers=False, log_level=settings.log_level.lower(),
+                    access_log=False)
 
 
 def _freeze_gc() -> None:

@@ -9,7 +9,14 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud_sync.protocol import Identifier
-from cloud_sync.settings import TimeZoneName, TomlSettings, example_toml, load_settings
+from cloud_sync.settings import (
+    Networks,
+    TimeZoneName,
+    TomlSettings,
+    example_toml,
+    load_settings,
+    network_list,
+)
 
 
 class AggregatorSettings(TomlSettings):
@@ -366,9 +373,35 @@ class AggregatorSettings(TomlSettings):
         ge=1,
         le=1000,
         title="Console login attempts",
-        description="Unsuccessful console logins allowed per minute, per user name and per "
-        "client address (counted before the password is checked, so parallel guesses count).",
+        description="Console login attempts allowed per minute per user name (counted before "
+        "the password is checked, so parallel guesses count; kept in the shared rate limit "
+        "store, so every API process counts together). Per address: "
+        "console_login_max_per_address.",
     )
+    console_login_max_per_address: int = Field(
+        default=30,
+        ge=1,
+        le=10_000,
+        title="Console logins per address",
+        description="Console login attempts allowed per minute from one client address "
+        "(successful ones too: a school's NAT address logs many teachers in at 8:00), over "
+        "every user name: a ceiling on guessing across many names. Kept in the shared rate "
+        "limit store (PostgreSQL or Redis), so every API process counts together.",
+    )
+    trusted_proxies: Networks = Field(
+        default="127.0.0.1",
+        max_length=1000,
+        pattern=r"^[0-9A-Fa-f.:/, ]*$",
+        title="Trusted reverse proxies",
+        description="Comma-separated addresses or networks (CIDR) of reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto headers are believed: the console's login limit "
+        "then counts per real client address, and its session cookie is Secure when the proxy "
+        "says https. Empty = none (the connection's address and scheme).",
+    )
+
+    def trusted_proxy_list(self) -> list[str]:
+        return network_list(self.trusted_proxies)
+
     console_offline_after_s: float = Field(
         default=180,
         ge=30,

@@ -62,6 +62,9 @@ class AppContext:
     write_watch: WriteWatch | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     live: LiveFeed = field(default_factory=LiveFeed)  # /ws/events
+    # counts credential changes heard by this process (forget): open /ws/events sockets check
+    # their token again when it moves
+    credential_epoch: int = 0
 
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:
@@ -75,6 +78,7 @@ class AppContext:
         """Clear this process's caches (credentials, device contexts, rooms)."""
         self.credentials.clear()
         self.state.invalidate()
+        self.credential_epoch += 1
 
     def invalidate(self) -> None:
         """After an admin write that changes devices, keys, rooms, courses or schedules: clear

@@ -57,6 +57,13 @@ def _lookup(ctx: AppContext, secret: str) -> Principal | None:
     return None
 
 
+def admin_token_valid(ctx: AppContext, secret: str) -> bool:
+    """Whether ``secret`` is an admin token that exists now (the database, not the cache):
+    what a long-lived connection (``/ws/events``) checks again while it is open."""
+    with ctx.sessions() as session:
+        return authenticate_admin(session, secret) is not None
+
+
 async def authenticate(ctx: AppContext, authorization: str | None, client: str) -> Principal:
     """The caller, from an ``Authorization: Bearer`` header value, or a 401. A cached
     credential costs no thread hop; a miss looks the hash up in the database in the thread pool

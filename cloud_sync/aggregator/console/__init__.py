@@ -27,7 +27,7 @@ from cloud_sync.aggregator.console import (
     timetable,
     unknown,
 )
-from cloud_sync.aggregator.console.accounts import LoginLimiter
+from cloud_sync.aggregator.console.accounts import LoginLimits
 from cloud_sync.aggregator.console.web import (
     HERE,
     LoginRequired,
@@ -135,7 +135,12 @@ class ConsoleHeaders:
 def mount(app: FastAPI) -> None:
     """Add the console to ``app`` (call after the app's own exception handlers)."""
     ctx = app.state.ctx
-    ctx.extra["console_limiter"] = LoginLimiter(ctx.settings.console_login_max_attempts)
+    from cloud_sync.aggregator.app import make_limiter
+
+    settings = ctx.settings
+    ctx.extra["console_login_limits"] = LoginLimits(
+        make_limiter(settings, ctx.engine, settings.console_login_max_attempts),
+        make_limiter(settings, ctx.engine, settings.console_login_max_per_address))
     app.mount("/console/static", StaticFiles(directory=str(HERE / "static")),
               name="console-static")
     for module in (core, courses, students, timetable, devices, unknown, recordings):

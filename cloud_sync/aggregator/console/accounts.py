@@ -4,9 +4,10 @@
   read from stdin), never defaulted. Hashes: argon2-cffi's PasswordHasher (Argon2id, salted).
 - A login creates a ``console_sessions`` row keyed by the sha256 of a random 256-bit cookie
   token, with its own CSRF token; logout deletes the row, so a copied cookie stops working.
-- :class:`LoginLimiter` counts ATTEMPTS, not failures: a slot is taken under a lock before the
-  password is checked and given back only on success, so N parallel guesses cannot all slip in
-  between a check and the recording of their failures.
+- :class:`LoginLimits` counts ATTEMPTS, not failures, per user name and per client address, on
+  the shared rate limiter (every API process counts together): a slot is taken before the
+  password is checked, so N parallel guesses cannot all slip in between a check and the
+  recording of their failures.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import hmac
 import logging
 import secrets
 import threading
-import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -26,7 +24,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from cloud_sync.aggregator.api.limiter import Limiter
 from cloud_sync.aggregator.db.models import (
     ConsoleSession,
     ConsoleUser,
@@ -241,46 +241,27 @@ def check_credentials(session: Session, name: str, password: str) -> ConsoleUser
 # ---- login limit -----------------------------------------------------------------------------
 
 
-class LoginLimiter:
-    """At most ``max_attempts`` unsuccessful attempts per ``window_s`` per key (a user name, and
-    separately a client address). :meth:`reserve` takes a slot for every key atomically before
-    the password is checked; :meth:`succeeded` gives the slots back."""
+class LoginLimits:
+    """The console's login limits, on the shared rate limiter the API's device limit uses
+    (``app.make_limiter``: Redis, else PostgreSQL's table, else memory on SQLite's one
+    process), so every API process counts together: ``per_user`` attempts a minute per user
+    name and ``per_address`` per client address (the real one behind a trusted proxy). An
+    attempt takes its slots before the password is checked, so parallel guesses count."""
 
-    def __init__(self, max_attempts: int, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_attempts = max_attempts
-        self.window_s = window_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._attempts: dict[str, deque[float]] = {}
+    def __init__(self, per_user: Limiter, per_address: Limiter) -> None:
+        self.per_user = per_user
+        self.per_address = per_address
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        times = self._attempts.setdefault(key, deque())
-        while times and now - times[0] >= self.window_s:
-            times.popleft()
-        return times
+    @staticmethod
+    async def _take(limiter: Limiter, key: str) -> float:
+        if limiter.blocking:
+            return await run_in_threadpool(limiter.acquire, key)
+        return limiter.acquire(key)
 
-    def reserve(self, keys: list[str]) -> tuple[bool, float, float]:
-        """(allowed, retry_after_s, reserved_at): all keys get a slot, or none does."""
-        with self._lock:
-            now = self._clock()
-            waits = []
-            for key in keys:
-                times = self._recent(key, now)
-                if len(times) >= self.max_attempts:
-                    waits.append(self.window_s - (now - times[0]))
-            if waits:
-                return False, max(1.0, max(waits)), now
-            for key in keys:
-                self._attempts[key].append(now)
-            if len(self._attempts) > 10_000:
-                for stale in [k for k, v in self._attempts.items() if not v]:
-                    del self._attempts[stale]
-            return True, 0.0, now
-
-    def succeeded(self, keys: list[str], reserved_at: float) -> None:
-        with self._lock:
-            for key in keys:
-                times = self._attempts.get(key)
-                if times is not None and reserved_at in times:
-                    times.remove(reserved_at)
+    async def acquire(self, name: str, client: str) -> float:
+        """0 when this attempt may check a password, else the seconds to wait.
+        LimiterUnavailableError when the shared store does not answer."""
+        user_wait = await self._take(self.per_user, f"console-login:user:{name.lower()}")
+        if user_wait > 0:  # the address's slot stays free for the other names
+            return user_wait
+        return await self._take(self.per_address, f"console-login:addr:{client}")

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from cloud_sync.aggregator.api.limiter import LimiterUnavailableError
 from cloud_sync.aggregator.console import accounts, dashboard
 from cloud_sync.aggregator.console.web import (
     COOKIE,
@@ -81,11 +82,16 @@ async def login(
     ):
         return _login_page_error(request, "The login form expired: please try again.", 403,
                                  target)
+    # behind a proxy in trusted_proxies: the real client (app.py's proxy headers middleware)
     client = request.client.host if request.client else "unknown"
-    limiter: accounts.LoginLimiter = ctx.extra["console_limiter"]
-    keys = [f"user:{name.strip().lower()}", f"addr:{client}"]
-    allowed, wait, reserved_at = limiter.reserve(keys)
-    if not allowed:
+    limits: accounts.LoginLimits = ctx.extra["console_login_limits"]
+    try:
+        wait = await limits.acquire(name.strip(), client)
+    except LimiterUnavailableError:
+        _LOGGER.error("console login refused: the shared login limit does not answer")
+        return _login_page_error(request, "The server cannot check logins right now: retry "
+                                 "in a minute.", 503, target, 30)
+    if wait > 0:
         _LOGGER.warning("console login for %r from %s refused: too many attempts", name, client)
         return _login_page_error(request, f"Too many attempts: wait {int(wait) + 1} s.", 429,
                                  target, wait)
@@ -101,7 +107,6 @@ async def login(
     if token is None:
         _LOGGER.warning("console login for %r from %s failed", name, client)
         return _login_page_error(request, "Wrong name or password.", 401, target)
-    limiter.succeeded(keys, reserved_at)
     _LOGGER.info("console login: %s from %s", name, client)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(COOKIE, token, max_age=int(ctx.settings.console_session_ttl_s),

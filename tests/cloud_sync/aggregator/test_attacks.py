@@ -6,6 +6,8 @@ authorisation ones in process (TestClient, SQLite)."""
 from __future__ import annotations
 
 import base64
+import json
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,7 @@ from cloud_sync.aggregator.console import accounts
 from cloud_sync.aggregator.db.models import Enrollment
 from tests.support.harness import DEVICE, ROOM, Aggregator
 
-from .conftest import World
+from .conftest import TABLES, World
 from .console_helpers import csrf_of, login
 
 PW = "correct horse battery"
@@ -185,3 +187,170 @@ def test_opencv_decoder_limit_is_set_before_cv2_loads(tmp_path: Path) -> None:
     refused, peak_mb = done.stdout.split()
     assert refused == "True" and int(peak_mb) < 600, done.stdout
 
+
+# --- 3, 4. the live feed's credentials ------------------------------------------------------------
+
+def ws_connect(agg: Aggregator, query: str = "", token: str | None = None,
+               first_message: str | None = None) -> Any:
+    import websocket
+
+    header = [f"Authorization: Bearer {token}"] if token else []
+    ws = websocket.create_connection(f"ws://127.0.0.1:{agg.port}/ws/events{query}",
+                                     timeout=20, header=header)
+    if first_message is not None:
+        ws.send(json.dumps({"token": first_message}))
+    return ws
+
+
+def closed_with(ws: Any, timeout_s: float) -> tuple[int, str, float]:
+    """(close code, reason, seconds it took) of the server's close frame."""
+    import websocket
+
+    start = time.monotonic()
+    ws.settimeout(timeout_s)
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return (int.from_bytes(data[:2], "big"), data[2:].decode(errors="replace"),
+                    time.monotonic() - start)
+
+
+def new_token(agg: Aggregator, keys: dict, name: str) -> tuple[int, str]:
+    r = httpx.post(f"{agg.base_url}/api/v1/admin/tokens", json={"name": name},
+                   headers=bearer(keys["admin"]), timeout=20)
+    assert r.status_code == 201, r.text
+    return r.json()["id"], r.json()["token"]
+
+
+def test_no_token_in_the_server_log(served: tuple[Aggregator, dict]) -> None:
+    """The attack: `/ws/events?token=<admin token>` appeared in uvicorn's INFO line. Now a
+    token in the URL is refused and masked; the header and the first message work."""
+    import websocket
+
+    agg, keys = served
+    _, token = new_token(agg, keys, "log-check")
+    with pytest.raises(websocket.WebSocketBadStatusException):  # refused at the handshake
+        ws_connect(agg, f"?token={token}&room_id={ROOM}")
+    for ws in (ws_connect(agg, f"?room_id={ROOM}", token=token),
+               ws_connect(agg, f"?room_id={ROOM}", first_message=token)):
+        ws.settimeout(0.5)
+        with pytest.raises(websocket.WebSocketTimeoutException):  # open, nothing to read
+            ws.recv()
+        ws.close()
+    bad = ws_connect(agg, first_message="at_not-a-token-at-all-xxxxxxxx")
+    assert closed_with(bad, 10)[0] == 1008
+    time.sleep(0.5)  # the log lines are written
+    log = agg.log.read_text()
+    assert "WebSocket /ws/events?" in log  # uvicorn's handshake lines are there ...
+    assert token not in log and token[3:] not in log  # ... with nothing of the token
+    assert "at_not-a-token" not in log
+    assert keys["admin"] not in log and keys[DEVICE] not in log
+
+
+def test_revoked_token_loses_its_live_feed_within_seconds(
+        served: tuple[Aggregator, dict]) -> None:
+    """The attack: a revoked admin token kept streaming on an open socket. Revoked over the
+    API (this process hears it at once) or in the database by another process (the CLI): the
+    socket is closed with 1008 within seconds; a token that stays valid keeps its feed."""
+    agg, keys = served
+    by_api_id, by_api = new_token(agg, keys, "revoked-by-api")
+    by_cli_id, by_cli = new_token(agg, keys, "revoked-by-cli")
+    _, kept = new_token(agg, keys, "kept")
+    sockets = {name: ws_connect(agg, token=secret) for name, secret in
+               (("api", by_api), ("cli", by_cli), ("kept", kept))}
+    time.sleep(0.3)
+    r = httpx.delete(f"{agg.base_url}/api/v1/admin/tokens/{by_api_id}",
+                     headers=bearer(keys["admin"]), timeout=20)
+    assert r.status_code == 204
+    code, reason, took = closed_with(sockets["api"], 10)
+    assert code == 1008 and "revoked" in reason and took < 3, (code, reason, took)
+    # as `aggregator admin revoke-token` does from another process: nobody tells the server
+    agg.execute("DELETE FROM admin_tokens WHERE id = ?", by_cli_id)
+    code, reason, took = closed_with(sockets["cli"], 15)
+    assert code == 1008 and took < 8, (code, reason, took)
+    sockets["kept"].settimeout(1.0)
+    import websocket
+
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        sockets["kept"].recv()
+    for ws in sockets.values():
+        ws.close()
+    # a browser's socket (token in the first message) goes the same way
+    _, browser_token = new_token(agg, keys, "browser")
+    browser = ws_connect(agg, first_message=browser_token)
+    time.sleep(0.3)
+    agg.execute("DELETE FROM admin_tokens WHERE name = 'browser'")
+    assert closed_with(browser, 15)[0] == 1008
+
+
+# --- 5. behind a reverse proxy; the login limit across processes -------------------------------
+
+def _proxied_login(client: Any, name: str, password: str, **headers: str) -> Any:
+    page = client.get("/login")  # (over https its login cookie would be Secure: the test
+    # client, on http, would not send it back)
+    return client.post("/login", headers=headers, follow_redirects=False, data={
+        "name": name, "password": password, "csrf": csrf_of(page.text), "next": "/"})
+
+
+def test_behind_a_trusted_proxy_logins_count_per_real_client_and_cookies_are_secure(
+        settings: Any) -> None:
+    """The attack: behind a proxy that is not 127.0.0.1, five strangers' failed logins locked
+    the admin out (the limit keyed on the proxy's address) and the session cookie lacked
+    Secure under X-Forwarded-Proto: https. With trusted_proxies the real client counts; an
+    address that is not a trusted proxy cannot pick its address with X-Forwarded-For."""
+    from fastapi.testclient import TestClient
+
+    from cloud_sync.aggregator.app import create_app
+
+    settings = settings.model_copy(update={"trusted_proxies": "10.0.0.0/24",
+                                           "console_login_max_per_address": 5})
+    app = create_app(settings)
+    with TestClient(app, client=("10.0.0.2", 40000)) as proxy:
+        with app.state.ctx.sessions() as session:
+            accounts.add_user(session, "office", "admin", PW)
+        for i in range(5):  # five strangers (own names, own addresses) get it wrong
+            r = _proxied_login(proxy, f"stranger{i}", "wrong password",
+                               **{"X-Forwarded-For": f"198.51.100.{i + 1}"})
+            assert r.status_code == 401
+        r = _proxied_login(proxy, "office", PW, **{"X-Forwarded-For": "198.51.100.50",
+                                                     "X-Forwarded-Proto": "https"})
+        assert r.status_code == 303, r.text
+        cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie"
+                      and v.startswith("console_session="))
+        assert "secure" in cookie.lower(), cookie
+    with TestClient(app, client=("192.0.2.9", 40000)) as direct:  # not a proxy: not believed
+        codes = [_proxied_login(direct, f"guess{i}", "wrong password",
+                                **{"X-Forwarded-For": f"203.0.113.{i + 1}"}).status_code
+                 for i in range(6)]
+        assert codes == [401] * 5 + [429]
+        r = _proxied_login(direct, "office", PW, **{"X-Forwarded-Proto": "https"})
+        assert r.status_code == 429  # and its X-Forwarded-Proto would not have counted
+
+
+def test_login_limit_is_shared_by_every_api_process(pg_url: str | None,
+                                                    tmp_path: Path) -> None:
+    """The attack: the console's limit was per process, so `--workers 2` doubled the
+    guesses. Two apps (two processes' worth) on one PostgreSQL database: five guesses in all
+    for one name, then 429 from either."""
+    from fastapi.testclient import TestClient
+
+    from cloud_sync.aggregator import config as aggregator_config
+    from cloud_sync.aggregator.app import create_app
+    from tests.conftest import require
+
+    require(pg_url is not None, "PostgreSQL not reachable on 127.0.0.1:5432")
+    settings = aggregator_config.load(None, database_url=pg_url, data_dir=tmp_path / "data")
+    name = f"office-{uuid.uuid4().hex[:8]}"  # this session's database is shared by tests
+    first, second = create_app(settings), create_app(settings)
+    address = ("10.9.8.7", 40000)  # not the other tests' "testclient" (its count is shared)
+    with TestClient(first, client=address) as a, TestClient(second, client=address) as b:
+        with first.state.ctx.sessions() as session:
+            accounts.add_user(session, name, "admin", PW)
+        try:
+            codes = [_proxied_login(client, name, f"guess {i}").status_code
+                     for i, client in enumerate((a, b, a, b, a, b, a, b))]
+        finally:  # the session's database is shared: leave it empty, as db_url does
+            with first.state.ctx.engine.begin() as conn:
+                conn.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    assert codes == [401] * settings.console_login_max_attempts + [429] * (
+        8 - settings.console_login_max_attempts), codes

@@ -62,14 +62,21 @@ def test_live_feed_http_and_mqtt(broker: Broker,
                                  aggregator: tuple[Aggregator, dict[str, str]]) -> None:
     agg, keys = aggregator
     agg.start(mqtt_url=broker.url("aggregator"))
-    # no or wrong credentials: refused; a device key is not enough
-    refused = [[], ["Authorization: Bearer adm_wrong"], [f"Authorization: Bearer {keys[DEVICE]}"]]
+    # wrong credentials: refused; a device key is not enough
+    refused = [["Authorization: Bearer adm_wrong"], [f"Authorization: Bearer {keys[DEVICE]}"]]
     for header in refused:
         with pytest.raises(websocket.WebSocketException):
             ws = websocket.create_connection(ws_url(agg), timeout=10, header=header)
             ws.recv()
+    # no header: the first message must carry an admin token, else 1008
+    ws = websocket.create_connection(ws_url(agg), timeout=10)
+    ws.send(json.dumps({"token": keys[DEVICE]}))
+    opcode, data = ws.recv_data(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1008
     everything = connect(agg, keys["admin"], f"?room_id={ROOM}")
-    only_alerts = connect(agg, keys["admin"], f"?token={keys['admin']}&type=unknown_face")
+    # a browser's way: no header, the token as the first message (never in the URL)
+    only_alerts = websocket.create_connection(ws_url(agg, "?type=unknown_face"), timeout=20)
+    only_alerts.send(json.dumps({"token": keys["admin"]}))
     device = {"Authorization": f"Bearer {keys[DEVICE]}"}
     try:
         # a record over HTTP
