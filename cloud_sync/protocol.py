@@ -36,14 +36,21 @@ Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=IDENTIFIE
 # MQTT user names of the aggregator's bridge and of Home Assistant (config/mosquitto/acl): a
 # device registered under one of them would get their broker rights.
 RESERVED_DEVICE_IDS = frozenset({"aggregator", "homeassistant"})
+# The aggregator's own per-room devices of recorded sessions (rec-<room>): their records and
+# events are replaced by recording jobs, and the console does not list them as devices.
+RESERVED_DEVICE_PREFIX = "rec-"
 
 
 def check_device_id(value: str) -> str:
-    """``value`` unless it is a reserved name (compared case-insensitively)."""
+    """``value`` unless it is a reserved name or starts with the recordings' prefix (compared
+    case-insensitively)."""
     if value.lower() in RESERVED_DEVICE_IDS:
         raise ValueError(
             f"device id {value!r} is reserved (MQTT users of the aggregator and Home Assistant)"
         )
+    if value.lower().startswith(RESERVED_DEVICE_PREFIX):
+        raise ValueError(f"device id {value!r}: ids starting with {RESERVED_DEVICE_PREFIX!r} "
+                         "are reserved (the aggregator's devices of recorded sessions)")
     return value
 
 

@@ -186,6 +186,30 @@ async def _retention_hourly(ctx: AppContext) -> None:
         await asyncio.sleep(PRUNE_PERIOD_S)
 
 
+RECOVER_PERIOD_S = 60.0
+
+
+async def _recover_checks(ctx: AppContext) -> None:
+    """Recordings a crashed process left ``checking`` are checked again (services/
+    recordings.recover_checks): at start, then every minute."""
+    from cloud_sync.aggregator.services import jobqueue
+    from cloud_sync.aggregator.services import recordings as recording_svc
+
+    def run() -> None:
+        with ctx.sessions() as session:
+            jobs = recording_svc.recover_checks(session, ctx.settings)
+        for job in jobs:  # the database queue has them already; RQ needs them sent
+            with contextlib.suppress(ServiceError):
+                jobqueue.enqueue(ctx.settings, job)
+
+    while True:
+        try:
+            await run_in_threadpool(run)
+        except SQLAlchemyError as err:  # try again next time
+            _LOGGER.error("recovering recording checks failed: %s", err)
+        await asyncio.sleep(RECOVER_PERIOD_S)
+
+
 def _document_batch_body(app: FastAPI) -> None:
     """POST /api/v1/attendance, /heartbeat and /events read their bodies themselves (see
     api/device.py): put the schemas their OpenAPI entries refer to into the components."""
@@ -240,7 +264,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         _start_bridge(ctx)
         app.state.mqtt_bridge = ctx.mqtt_bridge
         tasks = [asyncio.create_task(_retention_hourly(ctx)),
-                 asyncio.create_task(_announce_listening(ctx))]
+                 asyncio.create_task(_announce_listening(ctx)),
+                 asyncio.create_task(_recover_checks(ctx))]
         ctx.ready = True
         try:
             yield
@@ -274,6 +299,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     )
     app.state.ctx = ctx
     _document_batch_body(app)
+    recordings.document_limits(app, settings)
     document_errors(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, timelines.router, admin.router,

@@ -438,6 +438,34 @@ class AggregatorSettings(TomlSettings):
         title="Largest recording",
         description="An upload announcing a larger file is refused (413) before any byte.",
     )
+    recording_quota_bytes: int = Field(
+        default=64 * 1024**3,
+        ge=1024 * 1024,
+        le=100 * 1024**4,
+        title="Recording quota per uploader",
+        description="Bytes of recordings one uploader (a console user, an admin token) may "
+        "hold at once: announced uploads and kept files (a file deleted by retention, a "
+        "rejected or deleted recording no longer counts). More is refused (413) at announce.",
+    )
+    recording_upload_expire_hours: float = Field(
+        default=24.0,
+        ge=0.1,
+        le=720,
+        title="Abandoned uploads expire after (hours)",
+        description="An upload that received no byte for this long is abandoned: its file is "
+        "deleted and it is rejected (the hourly retention purge), so its announced size stops "
+        "counting against the quota and the disk.",
+    )
+    recording_ffmpeg_memory_mb: int = Field(
+        default=3072,
+        ge=256,
+        le=65_536,
+        title="ffmpeg memory limit (MiB)",
+        description="Address space each ffprobe/ffmpeg child (the upload check, the browser "
+        "copy) may use (prlimit --as): a file that needs more fails with a reason instead of "
+        "taking the server's memory. 4K transcodes fit in 3 GiB; raise it for larger "
+        "servers' thread counts if transcodes fail with 'Cannot allocate memory'.",
+    )
     recording_chunk_max_bytes: int = Field(
         default=32 * 1024**2,
         ge=64 * 1024,

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from cloud_sync.aggregator.db.models import Device, Room
 from cloud_sync.protocol import (
     IDENTIFIER_PATTERN,
+    RESERVED_DEVICE_PREFIX,
     check_device_id,
     device_topic,
     roster_topic,
@@ -88,4 +89,6 @@ def registered_devices(session: Session) -> list[tuple[str, str, str]]:
     rows = session.execute(
         select(Room.site, Device.room_id, Device.id).join(Room, Room.id == Device.room_id)
     ).all()
-    return [(site, room_id, device_id) for site, room_id, device_id in rows]
+    # the rec-<room> devices of recorded sessions never connect: no broker user, no block
+    return [(site, room_id, device_id) for site, room_id, device_id in rows
+            if not device_id.lower().startswith(RESERVED_DEVICE_PREFIX)]

@@ -31,7 +31,7 @@ from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.api.privacy import actor
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import admin_schemas as schemas
-from cloud_sync.aggregator.services import audit, csv_import, faces, privacy
+from cloud_sync.aggregator.services import audit, csv_import, faces, media, privacy
 from cloud_sync.aggregator.services import devices as device_svc
 from cloud_sync.protocol import EventKind, Identifier
 
@@ -346,7 +346,14 @@ def enroll_video(
         tmp.write(data)
         tmp.flush()
         try:
+            # the frame size from the header, by a memory-limited ffprobe, before OpenCV
+            # decodes a frame in this process (a small file can declare huge frames)
+            media.check_frames(media.probe(FilePath(tmp.name),
+                                           ctx.settings.recording_ffmpeg_memory_mb,
+                                           containers=False))
             frames = ctx.encoder.encode_video(FilePath(tmp.name))
+        except faces.UnavailableError:
+            raise
         except faces.ServiceError as err:
             metrics.ENROLLMENTS.labels("rejected").inc()
             raise HTTPException(422, f"video rejected: {err.message}") from err

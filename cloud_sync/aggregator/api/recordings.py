@@ -47,6 +47,24 @@ class RecordingIn(BaseModel):
         "enrolled in the course): the job reports their presence over the session.")
 
 
+def document_limits(app: Any, settings: Any) -> None:
+    """The OpenAPI description says this server's largest recording (``recording_max_bytes``)
+    as ``RecordingIn.size_bytes``'s maximum, not the model's static 10^12: a client (or a
+    fuzzer) reading the schema knows where 413 begins."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            field = schema["components"]["schemas"]["RecordingIn"]["properties"]["size_bytes"]
+            field["maximum"] = settings.recording_max_bytes
+            field["description"] = (f"The whole file's size; at most recording_max_bytes "
+                                    f"({settings.recording_max_bytes} on this server).")
+        return app.openapi_schema  # type: ignore[no-any-return]
+
+    app.openapi = openapi
+
+
 class JobOut(BaseModel):
     id: str
     recording_id: str
@@ -90,6 +108,10 @@ class RecordingOut(BaseModel):
     jobs: list[JobOut]
 
 
+class ErrorOut(BaseModel):
+    detail: str
+
+
 class ChunkOut(BaseModel):
     recording: RecordingOut
     job: JobOut | None = Field(description="The job created when the last byte arrived.")
@@ -107,8 +129,12 @@ def _enqueue(ctx: AppContext, job: Any) -> None:
 
 @router.post("/recordings", response_model=RecordingOut, status_code=201,
              summary="Start a resumable upload of a session recording (then PUT its bytes).",
-             responses={413: {"description": "Larger than recording_max_bytes."},
-                        404: {"description": "Room, course or instructor unknown."}})
+             responses={413: {"description": "Larger than recording_max_bytes, or over the "
+                                            "uploader's recording_quota_bytes."},
+                        404: {"description": "Room, course or instructor unknown."},
+                        507: {"description": "Not enough free disk beside the uploads in "
+                                            "progress and min_free_disk_mb.",
+                              "model": ErrorOut}})
 def create_recording(request: Request, who: Admin, session: DB,
                      body: RecordingIn) -> RecordingOut:
     ctx = context(request)
@@ -119,9 +145,12 @@ def create_recording(request: Request, who: Admin, session: DB,
     return _out(session, rec)
 
 
-def _upload_target(ctx: AppContext, recording_id: str, offset: int) -> Recording:
+def _upload_target(ctx: AppContext, recording_id: str, offset: int,
+                   allowed: Callable[[Recording], None] | None) -> Recording:
     with ctx.sessions() as session:
         rec = svc.get_recording(session, recording_id)
+        if allowed is not None:  # who may, before anything about the upload's state is told
+            allowed(rec)
         svc.check_offset(rec, offset)
         session.expunge(rec)
         return rec
@@ -134,6 +163,9 @@ def _upload_target(ctx: AppContext, recording_id: str, offset: int) -> Recording
                                             "over."},
                        413: {"description": "Chunk larger than recording_chunk_max_bytes, "
                                             "or past the announced size."},
+                       507: {"description": "The disk is full (less than min_free_disk_mb "
+                                            "would be left): the bytes before it are kept, "
+                                            "resume later.", "model": ErrorOut},
                        422: {"description": "The last chunk arrived and the file failed "
                                             "the check (the reason is in detail)."}})
 async def upload_chunk(
@@ -145,25 +177,12 @@ async def upload_chunk(
     return await receive_chunk(request, recording_id, upload_offset, actor(who))
 
 
-async def receive_chunk(request: Request, recording_id: str, offset: int, by: str,
-                        allowed: Callable[[Recording], None] | None = None) -> Response:
-    """One chunk of a resumable upload (the API's and the console's): written at ``offset``,
-    counted, and the last one checks the file and queues its job."""
-    ctx = context(request)
-
-    def target() -> Recording:
-        rec = _upload_target(ctx, recording_id, offset)
-        if allowed is not None:
-            allowed(rec)
-        return rec
-
-    try:
-        rec = await run_in_threadpool(target)
-    except svc.OffsetError as err:
-        return JSONResponse({"detail": err.message, "received_bytes": err.expected},
-                            status_code=409, headers={"Upload-Offset": str(err.expected)})
+async def _write_body(request: Request, ctx: AppContext, rec: Recording,
+                      offset: int) -> tuple[int, ServiceError | None]:
+    """The request's bytes written into the recording's file at ``offset``: (bytes written,
+    why it stopped early: too large, or the disk is full)."""
     path = svc.original_path(ctx.settings, rec)
-    written, refused = 0, None
+    written, refused, space_checked_to = 0, None, -1
     try:
         fd = os.open(path, os.O_WRONLY)
     except FileNotFoundError as err:
@@ -182,6 +201,13 @@ async def receive_chunk(request: Request, recording_id: str, offset: int, by: st
                 refused = svc.TooLargeError(f"more bytes than the announced size "
                                             f"{rec.size_bytes}")
                 break
+            if written > space_checked_to:  # free disk, every SPACE_CHECK_EVERY bytes
+                try:
+                    svc.check_chunk_space(ctx.settings, len(data))
+                except svc.InsufficientStorageError as err:
+                    refused = err
+                    break
+                space_checked_to = written + svc.SPACE_CHECK_EVERY
             os.pwrite(fd, data, offset + written)
             written += len(data)
     except ClientDisconnect:
@@ -189,6 +215,24 @@ async def receive_chunk(request: Request, recording_id: str, offset: int, by: st
     finally:
         os.fsync(fd)
         os.close(fd)
+    return written, refused
+
+
+async def receive_chunk(request: Request, recording_id: str, offset: int, by: str,
+                        allowed: Callable[[Recording], None] | None = None) -> Response:
+    """One chunk of a resumable upload (the API's and the console's): written at ``offset``,
+    counted, and the last one checks the file and queues its job."""
+    ctx = context(request)
+
+    def target() -> Recording:
+        return _upload_target(ctx, recording_id, offset, allowed)
+
+    try:
+        rec = await run_in_threadpool(target)
+    except svc.OffsetError as err:
+        return JSONResponse({"detail": err.message, "received_bytes": err.expected},
+                            status_code=409, headers={"Upload-Offset": str(err.expected)})
+    written, refused = await _write_body(request, ctx, rec, offset)
 
     def advance() -> tuple[RecordingOut, JobOut | None]:
         with ctx.sessions() as session:

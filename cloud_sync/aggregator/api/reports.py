@@ -12,6 +12,7 @@ from cloud_sync.aggregator.api.deps import DB, Admin, context
 from cloud_sync.aggregator.api.openapi import IsoDate
 from cloud_sync.aggregator.api.privacy import actor
 from cloud_sync.aggregator.services import audit, privacy, reports
+from cloud_sync.aggregator.services.common import csv_cell
 from cloud_sync.protocol import Identifier
 
 router = APIRouter(prefix="/api/v1/attendance", tags=["reports"])
@@ -27,12 +28,15 @@ def wants_csv(request: Request, fmt: str | None) -> bool:
     return "text/csv" in accept and "application/json" not in accept
 
 
+CSV_ANSWER = {200: {"description": "JSON, or CSV with `format=csv` (or `Accept: text/csv`)",
+                    "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
 def csv_response(name: str, header: list[str], rows: list[list[Any]]) -> Response:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
     for row in rows:
-        writer.writerow(["" if v is None else v for v in row])
+        writer.writerow([csv_cell(v) for v in row])
     return Response(
         buffer.getvalue(), media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
@@ -67,6 +71,7 @@ def course_day_csv(report: reports.CourseDayReport) -> Response:
     "/student/{student_id}",
     response_model=reports.StudentReport,
     summary="A student's records and attendance percentage per enrolled course.",
+    responses=CSV_ANSWER,  # type: ignore[arg-type]
 )
 def student(
     request: Request, who: Admin, session: DB, student_id: Identifier,
@@ -103,6 +108,7 @@ def student(
     response_model=reports.CourseDayReport | reports.CourseSummary,
     summary="With ?date=: who was present, late, absent at each class that day; without: "
     "attendance percentage per enrolled student over a date range.",
+    responses=CSV_ANSWER,  # type: ignore[arg-type]
 )
 def course(
     request: Request, _who: Admin, session: DB, course_id: Identifier,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, Response
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from cloud_sync.aggregator.api.admin import _after_write as after_write
@@ -24,8 +25,9 @@ from cloud_sync.aggregator.console.web import (
 from cloud_sync.aggregator.db.models import Device, EventRow, Room
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import admin_schemas as schemas
+from cloud_sync.aggregator.services import csv_import
 from cloud_sync.aggregator.services import devices as device_svc
-from cloud_sync.aggregator.services.common import utcnow
+from cloud_sync.aggregator.services.common import ServiceError, utcnow
 from cloud_sync.aggregator.services.recordings import is_recording_device
 
 router = APIRouter(include_in_schema=False)
@@ -70,7 +72,10 @@ def register(request: Request, who: PostUser, session: DB,
              room_id: Annotated[str, Form(max_length=64)],
              device_id: Annotated[str, Form(max_length=64)] = "") -> Response:
     require_admin(who)
-    data = schemas.DeviceIn(room_id=room_id, id=device_id or None)
+    try:
+        data = schemas.DeviceIn(room_id=room_id, id=device_id or None)
+    except ValidationError as err:  # e.g. a reserved id: the reason, not a 500
+        raise ServiceError(csv_import.validation_message(err)) from err
     device, key = device_svc.add_device(session, data.room_id, data.id)
     audit(session, who.name, "device.add", f"device:{device.id}", f"room {room_id}")
     session.commit()

@@ -26,6 +26,7 @@ from cloud_sync.aggregator.db.models import (
     Recording,
     RecordingJob,
     Room,
+    Schedule,
     Student,
 )
 from cloud_sync.aggregator.services import events, reports
@@ -43,13 +44,40 @@ def _by(who: ConsolePrincipal) -> str:
     return f"user:{who.name}"
 
 
+def _hidden(recording_id: str) -> NotFoundError:
+    """The answer for a recording that does not exist and for one of a course the user does
+    not teach alike (the API's words): nothing tells them apart."""
+    return NotFoundError(f"recording {recording_id!r} does not exist")
+
+
 def _recording(session: DB, who: ConsolePrincipal, recording_id: str) -> Recording:
     rec = session.get(Recording, recording_id)
-    if rec is None:
-        raise NotFoundError("no such recording")
-    if not who.can_see_course(rec.course_id):
-        raise ForbiddenError("you do not teach this recording's course")
+    if rec is None or not who.can_see_course(rec.course_id):
+        raise _hidden(recording_id)
     return rec
+
+
+def course_rooms(session: DB, course_id: str) -> set[str]:
+    """The rooms a course is scheduled in (weekly or one-day slots)."""
+    return set(session.scalars(select(Schedule.room_id).where(
+        Schedule.course_id == course_id)).all())
+
+
+def _check_teacher_upload(session: DB, who: ConsolePrincipal, course_id: str, room_id: str,
+                          instructor_id: str) -> None:
+    """A teacher records only their course, in a room it is scheduled in (a job writes the
+    room's records and events), with an instructor enrolled in it; an instructor outside the
+    course answers as one that does not exist."""
+    if not who.can_see_course(course_id):
+        raise ForbiddenError("you do not teach this course")
+    if who.is_admin:
+        return
+    if room_id not in course_rooms(session, course_id):
+        raise ForbiddenError(f"{course_id} is not scheduled in room {room_id}: record a room "
+                             "your course meets in")
+    if instructor_id and session.get(Enrollment, (instructor_id, course_id)) is None:
+        raise NotFoundError(f"instructor {instructor_id!r} is not enrolled (add them as a "
+                            "student with a face, then enrol them in the course)")
 
 
 def _latest_jobs(session: DB, ids: list[str]) -> dict[str, RecordingJob]:
@@ -70,6 +98,10 @@ def recordings_page(request: Request, who: User, session: DB) -> Response:
                                        .limit(200)) if r.course_id in ids]
     jobs = _latest_jobs(session, [r.id for r in rows])
     rooms = list(session.scalars(select(Room).order_by(Room.id)))
+    if not who.is_admin:  # a teacher records the rooms their courses meet in
+        taught = set(session.scalars(select(Schedule.room_id).where(
+            Schedule.course_id.in_(ids or {""}))).all())
+        rooms = [r for r in rooms if r.id in taught]
     people = session.execute(
         select(Student.id, Student.name, Enrollment.course_id)
         .join(Enrollment, Enrollment.student_id == Student.id)
@@ -90,8 +122,7 @@ def new_recording(
     instructor_id: Annotated[str, Form(max_length=64)] = "",
 ) -> JSONResponse:
     """Start an upload (console.js then sends the chunks). The date and time are the room's."""
-    if not who.can_see_course(course_id):
-        raise ForbiddenError("you do not teach this course")
+    _check_teacher_upload(session, who, course_id, room_id, instructor_id)
     room = session.get(Room, room_id)
     if room is None:
         raise NotFoundError(f"room {room_id!r} does not exist")
@@ -108,9 +139,9 @@ def new_recording(
 async def upload_chunk(request: Request, who: PostUser, recording_id: str,
                        upload_offset: Annotated[int, Header(alias="Upload-Offset", ge=0)],
                        ) -> Response:
-    def allowed(rec: Recording) -> None:
+    def allowed(rec: Recording) -> None:  # before anything about the upload is told
         if not who.can_see_course(rec.course_id):
-            raise ForbiddenError("you do not teach this recording's course")
+            raise _hidden(recording_id)
 
     return await receive_chunk(request, recording_id, upload_offset, _by(who), allowed)
 
@@ -162,7 +193,7 @@ def _attendance(request: Request, session: DB, rec: Recording) -> Any:
     keys = [st.record_key for st in (match.students if match else []) if st.record_key]
     devices = dict(session.execute(select(Attendance.key, Attendance.device_id).where(
         Attendance.key.in_([_uuid(k) for k in keys]))).all()) if keys else {}
-    sources = {str(k): ("recording" if d.startswith("rec-") else f"device {d}")
+    sources = {str(k): ("recording" if svc.is_recording_device(d) else f"device {d}")
                for k, d in devices.items()}
     return match, sources
 

@@ -209,7 +209,8 @@ class DeviceIn(Strict):
     room_id: Identifier
     id: DeviceId | None = Field(
         default=None, description="Default: generated from the room. Not `aggregator` nor "
-        "`homeassistant` (reserved: MQTT users of the bridge and of Home Assistant).")
+        "`homeassistant` (reserved: MQTT users of the bridge and of Home Assistant), and not "
+        "starting with `rec-` (the rooms' devices of recorded sessions).")
 
 
 class DevicePatch(Strict):

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula
+    (``=HYPERLINK(``, ``+``, ``-``, ``@``, a tab or carriage return: OWASP's list) gets a
+    leading apostrophe, so a student named ``=HYPERLINK(...)`` is not a live formula in the
+    office's spreadsheet. None is the empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
 
 
 class ServiceError(Exception):

@@ -97,10 +97,12 @@ def revoke_admin_token(session: Session, token_id: int) -> AdminToken:
     return row
 
 
-def add_device(session: Session, room_id: str, device_id: str | None = None) -> tuple[Device, str]:
+def add_device(session: Session, room_id: str, device_id: str | None = None, *,
+               recording: bool = False) -> tuple[Device, str]:
     """Register a device in ``room_id``; returns it and its API key (shown once, stored hashed).
-    Commits."""
-    if device_id is not None:
+    ``recording``: the room's ``rec-<room>`` device of recorded sessions (services/
+    recording_job.py), the only way to get a reserved id. Commits."""
+    if device_id is not None and not recording:
         try:
             device_id = _DEVICE_ID.validate_python(device_id)
         except ValidationError as err:

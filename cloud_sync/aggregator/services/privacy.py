@@ -43,7 +43,12 @@ from cloud_sync.aggregator.db.models import (
 )
 from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import audit
-from cloud_sync.aggregator.services.common import ConflictError, NotFoundError, utcnow
+from cloud_sync.aggregator.services.common import (
+    ConflictError,
+    NotFoundError,
+    csv_cell,
+    utcnow,
+)
 
 _LOGGER = logging.getLogger(__name__)
 ConsentState = Literal["granted", "withdrawn"]
@@ -282,26 +287,30 @@ def export_csv(data: dict[str, Any]) -> str:
     """The export as one CSV table (one row per item, ``section`` says which kind)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+
+    def writerow(row: Any) -> None:  # every cell through csv_cell (no live formula)
+        writer.writerow([csv_cell(v) for v in row])
+
+    writerow(CSV_COLUMNS)
     student, consent = data["student"], data["consent"]
-    writer.writerow(("student", student["created_at"], student["id"], "", "", "",
+    writerow(("student", student["created_at"], student["id"], "", "", "",
                      f"name={student['name']}; email={student['email'] or ''}"))
-    writer.writerow(("consent", consent["at"] or "", consent["state"] or "never recorded", "",
+    writerow(("consent", consent["at"] or "", consent["state"] or "never recorded", "",
                      "", "", f"by={consent['by'] or ''}"))
     for course in data["enrollments"]:
-        writer.writerow(("enrollment", "", "", course, "", "", ""))
+        writerow(("enrollment", "", "", course, "", "", ""))
     for face in data["face_descriptors"]:
-        writer.writerow(("face_descriptor", face["created_at"], face["id"], "", "", "",
+        writerow(("face_descriptor", face["created_at"], face["id"], "", "", "",
                          f"embedder={face['embedder']}; source={face['source']}; descriptor="
                          + " ".join(f"{v:.6g}" for v in face["descriptor"])))
     for rec in data["attendance"]:
-        writer.writerow(("attendance", rec["at"], rec["key"], rec["course_id"] or "",
+        writerow(("attendance", rec["at"], rec["key"], rec["course_id"] or "",
                          rec["room_id"], rec["device_id"],
                          f"confidence={rec['confidence']:.3f}; correction={rec['correction']}"))
     for item in data["attention"]:
-        writer.writerow(("attention", item["at"], "", "", item["room_id"], "",
+        writerow(("attention", item["at"], "", "", item["room_id"], "",
                          f"facing_front={item['facing_front']}"))
     for entry in data["audit"]:
-        writer.writerow(("audit", entry["at"], "", "", "", "",
+        writerow(("audit", entry["at"], "", "", "", "",
                          f"{entry['actor']} {entry['action']} {entry['detail']}"))
     return out.getvalue()

@@ -14,8 +14,9 @@ the device ingest path.
    is derived from course + class occurrence + student, so a retried job, or two recordings of
    the same class, write a student's attendance once; a student a real device already recorded
    in that class occurrence is not written again (counted as ``merged``). Events (occupancy,
-   attention, unknown faces) go through ``ingest.record_event``; a re-run replaces the
-   recording's earlier events.
+   attention, unknown faces) go through ``ingest.record_event`` with keys derived from the
+   recording (``event_key``); a re-run replaces this recording's earlier events, never
+   another recording's of the same room and hour.
 3. **Browser copy.** ffmpeg: H.264/AAC MP4 and a poster frame (``recording_transcode``).
 
 Progress is reported (with the time left) every ``HEARTBEAT_S`` by the same update that checks
@@ -36,7 +37,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -314,7 +315,8 @@ def _ensure_device(session: Session, room_id: str) -> str:
     if found is None:
         session.rollback()
         try:
-            add_device(session, room_id, device_id)  # its key is never shown: nobody can use it
+            # its key is never shown: nobody can use it
+            add_device(session, room_id, device_id, recording=True)
             return device_id
         except (ConflictError, IntegrityError):  # another worker made it just now
             session.rollback()
@@ -379,16 +381,30 @@ def write_records(session: Session, rec: Any, records: list[AttendanceRecord],
             "students": sorted(written_for)}
 
 
+def event_key(recording_id: str, index: int) -> uuid.UUID:
+    """The key of a recording's ``index``-th event: a job's events are found again by their
+    keys, whatever else the room's ``rec-<room>`` device holds."""
+    return uuid.uuid5(NAMESPACE, f"{recording_id}|event|{index}")
+
+
 def write_events(session: Session, rec: Any, events: list[Event], end: datetime) -> int:
-    """The recording's classroom events (an earlier run's are replaced). Commits."""
+    """The recording's classroom events; an earlier run's events of THIS recording are
+    replaced (never another recording's: two recordings of one room and hour, of two courses,
+    keep their own). Commits."""
     device_id = recording_device_id(rec.room_id)
     begin_write(session)
-    session.execute(delete(EventRow).where(
-        EventRow.device_id == device_id, EventRow.at >= rec.starts_at, EventRow.at <= end))
+    # this recording's earlier events are among the room device's events in its window, so
+    # at most that many: their keys are event_key(rec.id, 0..n-1)
+    held = session.scalar(select(func.count()).select_from(EventRow).where(
+        EventRow.device_id == device_id, EventRow.at >= rec.starts_at,
+        EventRow.at <= end)) or 0
+    for first in range(0, held, 500):
+        session.execute(delete(EventRow).where(EventRow.key.in_(
+            [event_key(rec.id, i) for i in range(first, min(held, first + 500))])))
     session.commit()
     stored = 0
     for i, event in enumerate(sorted(events, key=lambda e: e.at)):
-        key = uuid.uuid5(NAMESPACE, f"{rec.id}|{i}|{event.kind}|{event.at.isoformat()}")
+        key = event_key(rec.id, i)
         try:
             stored += ingest.record_event(session, device_id, event.model_copy(
                 update={"key": key, "device_id": device_id, "room_id": rec.room_id}))
@@ -401,7 +417,7 @@ def write_events(session: Session, rec: Any, events: list[Event], end: datetime)
 def _browser_copy(settings: AggregatorSettings, rec: Any, report: Callable[[float, str], None],
                   base: float) -> str:
     src = svc.original_path(settings, rec)
-    found = media.probe(src)
+    found = media.probe(src, settings.recording_ffmpeg_memory_mb)
 
     def step(fraction: float) -> bool:
         try:
@@ -412,9 +428,9 @@ def _browser_copy(settings: AggregatorSettings, rec: Any, report: Callable[[floa
 
     try:
         how = media.transcode(src, svc.playback_path(settings, rec), found, step,
-                              settings.job_timeout_s)
+                              settings.job_timeout_s, settings.recording_ffmpeg_memory_mb)
         media.poster(svc.playback_path(settings, rec), svc.poster_path(settings, rec),
-                     found.duration_s)
+                     found.duration_s, settings.recording_ffmpeg_memory_mb)
     except media.MediaError as err:
         _LOGGER.warning("recording %s: no browser copy: %s", rec.id, err.message)
         return "failed"
@@ -441,6 +457,9 @@ def run_job(settings: AggregatorSettings, sessions: sessionmaker[Session], job_i
     except Exception as err:  # a bug: the job fails with what happened, the worker goes on
         _LOGGER.exception("job %s failed", job_id)
         status, error = "failed", f"internal error: {type(err).__name__}: {err}"
+    if error is not None:
+        _LOGGER.info("job %s: %s", job_id, error)
+        error = media.clean(error)  # shown to the uploader: no server path in it
     with sessions() as session:
         svc.finish(session, job_id, worker, status, error)
     _LOGGER.info("job %s %s%s", job_id, status, f": {error}" if error else "")
@@ -454,6 +473,10 @@ def _run(settings: AggregatorSettings, sessions: sessionmaker[Session], job_id: 
         rec = svc.get_recording(session, job.recording_id)
         if rec.file_deleted_at is not None or not svc.original_path(settings, rec).is_file():
             raise JobError("the recording's file is gone (deleted by retention?)")
+        # the frame limits of the upload check, again: a file checked by an older version
+        # could be larger than 4K (the pipeline decodes its frames in this process)
+        media.check_frames(media.probe(svc.original_path(settings, rec),
+                                       settings.recording_ffmpeg_memory_mb))
         course = session.get(Course, rec.course_id)
         if course is None:
             raise JobError(f"course {rec.course_id} no longer exists")

@@ -16,6 +16,7 @@ by one worker only, and cancel / retry / delete race safely with a running worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import uuid
@@ -24,7 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator import config as aggregator_config
@@ -40,6 +41,7 @@ from cloud_sync.aggregator.services.common import (
     utcnow,
 )
 from cloud_sync.aggregator.services.timetable import zone
+from cloud_sync.protocol import RESERVED_DEVICE_PREFIX
 
 _LOGGER = logging.getLogger(__name__)
 JOB_STATES = ("queued", "running", "completed", "failed", "cancelled")
@@ -53,6 +55,12 @@ class TooLargeError(ServiceError):
     status = 413
 
 
+class InsufficientStorageError(ServiceError):
+    """Not enough free disk for the recording (or this chunk) beside what is reserved."""
+
+    status = 507
+
+
 class OffsetError(ConflictError):
     """A chunk at another offset than the bytes received so far."""
 
@@ -61,7 +69,7 @@ class OffsetError(ConflictError):
         self.expected = expected
 
 
-RECORDING_DEVICE_PREFIX = "rec-"
+RECORDING_DEVICE_PREFIX = RESERVED_DEVICE_PREFIX  # no device may be registered under it
 
 
 def recording_device_id(room_id: str) -> str:
@@ -70,11 +78,20 @@ def recording_device_id(room_id: str) -> str:
 
 
 def is_recording_device(device_id: str) -> bool:
-    return device_id.startswith(RECORDING_DEVICE_PREFIX)
+    return device_id.lower().startswith(RECORDING_DEVICE_PREFIX)
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _write(session: Session) -> None:
+    """Start a write transaction afresh: end the read transaction the session may hold first.
+    On SQLite a read transaction whose snapshot is older than another connection's commit
+    cannot become a write one (SQLITE_BUSY_SNAPSHOT, 'database is locked' at once, whatever
+    busy_timeout says): two identical last chunks at once met that in 3 of 6 runs."""
+    session.rollback()
+    begin_write(session)
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -104,6 +121,54 @@ def delete_files(settings: AggregatorSettings, recording_id: str) -> bool:
         return False
     shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+# --- space ------------------------------------------------------------------------------------
+
+HELD_STATES = ("uploading", "checking", "ready")
+CHECK_STALE_S = 2 * media.PROBE_TIMEOUT_S + 60  # a check longer than this: its process died
+SPACE_CHECK_EVERY = 4 * 1024 * 1024  # bytes of a chunk between two free-space readings
+
+
+def free_bytes(settings: AggregatorSettings) -> int:
+    """Free bytes where recordings are written (its nearest existing directory)."""
+    path = aggregator_config.recordings_dir(settings)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
+
+
+def _margin(settings: AggregatorSettings) -> int:
+    return settings.min_free_disk_mb * 1024 * 1024
+
+
+def _check_announce(session: Session, settings: AggregatorSettings, size: int, by: str) -> None:
+    """413 over the uploader's quota; 507 when the disk, less what announced uploads still
+    need and ``min_free_disk_mb``, has no room for ``size`` more bytes."""
+    held = session.scalar(select(func.coalesce(func.sum(Recording.size_bytes), 0)).where(
+        Recording.uploaded_by == by[:200], Recording.state.in_(HELD_STATES),
+        Recording.file_deleted_at.is_(None))) or 0
+    if held + size > settings.recording_quota_bytes:
+        raise TooLargeError(f"over your recording quota: you hold {held} bytes of "
+                            f"{settings.recording_quota_bytes} (recording_quota_bytes); delete "
+                            "recordings you no longer need")
+    pending = session.scalar(select(func.coalesce(func.sum(
+        Recording.size_bytes - Recording.received_bytes), 0)).where(
+        Recording.state == "uploading")) or 0
+    room = free_bytes(settings) - pending - _margin(settings)
+    if size > room:
+        raise InsufficientStorageError(
+            f"not enough disk space for {size} bytes: {max(room, 0)} bytes are free beside "
+            f"the uploads in progress and min_free_disk_mb")
+
+
+def check_chunk_space(settings: AggregatorSettings, length: int) -> None:
+    """507 when writing ``length`` more bytes would leave less than ``min_free_disk_mb``."""
+    free = free_bytes(settings)
+    if free - length < _margin(settings):
+        raise InsufficientStorageError(f"the server's disk is full ({free} bytes free): the "
+                                       "upload resumes when there is room again")
 
 
 # --- uploads ----------------------------------------------------------------------------------
@@ -145,6 +210,8 @@ def create_upload(session: Session, settings: AggregatorSettings, new: NewRecord
     starts_at = new.starts_at
     if starts_at.tzinfo is None:
         starts_at = starts_at.replace(tzinfo=zone(room.timezone))
+    _write(session)  # the quota and space sums and the new row in one write transaction
+    _check_announce(session, settings, new.size_bytes, by)
     now = utcnow()
     rec = Recording(
         id=new_id(), room_id=new.room_id, course_id=new.course_id, starts_at=starts_at,
@@ -155,7 +222,6 @@ def create_upload(session: Session, settings: AggregatorSettings, new: NewRecord
     path = original_path(settings, rec)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
-    begin_write(session)
     session.add(rec)
     audit.record(session, by, "recording.upload", f"recording:{rec.id}",
                  f"room={rec.room_id} course={rec.course_id} bytes={rec.size_bytes}")
@@ -181,7 +247,7 @@ def check_offset(rec: Recording, offset: int) -> None:
 def advance(session: Session, rec_id: str, offset: int, written: int) -> int:
     """Move ``received_bytes`` from ``offset`` to ``offset + written`` (compare-and-set);
     returns the bytes received now. Commits."""
-    begin_write(session)
+    _write(session)
     session.execute(update(Recording).where(
         Recording.id == rec_id, Recording.received_bytes == offset,
         Recording.state == "uploading").values(received_bytes=offset + written,
@@ -199,27 +265,39 @@ def finish_upload(session: Session, settings: AggregatorSettings, rec_id: str,
     if rec.state != "uploading" or rec.received_bytes != rec.size_bytes:
         raise ConflictError(f"recording {rec.id}: {rec.received_bytes} of {rec.size_bytes} "
                             "bytes received")
-    begin_write(session)  # one check per recording, however many last chunks race
+    _write(session)  # one check per recording, however many last chunks race
     taken = session.execute(update(Recording).where(
         Recording.id == rec_id, Recording.state == "uploading").values(
         state="checking", updated_at=utcnow())).rowcount
     session.commit()
     if not taken:
         raise ConflictError(f"recording {rec_id} is already being checked")
+    return _run_check(session, settings, rec_id, by)
+
+
+def _run_check(session: Session, settings: AggregatorSettings, rec_id: str,
+               by: str) -> RecordingJob:
+    """The check of a recording this caller moved to ``checking``; see finish_upload."""
+    rec = get_recording(session, rec_id)
+    path = original_path(settings, rec)
     try:
-        found = media.check(original_path(settings, rec), settings.recording_min_duration_s,
-                            settings.recording_max_duration_s)
+        if not path.is_file() or path.stat().st_size != rec.size_bytes:
+            raise media.MediaError("the uploaded file is gone or incomplete: upload it again")
+        found = media.check(path, settings.recording_min_duration_s,
+                            settings.recording_max_duration_s,
+                            settings.recording_ffmpeg_memory_mb)
     except media.MediaError as err:
         session.rollback()
         delete_files(settings, rec.id)
-        begin_write(session)
+        _write(session)
         rec = get_recording(session, rec_id)
+        err.message = media.clean(err.message)
         rec.state, rec.error, rec.updated_at = "rejected", err.message, utcnow()
         audit.record(session, by, "recording.reject", f"recording:{rec.id}", err.message)
         session.commit()
         raise
     session.rollback()
-    begin_write(session)
+    _write(session)
     rec = get_recording(session, rec_id)
     rec.state, rec.updated_at = "ready", utcnow()
     rec.duration_s, rec.width, rec.height = found.duration_s, found.width, found.height
@@ -227,6 +305,61 @@ def finish_upload(session: Session, settings: AggregatorSettings, rec_id: str,
     job = _add_job(session, rec.id)
     session.commit()
     return job
+
+
+def recover_checks(session: Session, settings: AggregatorSettings,
+                   now: datetime | None = None) -> list[RecordingJob]:
+    """Recordings left ``checking`` by a process that died during their check (longer ago
+    than CHECK_STALE_S): each is taken (a conditional update, so one process does it) and
+    checked again; it ends ``ready`` with a job, or ``rejected`` with the reason. Commits;
+    returns the jobs made (for the caller to enqueue)."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=CHECK_STALE_S)
+    stale = session.scalars(select(Recording.id).where(
+        Recording.state == "checking", Recording.updated_at < cutoff)).all()
+    session.rollback()
+    jobs: list[RecordingJob] = []
+    for rec_id in stale:
+        _write(session)
+        taken = session.execute(update(Recording).where(
+            Recording.id == rec_id, Recording.state == "checking",
+            Recording.updated_at < cutoff).values(updated_at=utcnow())).rowcount
+        session.commit()
+        if not taken:
+            continue
+        _LOGGER.warning("recording %s was left 'checking' (the server stopped during its "
+                        "check): checking it again", rec_id)
+        with contextlib.suppress(media.MediaError):  # a bad file: rejected, with the reason
+            jobs.append(_run_check(session, settings, rec_id, "system"))
+    return jobs
+
+
+def expire_uploads(session: Session, settings: AggregatorSettings,
+                   now: datetime | None = None) -> int:
+    """Uploads that received no byte for ``recording_upload_expire_hours``: the file is
+    deleted and the recording rejected (its announced size stops counting). Commits."""
+    now = now or utcnow()
+    cutoff = now - timedelta(hours=settings.recording_upload_expire_hours)
+    old = session.scalars(select(Recording.id).where(
+        Recording.state == "uploading", Recording.updated_at < cutoff)).all()
+    session.rollback()
+    count = 0
+    for rec_id in old:
+        _write(session)
+        done = session.execute(update(Recording).where(
+            Recording.id == rec_id, Recording.state == "uploading",
+            Recording.updated_at < cutoff).values(
+            state="rejected", updated_at=now, file_deleted_at=now,
+            error=f"upload abandoned: no byte arrived for "
+                  f"{settings.recording_upload_expire_hours:g} h")).rowcount
+        if done:
+            audit.record(session, "system", "recording.expire", f"recording:{rec_id}",
+                         "abandoned upload")
+        session.commit()
+        if done:
+            delete_files(settings, rec_id)
+            count += 1
+    return count
 
 
 # --- jobs -------------------------------------------------------------------------------------
@@ -258,7 +391,7 @@ def claim(session: Session, job_id: str, worker: str) -> bool:
     """queued -> running for this worker (one conditional update: of two workers that try,
     one wins). Commits."""
     now = utcnow()
-    begin_write(session)
+    _write(session)
     done = session.execute(update(RecordingJob).where(
         RecordingJob.id == job_id, RecordingJob.status == "queued").values(
         status="running", worker=worker[:200], started_at=now, heartbeat_at=now,
@@ -284,7 +417,7 @@ def heartbeat(session: Session, job_id: str, worker: str, progress: float,
               eta_s: float | None, phase: str) -> bool:
     """Report progress; False when the job should stop (cancel requested, deleted, or no
     longer this worker's). Commits."""
-    begin_write(session)
+    _write(session)
     done = session.execute(update(RecordingJob).where(
         RecordingJob.id == job_id, RecordingJob.status == "running",
         RecordingJob.worker == worker, RecordingJob.cancel_requested.is_(False)).values(
@@ -298,7 +431,7 @@ def finish(session: Session, job_id: str, worker: str, status: str,
            error: str | None = None) -> bool:
     """running -> completed | failed | cancelled, if still this worker's. Commits."""
     assert status in FINISHED
-    begin_write(session)
+    _write(session)
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error,
                               "eta_s": None, "phase": None}
     if status == "completed":
@@ -316,7 +449,7 @@ def cancel(session: Session, job_id: str, by: str) -> RecordingJob:
     job = get_job(session, job_id)
     if job.status in FINISHED:
         raise ConflictError(f"job {job_id} is already {job.status}")
-    begin_write(session)
+    _write(session)
     session.execute(update(RecordingJob).where(
         RecordingJob.id == job_id, RecordingJob.status == "queued").values(
         status="cancelled", finished_at=utcnow(), cancel_requested=True))
@@ -335,7 +468,8 @@ def retry(session: Session, job_id: str, by: str) -> RecordingJob:
     if rec.file_deleted_at is not None:
         raise ConflictError(f"the recording of job {job_id} was deleted (retention): nothing "
                             "to process")
-    begin_write(session)
+    status = job.status
+    _write(session)
     done = session.execute(update(RecordingJob).where(
         RecordingJob.id == job_id, RecordingJob.status.in_(("failed", "cancelled"))).values(
         status="queued", progress=0.0, eta_s=None, error=None, phase=None, worker=None,
@@ -343,7 +477,7 @@ def retry(session: Session, job_id: str, by: str) -> RecordingJob:
         heartbeat_at=None))
     if not done.rowcount:
         session.rollback()
-        raise ConflictError(f"job {job_id} is {job.status}: only a failed or cancelled job can "
+        raise ConflictError(f"job {job_id} is {status}: only a failed or cancelled job can "
                             "be retried")
     audit.record(session, by, "job.retry", f"job:{job_id}")
     session.commit()
@@ -355,7 +489,7 @@ def delete_recording(session: Session, settings: AggregatorSettings, recording_i
     """The recording, its jobs (a running one is told to stop: its row is gone) and its
     files. Attendance and events it produced stay (they are the school's records). Commits."""
     get_recording(session, recording_id)
-    begin_write(session)
+    _write(session)
     session.execute(delete(RecordingJob).where(RecordingJob.recording_id == recording_id))
     session.execute(delete(Recording).where(Recording.id == recording_id))
     audit.record(session, by, "recording.delete", f"recording:{recording_id}")
@@ -379,7 +513,7 @@ def fail_stale(session: Session, lease_s: float, now: datetime | None = None) ->
     session.rollback()
     count = 0
     for job in stale:
-        begin_write(session)
+        _write(session)
         done = session.execute(update(RecordingJob).where(
             RecordingJob.id == job.id, RecordingJob.status == "running",
             RecordingJob.heartbeat_at < cutoff).values(
@@ -407,7 +541,7 @@ def purge_files(session: Session, settings: AggregatorSettings,
     session.rollback()
     for rec_id in old:
         delete_files(settings, rec_id)
-        begin_write(session)
+        _write(session)
         session.execute(update(Recording).where(Recording.id == rec_id).values(
             file_deleted_at=now, playback="none"))
         session.execute(update(RecordingJob).where(

@@ -17,7 +17,8 @@ older than its lifetime and writes one audit entry with the counts (never the co
 - the audit log itself: ``audit_keep_days``;
 - recording files (original and browser copy): ``recording_keep_days`` after the upload
   (``services/recordings.purge_files``); the recording row and the attendance, events and
-  instructor results derived from it are kept.
+  instructor results derived from it are kept; an upload that received no byte for
+  ``recording_upload_expire_hours`` is abandoned (file deleted, recording rejected).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def purge(session: Session, settings: AggregatorSettings,
         "console_sessions": _older(session, timedelta(0), now, ConsoleSession, "expires_at"),
         "audit": _older(session, settings.audit_keep_days * days, now, AuditLog, "at"),
         "recording_files": recordings.purge_files(session, settings, now),
+        "abandoned_uploads": recordings.expire_uploads(session, settings, now),
     }
     if counts["record_descriptors"] or counts["unknown_faces"]:
         scrub_biometric(session.get_bind())  # type: ignore[arg-type]

@@ -125,7 +125,8 @@ def test_students_consent_erase_export_purge(db: str, tmp_path: Path) -> None:
         code, out = _stdout("students", "purge")
         assert code == 0 and out.strip() == ("attendance=0 events=0 dead_letters=0 heartbeats=0 "
                                              "record_descriptors=0 unknown_faces=0 "
-                                             "console_sessions=0 audit=0 recording_files=0")
+                                             "console_sessions=0 audit=0 recording_files=0 "
+                                             "abandoned_uploads=0")
     finally:
         engine.dispose()
 

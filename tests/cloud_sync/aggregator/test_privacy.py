@@ -301,7 +301,7 @@ def test_retention_purge_deletes_old_data_and_records_counts(
         counts = purge(session, settings)
     assert counts == {"attendance": 1, "events": 1, "dead_letters": 1, "heartbeats": 2,
                       "record_descriptors": 1, "unknown_faces": 1, "console_sessions": 1,
-                      "audit": 1, "recording_files": 0}
+                      "audit": 1, "recording_files": 0, "abandoned_uploads": 0}
     with sessions() as session:
         assert list(session.scalars(select(Attendance.student_id))) == ["S001"]
         if session.get_bind().dialect.name == "postgresql":
@@ -311,7 +311,7 @@ def test_retention_purge_deletes_old_data_and_records_counts(
             AuditLog.action == "retention.purge")).one()
         assert entry.detail == ("attendance=1 events=1 dead_letters=1 heartbeats=2 "
                                 "record_descriptors=1 unknown_faces=1 console_sessions=1 "
-                                "audit=1 recording_files=0")
+                                "audit=1 recording_files=0 abandoned_uploads=0")
         assert sorted(tuple(r) for r in session.execute(
             select(Heartbeat.boot_id, Heartbeat.clock_synced))) == [("A", False), ("B", False),
                                                                     ("B", True)]

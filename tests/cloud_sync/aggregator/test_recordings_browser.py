@@ -110,5 +110,5 @@ def test_teacher_uploads_a_recording_and_sees_its_results(
 
         other = httpx.Client(base_url=url, timeout=30)
         assert login(other, "mr-kim", PW).status_code == 303
-        assert other.get(f"/recordings/{rec_id}").status_code == 403
+        assert other.get(f"/recordings/{rec_id}").status_code == 404  # as a missing one
         assert rec_id not in other.get("/recordings").text
