@@ -89,11 +89,13 @@ def prepare(card: Path, out: Path) -> dict[str, Path | str]:
 
 
 # Devices of the BCM2711 that QEMU's raspi4b does not emulate, beyond those QEMU itself removes
-# from the DTB (PCIe, RNG, thermal, GENET): the HDMI block's L2 interrupt controller. Debian's
-# kernel touches its registers while it sets up interrupts and stops with "synchronous external
-# abort" in brcmstb_l2_intc_of_init at 2.9 s (seen with QEMU 10.0.13), before any initramfs.
+# from the DTB (PCIe, RNG, thermal, GENET): the HDMI block at 0x7ef00000 (its clock, L2
+# interrupt controller, the two HDMI and their DDC I2C controllers). Debian's kernel stopped
+# with "synchronous external abort" in brcmstb_l2_intc_of_init at 2.9 s, then (with that one
+# disabled) in brcmstb_i2c_probe at 4.4 s (QEMU 10.0.13), before any initramfs.
 # Disabled in a copy of the card's DTB, as QEMU does with the others; the card is not changed.
-NOT_EMULATED = ("brcm,bcm2711-l2-intc", "brcm,bcm2711-hdmi0", "brcm,bcm2711-hdmi1")
+NOT_EMULATED = ("brcm,brcm2711-dvp", "brcm,bcm2711-l2-intc", "brcm,bcm2711-hdmi0",
+                "brcm,bcm2711-hdmi1", "brcm,bcm2711-hdmi-i2c")
 
 
 def qemu_dtb(src: Path, dest: Path) -> Path:
