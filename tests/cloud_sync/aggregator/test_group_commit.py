@@ -20,8 +20,10 @@ def test_submit_async_durable_when_answered_and_cancelled_job_dropped(tmp_path: 
         conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
     committer = GroupCommitter(engine)
     gate = threading.Event()
+    running = threading.Event()
 
     def blocker(conn: Connection) -> None:
+        running.set()
         gate.wait(10)  # holds the writer: what is submitted meanwhile waits in the queue
 
     def insert(value: int):  # type: ignore[no-untyped-def]
@@ -38,11 +40,17 @@ def test_submit_async_durable_when_answered_and_cancelled_job_dropped(tmp_path: 
     async def scenario() -> int:
         first = threading.Thread(target=committer.submit, args=(blocker, 1))
         first.start()
-        await asyncio.sleep(0.2)  # the writer runs the blocker
+        # the writer runs the blocker (a fixed sleep was not enough under load: the writer then
+        # took the blocker and the two inserts as one group, before the cancel)
+        assert await asyncio.to_thread(running.wait, 10)
         gave_up = asyncio.ensure_future(committer.submit_async(insert(1), 1))
         kept = asyncio.ensure_future(committer.submit_async(insert(2), 1))
         await asyncio.sleep(0.05)
         gave_up.cancel()
+        # the cancel reaches the job's concurrent future in a done-callback of the loop: let it
+        # run before the writer is released (else the writer may start the job first)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         gate.set()
         result = await asyncio.wait_for(kept, 10)
         assert stored() == [2]  # committed when the answer came
