@@ -116,7 +116,8 @@ class AggregatorSettings(TomlSettings):
         default="aggregator-bridge",
         title="MQTT bridge client id",
         description="Client id prefix of the MQTT bridges; each process's bridge adds "
-        "-<instance_name>-<pid> (clean sessions in one shared subscription: docs/MQTT.md).",
+        "-<instance_name>-<pid>-<6 random hex> (clean sessions in one shared subscription: "
+        "docs/MQTT.md).",
     )
     mqtt_max_message_bytes: int = Field(
         default=1_048_576,

@@ -1,8 +1,10 @@
-"""The Mosquitto ACL file, generated: the fixed users (the aggregator's bridge, Home Assistant)
-plus one block per registered device that lets it write only under its own
+"""The Mosquitto ACL files. The devices' listener's (1883), generated: Home Assistant plus one
+block per registered device that lets it write only under its own
 ``classroom/<site>/<room>/<device>/``. Mosquitto's ``%u`` patterns cannot tie a user to a
 site and room, so the device lines are written from the database (``aggregator mqtt acl``);
-``config/mosquitto/acl`` is this file for no device (a test keeps them equal)."""
+``config/mosquitto/acl`` is this file for no device. The bridges' listener's (1884), fixed:
+the aggregator user only (``config/mosquitto/bridge.acl``, :data:`BRIDGE`). Tests keep both
+files equal to these."""
 
 from __future__ import annotations
 
@@ -34,22 +36,12 @@ BASE = """\
 #         classroom/<site>/<room>/state    (retained room state for Home Assistant)
 #         classroom/<site>/<room>/alert    (unknown-face alerts: Home Assistant device triggers)
 #
-# A device logs in with username = its device id (and, with use_username_as_clientid, that is
-# also its client id). Its block below lets it write ONLY under its own site, room and device
-# id: the aggregator's bridge trusts the topic's device id because of these lines (and still
-# checks that the device exists and is in that room on that site).
-
-# --- the aggregator's MQTT bridge -----------------------------------------------------------
-user aggregator
-topic read classroom/+/+/+/attendance
-topic read classroom/+/+/+/events
-topic read classroom/+/+/+/heartbeat
-topic read classroom/+/+/+/status
-topic write classroom/+/+/+/ack
-topic readwrite classroom/+/+/roster
-topic readwrite classroom/+/+/state
-topic readwrite classroom/+/+/alert
-topic readwrite homeassistant/#
+# This is the devices' listener's ACL (1883, config/mosquitto/mosquitto.conf); the aggregator's
+# bridges have their own listener, users and ACL (bridge.acl). A device logs in with username
+# = its device id (and, with use_username_as_clientid, that is also its client id). Its block
+# below lets it write ONLY under its own site, room and device id: the aggregator's bridge
+# trusts the topic's device id because of these lines (and still checks that the device
+# exists and is in that room on that site).
 
 # --- Home Assistant (read only) -------------------------------------------------------------
 user homeassistant
@@ -63,6 +55,24 @@ pattern read classroom/+/+/%u/ack
 pattern read classroom/+/+/roster
 
 # --- devices (one block each; writes only under classroom/<site>/<room>/<device>/) ----------
+"""
+
+
+BRIDGE = """\
+# Mosquitto ACL of the aggregator bridges' listener (1884; see docs/MQTT.md), installed as
+# /etc/mosquitto/classroom-bridge.acl. Only the aggregator user logs in there (its own
+# password file): the bridges read what devices publish on the devices' listener and write
+# the acks, roster notices, room states, alerts and Home Assistant configs.
+user aggregator
+topic read classroom/+/+/+/attendance
+topic read classroom/+/+/+/events
+topic read classroom/+/+/+/heartbeat
+topic read classroom/+/+/+/status
+topic write classroom/+/+/+/ack
+topic readwrite classroom/+/+/roster
+topic readwrite classroom/+/+/state
+topic readwrite classroom/+/+/alert
+topic readwrite homeassistant/#
 """
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import secrets
 import threading
 import time
 from datetime import datetime, timedelta
@@ -92,8 +93,9 @@ def subscriptions(group: str) -> list[tuple[str, int]]:
 
 
 def client_id(settings: AggregatorSettings, instance: str, pid: int) -> str:
-    """Unique per process: ``<mqtt_client_id>-<instance>-<pid>`` (64 characters at most)."""
-    suffix = f"-{instance}-{pid}"
+    """Unique per process: ``<mqtt_client_id>-<instance>-<pid>-<6 random hex>`` (64 characters
+    at most): the random part keeps it unguessable by a client of the bridges' listener."""
+    suffix = f"-{instance}-{pid}-{secrets.token_hex(3)}"
     return settings.mqtt_client_id[:64 - len(suffix)] + suffix[-64:]
 
 STATE_TICK_S = 5.0

@@ -75,8 +75,10 @@ PLACES = {DEVICE: (SITE, ROOM), OTHER_DEVICE: (SITE, OTHER_ROOM), "pi-local": ("
 
 
 class Broker:
-    """A Mosquitto built from config/mosquitto/mosquitto.conf and the ACL `aggregator mqtt acl`
-    writes (config/mosquitto/acl plus a block per device user in PLACES), on a free port."""
+    """A Mosquitto built from config/mosquitto/mosquitto.conf on free ports: the devices'
+    listener with the ACL `aggregator mqtt acl` writes (config/mosquitto/acl plus a block per
+    device user in PLACES) and every user but `aggregator` in its password file; the bridges'
+    listener with bridge.acl and only `aggregator` in its password file."""
 
     def __init__(self, workdir: Path, users: Iterable[str]) -> None:
         self.dir = workdir
@@ -84,31 +86,48 @@ class Broker:
         self.port = free_port()
         self.bridge_port = free_port()  # the aggregator bridges' listener (1884)
         self.passwords = {user: secrets.token_urlsafe(12) for user in users}
-        passwd = self.dir / "passwd"
-        for i, (user, password) in enumerate(self.passwords.items()):
-            args = [str(MOSQUITTO_PASSWD), "-b"] + (["-c"] if i == 0 else [])
-            subprocess.run([*args, str(passwd), user, password], check=True, capture_output=True)
+        passwd, bridge_passwd = self.dir / "passwd", self.dir / "bridge.passwd"
+        text = (REPO / "config/mosquitto/mosquitto.conf").read_text()
+        own_bridge_users = "classroom-bridge.passwd" in text  # else one file for every user
+        logins = {**self.passwords}
+        logins.setdefault("aggregator", secrets.token_urlsafe(12))  # the file must exist
+        for user, password in logins.items():
+            target = bridge_passwd if user == "aggregator" and own_bridge_users else passwd
+            args = [str(MOSQUITTO_PASSWD), "-b"] + ([] if target.exists() else ["-c"])
+            subprocess.run([*args, str(target), user, password], check=True,
+                           capture_output=True)
+        if not passwd.exists():
+            subprocess.run([str(MOSQUITTO_PASSWD), "-b", "-c", str(passwd), "nobody-x",
+                            secrets.token_urlsafe(12)], check=True, capture_output=True)
         persist = self.dir / "persist"
         persist.mkdir(exist_ok=True)
-        text = (REPO / "config/mosquitto/mosquitto.conf").read_text()
-        text = re.sub(r"(?m)^listener 1883$", f"listener {self.port} 127.0.0.1", text)
-        text = re.sub(r"(?m)^listener 1884$", f"listener {self.bridge_port} 127.0.0.1", text)
-        text = re.sub(r"(?m)^password_file .*$", f"password_file {passwd}", text)
-        from cloud_sync.aggregator.mqtt_acl import render
+        text = re.sub(r"(?m)^listener 1883\b.*$", f"listener {self.port} 127.0.0.1", text)
+        text = re.sub(r"(?m)^listener 1884\b.*$", f"listener {self.bridge_port} 127.0.0.1",
+                      text)
+        text = re.sub(r"(?m)^password_file .*classroom-bridge\.passwd$",
+                      f"password_file {bridge_passwd}", text)
+        text = re.sub(r"(?m)^password_file .*classroom\.passwd$", f"password_file {passwd}",
+                      text)
+        from cloud_sync.aggregator import mqtt_acl
 
-        acl = self.dir / "acl"
-        acl.write_text(render(PLACES[u] + (u,) for u in self.passwords if u in PLACES))
-        text = re.sub(r"(?m)^acl_file .*$", f"acl_file {acl}", text)
+        acl, bridge_acl = self.dir / "acl", self.dir / "bridge.acl"
+        acl.write_text(mqtt_acl.render(PLACES[u] + (u,) for u in self.passwords if u in PLACES))
+        bridge_acl.write_text(getattr(mqtt_acl, "BRIDGE", ""))
+        text = re.sub(r"(?m)^acl_file .*classroom-bridge\.acl$", f"acl_file {bridge_acl}",
+                      text)
+        text = re.sub(r"(?m)^acl_file .*classroom\.acl$", f"acl_file {acl}", text)
         text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {persist}/", text)
         text += f"\nuser root\nlog_dest file {self.dir / 'mosquitto.log'}\nlog_type all\n"
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text(text)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def url(self, user: str) -> str:
+    def port_of(self, user: str) -> int:
         """The aggregator's bridges use their own listener (config/mosquitto/mosquitto.conf)."""
-        port = self.bridge_port if user == "aggregator" else self.port
-        return f"mqtt://{user}:{self.passwords[user]}@127.0.0.1:{port}"
+        return self.bridge_port if user == "aggregator" else self.port
+
+    def url(self, user: str) -> str:
+        return f"mqtt://{user}:{self.passwords[user]}@127.0.0.1:{self.port_of(user)}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.conf)],

@@ -15,7 +15,8 @@ from tests.support.harness import Broker, wait_until
 class TestClient:
     __test__ = False
 
-    def __init__(self, broker: Broker, user: str, client_id: str | None = None) -> None:
+    def __init__(self, broker: Broker, user: str, client_id: str | None = None,
+                 port: int | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.suback: list[list[ReasonCode]] = []
         self.puback: dict[int, ReasonCode] = {}
@@ -30,7 +31,7 @@ class TestClient:
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         self.client = client
-        client.connect("127.0.0.1", broker.port, keepalive=10)
+        client.connect("127.0.0.1", port or broker.port_of(user), keepalive=10)
         client.loop_start()
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:

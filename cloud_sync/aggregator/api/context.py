@@ -4,6 +4,7 @@ the app's caches (state.py) and the bus to the other processes (bus.py)."""
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +55,9 @@ class AppContext:
     encoder: FaceEncoder
     rules: Rules
     state: AppState
-    instance: str = ""  # <instance_name>:<pid> in /health
+    instance: str = ""  # <instance_name>:<pid> in /health (admin token only)
+    # what /health says without an admin token: random, per process
+    public_instance: str = field(default_factory=lambda: secrets.token_hex(6))
     bus: Bus | None = None
     ready: bool = False  # migrated and started (the lifespan); False again while stopping
     mqtt_bridge: Any = None

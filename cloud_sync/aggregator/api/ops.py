@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_sync.aggregator import metrics
-from cloud_sync.aggregator.api.deps import context
+from cloud_sync.aggregator.api.deps import admin_token_valid, context
 from cloud_sync.aggregator.db.migrate import current_revision, head_revision
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,7 +30,9 @@ class Health(BaseModel):
                         "down, or disk space below min_free_disk_mb) | error (not started or "
                         "stopping, database unreachable, behind, or refusing writes). A load "
                         "balancer sends traffic only while the answer is 200 (ok or degraded)")
-    instance: str = Field(description="Which process answered: <instance_name>:<pid>")
+    instance: str = Field(description="Which process answered: an opaque id of the process "
+                          "(the same for its life); <instance_name>:<pid> only with an admin "
+                          "token (the bridge's MQTT client id is made from those)")
     ready: bool = Field(description="Migrations done and the app started (false while "
                         "starting and stopping)")
     database: str = Field(description="ok, or the error")
@@ -77,6 +79,19 @@ def _free_mb(path: Path) -> float | None:
     return None
 
 
+def _instance(request: Request, ctx: Any) -> str:
+    """<instance_name>:<pid> for an admin token, else the process's opaque id: no instance
+    name in an answer anyone on the network can read."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and secret.strip():
+        try:
+            if admin_token_valid(ctx, secret.strip()):
+                return str(ctx.instance)
+        except SQLAlchemyError:
+            pass
+    return str(ctx.public_instance)
+
+
 @router.get("/health", response_model=Health, responses={503: {"model": Health}},
             summary="Database reachable and taking writes, migrations current, free disk "
             "space, MQTT bridge state.")
@@ -112,7 +127,7 @@ def health(request: Request) -> JSONResponse:
         status = "degraded"
     else:
         status = "ok"
-    body = Health(status=status, instance=ctx.instance, ready=ready,
+    body = Health(status=status, instance=_instance(request, ctx), ready=ready,
                   database=database, writes=writes,
                   disk_free_mb=None if free_mb is None else round(free_mb, 1), disk=disk,
                   backend=ctx.engine.dialect.name,

@@ -354,3 +354,28 @@ def test_login_limit_is_shared_by_every_api_process(pg_url: str | None,
                 conn.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
     assert codes == [401] * settings.console_login_max_attempts + [429] * (
         8 - settings.console_login_max_attempts), codes
+
+
+# --- 7. what /health tells anyone ---------------------------------------------------------------
+
+def test_health_names_no_instance_without_an_admin_token(
+        served: tuple[Aggregator, dict]) -> None:
+    """The bridge's MQTT client id was `<mqtt_client_id>-<instance>-<pid>`, and /health gave
+    `<instance>:<pid>` to anyone: the id to take over on the broker. Now /health says an
+    opaque process id unless an admin token asks, and the client id has a random part."""
+    import socket
+
+    from cloud_sync.aggregator import config as aggregator_config
+    from cloud_sync.aggregator.mqtt_bridge import client_id
+
+    agg, keys = served
+    assert agg.proc is not None
+    anyone = httpx.get(f"{agg.base_url}/health", timeout=20).json()["instance"]
+    host = socket.gethostname().split(".")[0]
+    assert host not in anyone and str(agg.proc.pid) not in anyone, anyone
+    admin = httpx.get(f"{agg.base_url}/health", headers=bearer(keys["admin"]),
+                      timeout=20).json()["instance"]
+    assert admin == f"{host}:{agg.proc.pid}"
+    assert httpx.get(f"{agg.base_url}/health", timeout=20).json()["instance"] == anyone
+    settings = aggregator_config.load(None)
+    assert client_id(settings, host, 4242) != client_id(settings, host, 4242)

@@ -133,3 +133,45 @@ def test_shipped_acl_is_the_generated_one() -> None:
     from tests.conftest import REPO
 
     assert (REPO / "config/mosquitto/acl").read_text() == render([])
+
+
+def test_bridges_listener_is_the_bridges_alone(broker: Broker) -> None:
+    """Issue 23 #7: with `per_listener_settings false` and 1884 on every interface, a device's
+    credentials on 1884 with client id `devB` threw devB off, and with a bridge's client id
+    (its suffix was in /health's `instance`) made the bridge flap. The shipped config gives
+    1884 its own users (the aggregator only) and binds it to the loopback address."""
+    from tests.conftest import REPO
+
+    bridge_id = "aggregator-bridge-host-4242-a1b2c3"
+    victim = TestClient(broker, OTHER_DEVICE)
+    bridge = TestClient(broker, "aggregator", client_id=bridge_id)
+    others = []
+    try:
+        assert not victim.wait_connected().is_failure
+        assert not bridge.wait_connected().is_failure
+        for client_id in (OTHER_DEVICE, bridge_id):  # a device's login on the bridges' port
+            intruder = TestClient(broker, DEVICE, client_id=client_id, port=broker.bridge_port)
+            others.append(intruder)
+            assert intruder.wait_connected().is_failure, client_id
+        # on the devices' port the client id is the user name: the bridge's id is not taken
+        intruder = TestClient(broker, DEVICE, client_id=bridge_id)
+        others.append(intruder)
+        assert not intruder.wait_connected().is_failure
+        # nor does the aggregator's login open the devices' port
+        stray = TestClient(broker, "aggregator", port=broker.port)
+        others.append(stray)
+        assert stray.wait_connected().is_failure
+        time.sleep(1.0)
+        assert victim.client.is_connected() and bridge.client.is_connected()
+    finally:
+        for client in (victim, bridge, *others):
+            client.close()
+    conf = (REPO / "config/mosquitto/mosquitto.conf").read_text()
+    assert "\nper_listener_settings true\n" in conf and "\nlistener 1884 127.0.0.1\n" in conf
+
+
+def test_shipped_bridge_acl_is_the_bridges_block() -> None:
+    from cloud_sync.aggregator.mqtt_acl import BRIDGE
+    from tests.conftest import REPO
+
+    assert (REPO / "config/mosquitto/bridge.acl").read_text() == BRIDGE

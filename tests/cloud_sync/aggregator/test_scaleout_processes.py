@@ -85,7 +85,8 @@ def test_two_processes_one_killed_mid_drain_every_record_once_and_one_rate_limit
         _start(b, broker, "b")
 
         def healthy() -> list[dict[str, Any]] | None:
-            found = [httpx.get(f"{x.base_url}/health").json() for x in (a, b)]
+            found = [httpx.get(f"{x.base_url}/health", headers={  # names: admin only
+                "Authorization": f"Bearer {keys['admin']}"}).json() for x in (a, b)]
             return found if all(h["status"] == "ok" for h in found) else None
 
         health = wait_until(healthy, 30, "both processes healthy (bus and MQTT connected)")
