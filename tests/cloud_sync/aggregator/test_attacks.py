@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -175,15 +176,19 @@ def test_opencv_decoder_limit_is_set_before_cv2_loads(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import cloud_sync.aggregator.cli, cv2, numpy as np, resource\n"
+    # The peak is VmHWM, the new process image's own high-water mark: getrusage's ru_maxrss
+    # carries over the forking parent's (a pytest worker that loaded dlib: 2 GB) across exec.
+    code = ("import cloud_sync.aggregator.cli, cv2, numpy as np, re\n"
             f"data = bytes.fromhex({BOMB.hex()!r})\n"
             "try:\n"
             "    out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)\n"
             "except cv2.error:\n"
             "    out = None\n"
-            "print(out is None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+            "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())\n"
+            "print(out is None, int(hwm.group(1)) // 1024)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=True)
+                          timeout=120, check=True, env=env)
     refused, peak_mb = done.stdout.split()
     assert refused == "True" and int(peak_mb) < 600, done.stdout
 
