@@ -951,5 +951,6 @@ def example() -> str:
     """The documented example file (``config/appliance.example.toml``)."""
     return example_toml(
         ApplianceSettings, EXAMPLE_HEADER, EXAMPLE_VALUES,
-        shown_defaults={"paths.model_dir": "(models/files beside the installed models package)"},
+        shown_defaults={
+            "paths.model_dir": "(models/files in a checkout; an installed release's models/)"},
     )

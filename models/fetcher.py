@@ -21,7 +21,25 @@ from pydantic import BaseModel, Field
 _LOGGER = logging.getLogger(__name__)
 
 MANIFEST = Path(__file__).with_name("manifest.toml")
-DEFAULT_MODEL_DIR = Path(__file__).with_name("files")
+
+
+def default_model_dir(package_dir: Path = Path(__file__).parent,
+                      prefix: Path = Path(sys.prefix)) -> Path:
+    """Where the models are when no setting says: ``models/files`` in a source checkout (what
+    ``make setup`` fetches); in an installed release (image_build/install-release.sh: a venv at
+    ``/opt/classroom-attendance/releases/<version>`` with the verified files in its ``models/``,
+    the package itself in site-packages without ``files/``) the release's own models, so that
+    ``/opt/classroom-attendance/current/bin/appliance identify ...`` works on a device without a
+    config file (first boot writes one; Raspberry Pi OS's first-run installer does not).
+    """
+    beside = package_dir / "files"
+    release = prefix / "models"
+    if not beside.is_dir() and release.is_dir():
+        return release
+    return beside
+
+
+DEFAULT_MODEL_DIR = default_model_dir()
 CACHE_DIRNAME = ".cache"
 
 

@@ -123,3 +123,45 @@ def test_real_models_verified(model_dir: Path) -> None:
     """`make setup` fetched every real model and each matches its manifest checksum."""
     for spec in fetcher.load_manifest():
         assert fetcher.model_path(spec.name, model_dir).stat().st_size == spec.size
+
+
+def test_default_model_dir_in_a_checkout_and_in_a_release(tmp_path: Path) -> None:
+    checkout = tmp_path / "checkout" / "models"
+    (checkout / "files").mkdir(parents=True)
+    release = tmp_path / "releases" / "1.0"
+    (release / "models").mkdir(parents=True)
+    # a checkout (make setup): its models/files, whatever the venv holds
+    assert fetcher.default_model_dir(checkout, release) == checkout / "files"
+    # an installed release: the package in site-packages has no files/, the release has models/
+    installed = tmp_path / "site-packages" / "models"
+    installed.mkdir(parents=True)
+    assert fetcher.default_model_dir(installed, release) == release / "models"
+    # neither: the checkout's path (`appliance models fetch` fills it; ModelError names the fix)
+    assert fetcher.default_model_dir(installed, tmp_path / "venv") == installed / "files"
+
+
+def test_installed_release_finds_its_models_without_a_config(tmp_path: Path) -> None:
+    """The layout install-release.sh makes: a thin venv with the `models` package in its
+    site-packages, a .pth adding the dependencies' layer, the verified files in <release>/models.
+    `appliance identify` there (no config file before first boot) must use those files."""
+    import sys
+    import sysconfig
+
+    release = tmp_path / "releases" / "1.0"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(release)], check=True)
+    python = release / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path"
+                                "('purelib'))"], check=True, capture_output=True,
+                               text=True).stdout.strip())
+    package = site / "models"
+    package.mkdir()
+    for source in Path(fetcher.__file__).parent.iterdir():
+        if source.suffix in (".py", ".toml"):
+            (package / source.name).write_bytes(source.read_bytes())
+    (site / "_classroom_deps.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n")
+    (release / "models").mkdir()
+    out = subprocess.run([str(python), "-c", "import models; print(models.__file__); "
+                          "print(models.DEFAULT_MODEL_DIR)"], check=True, capture_output=True,
+                         text=True, cwd=tmp_path).stdout.split()
+    assert out == [str(package / "__init__.py"), str(release / "models")]
