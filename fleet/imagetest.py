@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -238,9 +239,156 @@ def boot_raspi4b(image: Path, token: str, agg_port: int) -> dict[str, object]:
                         timeout=float(os.environ.get("RASPI4B_TIMEOUT", "1500")))
 
 
+def start_qemu(card: Path, ssh_port: int, web_port: int, console: Path,
+               rtc_base: str | None = None) -> subprocess.Popen[bytes]:
+    """The card booted under ``qemu -M virt`` (kernel and initramfs from OUT, read out of the
+    card's FAT partition); ``rtc_base``: the guest's real-time clock starts there
+    (qemu ``-rtc base=``), so its system clock does too."""
+    return subprocess.Popen(
+        ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "2048",
+         "-kernel", str(OUT / "vmlinuz"), "-initrd", str(OUT / "initrd.img"),
+         # systemd.watchdog_sec: the image arms the hardware watchdog for 15 s (a Pi's
+         # bcm2835_wdt at most); emulated on a shared machine, PID 1 can stall longer than
+         # that (a first run was reset at 142 s, during first boot), so the test arms it
+         # for 120 s: what it checks is that systemd arms the watchdog at all
+         "-append", "root=LABEL=rootfs rootfstype=ext4 rootwait console=ttyAMA0 "
+                    "net.ifnames=0 systemd.watchdog_sec=120",
+         "-drive", f"file={card},format=raw,if=virtio",
+         "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
+                    f"hostfwd=tcp:127.0.0.1:{web_port}-:8080",
+         "-device", "virtio-net-pci,netdev=n0",
+         # a hardware watchdog on the PCI bus: systemd must arm it (RuntimeWatchdogSec)
+         "-device", "i6300esb", "-nographic", "-no-reboot",
+         *(["-rtc", f"base={rtc_base}"] if rtc_base else [])],
+        stdin=subprocess.DEVNULL, stdout=console.open("ab"), stderr=subprocess.STDOUT)
+
+
+def aggregator_env(work: Path) -> dict[str, str]:
+    return {**os.environ, "AGGREGATOR_DATABASE_URL": f"sqlite:///{work / 'aggregator.db'}",
+            "AGGREGATOR_DATA_DIR": str(work / "aggregator-data")}
+
+
+STALE_DAYS = 365  # the guest's clock at the reboot of check_stale_clock
+DOOR_CLIP = "/var/lib/classroom-attendance/door-test.avi"
+
+
+def door_clip(out: Path, seconds: float = 2.0, fps: float = 15.0) -> Path:
+    """A short 720p clip of S001 (a photo the roster was not built from) for the guest's camera:
+    the pipeline sees a face at the door, frame after frame (MJPEG: OpenCV's own codec)."""
+    import cv2
+
+    frame = cv2.imread(str(EXAMPLES / "obama-720p.jpg"))
+    if frame is None:
+        raise RuntimeError(f"{EXAMPLES / 'obama-720p.jpg'} unreadable")
+    clip = out / "door-test.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), fps,
+                             (frame.shape[1], frame.shape[0]))
+    for _ in range(int(seconds * fps)):
+        writer.write(frame)
+    writer.release()
+    return clip
+
+
+def schedule_class_now(work: Path) -> dict[str, object]:
+    """A class of course CLOCK in LAB-301 today, now (one-off: a clock on another day finds no
+    class), student S001 enrolled, consent recorded, faces enrolled from two photos, all with
+    the aggregator's own commands (as docs/OPERATIONS.md tells an office to)."""
+    env = aggregator_env(work)
+    agg = str(Path(sys.executable).with_name("aggregator"))
+    photos = work / "enrol" / "S001"
+    photos.mkdir(parents=True)
+    for src in sorted((EXAMPLES / "knn_examples/train" / TRAIN["S001"]).iterdir())[:2]:
+        (photos / src.name).symlink_to(src)
+    out = []
+    for args in (["schedules", "add", "--room", "LAB-301", "--course", "CLOCK", "--now",
+                  "--minutes", "180"],
+                 ["students", "add", "S001", "--name", "Barack Obama", "--course", "CLOCK"],
+                 ["students", "consent", "S001", "grant"],
+                 ["faces", "encode", "--batch", str(photos.parent)]):
+        out.append(subprocess.run([agg, *args], env=env, check=True, capture_output=True,
+                                  text=True).stdout.strip())
+    return {"aggregator": out}
+
+
+def check_stale_clock(guest: Guest, qemu: subprocess.Popen[bytes], card: Path, ssh_port: int,
+                      web_port: int, probe: str, token: str, agg_port: int,
+                      ) -> tuple[dict[str, object], subprocess.Popen[bytes]]:
+    """Issue 24 item 6: the device reboots with its clock a year behind (a Pi 4 has no
+    real-time clock and boots with a stale time; here qemu's RTC starts STALE_DAYS back and NTP
+    is switched off, as on a school network that blocks it) and still records against the class
+    scheduled now: its time comes from the aggregator's answers (appliance/clock.py), not from
+    the system clock. The class is a one-off today, so a device that believed its system clock
+    would find no class at all.
+
+    Before the reboot the camera becomes a clip of S001 (door_clip) and the class, S001 and
+    S001's faces are created at the aggregator. Returns the report and the new qemu process."""
+    from datetime import UTC, datetime, timedelta
+
+    try:
+        guest.put(door_clip(OUT), DOOR_CLIP)
+        guest.put_text(f"[Service]\nEnvironment=APPLIANCE_CAMERA__SOURCE={DOOR_CLIP}\n"
+                       "Environment=APPLIANCE_CAMERA__LOOP_FILE=true\n",
+                       "/root/door-camera.conf")
+        guest.run(f"chown attendance: {DOOR_CLIP} && "
+                  "mkdir -p /etc/systemd/system/classroom-appliance.service.d && mv "
+                  "/root/door-camera.conf /etc/systemd/system/classroom-appliance.service.d/ && "
+                  "{ timedatectl set-ntp false || systemctl disable --now systemd-timesyncd; } "
+                  "&& sync")
+        report: dict[str, object] = {"setup": schedule_class_now(OUT)}
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        return {"passed": False, "error": f"set-up: {err}"[-1500:]}, qemu
+    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+        guest.run("systemctl poweroff", timeout=30)  # the connection may drop meanwhile
+    try:
+        qemu.wait(300)  # -no-reboot: qemu exits when the guest powers off
+    except subprocess.TimeoutExpired:
+        qemu.send_signal(signal.SIGTERM)
+        qemu.wait(60)
+    stale = datetime.now(UTC) - timedelta(days=STALE_DAYS)
+    console = OUT / "console-stale-clock.log"
+    qemu = start_qemu(card, ssh_port, web_port, console,
+                      rtc_base=stale.strftime("%Y-%m-%dT%H:%M:%S"))
+    watch = {"guest": qemu, "log": console}
+    try:
+        wait_for("ssh in the guest (clock a year behind)",
+                 lambda: guest.run("true", timeout=30) == "", 900, 5, **watch)
+        guest_now = datetime.fromtimestamp(int(guest.run("date +%s").strip()), UTC)
+        report["guest_system_clock"] = guest_now.isoformat()
+        report["guest_clock_behind_days"] = round(
+            (datetime.now(UTC) - guest_now).total_seconds() / 86400, 2)
+
+        def trusted() -> dict[str, object] | None:
+            clock = json.loads(guest.run(f"{HEALTH_PY} -c \"{probe}\""))["components"]["clock"]
+            return clock if clock.get("trusted") else None
+
+        report["clock"] = clock = wait_for("the device's clock trusted", trusted, 900, 5,
+                                           **watch)
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def recorded() -> list[dict[str, object]]:
+            body = httpx.get(f"http://127.0.0.1:{agg_port}/api/v1/attendance/student/S001",
+                             headers=headers).json()
+            return [r for r in body.get("records", []) if r.get("course_id") == "CLOCK"]
+
+        records = wait_for("S001 recorded in class CLOCK", recorded, 1200, 10, **watch)
+        first = records[-1]
+        report["record"] = first
+        at = datetime.fromisoformat(str(first["at"]).replace("Z", "+00:00"))
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        report["record_at_minus_now_s"] = round((at - datetime.now(UTC)).total_seconds())
+        report["passed"] = bool(
+            report["guest_clock_behind_days"] > STALE_DAYS - 2  # type: ignore[operator]
+            and clock.get("source") == "aggregator" and first.get("room_id") == "LAB-301"
+            and -3 * 3600 < report["record_at_minus_now_s"] <= 60)  # type: ignore[operator]
+    except (TimeoutError, GuestDiedError, RuntimeError, ValueError, KeyError) as err:
+        report["passed"] = False
+        report["error"] = str(err)[-1500:]
+    return report, qemu
+
+
 def start_aggregator(work: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
-    env = {**os.environ, "AGGREGATOR_DATABASE_URL": f"sqlite:///{work / 'aggregator.db'}",
-           "AGGREGATOR_DATA_DIR": str(work / "aggregator-data")}
+    env = aggregator_env(work)
     aggregator = str(Path(sys.executable).with_name("aggregator"))
     subprocess.run([aggregator, "db", "upgrade"], env=env, check=True, capture_output=True)
     token = subprocess.run([aggregator, "admin", "create-token", "--name", "image-test"],
@@ -331,23 +479,7 @@ def main() -> int:
         for name in ("vmlinuz", "initrd.img"):
             (OUT / name).write_bytes(disk.fat_read(card, layout.boot, name))
         report["root_partition_sectors_before"] = layout.root.size
-        qemu = subprocess.Popen(
-            ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "2048",
-             "-kernel", str(OUT / "vmlinuz"), "-initrd", str(OUT / "initrd.img"),
-             # systemd.watchdog_sec: the image arms the hardware watchdog for 15 s (a Pi's
-             # bcm2835_wdt at most); emulated on a shared machine, PID 1 can stall longer than
-             # that (a first run was reset at 142 s, during first boot), so the test arms it
-             # for 120 s: what it checks is that systemd arms the watchdog at all
-             "-append", "root=LABEL=rootfs rootfstype=ext4 rootwait console=ttyAMA0 "
-                        "net.ifnames=0 systemd.watchdog_sec=120",
-             "-drive", f"file={card},format=raw,if=virtio",
-             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
-                        f"hostfwd=tcp:127.0.0.1:{web_port}-:8080",
-             "-device", "virtio-net-pci,netdev=n0",
-             # a hardware watchdog on the PCI bus: systemd must arm it (RuntimeWatchdogSec)
-             "-device", "i6300esb", "-nographic", "-no-reboot"],
-            stdin=subprocess.DEVNULL, stdout=(OUT / "console.log").open("wb"),
-            stderr=subprocess.STDOUT)
+        qemu = start_qemu(card, ssh_port, web_port, OUT / "console.log")
         guest = Guest(key, ssh_port)
         watch = {"guest": qemu, "log": OUT / "console.log"}
         wait_for("ssh in the guest", lambda: guest.run("true", timeout=30) == "", 900, 5,
@@ -416,6 +548,12 @@ def main() -> int:
         checks["identify: same students, distances within tolerance"] = (
             same and bool(diffs) and max(diffs) <= TOLERANCE)
         checks["provisioned"] = bool(status.get("provisioned"))
+        stale, qemu = check_stale_clock(guest, qemu, card, ssh_port, web_port, probe, token,
+                                        agg_port)
+        report["stale_clock"] = stale
+        checks["clock a year behind: recorded against the class scheduled now"] = bool(
+            stale.get("passed"))
+        timer.mark("reboot with the clock a year behind, recorded in the right class")
         qemu.send_signal(signal.SIGTERM)  # the raspi4b guest gets both cores
         qemu.wait(60)
         report["raspi4b"] = pi4 = boot_raspi4b(image, token, agg_port)
