@@ -51,6 +51,11 @@ TITLES = {400: "Not accepted", 403: "Not allowed", 404: "Not found", 409: "Confl
           413: "Too large", 422: "Not accepted", 503: "Unavailable"}
 
 
+def _wants_json(request: Request) -> bool:
+    """The console's own script asks for JSON (in-place marks, photo upload): errors as JSON."""
+    return "application/json" in request.headers.get("accept", "")
+
+
 def is_console(request: Request) -> bool:
     return not request.url.path.startswith(API_PREFIXES)
 
@@ -79,7 +84,7 @@ class _ErrorPages:
 
     async def on_service_error(self, request: Request, err: Exception) -> Response:
         assert isinstance(err, ServiceError)
-        if is_console(request):
+        if is_console(request) and not _wants_json(request):
             return self.page(request, err.status, err.message)
         if self.service_handler is not None:
             return await self.service_handler(request, err)  # type: ignore[no-any-return]
@@ -87,7 +92,7 @@ class _ErrorPages:
 
     async def on_http_error(self, request: Request, err: Exception) -> Response:
         assert isinstance(err, HTTPException)
-        if is_console(request) and "application/json" not in request.headers.get("accept", ""):
+        if is_console(request) and not _wants_json(request):
             return self.page(request, err.status_code, str(err.detail))
         if self.http_handler is not None:
             return await self.http_handler(request, err)  # type: ignore[no-any-return]

@@ -49,20 +49,34 @@ def _reason(text: str) -> str:
 def mark_present(session: Session, who: ConsolePrincipal, course_id: str, student_id: str,
                  at: datetime, reason: str) -> AttendanceCorrection:
     """The student counts as seen in ``course_id`` at ``at`` (e.g. the session's start)."""
+    rows = mark_all_present(session, who, course_id, [student_id], at, reason)
+    return rows[0]
+
+
+def mark_all_present(session: Session, who: ConsolePrincipal, course_id: str,
+                     student_ids: list[str], at: datetime, reason: str
+                     ) -> list[AttendanceCorrection]:
+    """Each of ``student_ids`` counts as seen in ``course_id`` at ``at``: one transaction (all
+    or none), one correction row and one audit line per student."""
     if not who.can_see_course(course_id):
         raise ForbiddenError("you do not teach this course")
     reason = _reason(reason)
+    if not student_ids:
+        raise ServiceError("nobody to mark present")
     begin_write(session)
-    if session.get(Enrollment, (student_id, course_id)) is None:
-        raise NotFoundError(f"student {student_id!r} is not enrolled in {course_id!r}")
-    row = AttendanceCorrection(kind="present", student_id=student_id, course_id=course_id,
-                               at=at, reason=reason, by_user=who.name, created_at=utcnow())
-    session.add(row)
-    audit(session, who.name, "attendance.mark_present", f"student:{student_id}",
-          f"course {course_id} at {at.isoformat()}: {reason}")
+    rows = []
+    for student_id in dict.fromkeys(student_ids):
+        if session.get(Enrollment, (student_id, course_id)) is None:
+            raise NotFoundError(f"student {student_id!r} is not enrolled in {course_id!r}")
+        row = AttendanceCorrection(kind="present", student_id=student_id, course_id=course_id,
+                                   at=at, reason=reason, by_user=who.name, created_at=utcnow())
+        session.add(row)
+        rows.append(row)
+        audit(session, who.name, "attendance.mark_present", f"student:{student_id}",
+              f"course {course_id} at {at.isoformat()}: {reason}")
     session.commit()
-    _LOGGER.info("%s marked %s present in %s at %s", who.name, student_id, course_id, at)
-    return row
+    _LOGGER.info("%s marked %d present in %s at %s", who.name, len(rows), course_id, at)
+    return rows
 
 
 def mark_wrong(session: Session, who: ConsolePrincipal, key: str, reason: str

@@ -7,7 +7,7 @@ from datetime import date, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy import func, select
 
 from cloud_sync.aggregator.api.reports import (
@@ -21,12 +21,26 @@ from cloud_sync.aggregator.api.reports import (
 from cloud_sync.aggregator.console import corrections
 from cloud_sync.aggregator.console.accounts import ConsolePrincipal
 from cloud_sync.aggregator.console.web import DB, PostUser, User, back, context, render
-from cloud_sync.aggregator.db.models import ConsoleUser, Course, CourseTeacher, Enrollment
+from cloud_sync.aggregator.db.models import (
+    ConsoleUser,
+    Course,
+    CourseTeacher,
+    Enrollment,
+    Student,
+)
+from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import reports
-from cloud_sync.aggregator.services.common import ForbiddenError, ServiceError, utcnow
+from cloud_sync.aggregator.services.common import (
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    ServiceError,
+    utcnow,
+)
 
 router = APIRouter(include_in_schema=False)
 Day = Annotated[date | None, Query(alias="date")]
+SEEN = ("present", "late")  # statuses a mark by hand would not change
 
 
 def visible_courses(session: DB, who: ConsolePrincipal) -> list[Course]:
@@ -98,18 +112,64 @@ def course_summary_download(request: Request, who: User, session: DB, course_id:
     return csv_response(f"attendance-{course_id}", PCT_HEADER, pct_rows(summary.students))
 
 
+def _wants_json(request: Request) -> bool:
+    return "application/json" in request.headers.get("accept", "")
+
+
+def _marked(request: Request, course_id: str, starts_at: datetime, names: list[str]
+            ) -> Response:
+    """After marking by hand: JSON for the page's script (it refreshes the class in place, no
+    reload), else back to the day's page with a notice."""
+    message = (f"{names[0]} marked present" if len(names) == 1
+               else f"{len(names)} students marked present")
+    if _wants_json(request):
+        return JSONResponse({"marked": len(names), "message": message})
+    return back(f"/courses/{course_id}?date={starts_at.date().isoformat()}", message)
+
+
+def _aware(starts_at: datetime) -> datetime:
+    if starts_at.tzinfo is None:
+        raise ServiceError("starts_at needs a time zone")
+    return starts_at
+
+
+DEFAULT_REASON = "seen in class by the teacher"
+
+
 @router.post("/courses/{course_id}/present")
 def mark_present(
-    who: PostUser, session: DB, course_id: str,
+    request: Request, who: PostUser, session: DB, course_id: str,
     student_id: Annotated[str, Form(max_length=64)],
     starts_at: Annotated[datetime, Form()],
     reason: Annotated[str, Form(max_length=500)] = "",
 ) -> Response:
-    if starts_at.tzinfo is None:
-        raise ServiceError("starts_at needs a time zone")
-    corrections.mark_present(session, who, course_id, student_id, starts_at, reason)
-    return back(f"/courses/{course_id}?date={starts_at.date().isoformat()}",
-                f"{student_id} marked present")
+    row = corrections.mark_present(session, who, course_id, student_id, _aware(starts_at),
+                                   reason)
+    name = session.scalar(select(Student.name).where(Student.id == row.student_id))
+    return _marked(request, course_id, starts_at, [name or student_id])
+
+
+@router.post("/courses/{course_id}/present-all")
+def mark_all_present(
+    request: Request, who: PostUser, session: DB, course_id: str,
+    starts_at: Annotated[datetime, Form()],
+    reason: Annotated[str, Form(max_length=500)] = DEFAULT_REASON,
+) -> Response:
+    """Every student of the class at ``starts_at`` not yet present or late: present by hand,
+    in one transaction (the class as it stands when the request is read)."""
+    _check(who, course_id)
+    starts_at = _aware(starts_at)
+    begin_write(session)  # read the class and write the marks in one transaction
+    report = reports.course_day(session, course_id, starts_at.date(), context(request).rules)
+    found = next((s for s in report.sessions if s.starts_at == starts_at), None)
+    if found is None:
+        raise NotFoundError(f"no class of {course_id} starts at {starts_at.isoformat()}")
+    todo = [st for st in found.students if st.status not in SEEN]
+    if not todo:
+        raise ConflictError("everyone is already present")
+    corrections.mark_all_present(session, who, course_id, [st.student_id for st in todo],
+                                 starts_at, reason)
+    return _marked(request, course_id, starts_at, [st.name for st in todo])
 
 
 @router.post("/courses/{course_id}/wrong")

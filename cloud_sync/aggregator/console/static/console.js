@@ -1,7 +1,7 @@
 // The console's only script (no framework): live refresh of the dashboard, photo upload with
 // progress and a per-photo result, the chunked recording upload that resumes after a dropped
-// connection, and confirmation of destructive buttons. Pages work without it (forms post
-// normally), except the recording upload, which needs it.
+// connection, confirmation of destructive buttons, and in-place marks on the course page.
+// Pages work without it (forms post normally), except the recording upload, which needs it.
 "use strict";
 
 function csrfToken() {
@@ -125,13 +125,57 @@ function startRecordingUpload(form) {
   });
 }
 
+// A form marked data-inplace posts in the background (JSON answer) and the page's classes are
+// refreshed where they stand: a teacher marking five students on a phone stays where they are.
+async function submitInPlace(form) {
+  const status = document.querySelector("#inplace-notice");
+  form.classList.add("busy");
+  form.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+  let message;
+  try {
+    const response = await fetch(form.action, {
+      method: "POST", body: new FormData(form), credentials: "same-origin",
+      headers: {"Accept": "application/json", "X-CSRF-Token": csrfToken()},
+    });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(data.detail || `HTTP ${response.status}`);
+    message = data.message || "saved";
+    const page = await fetch(window.location.href, {credentials: "same-origin"});
+    const html = new DOMParser().parseFromString(await page.text(), "text/html");
+    document.querySelectorAll("section.session[data-starts]").forEach((old) => {
+      const fresh = [...html.querySelectorAll("section.session[data-starts]")]
+        .find((s) => s.dataset.starts === old.dataset.starts);
+      if (fresh) old.replaceWith(fresh);
+    });
+    const history = html.querySelector("#corrections"), oldHistory = document.querySelector("#corrections");
+    if (history && oldHistory) oldHistory.replaceWith(history);
+  } catch (err) {
+    form.classList.remove("busy");
+    form.querySelectorAll("button").forEach((b) => { b.disabled = false; });
+    let line = form.querySelector(".inplace-error");
+    if (!line) { line = document.createElement("span"); line.className = "inplace-error"; form.appendChild(line); }
+    line.textContent = `Not saved: ${err.message}`;
+    return;
+  }
+  if (status) { status.textContent = message; status.hidden = false; }
+  document.body.dataset.inplaceDone = String(Number(document.body.dataset.inplaceDone || 0) + 1);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-refresh]").forEach(startRefresh);
   document.querySelectorAll("form[data-upload]").forEach(startUpload);
   document.querySelectorAll("form[data-recording-upload]").forEach(startRecordingUpload);
-  document.querySelectorAll("form[data-confirm]").forEach((form) => {
-    form.addEventListener("submit", (event) => {
-      if (!window.confirm(form.dataset.confirm)) event.preventDefault();
-    });
+  // one listener for every form, also those a refresh put on the page later
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    if (!(form instanceof HTMLFormElement)) return;
+    if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) { event.preventDefault(); return; }
+    if (form.hasAttribute("data-inplace")) {
+      event.preventDefault();
+      const reason = document.querySelector(".hand-reason");
+      const own = form.querySelector('input[type="hidden"][name="reason"]');
+      if (reason && own && reason.value.trim()) own.value = reason.value.trim();
+      submitInPlace(form);
+    }
   });
 });
