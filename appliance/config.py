@@ -797,7 +797,7 @@ class UpdateConfig(Section):
         default=True,
         title="Pull updates",
         description="Fetch the release the aggregator names for this device (signed, staged "
-        "rollout; docs/OPERATIONS.md 6.8). make deploy works either way.",
+        "rollout; docs/OPERATIONS.md 6.10). make deploy works either way.",
     )
     prefix: Path = Field(
         default=Path("/opt/classroom-attendance"),

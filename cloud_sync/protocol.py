@@ -140,7 +140,7 @@ ReleaseVersion = Annotated[str, Field(min_length=1, max_length=64,
 
 
 class UpdateReport(Message):
-    """What a device's updater is doing about a release (docs/OPERATIONS.md 6.8): sent by the
+    """What a device's updater is doing about a release (docs/OPERATIONS.md 6.10): sent by the
     updater at every change (``POST /api/v1/releases/report``) and in every heartbeat."""
 
     state: UpdateState = Field(description="idle, waiting (for the window), downloading, "

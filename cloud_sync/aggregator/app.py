@@ -36,6 +36,7 @@ from cloud_sync.aggregator.api import (
     ops,
     privacy,
     recordings,
+    releases,
     reports,
     timelines,
     tokens,
@@ -303,7 +304,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     document_errors(app)
     app.state.mqtt_bridge = None
     for router in (device.router, reports.router, timelines.router, admin.router,
-                   privacy.router, tokens.router, ops.router, ws.router, recordings.router):
+                   privacy.router, tokens.router, ops.router, ws.router, recordings.router,
+                   releases.router):
         # ``/`` is the web console's (console.mount below), which links the API docs
         app.include_router(router)
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from cloud_sync.aggregator.api import releases as releases_api
 from cloud_sync.aggregator.api.context import DevicePrincipal
 from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
 from cloud_sync.aggregator.api.openapi import IsoDateTime
@@ -23,6 +24,7 @@ from cloud_sync.protocol import (
     AttendanceBatch,
     BatchResult,
     Heartbeat,
+    HeartbeatReply,
     Identifier,
     ScheduleResponse,
     ScheduleWindow,
@@ -220,7 +222,9 @@ def _validation_error(err: ValidationError) -> RequestValidationError:
 
 
 @router.post(
-    "/heartbeat", response_model=Stored, summary="Device status; also corrects clocks.",
+    "/heartbeat", response_model=HeartbeatReply,
+    summary="Device status; also corrects clocks. The reply names the release meant for the "
+    "device (`release`, docs/OPERATIONS.md 6.10) while a rollout includes it.",
     responses={422: {"description": "Malformed heartbeat (nothing stored)."}},
     openapi_extra=HEARTBEAT_BODY,
 )
@@ -246,7 +250,11 @@ async def post_heartbeat(request: Request, who: Device) -> Response:
                                    ctx.settings.early_arrival_min)
         changed = await ctx.state.committer().submit_async(job, 1, order=who.device_id)
         ingest.heartbeat_stored(who.device_id, heartbeat, changed)
-    return Response(STORED, media_type="application/json")
+    offer = await releases_api.heartbeat_offer(ctx, who.device_id, who.room_id, heartbeat)
+    if offer is None:
+        return Response(STORED, media_type="application/json")
+    reply = HeartbeatReply(stored=True, release=offer)
+    return Response(reply.model_dump_json(), media_type="application/json")
 
 
 EVENT_BODY = {

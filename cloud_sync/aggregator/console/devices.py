@@ -27,6 +27,7 @@ from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import admin_schemas as schemas
 from cloud_sync.aggregator.services import csv_import
 from cloud_sync.aggregator.services import devices as device_svc
+from cloud_sync.aggregator.services import releases as release_svc
 from cloud_sync.aggregator.services.common import ServiceError, utcnow
 from cloud_sync.aggregator.services.recordings import is_recording_device
 
@@ -56,9 +57,34 @@ def devices_page(request: Request, who: User, session: DB) -> Response:
     views = dashboard.device_views(session, devices, utcnow(),
                                    ctx.settings.console_offline_after_s)
     rooms = {d.id: d.room_id for d in devices}
+    rollout = release_svc.active_rollout(session)
     return render(request, "devices.html", who, devices=views, device_rooms=rooms,
                   rooms=list(session.scalars(select(Room).order_by(Room.id))),
-                  errors=_last_errors(session, [d.id for d in devices]))
+                  errors=_last_errors(session, [d.id for d in devices]),
+                  updates=release_svc.device_updates(session, [d.id for d in devices]),
+                  rollout=rollout, releases=release_svc.list_releases(session)[:5],
+                  stage_of={d.id: release_svc.stage_of(rollout, d.id, d.room_id)
+                            for d in devices} if rollout else {})
+
+
+@router.post("/releases/rollout/{action}")
+def rollout_action(request: Request, who: PostUser, session: DB, action: str,
+                   reason: Annotated[str, Form(max_length=300)] = "") -> Response:
+    """Halt or resume the active rollout, or move it to its next stage."""
+    require_admin(who)
+    actor = f"console:{who.name}"
+    if action == "halt":
+        row = release_svc.halt_rollout(session, actor, reason.strip() or "from the console")
+    elif action == "resume":
+        row = release_svc.resume_rollout(session, actor)
+    elif action == "promote":
+        row = release_svc.promote_rollout(session, actor)
+    else:
+        raise ServiceError(f"unknown rollout action {action!r} (halt, resume, promote)")
+    cache = context(request).extra.get("release_snapshot")
+    if cache is not None:
+        cache.clear()
+    return back("/devices", f"rollout of {row.version}: {action} done (stage {row.stage})")
 
 
 def _key_page(request: Request, who: PostUser, device_id: str, room_id: str, key: str,

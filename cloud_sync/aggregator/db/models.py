@@ -458,3 +458,65 @@ class RecordingJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     __table_args__ = (Index("ix_recording_jobs_status", "status", "created_at"),
                       Index("ix_recording_jobs_recording", "recording_id"))
+
+
+class ReleaseKey(Base):
+    """A public key releases must be signed with (``aggregator releases trust``); the private
+    key never comes here."""
+
+    __tablename__ = "release_keys"
+    key_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    public_pem: Mapped[str] = mapped_column(Text)
+    added_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class Release(Base):
+    """A verified, signed bundle (``aggregator releases add``): its manifest and signature as
+    signed; its files are kept by sha256 under data_dir/releases/files."""
+
+    __tablename__ = "releases"
+    version: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(16))
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    files: Mapped[int] = mapped_column(Integer)
+    total_bytes: Mapped[int] = mapped_column(BigInteger)
+    added_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    added_by: Mapped[str] = mapped_column(String(200))
+
+
+class Rollout(Base):
+    """A release on its way to the fleet: canary room, then a share, then all; halted by a
+    revert or a refusal anywhere. At most one rollout is active (a new one supersedes it)."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(ForeignKey("releases.version", ondelete="CASCADE"))
+    canary_room: Mapped[str] = mapped_column(String(ID_LEN))
+    share_pct: Mapped[int] = mapped_column(SmallInteger)
+    stage: Mapped[str] = mapped_column(String(16), doc="canary | share | all | done")
+    during_class: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_bytes_per_s: Mapped[int | None] = mapped_column(Integer, default=None)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    stage_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    started_by: Mapped[str] = mapped_column(String(200))
+    halted_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    halted_reason: Mapped[str | None] = mapped_column(String(700), default=None)
+    __table_args__ = (Index("ix_rollouts_active", "active"),)
+
+
+class DeviceUpdate(Base):
+    """What a device's updater reported (protocol.UpdateReport): its update history."""
+
+    __tablename__ = "device_updates"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str | None] = mapped_column(String(ID_LEN), default=None)
+    running: Mapped[str | None] = mapped_column(String(ID_LEN), default=None)
+    reason: Mapped[str | None] = mapped_column(String(500), default=None)
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    __table_args__ = (Index("ix_device_updates_device_at", "device_id", "at"),
+                      Index("ix_device_updates_version_state", "version", "state"))
