@@ -615,9 +615,49 @@ class StoreConfig(Section):
         description="'aggregator': the store (outbox, roster cache) is encrypted with SQLCipher "
         "under a key the aggregator hands out at start (POST /api/v1/store-key) and the "
         "device keeps in memory only, so a copy of the SD card reads as noise; after a "
-        "restart the device records nothing until the aggregator answers (docs/PRIVACY.md). "
+        "restart the device records nothing until the aggregator answers, unless an offline "
+        "unlock is allowed (store.board_unlock_days, store.offline_unlock_days; "
+        "docs/PRIVACY.md). "
         "Needs sync.aggregator_url; without one the store stays unencrypted and /health says "
         "so. 'off': unencrypted.",
+    )
+    board_key: Literal["otp", "off"] = Field(
+        default="otp",
+        title="Board key",
+        description="'otp': the Raspberry Pi 4/5 customer OTP private key (programmed at "
+        "flash time with rpi-otp-private-key, read through the firmware mailbox /dev/vcio) "
+        "seals a copy of the store key on the card that only this board opens, for an "
+        "offline unlock after a restart (store.board_unlock_days). A board without one (not a "
+        "Pi 4/5, never programmed, qemu) has no board key: store.offline_unlock_days applies. "
+        "'off': never use it.",
+    )
+    board_key_file: Path | None = Field(
+        default=None,
+        title="Board key file",
+        description="Read the board key from this file (64 hex digits, rpi-otp-private-key's "
+        "output format) instead of the firmware mailbox: for tests, and for boards whose "
+        "secret lives off the SD card. A file on the SD card itself protects nothing.",
+    )
+    board_unlock_days: float = Field(
+        default=7,
+        ge=0,
+        le=31,
+        title="Offline unlock with the board key (days)",
+        description="With a board key: after a restart while the aggregator cannot be "
+        "reached, the store is opened with the board-sealed key for at most this many days "
+        "after the last answer of the aggregator (rosters are not used beyond "
+        "sync.roster_valid_days anyway). 0 = wait for the aggregator, as without one.",
+    )
+    offline_unlock_days: float = Field(
+        default=0,
+        ge=0,
+        le=31,
+        title="Offline unlock without a board key (days)",
+        description="Without a board key (store.board_key): keep the store key on the card "
+        "for an offline unlock for at most this many days after the last answer of the "
+        "aggregator. A copy of the card taken while it is there opens the store, whatever "
+        "the date (docs/PRIVACY.md): choose it at flash time, with the risk in the DPIA. "
+        "0 (default) = no key on the card: a restarted device waits for the aggregator.",
     )
     keep_sent_days: float = Field(
         default=30,

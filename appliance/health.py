@@ -182,6 +182,9 @@ def check_recogniser(st: PipelineStatus) -> ComponentHealth:
 def check_database(store: StoreSource, now: datetime, max_age_s: float,
                    system: SystemSnapshot | None = None) -> ComponentHealth:
     free = {} if system is None else {"disk_free_mb": round(system.disk_free_gb * 1024)}
+    unlock = store_unlock(store)
+    if unlock is not None:
+        free["unlock"] = unlock
     if getattr(store, "locked", False):  # encrypted, and its key has not arrived
         since = getattr(store, "locked_since", None)
         when = f" since {since:%Y-%m-%d %H:%M:%S} UTC" if since else ""
@@ -207,9 +210,26 @@ def check_database(store: StoreSource, now: datetime, max_age_s: float,
                                "oldest_unsent_age_s": None if age is None else round(age, 1),
                                "write_ok": True, "locked": False,
                                "encrypted": bool(getattr(store, "encrypted", False)), **free}
+    mode = "" if unlock is None or unlock.get("mode") == "online" else \
+        f"; store {unlock.get('message')}"
     if age is not None and age > max_age_s:
-        return ComponentHealth(DEGRADED, f"outbox not drained for {_fmt_age(age)}", details)
-    return ComponentHealth(HEALTHY, f"{depth} unsent", details)
+        return ComponentHealth(DEGRADED, f"outbox not drained for {_fmt_age(age)}{mode}",
+                               details)
+    return ComponentHealth(HEALTHY, f"{depth} unsent{mode}", details)
+
+
+def store_unlock(store: StoreSource) -> dict[str, Any] | None:
+    """How the encrypted store was unlocked (appliance/sync/store_key.py's KeyKeeper), or None
+    (an unencrypted store, a test double)."""
+    describe = getattr(store, "unlock_info", None)
+    if describe is None:
+        return None
+    try:
+        info = describe()
+    except Exception:  # health must answer whatever happens
+        _LOGGER.exception("health: store unlock state unavailable")
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def check_clock(clock: ClockSource | None) -> ComponentHealth:

@@ -14,7 +14,10 @@ Wiring (each component has a non-blocking ``start()`` and a ``stop()``):
 With an encrypted store (``store.encryption = "aggregator"``, the default with an aggregator)
 the store opens locked: the status page starts first (its /health says the store is locked
 and why), the main thread asks the aggregator for the key (pinging the watchdog meanwhile),
-and the other components start once the store is unlocked.
+and the other components start once the store is unlocked. When the aggregator cannot be
+reached, the key kept on the card may unlock it (appliance/sync/store_key.py: the board's OTP
+key, or the flash-time policy ``store.offline_unlock_days``); the "store key" component then
+has the aggregator confirm the key, refreshes or deletes the wrapped copy.
 
 The main thread then loops: it pings the systemd watchdog (WATCHDOG=1) only while the pipeline
 is alive, deletes records sent more than ``store.keep_sent_days`` ago once an hour, and stops
@@ -43,7 +46,7 @@ from appliance.pipeline import Pipeline
 from appliance.recognition import FileRosterProvider, RosterProvider
 from appliance.store import STORE_ERRORS, Store
 from appliance.sync import ScheduleRosterProvider, SyncAgent
-from appliance.sync.store_key import open_store, unlock_store
+from appliance.sync.store_key import KeyKeeper, open_store
 from appliance.watchdog import Notifier, watchdog_interval_s
 from cloud_sync.protocol import Event
 from models import load_manifest, model_path
@@ -65,6 +68,7 @@ class Appliance:
     clock: DeviceClock
     components: list[tuple[str, Any]] = field(default_factory=list)
     sync: SyncAgent | None = None
+    keeper: KeyKeeper | None = None
     started: list[tuple[str, Any]] = field(default_factory=list)
 
     def start(self, stop: threading.Event | None = None,
@@ -101,6 +105,8 @@ def build(settings: ApplianceSettings) -> Appliance:
     store = open_store(settings) if syncing else Store(settings.paths.data_dir)
     # trusted time (NTP, the aggregator's, this boot's persisted anchor, an RTC) or flagged
     clock = DeviceClock(settings.clock, settings.paths.data_dir)
+    # the store key: from the aggregator, or offline from the key kept on the card
+    keeper = KeyKeeper(settings, store, clock) if store.locked else None
     provider: RosterProvider = FileRosterProvider(settings.recognition.roster_file)
     schedule = None
     if syncing:
@@ -118,8 +124,11 @@ def build(settings: ApplianceSettings) -> Appliance:
     sync = None
     if syncing:
         sync = SyncAgent(settings, store, pipeline_status=pipeline.status,
-                         roster_provider=schedule, clock=clock)
-    app = Appliance(settings, store, pipeline, clock, sync=sync)
+                         roster_provider=schedule, clock=clock,
+                         on_contact=keeper.on_contact if keeper is not None else None)
+    app = Appliance(settings, store, pipeline, clock, sync=sync, keeper=keeper)
+    if keeper is not None:
+        app.components.append(("store key", keeper))
     if sync is not None:
         app.components.append(("sync agent", sync))
     if reporter is not None:
@@ -234,7 +243,8 @@ def _unlock(app: Appliance, notifier: Notifier, stop: threading.Event) -> bool:
             last_ping = time.monotonic()
 
     _LOGGER.info("store encrypted: asking the aggregator for its key")
-    return unlock_store(app.settings, app.store, stop, tick, clock=app.clock)
+    keeper = app.keeper or KeyKeeper(app.settings, app.store, app.clock)
+    return keeper.unlock(stop, tick)
 
 
 def _prune(app: Appliance) -> None:

@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -240,6 +240,9 @@ class Store:
         self.lock_reason: str | None = locked
         self.locked_since: datetime | None = _utcnow() if locked else None
         self.set_aside: Path | None = None  # a store another key made, moved away at unlock
+        # how it was unlocked and whether it can be offline (appliance/sync/store_key.py's
+        # KeyKeeper.describe): /health, the status page and the heartbeat read it
+        self.unlock_info: Callable[[], dict[str, Any]] | None = None
         if locked is None:
             self._open(key)
 
@@ -284,17 +287,20 @@ class Store:
         self.encrypted = key is not None
         self._create_schema()
 
-    def unlock(self, key: bytes) -> None:
+    def unlock(self, key: bytes, *, set_aside: bool = True) -> None:
         """Open the encrypted store with ``key`` (from the aggregator). A store this key does
         not open was made with another key (the device was deleted and registered again: the
         old key is gone, so is every way to read it): it is moved aside as
-        ``appliance.db.unreadable-<time>`` and a new store begins."""
+        ``appliance.db.unreadable-<time>`` and a new store begins. ``set_aside=False`` (a key
+        from the card, not the aggregator): :class:`StoreKeyError` instead, nothing moved."""
         with self._lock:
             if self._cx is not None:
                 return
             try:
                 self._open(key)
             except StoreKeyError as err:
+                if not set_aside:
+                    raise
                 stamp = _utcnow().strftime("%Y%m%dT%H%M%SZ")
                 aside = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
                 _LOGGER.error("store: %s; moved aside as %s (without its key it is noise) and "

@@ -209,6 +209,25 @@ class PlacementReport(BaseModel):
     bands: list[PlacementBand] = Field(default_factory=list, max_length=16)
 
 
+class StoreUnlockReport(BaseModel):
+    """How the device's encrypted store was opened this run (issue 26: offline unlock)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    mode: Literal["locked", "online", "offline", "unencrypted"] = Field(
+        description="online: the aggregator's key (or confirmed by it); offline: opened with "
+        "the key kept on the card, not confirmed yet.")
+    unlocked_by: Literal["aggregator", "board-key", "card-key"] | None = Field(
+        default=None, description="What opened the store at this start: board-key/card-key = "
+        "an offline unlock (the device restarted while the aggregator could not be reached).")
+    unlocked_at: AwareDatetime | None = None
+    confirmed_at: AwareDatetime | None = Field(
+        default=None, description="When the aggregator's key was found to be the one in use.")
+    wrapped: Literal["board-key", "card-key"] | None = Field(
+        default=None, description="The key kept on the card for the next offline unlock.")
+    wrapped_until: AwareDatetime | None = Field(
+        default=None, description="The end of that key's window.")
+
+
 class Heartbeat(Message):
     device_id: Identifier
     room_id: Identifier
@@ -229,6 +248,9 @@ class Heartbeat(Message):
     placement: PlacementReport | None = Field(
         default=None, description="Face sizes seen and recognised: is the camera well placed "
         "(optional; devices before issue 22 send none).")
+    store_unlock: StoreUnlockReport | None = Field(
+        default=None, description="How the encrypted store was opened (optional; devices "
+        "before issue 26 and unencrypted ones send none).")
 
 
 EVENT_SCHEMA_VERSION = 2

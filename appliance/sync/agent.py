@@ -54,6 +54,7 @@ from cloud_sync.protocol import (
     BatchResult,
     Heartbeat,
     ScheduleResponse,
+    StoreUnlockReport,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -112,11 +113,14 @@ class SyncAgent:
         pipeline_status: Callable[[], PipelineStatus] | None = None,
         roster_provider: ScheduleRosterProvider | None = None,
         clock: DeviceClock | None = None,
+        on_contact: Callable[[bool], None] | None = None,
     ) -> None:
         """``pipeline_status`` (optional) gives the heartbeat the last frame's time and the
         fps; ``roster_provider`` is the pipeline's (the agent tells it when a new schedule is
         saved), else the agent makes one without a fallback; ``clock`` is the device's (the
-        aggregator's answers give it the time; heartbeats carry it), else the system clock."""
+        aggregator's answers give it the time; heartbeats carry it), else the system clock;
+        ``on_contact`` is told of every HTTP answer of the aggregator (True: accepted, False:
+        the device's key refused; the store key keeper's)."""
         sync = settings.sync
         if not sync.aggregator_url and not sync.mqtt_url:
             raise ValueError("SyncAgent needs sync.aggregator_url or sync.mqtt_url")
@@ -130,7 +134,7 @@ class SyncAgent:
         self._http: HttpTransport | None = None
         if sync.aggregator_url:
             self._http = HttpTransport(sync.aggregator_url, sync.api_key, sync.request_timeout_s,
-                                       clock=self.clock)
+                                       clock=self.clock, on_contact=on_contact)
         self._mqtt: MqttTransport | None = None
         if sync.mqtt_url:
             self._mqtt = MqttTransport(
@@ -472,7 +476,20 @@ class SyncAgent:
             last_frame_at=last_frame_at,
             fps=fps,
             placement=placement,
+            store_unlock=self._store_unlock(),
         )
+
+    def _store_unlock(self) -> StoreUnlockReport | None:
+        describe = getattr(self._store, "unlock_info", None)
+        if describe is None:
+            return None
+        try:
+            info = describe()
+            return StoreUnlockReport.model_validate(
+                {k: info.get(k) for k in StoreUnlockReport.model_fields})
+        except Exception:  # the heartbeat must go out
+            _LOGGER.exception("store unlock state unavailable for the heartbeat")
+            return None
 
     def _send_heartbeat(self) -> bool:
         try:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
@@ -77,10 +78,14 @@ class HttpTransport:
     name = "http"
 
     def __init__(self, base_url: str, api_key: SecretStr | None, timeout_s: float,
-                 clock: DeviceClock | None = None) -> None:
+                 clock: DeviceClock | None = None,
+                 on_contact: Callable[[bool], None] | None = None) -> None:
         """``clock``: given the ``Date`` of every answer that is not a refusal, with the
-        round trip (the aggregator's time, trusted while NTP has not synchronised)."""
+        round trip (the aggregator's time, trusted while NTP has not synchronised).
+        ``on_contact``: told of every answer, True when it took the device's key, False for a
+        refusal (the store key keeper refreshes or deletes the wrapped key)."""
         self._clock = clock
+        self._on_contact = on_contact
         headers = {"User-Agent": "classroom-attendance-appliance"}
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
@@ -108,6 +113,11 @@ class HttpTransport:
         if self._clock is not None and status < 400:  # answered as this device's aggregator
             self._clock.offer_server_time(response.headers.get("date"), sent, received)
         self.refused = f"HTTP {status}: {_reason(response)}" if status in (401, 403) else None
+        if self._on_contact is not None and (status < 400 or self.refused):
+            try:
+                self._on_contact(self.refused is None)
+            except Exception:  # the upload must go on whatever the keeper does
+                _LOGGER.exception("store key keeper failed on an answer of the aggregator")
         if status in (401, 403):
             # A key problem an operator must fix (deregistered, rotated): keep the records and
             # retry slowly; the agent wipes its cached rosters (not ours to keep any more).

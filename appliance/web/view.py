@@ -27,6 +27,7 @@ from appliance.health import (
     SyncStatusLike,
     check_health,
     read_sync_status,
+    store_unlock,
 )
 from appliance.store import STORE_ERRORS
 from appliance.system import SystemSnapshot
@@ -125,6 +126,16 @@ class StatusView:
             return "never"
         return self._local(sync.last_success_at, "%Y-%m-%d %H:%M:%S") or "never"
 
+    def _store_line(self, locked: bool) -> str:
+        """The store's mode: locked and why, unlocked online, unlocked offline with the days
+        left (the store key keeper's line), or encrypted / not encrypted."""
+        unlock = store_unlock(self.store)
+        if unlock is not None and unlock.get("message"):
+            return str(unlock["message"])
+        if locked:
+            return "locked: " + (getattr(self.store, "lock_reason", None) or "no key")
+        return "encrypted" if getattr(self.store, "encrypted", False) else "not encrypted"
+
     def build(self) -> dict[str, Any]:
         now = datetime.now(UTC)
         st = self.pipeline.status()
@@ -179,9 +190,7 @@ class StatusView:
                 "last_error": _mask_optional(sync.last_error) if sync else None,
                 "outbox_depth": depth,
                 "oldest_unsent_age_s": _round(oldest, 0),
-                "store": ("locked: " + (getattr(self.store, "lock_reason", None) or "no key"))
-                if locked else ("encrypted" if getattr(self.store, "encrypted", False)
-                                else "not encrypted"),
+                "store": self._store_line(locked),
             },
             "system": {
                 "cpu_percent": _round(system.cpu_percent),
