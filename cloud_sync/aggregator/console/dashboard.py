@@ -14,7 +14,7 @@ from cloud_sync.aggregator.db.models import Device, EventRow, Heartbeat, Room
 from cloud_sync.aggregator.services.recordings import is_recording_device
 from cloud_sync.aggregator.services.reports import Rules, course_day
 from cloud_sync.aggregator.services.timetable import Occurrence, room_timetable, zone
-from cloud_sync.protocol import PlacementReport
+from cloud_sync.protocol import PlacementReport, StoreUnlockReport
 
 ALERT_WINDOW = timedelta(hours=6)
 # an alert of these kinds stays open until the device reports the matching recovery event
@@ -32,6 +32,29 @@ class DeviceView:
     outbox_depth: int | None
     alerts: list[EventRow] = field(default_factory=list)
     placement: PlacementReport | None = None  # the camera's placement check (issue 22)
+    store_unlock: StoreUnlockReport | None = None  # how its store was opened (issue 26)
+
+    @property
+    def offline_unlock(self) -> bool:
+        """This start of the device opened its store offline (the key kept on its card)."""
+        return self.store_unlock is not None and self.store_unlock.unlocked_by in UNLOCK_TEXT
+
+    @property
+    def unlock_line(self) -> str:
+        """One line: how and when the store was opened offline, confirmed or not, the window."""
+        u = self.store_unlock
+        if u is None or not self.offline_unlock:
+            return ""
+        text = f"unlocked offline with {UNLOCK_TEXT[str(u.unlocked_by)]}"
+        if u.unlocked_at is not None:
+            text += f" at {u.unlocked_at:%Y-%m-%d %H:%M} UTC"
+        text += (f"; key confirmed by the aggregator at {u.confirmed_at:%H:%M} UTC"
+                 if u.confirmed_at is not None else "; not confirmed by the aggregator yet")
+        if u.wrapped_until is not None:
+            text += f"; next offline unlock possible until {u.wrapped_until:%Y-%m-%d %H:%M} UTC"
+        elif u.wrapped is None:
+            text += "; no key left on the card"
+        return text
 
     @property
     def placement_bad(self) -> bool:
@@ -88,6 +111,17 @@ def open_alerts(session: Session, device_ids: list[str],
 
 
 BAD_PLACEMENT = ("too_small", "too_large", "low_recognition")
+UNLOCK_TEXT = {"board-key": "its board key (OTP)", "card-key": "the key kept on its card"}
+
+
+def _store_unlock(text: str | None) -> StoreUnlockReport | None:
+    """The stored unlock report (None: a device from before issue 26, or unreadable)."""
+    if not text:
+        return None
+    try:
+        return StoreUnlockReport.model_validate_json(text)
+    except ValueError:
+        return None
 
 
 def _placement(text: str | None) -> PlacementReport | None:
@@ -122,6 +156,7 @@ def device_views(session: Session, devices: list[Device], now: datetime,
             outbox_depth=beat.outbox_depth if beat else None,
             alerts=alerts.get(device.id, []),
             placement=_placement(beat.placement if beat else None),
+            store_unlock=_store_unlock(beat.store_unlock if beat else None),
         ))
     return views
 

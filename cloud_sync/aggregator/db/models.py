@@ -225,6 +225,9 @@ class Heartbeat(Base):
     fps: Mapped[float | None] = mapped_column(Float, default=None)
     placement: Mapped[str | None] = mapped_column(
         Text, default=None, doc="the device's placement check (protocol.PlacementReport, JSON)")
+    store_unlock: Mapped[str | None] = mapped_column(
+        Text, default=None,
+        doc="how the device's store was opened (protocol.StoreUnlockReport, JSON)")
     __table_args__ = (
         Index("ix_heartbeats_device_boot", "device_id", "boot_id", "clock_synced"),
         Index("ix_heartbeats_device_received", "device_id", "received_at"),

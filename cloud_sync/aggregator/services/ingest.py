@@ -575,6 +575,7 @@ def heartbeat_job(device: _DeviceContext | None, device_id: str, hb: Heartbeat,
         "cpu_temp_c": hb.cpu_temp_c, "outbox_depth": hb.outbox_depth,
         "oldest_unsent_age_s": hb.oldest_unsent_age_s, "last_frame_at": hb.last_frame_at,
         "fps": hb.fps, "placement": placement.model_dump_json() if placement else None,
+        "store_unlock": hb.store_unlock.model_dump_json() if hb.store_unlock else None,
     }
     status = {"last_heartbeat_at": received, "software_version": hb.software_version,
               "clock_offset_s": (received - hb.sent_at).total_seconds()}
