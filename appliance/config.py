@@ -910,13 +910,21 @@ class UpdateConfig(Section):
         description="Upper bound of a release download (bytes/s); the rollout may set a "
         "lower one. A school's uplink is shared.",
     )
+    request_file: Path | None = Field(
+        default=Path("/var/lib/classroom-attendance/update.requested"),
+        title="Update request file",
+        description="When the heartbeat reply names a release, the appliance touches this "
+        "file and classroom-update.path starts `appliance update check` as root (the "
+        "appliance runs unprivileged). Unset: a detached `appliance update check` child.",
+    )
     check_interval_s: float = Field(
         default=900,
         ge=1,
         le=86_400,
         title="Check interval",
-        description="`appliance update watch` asks the aggregator this often (on a device "
-        "the classroom-update.timer does, and the heartbeat reply triggers it at once).",
+        description="`appliance update watch` asks the aggregator this often (a host "
+        "without systemd; on a device classroom-update.timer runs the check every 15 min, "
+        "and the heartbeat reply triggers it at once).",
     )
 
 

@@ -43,10 +43,13 @@ BOOT_BYTES = 256 * disk.MIB
 FIRSTRUN_DIR = "classroom"
 UNITS = ("classroom-appliance.service", "classroom-firstboot.service",
          "classroom-sshkeys.service", "classroom-release-confirm.service",
-         "classroom-console.service")
+         "classroom-console.service", "classroom-update.service", "classroom-update.timer",
+         "classroom-update.path")
+# classroom-update.service has no [Install]: its timer and path start it
 ENABLED = ("classroom-appliance.service", "classroom-firstboot.service",
            "classroom-sshkeys.service", "classroom-release-confirm.service",
-           "classroom-console.service", "systemd-networkd.service", "systemd-resolved.service",
+           "classroom-console.service", "classroom-update.timer", "classroom-update.path",
+           "systemd-networkd.service", "systemd-resolved.service",
            "systemd-timesyncd.service", "ssh.service")
 
 FSTAB = """\

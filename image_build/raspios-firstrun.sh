@@ -20,7 +20,10 @@ ln -sfn "releases/$version" /opt/classroom-attendance/current
 mkdir -p /opt/classroom-attendance/bundles
 cp -R "$here/bundle" "/opt/classroom-attendance/bundles/$version"
 find "/opt/classroom-attendance/bundles/$version/wheels" -name '*.whl' ! -name 'classroom_attendance-*' -delete
-install -m 0644 "$here"/bundle/systemd/classroom-*.service /etc/systemd/system/
+for unit in "$here"/bundle/systemd/classroom-*.service "$here"/bundle/systemd/classroom-*.timer \
+    "$here"/bundle/systemd/classroom-*.path; do
+  if [ -f "$unit" ]; then install -m 0644 "$unit" /etc/systemd/system/; fi
+done
 rm -f /etc/systemd/system/classroom-aggregator*.service
 mkdir -p /etc/systemd/journald.conf.d
 install -m 0644 "$here/journald.conf" /etc/systemd/journald.conf.d/50-classroom-sdcard.conf
@@ -30,6 +33,10 @@ grep -q '^tmpfs /tmp ' /etc/fstab || echo 'tmpfs /tmp tmpfs defaults,nosuid,node
 sed -i -E '/^[^#].*[[:space:]]\/[[:space:]]+ext4/ s/defaults([^,[:space:]]*)/defaults,noatime\1/; s/noatime,noatime/noatime/' /etc/fstab
 systemctl enable classroom-firstboot.service classroom-appliance.service \
   classroom-release-confirm.service classroom-console.service ssh.service
+# pulled updates (docs/OPERATIONS.md 6.10): the timer and the heartbeat's request
+for unit in classroom-update.timer classroom-update.path; do
+  if [ -f "/etc/systemd/system/$unit" ]; then systemctl enable "$unit"; fi
+done
 rm -rf "$here/bundle"   # frees the FAT partition
 sync
 exit 0

@@ -48,19 +48,23 @@ from appliance.sync.http_transport import HttpTransport
 from appliance.sync.mqtt_transport import MqttTransport
 from appliance.sync.roster import ScheduleRosterProvider
 from appliance.system import cpu_temperature
+from appliance.update.updater import start_update_check
 from cloud_sync.protocol import (
     AttendanceBatch,
     AttendanceRecord,
     BatchResult,
     Heartbeat,
+    ReleaseOffer,
     ScheduleResponse,
     StoreUnlockReport,
+    UpdateReport,
 )
 
 _LOGGER = logging.getLogger(__name__)
 
 EVENTS_PER_ROUND = 50
 FAILURE_LOG_EVERY_S = 300.0  # a failing aggregator: one log line per kind this often
+RELEASE_CHECK_EVERY_S = 60.0  # an offered release starts the updater at most this often
 REFUSED_RETRY_S = 60.0  # a refused key does not fix itself in a second: retry this slowly
 
 
@@ -99,7 +103,7 @@ class _Uplink:
 
     def send_batch(self, batch: AttendanceBatch) -> BatchResult: ...
     def send_event(self, event: Any) -> bool: ...
-    def send_heartbeat(self, heartbeat: Heartbeat) -> None: ...
+    def send_heartbeat(self, heartbeat: Heartbeat) -> Any: ...
 
 
 class SyncAgent:
@@ -149,6 +153,7 @@ class SyncAgent:
         self._drain_backoff = Backoff(sync.backoff_initial_s, sync.backoff_max_s)
         self._roster_backoff = Backoff(sync.backoff_initial_s, sync.backoff_max_s)
         self._heartbeat_backoff = Backoff(sync.backoff_initial_s, sync.backoff_max_s)
+        self._release_started: dict[str, float] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._roster_requested = threading.Event()
@@ -477,6 +482,7 @@ class SyncAgent:
             fps=fps,
             placement=placement,
             store_unlock=self._store_unlock(),
+            update=self._update_report(),
         )
 
     def _store_unlock(self) -> StoreUnlockReport | None:
@@ -491,13 +497,38 @@ class SyncAgent:
             _LOGGER.exception("store unlock state unavailable for the heartbeat")
             return None
 
+    def _update_report(self) -> UpdateReport | None:
+        """The updater's last report (update/state.json), repeated in every heartbeat."""
+        if not self._settings.update.enabled:
+            return None
+        from appliance.update.state import Layout, read_report
+
+        return read_report(Layout(self._settings.update.prefix))
+
     def _send_heartbeat(self) -> bool:
         try:
-            self._uplink.send_heartbeat(self.build_heartbeat())
+            reply = self._uplink.send_heartbeat(self.build_heartbeat())
         except TransportError as err:
             self._log_failure("heartbeat", "heartbeat failed: %s", err)
             self._last_error = f"heartbeat: {err}"
             return False
         self.stats.heartbeats += 1
         self._note_success()
+        if isinstance(reply, ReleaseOffer):
+            self._on_release(reply)
         return True
+
+    def _on_release(self, offer: ReleaseOffer) -> None:
+        """The heartbeat reply names a release for this device: start the updater (its own
+        process: it restarts this one), at most once a minute per offered release."""
+        if not self._settings.update.enabled or offer.version == software_version:
+            return
+        now = time.monotonic()
+        last = self._release_started.get(offer.version)
+        if last is not None and now - last < RELEASE_CHECK_EVERY_S:
+            return
+        self._release_started[offer.version] = now
+        try:
+            start_update_check(self._settings, offer)
+        except OSError as err:
+            _LOGGER.warning("could not start the update check: %s", err)

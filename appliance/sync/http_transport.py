@@ -29,6 +29,8 @@ from cloud_sync.protocol import (
     BatchResult,
     Event,
     Heartbeat,
+    HeartbeatReply,
+    ReleaseOffer,
     ScheduleResponse,
     ScheduleWindow,
 )
@@ -161,13 +163,19 @@ class HttpTransport:
             return not bool(body["duplicate"])
         return True
 
-    def send_heartbeat(self, heartbeat: Heartbeat) -> None:
+    def send_heartbeat(self, heartbeat: Heartbeat) -> ReleaseOffer | None:
+        """Send it; returns the release the reply names for this device (None: stay)."""
         response = self._request(
             "POST", HEARTBEAT_PATH, content=heartbeat.model_dump_json(),
             headers={"Content-Type": "application/json"},
         )
         if not response.is_success:
             raise TransportError(f"POST {HEARTBEAT_PATH}: {_reason(response)}")
+        try:
+            reply = HeartbeatReply.model_validate_json(response.content)
+        except ValueError:  # an older aggregator, or no JSON: the heartbeat is stored anyway
+            return None
+        return reply.release
 
     def fetch_store_key(self, device_id: str) -> bytes:
         """The key of this device's encrypted store (32 bytes; never logged). Raises

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -97,3 +98,52 @@ def need(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
     typer.echo(json.dumps([e.path for e in manager.missing(manifest, source)]))
+
+
+@app.command("check")
+def check(
+    config: ConfigOption = None,
+    offer: Annotated[str | None, typer.Option(
+        help="The heartbeat reply's release (JSON); default: ask the aggregator.")] = None,
+    now: Annotated[bool, typer.Option(
+        "--now", help="Install even during class time (the rollout's window is ignored).")
+    ] = False,
+) -> None:
+    """Fetch the release the aggregator names for this device, verify every file, install,
+    switch, and confirm it when healthy or go back (classroom-update.service)."""
+    from appliance.update.manager import UpdateError
+    from appliance.update.updater import Updater
+    from cloud_sync.protocol import ReleaseOffer
+
+    _logging()
+    settings = load_settings(config)
+    if not settings.update.enabled:
+        typer.echo("pulled updates are off (update.enabled = false)")
+        return
+    try:
+        given = None if offer is None else ReleaseOffer.model_validate_json(offer)
+    except ValueError as err:
+        typer.echo(f"error: --offer is not a release offer: {err}", err=True)
+        raise typer.Exit(2) from err
+    try:
+        outcome = Updater(settings).check(given, ignore_window=now)
+    except UpdateError as err:
+        typer.echo(f"error: {err.reason}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo("nothing to do" if outcome is None else json.dumps(
+        {"state": outcome.state, "version": outcome.version, "reason": outcome.reason}))
+    if outcome is not None and outcome.state in ("refused", "failed", "reverted"):
+        raise typer.Exit(1)
+
+
+@app.command("watch")
+def watch(config: ConfigOption = None) -> None:
+    """`check` every update.check_interval_s (a host without systemd's timer)."""
+    import time
+
+    _logging()
+    settings = load_settings(config)
+    while True:
+        with contextlib.suppress(typer.Exit):
+            check(config=config, offer=None, now=False)
+        time.sleep(settings.update.check_interval_s)

@@ -57,8 +57,10 @@ def test_appliance_layer_and_boot_partition(tmp_path: Path) -> None:
     assert "RuntimeWatchdogSec=15s" in watchdog  # the most bcm2835_wdt can count
     assert not list((root / "etc/ssh").glob("ssh_host_*"))  # made per card at first boot
     assert (root / "etc/machine-id").read_text() == ""
-    wants = root / "etc/systemd/system/multi-user.target.wants"
-    assert {p.name for p in wants.iterdir()} >= set(ENABLED)
+    wanted = {p.name for p in (root / "etc/systemd/system").glob("*.target.wants/*")}
+    assert wanted >= set(ENABLED)
+    assert "classroom-update.timer" in {
+        p.name for p in (root / "etc/systemd/system/timers.target.wants").iterdir()}
     boot = tmp_path / "boot"
     boot_files(root, boot)
     assert (boot / "cmdline.txt").read_text() == CMDLINE
