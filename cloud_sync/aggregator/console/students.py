@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
 from sqlalchemy import func, or_, select
 from starlette.concurrency import run_in_threadpool
 
@@ -36,8 +37,8 @@ from cloud_sync.aggregator.db.models import (
 from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import admin as admin_service
 from cloud_sync.aggregator.services import admin_schemas as schemas
-from cloud_sync.aggregator.services import faces, privacy, reports
-from cloud_sync.aggregator.services.common import NotFoundError, ServiceError
+from cloud_sync.aggregator.services import csv_import, faces, privacy, reports
+from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, utcnow
 
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
@@ -62,9 +63,9 @@ def _visible_student(session: DB, who: ConsolePrincipal, student_id: str) -> Stu
     return student
 
 
-@router.get("/students", response_class=HTMLResponse)
-def students_page(request: Request, who: User, session: DB,
-                  q: Annotated[str, Query(max_length=100)] = "") -> Response:
+def _students_page(request: Request, who: ConsolePrincipal, session: DB, q: str = "",
+                   form: dict[str, str] | None = None, errors: dict[str, str] | None = None,
+                   status: int = 200) -> Response:
     query = select(Student).order_by(Student.id)
     if not who.is_admin:
         query = query.where(Student.id.in_(select(Enrollment.student_id).where(
@@ -78,24 +79,61 @@ def students_page(request: Request, who: User, session: DB,
             FaceEmbedding.student_id.in_([s.id for s in rows]), FaceEmbedding.photo_of.is_(None))
         .group_by(FaceEmbedding.student_id)
     ).all())
-    return render(request, "students.html", who, students=rows, q=q, counts=counts, page=PAGE)
+    courses = visible_courses(session, who) if who.is_admin else []
+    return render(request, "students.html", who, students=rows, q=q, counts=counts, page=PAGE,
+                  courses=courses, form=form or {}, errors=errors or {}, status=status)
+
+
+@router.get("/students", response_class=HTMLResponse)
+def students_page(request: Request, who: User, session: DB,
+                  q: Annotated[str, Query(max_length=100)] = "") -> Response:
+    return _students_page(request, who, session, q)
+
+
+FORM_FIELDS = {"id": "student_id", "name": "name"}
 
 
 @router.post("/students")
 def add_student(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
-                student_id: Annotated[str, Form(max_length=64)],
-                name: Annotated[str, Form(max_length=200)],
-                course_id: Annotated[str, Form(max_length=64)] = "") -> Response:
+                student_id: Annotated[str, Form(max_length=64)] = "",
+                name: Annotated[str, Form(max_length=200)] = "",
+                course_id: Annotated[str, Form(max_length=64)] = "",
+                consent: Annotated[str, Form(max_length=10)] = "") -> Response:
+    """One transaction: the student, their enrolment and consent are all written or none is.
+    A refusal shows the form again with what was typed and the reason beside each field."""
     require_admin(who)
-    data = schemas.StudentIn(id=student_id, name=name)
-    admin_service.create_row(session, "students", data)
+    form = {"student_id": student_id, "name": name, "course_id": course_id, "consent": consent}
+    errors: dict[str, str] = {}
+    data = None
+    try:
+        data = schemas.StudentIn(id=student_id, name=name)
+    except ValidationError as err:
+        errors = {FORM_FIELDS.get(k, k): v for k, v in csv_import.plain_errors(err).items()}
+    begin_write(session)  # the checks and the writes in one transaction
+    if data is not None and session.get(Student, data.id) is not None:
+        errors["student_id"] = f"{data.id} already exists ({session.get(Student, data.id).name})"
+    if course_id and session.get(Course, course_id.strip()) is None:
+        errors["course_id"] = f"there is no course “{course_id.strip()}”: pick one in the list"
+    if errors or data is None:
+        session.rollback()
+        return _students_page(request, who, session, form=form, errors=errors, status=422)
+    now = utcnow()
+    session.add(Student(id=data.id, name=data.name, created_at=now))
+    session.flush()  # the student's row before the rows that refer to it
+    detail = "no course"
     if course_id:
-        admin_service.create_enrollment(
-            session, schemas.EnrollmentIn(student_id=data.id, course_id=course_id))
-    audit(session, who.name, "student.add", f"student:{data.id}", f"course {course_id}")
+        session.add(Enrollment(student_id=data.id, course_id=course_id.strip(), created_at=now))
+        detail = f"course {course_id.strip()}"
+    session.flush()
+    if consent == "granted":
+        privacy.apply_consent(session, data.id, "granted", f"console:{who.name}",
+                              "recorded when the student was added")
+        detail += ", consent granted"
+    audit(session, who.name, "student.add", f"student:{data.id}", detail)
     session.commit()
     after_write(context(request), tasks, "students")
-    return back(f"/students/{data.id}", f"student {data.id} added")
+    return back(f"/students/{data.id}", f"{data.name} ({data.id}) added"
+                + (f" to {course_id.strip()}" if course_id else ""))
 
 
 @router.get("/students/{student_id}", response_class=HTMLResponse)

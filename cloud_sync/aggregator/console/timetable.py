@@ -43,7 +43,8 @@ def _validated(model: type[schemas.Strict], values: dict[str, object]) -> schema
 
 
 def _page(request: Request, who: accounts.ConsolePrincipal, session: DB,
-          report: csv_import.ImportReport | None = None, status: int = 200) -> Response:
+          report: csv_import.ImportReport | None = None, status: int = 200,
+          filename: str = "") -> Response:
     rooms = list(session.scalars(select(Room).order_by(Room.id)))
     courses = list(session.scalars(select(Course).order_by(Course.id)))
     schedules = list(session.scalars(
@@ -52,7 +53,8 @@ def _page(request: Request, who: accounts.ConsolePrincipal, session: DB,
     taught = {u.name: c for u, c in accounts.list_users(session)}
     return render(request, "timetable.html", who, rooms=rooms, courses=courses,
                   schedules=schedules, teachers=teachers, taught=taught, weekdays=WEEKDAYS,
-                  report=report, default_tz=context(request).settings.timezone, status=status)
+                  report=report, default_tz=context(request).settings.timezone, status=status,
+                  filename=filename)
 
 
 @router.get("/timetable", response_class=HTMLResponse)
@@ -206,7 +208,7 @@ async def import_csv(request: Request, tasks: BackgroundTasks, who: PostUser, se
           f"{report.updated} updated, {len(report.errors)} errors")
     session.commit()
     after_write(context(request), tasks, kind if kind != "enrollments" else "students")
-    return _page(request, who, session, report)
+    return _page(request, who, session, report, filename=file.filename or "")
 
 
 __all__ = ["ConsoleUser", "router"]

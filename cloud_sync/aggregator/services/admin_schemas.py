@@ -3,6 +3,7 @@ schedules, devices), shared by the API, the console, the CLI and the CSV import.
 
 from __future__ import annotations
 
+import difflib
 import re
 from datetime import date, datetime, time
 from typing import Annotated, Any
@@ -134,11 +135,24 @@ class EnrollmentOut(BaseModel):
 
 
 def _weekday(value: Any) -> Any:
+    """``Mon``, ``monday``, ``0``...``6`` (0 = Monday); a typo is refused in words, with the
+    nearest day when there is one ("“Mnday” is not a weekday: Mon?")."""
     if isinstance(value, str):
         text = value.strip().lower()
-        if text[:3] in WEEKDAYS and (len(text) == 3 or text.endswith("day")):
+        names = {f"{d}{tail}": d for d in WEEKDAYS for tail in ("", _DAY_TAILS[d])}
+        if len(text) >= 3 and text[:3] in WEEKDAYS and f"{text[:3]}{_DAY_TAILS[text[:3]]}"\
+                .startswith(text):  # mon, tues, thurs, wednesday
             return WEEKDAYS[text[:3]]
+        if not text.isdigit():
+            near = difflib.get_close_matches(text, list(names), n=1, cutoff=0.6)
+            hint = f" (did you mean {names[near[0]].title()}?)" if near else ""
+            raise ValueError(f"“{value.strip()}” is not a weekday{hint}: write Mon, Tue, Wed, "
+                             "Thu, Fri, Sat, Sun, or 0-6 (0 = Monday)")
     return value
+
+
+_DAY_TAILS = {"mon": "day", "tue": "sday", "wed": "nesday", "thu": "rsday", "fri": "day",
+              "sat": "urday", "sun": "day"}
 
 
 LOCAL_TIME_PATTERN = r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$"
@@ -151,8 +165,9 @@ def _local_time(value: Any) -> Any:
         return value
     if isinstance(value, str) and re.fullmatch(LOCAL_TIME_PATTERN, value.strip()):
         return value.strip()
-    raise ValueError("a local time HH:MM or HH:MM:SS of the room's time zone, without an "
-                     "offset (schedules follow the room's zone, summer time included)")
+    raise ValueError(f"“{value}” is not a time of day: write HH:MM, 24 h (e.g. 09:00 or 14:30),"
+                     " in the room's local time without an offset (schedules follow the room's"
+                     " zone, summer time included)")
 
 
 LocalTime = Annotated[

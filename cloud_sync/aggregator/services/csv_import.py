@@ -58,11 +58,52 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 }
 
 
-def validation_message(err: ValidationError) -> str:
-    parts = []
+FIELD_WORDS = {"id": "id", "name": "name", "student_id": "student id",
+               "course_id": "course id", "room_id": "room id", "weekday": "weekday",
+               "start_time": "start time", "end_time": "end time", "timezone": "time zone",
+               "effective_from": "first day", "effective_to": "last day", "site": "site",
+               "email": "email", "consent": "consent"}
+
+
+def _plain(item: Any) -> str:
+    """One pydantic error in words an office can act on (never "String should match
+    pattern ..."): what is wrong with the value and what is expected."""
+    kind = item["type"]
+    value = item.get("input")
+    shown = f" “{value}”" if isinstance(value, str | int | float) and value != "" else ""
+    ctx = item.get("ctx") or {}
+    if kind == "missing" or (kind == "string_too_short" and not value):
+        return "is empty"
+    if kind == "string_pattern_mismatch":
+        return (f"{shown.strip()} may use only letters, digits, “.”, “_” and “-” "
+                "(no spaces)").strip()
+    if kind == "string_too_long":
+        return f"is longer than {ctx.get('max_length')} characters"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{shown.strip()} is not a whole number".strip()
+    if kind in ("greater_than_equal", "less_than_equal"):
+        return f"{shown.strip()} is out of range".strip()
+    if kind in ("date_parsing", "date_from_datetime_parsing", "date_type"):
+        return f"{shown.strip()} is not a date: write YYYY-MM-DD, e.g. 2026-09-01".strip()
+    if kind == "extra_forbidden":
+        return "is not a column of this file"
+    message = str(item["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def plain_errors(err: ValidationError) -> dict[str, str]:
+    """Per field (``row`` for the row as a whole), the plain reason its value was refused."""
+    out: dict[str, str] = {}
     for item in err.errors():
         field = ".".join(str(p) for p in item["loc"]) or "row"
-        parts.append(f"{field}: {item['msg']}")
+        out.setdefault(field, _plain(item))
+    return out
+
+
+def validation_message(err: ValidationError) -> str:
+    parts = []
+    for field, message in plain_errors(err).items():
+        parts.append(message if field == "row" else f"{FIELD_WORDS.get(field, field)} {message}")
     return "; ".join(parts)
 
 
@@ -101,6 +142,7 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
                 report.errors.append(RowError(row=line, error=validation_message(err)))
     except csv.Error as err:
         raise ServiceError(f"malformed CSV at line {reader.line_num}: {err}") from err
+    parsed = _without_duplicates(kind, parsed, report)
     begin_write(session)
     apply = _APPLY[kind]
     for line, item in parsed:
@@ -117,6 +159,42 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
     _LOGGER.info("import %s: %d rows, %d created, %d updated, %d errors", kind, report.rows,
                  report.created, report.updated, len(report.errors))
     return report
+
+
+DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+KEYS = {"students": ("id",), "courses": ("id",), "rooms": ("id",),
+        "enrollments": ("student_id", "course_id"),
+        "schedules": ("course_id", "room_id", "weekday", "start_time")}
+
+
+def _without_duplicates(kind: str, parsed: list[tuple[int, BaseModel]],
+                        report: ImportReport) -> list[tuple[int, BaseModel]]:
+    """Lines of one file with the same key (a student id twice, one class twice) but other
+    values are all refused, each naming the others: which one is right is the office's call,
+    and importing one of them would silently overwrite the other. A line repeated exactly
+    is imported once (the repeat counts as unchanged)."""
+    fields = KEYS[kind]
+    lines: dict[tuple[object, ...], list[tuple[int, BaseModel]]] = {}
+    for line, item in parsed:
+        lines.setdefault(tuple(getattr(item, f) for f in fields), []).append((line, item))
+    kept = []
+    for line, item in parsed:
+        key = tuple(getattr(item, f) for f in fields)
+        same_key = lines[key]
+        if all(other == item for _, other in same_key):
+            kept.append((line, item))  # alone, or an exact repeat (unchanged the 2nd time)
+            continue
+        others = [n for n, _ in same_key if n != line]
+        if kind == "schedules":
+            what = f"the class {key[0]} in {key[1]} on {DAY_NAMES[key[2]]} at {key[3]:%H:%M}"
+        else:
+            what = " and ".join(f"{FIELD_WORDS.get(f, f)} “{v}”"
+                                for f, v in zip(fields, key, strict=True))
+        lines_word = "line" if len(others) == 1 else "lines"
+        report.errors.append(RowError(row=line, error=(
+            f"{what} is also on {lines_word} {', '.join(map(str, others))} of this file: "
+            "none of them is imported (keep one and import again)")))
+    return kept
 
 
 def _upsert(model: type, fields: tuple[str, ...]) -> Callable[[Session, Any, str], str]:

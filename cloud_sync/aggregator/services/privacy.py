@@ -129,11 +129,10 @@ def delete_face_data(session: Session, student_id: str) -> tuple[int, int]:
     return int(rows), photos
 
 
-def set_consent(session: Session, student_id: str, state: ConsentState, actor: str,
-                note: str = "") -> ConsentOut:
-    """Record granted or withdrawn (now, by ``actor``). Withdrawal deletes the student's face
-    data at once. Commits; the caller scrubs (:func:`scrub`) and notifies devices."""
-    begin_write(session)
+def apply_consent(session: Session, student_id: str, state: ConsentState, actor: str,
+                  note: str = "") -> int:
+    """:func:`set_consent` inside the caller's transaction (no commit): for a form that writes
+    the student and the consent together. Returns the descriptors deleted (a withdrawal)."""
     row = _student(session, student_id)
     removed = 0
     if state == "withdrawn":
@@ -142,6 +141,15 @@ def set_consent(session: Session, student_id: str, state: ConsentState, actor: s
     detail = f"state={state}" + (f" descriptors_deleted={removed}" if removed else "")
     audit.record(session, actor, f"consent.{'grant' if state == 'granted' else 'withdraw'}",
                  subject(student_id), detail + (f" note={note}" if note else ""))
+    return removed
+
+
+def set_consent(session: Session, student_id: str, state: ConsentState, actor: str,
+                note: str = "") -> ConsentOut:
+    """Record granted or withdrawn (now, by ``actor``). Withdrawal deletes the student's face
+    data at once. Commits; the caller scrubs (:func:`scrub`) and notifies devices."""
+    begin_write(session)
+    removed = apply_consent(session, student_id, state, actor, note)
     session.commit()
     _LOGGER.info("consent of %s: %s (%d descriptor(s) deleted)", student_id, state, removed)
     out = consent_of(session, student_id)

@@ -100,7 +100,8 @@ def test_console_end_to_end(db_url: str, tmp_path: Path, faces_dir: Path,
         set_files(browser, "#import input[type=file]", [csv_file])
         submit(browser, "#import form", {"kind": "students"})
         report = browser.evaluate("document.querySelector('.import-report').innerText")
-        assert "2 rows, 1 created" in report and "line 3: id:" in report, report
+        assert "1 of 2 lines imported" in report, report
+        assert "Line 3: id “bad id!” may use only letters" in report, report
 
         # 4. a class from now in two clicks (course, start)
         browser.navigate(f"{url}/timetable")

@@ -19,7 +19,7 @@ from tests.cloud_sync.aggregator.conftest import last_monday
 from tests.conftest import REPO, require
 from tests.support.chromium import Chromium, chromium_binary
 
-from .console_helpers import live_aggregator, submit
+from .console_helpers import live_aggregator, set_files, submit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ADMIN_PW = "office password 1"
@@ -103,6 +103,21 @@ def test_every_page_fits_a_phone_and_a_teacher_marks_in_place(tmp_path: Path) ->
                            ("not-found", "/students/NOPE")):
             browser.navigate(url + path)
             check_page(browser, f"admin-{name}")
+        browser.navigate(f"{url}/students")
+        submit(browser, "#add-student", {"student_id": "S001", "name": "Ada Again"})
+        assert browser.evaluate("document.querySelector('#err-student_id').textContent") == (
+            "S001 already exists (Ada Lovelace)")
+        assert browser.evaluate("document.querySelector('[name=name]').value") == "Ada Again"
+        check_page(browser, "admin-student-refused")
+        csv_file = tmp_path / "schedules.csv"
+        csv_file.write_text("course_id,room_id,weekday,start_time,end_time\n"
+                            "CS101,LAB-301,Thrusday,09:00,10:00\n")
+        browser.navigate(f"{url}/timetable")
+        set_files(browser, "#import input[type=file]", [csv_file])
+        submit(browser, "#import form", {"kind": "schedules"})
+        assert "did you mean Thu?" in browser.evaluate(
+            "document.querySelector('#import-report').innerText")
+        check_page(browser, "admin-import-report")
         browser.navigate(f"{url}/devices")
         submit(browser, "form[action='/devices']", {"room_id": "LAB-301", "device_id": "pi-302"})
         assert browser.evaluate("document.querySelector('#api-key').textContent").startswith(
