@@ -11,7 +11,7 @@ set -euo pipefail
 out_dir=${1:?usage: raspios-like-root.sh OUT_DIR}
 key=$(sha256sum "$0" | cut -c1-16)
 tarball="$out_dir/raspios-like-trixie-$key.tar"
-if [ -s "$tarball" ]; then echo "$tarball"; exit 0; fi
+if [ -f "$tarball" ] && [ -s "$tarball" ]; then echo "$tarball"; exit 0; fi
 mkdir -p "$out_dir"
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
   mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
@@ -19,11 +19,12 @@ fi
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
 packages=(systemd-sysv udev kmod dbus sudo ca-certificates python3 python3-venv python3-numpy
   network-manager systemd-timesyncd openssh-server iw rfkill wireless-regdb)
-mmdebstrap --arch=arm64 --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" \
+# --format=tar: mmdebstrap picks the format from the name, and "X.tar.partial" made a directory
+mmdebstrap --arch=arm64 --variant=minbase --format=tar --include="$(IFS=,; echo "${packages[*]}")" \
   --customize-hook='chroot "$1" useradd --create-home --groups sudo,video --shell /bin/bash pi' \
   --customize-hook='mkdir -p "$1/boot/firmware"' \
   --customize-hook='echo "console=serial0,115200 console=tty1 root=PARTUUID=00000000-02 rootfstype=ext4 fsck.repair=yes rootwait" > "$1/boot/firmware/cmdline.txt"' \
   --customize-hook='chroot "$1" apt-get clean' \
-  trixie "$tarball.partial" http://deb.debian.org/debian >&2
-mv "$tarball.partial" "$tarball"
+  trixie "$out_dir/partial-raspios-like-$key.tar" http://deb.debian.org/debian >&2
+mv "$out_dir/partial-raspios-like-$key.tar" "$tarball"
 echo "$tarball"
