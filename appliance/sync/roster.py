@@ -25,6 +25,7 @@ from appliance.clock import DeviceClock
 from appliance.config import ApplianceSettings
 from appliance.recognition import Roster, RosterProvider
 from appliance.store import Store
+from cloud_sync.classes import class_now
 from cloud_sync.protocol import ClassSession, Event, RosterEntry, ScheduleResponse
 
 _LOGGER = logging.getLogger(__name__)
@@ -35,19 +36,10 @@ UNTRUSTED = "\x00untrusted"  # the "course" of the untrusted-clock roster (never
 def pick_session(
     sessions: list[ClassSession], now: datetime, early_arrival_s: float
 ) -> ClassSession | None:
-    """The class running at ``now``; else the next one if it starts within the early window.
-
-    A running class always wins over an early start of the next one, so a class that ends at
-    10:00 keeps its roster until 10:00 even if the next one starts then.
-    """
-    running = [s for s in sessions if s.starts_at <= now < s.ends_at]
-    if running:
-        return max(running, key=lambda s: s.starts_at)  # the latest-started of overlaps
-    early = timedelta(seconds=early_arrival_s)
-    upcoming = [s for s in sessions if s.starts_at - early <= now < s.starts_at]
-    if upcoming:
-        return min(upcoming, key=lambda s: s.starts_at)
-    return None
+    """The class of the room at ``now`` by the one rule the aggregator and the console use too
+    (:func:`cloud_sync.classes.class_now`): a running class wins over an early start of the
+    next, and of overlapping classes the one that started first keeps the room."""
+    return class_now(sessions, now, timedelta(seconds=early_arrival_s))
 
 
 class ScheduleRosterProvider:

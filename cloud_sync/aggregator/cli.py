@@ -663,6 +663,9 @@ def schedules_add(
     weekday: Annotated[str | None, typer.Option("--weekday", help="Mon..Sun (weekly).")] = None,
     start: Annotated[str | None, typer.Option("--start", help="HH:MM, local.")] = None,
     end: Annotated[str | None, typer.Option("--end", help="HH:MM, local.")] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Replace the class(es) it overlaps in the room (they lose its days; "
+        "without it an overlap is refused, naming the other class).")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Schedule a course in a room: weekly (--weekday --start --end) or once, now (--now)."""
@@ -695,7 +698,9 @@ def schedules_add(
         else:
             data = admin_schemas.ScheduleIn(course_id=course, room_id=room, weekday=weekday,
                                     start_time=start, end_time=end)
-        out = admin.create_schedule(session, data)
+        out, replaced = admin.create_schedule_replacing(session, data, replace)
+    for text in replaced:
+        typer.echo(f"replaced {text}")
     when = (f"on {out.effective_from}" if now else
             f"every {['Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun'][out.weekday]}")
     typer.echo(f"schedule {out.id}: {course} in {room} {when}, "

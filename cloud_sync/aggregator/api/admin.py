@@ -180,6 +180,11 @@ def delete_enrollment(request: Request, tasks: BackgroundTasks, _who: Admin, ses
 
 # ---- schedules -------------------------------------------------------------------------------
 
+Replace = Annotated[bool, Query(
+    description="Replace the classes the slot overlaps in its room: they lose the slot's days "
+    "(from its effective_from, today when none, to its effective_to) and keep the rest.")]
+
+
 @router.get("/schedules", response_model=list[schemas.ScheduleOut], tags=["schedules"],
             summary="List weekly schedule slots (filter by room or course).")
 def list_schedules(_who: Admin, session: DB, room_id: Identifier | None = None,
@@ -195,19 +200,21 @@ def get_schedule(_who: Admin, session: DB, schedule_id: RowId) -> Any:
 
 
 @router.post("/schedules", response_model=schemas.ScheduleOut, status_code=201, tags=["schedules"],
-             summary="Create a weekly slot.")
+             summary="Create a weekly slot (409 naming the other class when it would "
+             "overlap one in the room, unless ?replace=true).")
 def create_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                    body: schemas.ScheduleIn) -> Any:
-    row = svc.create_schedule(session, body)
+                    body: schemas.ScheduleIn, replace: Replace = False) -> Any:
+    row = svc.create_schedule(session, body, replace)
     _after_write(context(request), tasks, "schedules")
     return row
 
 
 @router.patch("/schedules/{schedule_id}", response_model=schemas.ScheduleOut, tags=["schedules"],
-              summary="Update a weekly slot.")
+              summary="Update a weekly slot (overlaps refused as on create).")
 def update_schedule(request: Request, tasks: BackgroundTasks, _who: Admin, session: DB,
-                    schedule_id: RowId, body: schemas.SchedulePatch) -> Any:
-    row = svc.update_schedule(session, schedule_id, body)
+                    schedule_id: RowId, body: schemas.SchedulePatch,
+                    replace: Replace = False) -> Any:
+    row = svc.update_schedule(session, schedule_id, body, replace)
     _after_write(context(request), tasks, "schedules")
     return row
 

@@ -14,6 +14,7 @@ from cloud_sync.aggregator.db.models import Device, EventRow, Heartbeat, Room
 from cloud_sync.aggregator.services.recordings import is_recording_device
 from cloud_sync.aggregator.services.reports import Rules, course_day
 from cloud_sync.aggregator.services.timetable import Occurrence, room_timetable, zone
+from cloud_sync.classes import class_now
 from cloud_sync.protocol import PlacementReport, StoreUnlockReport
 
 ALERT_WINDOW = timedelta(hours=6)
@@ -80,10 +81,9 @@ class RoomView:
 
 def current_occurrence(occurrences: list[Occurrence], now: datetime,
                        early_min: float) -> Occurrence | None:
-    for occ in occurrences:
-        if occ.starts_at - timedelta(minutes=early_min) <= now < occ.ends_at:
-            return occ
-    return None
+    """The class of a room now: the one rule the devices and ingest use too
+    (:func:`cloud_sync.classes.class_now`)."""
+    return class_now(occurrences, now, timedelta(minutes=early_min))
 
 
 def open_alerts(session: Session, device_ids: list[str],

@@ -69,6 +69,7 @@ def class_now(
     course_id: Annotated[str, Form(max_length=64)],
     room_id: Annotated[str, Form(max_length=64)],
     minutes: Annotated[int, Form(ge=5, le=600)] = 60,
+    replace: Annotated[bool, Form()] = False,
 ) -> Response:
     """A one-day schedule row: the course in the room from now (this minute) for ``minutes``
     (ending at 23:59 local at the latest)."""
@@ -87,12 +88,18 @@ def class_now(
         "start_time": start.time(), "end_time": end.time(),
         "effective_from": start.date(), "effective_to": start.date(),
     })
-    row = svc.create_schedule(session, data)  # type: ignore[arg-type]
+    row, replaced = svc.create_schedule_replacing(
+        session, data, replace)  # type: ignore[arg-type]
     audit(session, who.name, "schedule.class_now", f"course:{course_id}", f"room {room_id} "
-          f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} (schedule {row.id})")
+          f"{start:%Y-%m-%d %H:%M}-{end:%H:%M} (schedule {row.id})" + _replacing(replaced))
     session.commit()
     after_write(context(request), tasks, "schedules")
-    return back("/", f"{course_id} in {room_id} from {start:%H:%M} to {end:%H:%M}")
+    return back("/", f"{course_id} in {room_id} from {start:%H:%M} to {end:%H:%M}"
+                + _replacing(replaced))
+
+
+def _replacing(replaced: list[str]) -> str:
+    return f", replacing {'; '.join(replaced)}" if replaced else ""
 
 
 @router.post("/timetable/rooms")
@@ -151,27 +158,31 @@ Opt = Annotated[str, Form(max_length=32)]
 def add_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
                  course_id: Text64, room_id: Text64,
                  weekday: Annotated[int, Form(ge=0, le=6)], start_time: Opt, end_time: Opt,
-                 effective_from: Opt = "", effective_to: Opt = "") -> Response:
+                 effective_from: Opt = "", effective_to: Opt = "",
+                 replace: Annotated[bool, Form()] = False) -> Response:
     require_admin(who)
     data = _validated(schemas.ScheduleIn, _schedule_values(
         course_id, room_id, weekday, start_time, end_time, effective_from, effective_to))
-    row = svc.create_schedule(session, data)  # type: ignore[arg-type]
-    audit(session, who.name, "schedule.add", f"schedule:{row.id}", f"{course_id}@{room_id}")
+    row, replaced = svc.create_schedule_replacing(
+        session, data, replace)  # type: ignore[arg-type]
+    audit(session, who.name, "schedule.add", f"schedule:{row.id}",
+          f"{course_id}@{room_id}" + _replacing(replaced))
     session.commit()
     after_write(context(request), tasks, "schedules")
-    return back("/timetable", f"schedule {row.id} added")
+    return back("/timetable", f"schedule {row.id} added" + _replacing(replaced))
 
 
 @router.post("/timetable/schedules/{schedule_id}")
 def edit_schedule(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
                   schedule_id: int, course_id: Text64, room_id: Text64,
                   weekday: Annotated[int, Form(ge=0, le=6)], start_time: Opt, end_time: Opt,
-                  effective_from: Opt = "", effective_to: Opt = "") -> Response:
+                  effective_from: Opt = "", effective_to: Opt = "",
+                  replace: Annotated[bool, Form()] = False) -> Response:
     require_admin(who)
     values = _schedule_values(course_id, room_id, weekday, start_time, end_time,
                               effective_from, effective_to)
     patch = _validated(schemas.SchedulePatch, values)
-    svc.update_schedule(session, schedule_id, patch)  # type: ignore[arg-type]
+    svc.update_schedule(session, schedule_id, patch, replace)  # type: ignore[arg-type]
     audit(session, who.name, "schedule.edit", f"schedule:{schedule_id}",
           f"{course_id}@{room_id}")
     session.commit()

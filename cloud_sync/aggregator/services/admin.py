@@ -36,6 +36,8 @@ from cloud_sync.aggregator.services.common import (
     ServiceError,
     utcnow,
 )
+from cloud_sync.aggregator.services.timetable import zone
+from cloud_sync.classes import WeeklySlot, describe, remainder, slots_collide
 
 
 def _out(model: type[BaseModel], row: Any) -> Any:
@@ -182,17 +184,78 @@ def get_schedule(session: Session, schedule_id: int) -> ScheduleOut:
     return _out(ScheduleOut, row)
 
 
-def create_schedule(session: Session, data: ScheduleIn) -> ScheduleOut:
+def _slot(row: Schedule | ScheduleIn) -> WeeklySlot:
+    return WeeklySlot(row.weekday, row.start_time, row.end_time, row.effective_from,
+                      row.effective_to)
+
+
+def resolve_overlaps(session: Session, data: ScheduleIn, exclude_id: int | None = None,
+                     replace: bool = False) -> tuple[ScheduleIn, list[str]]:
+    """Refuse a slot that would overlap another class in its room (one rule:
+    :func:`cloud_sync.classes.slots_collide`), naming the other class; with ``replace``, take
+    the new slot's days from the colliding slots instead (each keeps what lies outside them;
+    a new slot without ``effective_from`` starts today, so the past stays as it was).
+    Returns the (possibly dated) slot and what was replaced, in words."""
+    new = _slot(data)
+    clashes = [
+        (row, name) for row, name in session.execute(
+            select(Schedule, Course.name).join(Course, Course.id == Schedule.course_id)
+            .where(Schedule.room_id == data.room_id, Schedule.weekday == data.weekday)
+            .order_by(Schedule.start_time, Schedule.id))
+        if row.id != exclude_id and slots_collide(new, _slot(row))
+    ]
+    if not clashes:
+        return data, []
+    if not replace:
+        row, name = clashes[0]
+        more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+        raise ConflictError(
+            f"{data.room_id} already has {name} ({row.course_id}) {describe(_slot(row))} "
+            f"(schedule {row.id}){more}: choose another time or room, or replace it")
+    if data.effective_from is None:
+        room = session.get(Room, data.room_id)
+        today = utcnow().astimezone(zone(room.timezone if room else "UTC")).date()
+        data = data.model_copy(update={"effective_from": today})
+        new = _slot(data)
+    replaced: list[str] = []
+    for row, name in clashes:
+        if not slots_collide(new, _slot(row)):
+            continue  # only in the past, before the new slot starts
+        replaced.append(f"{name} ({row.course_id}) {describe(_slot(row))}")
+        parts = remainder(_slot(row), data.effective_from, data.effective_to)
+        if not parts:
+            session.delete(row)
+            continue
+        row.effective_from, row.effective_to = parts[0].effective_from, parts[0].effective_to
+        for part in parts[1:]:
+            session.add(Schedule(course_id=row.course_id, room_id=row.room_id,
+                                 weekday=row.weekday, start_time=row.start_time,
+                                 end_time=row.end_time, effective_from=part.effective_from,
+                                 effective_to=part.effective_to))
+    session.flush()
+    return data, replaced
+
+
+def create_schedule(session: Session, data: ScheduleIn, replace: bool = False) -> ScheduleOut:
+    """Add a slot; an overlap in the room is refused (409) unless ``replace``."""
+    return create_schedule_replacing(session, data, replace)[0]
+
+
+def create_schedule_replacing(session: Session, data: ScheduleIn,
+                              replace: bool = False) -> tuple[ScheduleOut, list[str]]:
+    """:func:`create_schedule`, with what the new slot replaced (in words)."""
     begin_write(session)
     require_row(session, Course, data.course_id, "course")
     require_row(session, Room, data.room_id, "room")
+    data, replaced = resolve_overlaps(session, data, None, replace)
     row = Schedule(**data.model_dump())
     session.add(row)
     commit_or_conflict(session)
-    return _out(ScheduleOut, row)
+    return _out(ScheduleOut, row), replaced
 
 
-def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch) -> ScheduleOut:
+def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch,
+                    replace: bool = False) -> ScheduleOut:
     begin_write(session)
     row = session.get(Schedule, schedule_id)
     if row is None:
@@ -205,6 +268,7 @@ def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch) ->
         raise ServiceError(str(err.errors()[0]["msg"])) from err
     require_row(session, Course, checked.course_id, "course")
     require_row(session, Room, checked.room_id, "room")
+    checked, _ = resolve_overlaps(session, checked, schedule_id, replace)
     for name, value in checked.model_dump().items():
         setattr(row, name, value)
     commit_or_conflict(session)

@@ -16,7 +16,11 @@ from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import Course, Enrollment, Room, Schedule, Student
 from cloud_sync.aggregator.db.session import begin_write
-from cloud_sync.aggregator.services.admin import commit_or_conflict, require_row
+from cloud_sync.aggregator.services.admin import (
+    commit_or_conflict,
+    require_row,
+    resolve_overlaps,
+)
 from cloud_sync.aggregator.services.admin_schemas import (
     CourseIn,
     EnrollmentIn,
@@ -123,7 +127,7 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
     schema = SCHEMAS[kind]
     allowed = set(schema.model_fields)
     report = ImportReport(kind=kind, rows=0, created=0, updated=0, unchanged=0, errors=[])
-    parsed: list[tuple[int, BaseModel]] = []
+    parsed: list[tuple[int, BaseModel, bool]] = []
     try:
         for raw in reader:
             report.rows += 1
@@ -136,8 +140,14 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
                 report.errors.append(RowError(row=line, error="more fields than header columns"))
                 continue
             values = {k: v for k, v in values.items() if v not in ("", None)}
+            replace = (str(raw.get("replace") or "").strip().lower()
+                       if kind == "schedules" else "")
+            if replace not in REPLACE_WORDS:
+                report.errors.append(RowError(row=line, error=(
+                    f"replace: {replace!r} is not yes or no")))
+                continue
             try:
-                parsed.append((line, schema.model_validate(values)))
+                parsed.append((line, schema.model_validate(values), REPLACE_WORDS[replace]))
             except ValidationError as err:
                 report.errors.append(RowError(row=line, error=validation_message(err)))
     except csv.Error as err:
@@ -145,10 +155,11 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
     parsed = _without_duplicates(kind, parsed, report)
     begin_write(session)
     apply = _APPLY[kind]
-    for line, item in parsed:
+    for line, item, replace in parsed:
         try:
             with session.begin_nested():
-                outcome = apply(session, item, default_tz)
+                outcome = (_apply_schedule(session, item, replace)  # type: ignore[arg-type]
+                           if kind == "schedules" else apply(session, item, default_tz))
         except (ServiceError, IntegrityError) as err:
             message = err.message if isinstance(err, ServiceError) else "conflicts with data"
             report.errors.append(RowError(row=line, error=message))
@@ -167,22 +178,22 @@ KEYS = {"students": ("id",), "courses": ("id",), "rooms": ("id",),
         "schedules": ("course_id", "room_id", "weekday", "start_time")}
 
 
-def _without_duplicates(kind: str, parsed: list[tuple[int, BaseModel]],
-                        report: ImportReport) -> list[tuple[int, BaseModel]]:
+def _without_duplicates(kind: str, parsed: list[tuple[int, BaseModel, bool]],
+                        report: ImportReport) -> list[tuple[int, BaseModel, bool]]:
     """Lines of one file with the same key (a student id twice, one class twice) but other
     values are all refused, each naming the others: which one is right is the office's call,
     and importing one of them would silently overwrite the other. A line repeated exactly
     is imported once (the repeat counts as unchanged)."""
     fields = KEYS[kind]
     lines: dict[tuple[object, ...], list[tuple[int, BaseModel]]] = {}
-    for line, item in parsed:
+    for line, item, _replace in parsed:
         lines.setdefault(tuple(getattr(item, f) for f in fields), []).append((line, item))
     kept = []
-    for line, item in parsed:
+    for line, item, replace in parsed:
         key = tuple(getattr(item, f) for f in fields)
         same_key = lines[key]
         if all(other == item for _, other in same_key):
-            kept.append((line, item))  # alone, or an exact repeat (unchanged the 2nd time)
+            kept.append((line, item, replace))  # alone, or an exact repeat (unchanged the 2nd time)
             continue
         others = [n for n, _ in same_key if n != line]
         if kind == "schedules":
@@ -232,7 +243,9 @@ def _apply_enrollment(session: Session, item: EnrollmentIn, _tz: str) -> str:
     return "created"
 
 
-def _apply_schedule(session: Session, item: ScheduleIn, _tz: str) -> str:
+def _apply_schedule(session: Session, item: ScheduleIn, replace: bool = False) -> str:
+    """A new slot (an identical one is "unchanged"); one that overlaps another class in the
+    room is refused with the other class's name unless the row says ``replace``."""
     require_row(session, Course, item.course_id, "course")
     require_row(session, Room, item.room_id, "room")
     values = item.model_dump()
@@ -242,7 +255,8 @@ def _apply_schedule(session: Session, item: ScheduleIn, _tz: str) -> str:
     ))).first()
     if same is not None:
         return "unchanged"
-    session.add(Schedule(**values))
+    item, _ = resolve_overlaps(session, item, None, replace)
+    session.add(Schedule(**item.model_dump()))
     session.flush()
     return "created"
 
@@ -252,5 +266,7 @@ _APPLY: dict[str, Callable[[Session, Any, str], str]] = {
     "courses": _upsert(Course, ("name",)),
     "rooms": _upsert(Room, ("name", "site", "timezone")),
     "enrollments": _apply_enrollment,
-    "schedules": _apply_schedule,
+    "schedules": lambda session, item, _tz: _apply_schedule(session, item),
 }
+REPLACE_WORDS = {"": False, "no": False, "false": False, "0": False,
+                 "yes": True, "true": True, "1": True, "replace": True}

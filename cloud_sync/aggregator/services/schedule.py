@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, FaceNegative, Student
 from cloud_sync.aggregator.services.common import NotFoundError, utcnow
 from cloud_sync.aggregator.services.timetable import cached_room, zone
+from cloud_sync.classes import class_now
 from cloud_sync.protocol import (
     LEGACY_EMBEDDER,
     ClassSession,
@@ -97,7 +98,8 @@ def build_schedule(session: Session, room_id: str, at: datetime | None = None,
         )
         for o in occurrences
     ]
-    current = next((o.course_id for o in occurrences if o.starts_at <= at < o.ends_at), None)
+    running = class_now(occurrences, at)
+    current = running.course_id if running is not None else None
     course_ids = list(dict.fromkeys(o.course_id for o in occurrences))
     return ScheduleResponse.model_construct(
         v=1, room_id=room_id, date=day, timezone=room.timezone, generated_at=utcnow(),

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from cloud_sync.aggregator.db.models import Course, Room, Schedule
 from cloud_sync.aggregator.services.common import ServiceError
 from cloud_sync.aggregator.state import state_of
+from cloud_sync.classes import class_now
 
 
 @lru_cache(maxsize=256)
@@ -97,25 +98,22 @@ class Timetable:
         return out
 
     def course_at(self, room_id: str, at: datetime, early_min: float = 0.0) -> str | None:
-        """The course running in ``room_id`` at ``at``; else one starting within ``early_min``
-        minutes after ``at``; else None."""
+        """The course of ``room_id`` at ``at`` by the one rule
+        (:func:`cloud_sync.classes.class_now`): the class running (the first started of
+        overlaps); else the one starting soonest within ``early_min`` minutes; else None."""
+        occ = self.class_at(room_id, at, early_min)
+        return occ.course_id if occ is not None else None
+
+    def class_at(self, room_id: str, at: datetime, early_min: float = 0.0) -> Occurrence | None:
+        """The class (occurrence) of :meth:`course_at`."""
         tz = self.zones.get(room_id)
         if tz is None:
             return None
         local = at.astimezone(tz)
         candidates: list[Occurrence] = []
-        for day in {local.date(), (local + timedelta(minutes=early_min)).date()}:
+        for day in sorted({local.date(), (local + timedelta(minutes=early_min)).date()}):
             candidates.extend(self.occurrences(day, room_id))
-        for occ in candidates:
-            if occ.starts_at <= at < occ.ends_at:
-                return occ.course_id
-        upcoming = [
-            o for o in candidates
-            if at < o.starts_at <= at + timedelta(minutes=early_min)
-        ]
-        if upcoming:
-            return min(upcoming, key=lambda o: o.starts_at).course_id
-        return None
+        return class_now(candidates, at, timedelta(minutes=early_min))
 
 
 def _load(session: Session, *where: object) -> Timetable:
