@@ -19,7 +19,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -36,7 +36,7 @@ from cloud_sync.aggregator.console.web import (
     render,
     require_admin,
 )
-from cloud_sync.aggregator.db.models import Student, UnknownFace
+from cloud_sync.aggregator.db.models import FaceEmbedding, Student, UnknownFace
 from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import faces, privacy
 from cloud_sync.aggregator.services.common import (
@@ -168,27 +168,56 @@ def unknown_crop(who: User, session: DB, face_id: int) -> Response:
     return Response(row.crop, media_type="image/jpeg", headers={"Cache-Control": "private"})
 
 
+def find_student(session: Session, text: str) -> Student:
+    """The student the picker names: an id, ``"S001 · Ada Lovelace"`` (the list's own
+    entries), or a name that only one student has. Never a default: nothing typed, nobody."""
+    text = text.strip()
+    if not text:
+        raise ServiceError("type the student's name or id and pick them in the list")
+    student = session.get(Student, text.split(" · ", 1)[0].strip())
+    if student is not None:
+        return student
+    named = list(session.scalars(select(Student).where(
+        func.lower(Student.name) == text.lower()).limit(3)))
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise ServiceError(f"several students are called {text!r}: pick one by id in the list")
+    raise NotFoundError(f"no student {text!r}: pick one in the list")
+
+
 @router.post("/unknown/label")
 def label(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
           face_ids: Annotated[list[int], Form()],
-          student_id: Annotated[str, Form(max_length=64)]) -> Response:
-    """Enrol the group's descriptors as the student's face data; the crops are deleted."""
+          student: Annotated[str, Form(max_length=300)] = "",
+          student_id: Annotated[str, Form(max_length=64)] = "",
+          confirm: Annotated[str, Form(max_length=10)] = "") -> Response:
+    """Two steps: the picked student and the group first come back as a confirmation page
+    (the crops beside the student's name, consent and photos); only its "yes" (``confirm``)
+    enrols the group's descriptors as the student's face data, and deletes the crops."""
     require_admin(who)
     ctx = context(request)
     rows = _selected(session, face_ids)
-    privacy.require_consent(session, student_id)  # 404 unknown student, 409 without consent
+    found = find_student(session, student_id or student)
+    privacy.require_consent(session, found.id)  # 409 without consent
+    if confirm != "yes":
+        photos = session.scalar(select(func.count()).where(
+            FaceEmbedding.student_id == found.id, FaceEmbedding.photo_of.is_(None)))
+        return render(request, "unknown_confirm.html", who, student=found, faces=rows,
+                      photos=photos)
     vectors = [(r.id, r.embedder, np.frombuffer(r.vector, dtype="<f4").copy()) for r in rows]
+    name = found.name
     session.rollback()
     for face_id, embedder, vector in vectors:
-        faces.store_embedding(session, ctx.settings, student_id, {embedder: vector}, None,
+        faces.store_embedding(session, ctx.settings, found.id, {embedder: vector}, None,
                               f"walk-in:{face_id}")
     begin_write(session)
     session.execute(delete(UnknownFace).where(UnknownFace.id.in_([v[0] for v in vectors])))
-    audit(session, who.name, "unknown.label", f"student:{student_id}",
+    audit(session, who.name, "unknown.label", f"student:{found.id}",
           f"{len(vectors)} faces enrolled")
     session.commit()
     after_write(ctx, tasks, "students")
-    return back("/unknown", f"{len(vectors)} faces enrolled as {student_id}")
+    return back("/unknown", f"{len(vectors)} faces enrolled as {name} ({found.id})")
 
 
 @router.post("/unknown/dismiss")

@@ -7,14 +7,19 @@ the width, and the page does not reload (it stays where the teacher scrolled).""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 
 from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.console import accounts
+from cloud_sync.aggregator.db.models import UnknownFace
 from cloud_sync.aggregator.services.devices import add_device, create_admin_token
+from cloud_sync.protocol import EMBEDDING_DIM
 from tests.cloud_sync.aggregator.conftest import last_monday
 from tests.conftest import REPO, require
 from tests.support.chromium import Chromium, chromium_binary
@@ -75,6 +80,8 @@ def test_every_page_fits_a_phone_and_a_teacher_marks_in_place(tmp_path: Path) ->
             sid = f"S{i:03d}"
             assert api.post("/api/v1/students", json={"id": sid, "name": name}
                             ).status_code == 201
+            assert api.post(f"/api/v1/students/{sid}/consent", json={"state": "granted"}
+                            ).status_code == 200
             assert api.post("/api/v1/enrollments", json={"student_id": sid,
                                                          "course_id": "CS101"}
                             ).status_code == 201
@@ -90,6 +97,15 @@ def test_every_page_fits_a_phone_and_a_teacher_marks_in_place(tmp_path: Path) ->
              "course_id": "CS101"}]})
         assert r.status_code == 200, r.text
 
+        crop = cv2.imencode(".jpg", np.full((64, 64, 3), 140, np.uint8))[1].tobytes()
+        vector = np.random.default_rng(3).normal(size=EMBEDDING_DIM).astype("<f4")
+        with ctx.sessions() as session:
+            session.add_all([UnknownFace(
+                key=uuid.uuid4(), device_id="pi-301", room_id="LAB-301", at=monday,
+                received_at=datetime.now(UTC), crop=crop, embedder="sface/test",
+                vector=(vector + 0.001 * i).tobytes()) for i in range(2)])
+            session.commit()
+
         # every page an administrator opens, at both widths
         browser.navigate(f"{url}/login")
         check_page(browser, "login")
@@ -103,6 +119,10 @@ def test_every_page_fits_a_phone_and_a_teacher_marks_in_place(tmp_path: Path) ->
                            ("not-found", "/students/NOPE")):
             browser.navigate(url + path)
             check_page(browser, f"admin-{name}")
+        browser.navigate(f"{url}/unknown")
+        submit(browser, "form.label-group", {"student": "S002 · Grace Hopper"})
+        assert "Are these 2 faces Grace Hopper?" in browser.evaluate("document.body.innerText")
+        check_page(browser, "admin-unknown-confirm")
         browser.navigate(f"{url}/students")
         submit(browser, "#add-student", {"student_id": "S001", "name": "Ada Again"})
         assert browser.evaluate("document.querySelector('#err-student_id').textContent") == (

@@ -145,9 +145,18 @@ def test_unknown_faces_from_a_real_replay(db_url: str, tmp_path: Path, model_dir
             group = [int(x) for x in __import__("re").findall(
                 r'name="face_ids" value="(\d+)"', first.split("/unknown/dismiss")[0])]
             token = csrf_of(page.text)
-            r = c.post("/unknown/label", data={"csrf": token, "student_id": "S009",
+            r = c.post("/unknown/label", data={"csrf": token, "student": "",
                                                "face_ids": group})
-            assert r.status_code == 200 and f"{len(group)} faces enrolled as S009" in r.text
+            assert r.status_code == 400  # no default student: nothing picked, nothing done
+            r = c.post("/unknown/label", data={"csrf": token, "student": "S009 · Walk-in",
+                                               "face_ids": group})
+            assert r.status_code == 200 and "Yes, enrol as" in r.text  # a confirmation
+            with sessions() as session:
+                assert session.scalar(select(func.count()).where(
+                    FaceEmbedding.student_id == "S009")) == 0
+            r = c.post("/unknown/label", data={"csrf": token, "student_id": "S009",
+                                               "confirm": "yes", "face_ids": group})
+            assert r.status_code == 200 and f"{len(group)} faces enrolled as" in r.text
             with sessions() as session:
                 vectors = session.scalars(select(FaceEmbedding.vector).where(
                     FaceEmbedding.student_id == "S009")).all()
