@@ -95,7 +95,37 @@ def prepare(card: Path, out: Path) -> dict[str, Path | str]:
 # disabled) in brcmstb_i2c_probe at 4.4 s (QEMU 10.0.13), before any initramfs.
 # Disabled in a copy of the card's DTB, as QEMU does with the others; the card is not changed.
 NOT_EMULATED = ("brcm,brcm2711-dvp", "brcm,bcm2711-l2-intc", "brcm,bcm2711-hdmi0",
-                "brcm,bcm2711-hdmi1", "brcm,bcm2711-hdmi-i2c")
+                "brcm,bcm2711-hdmi1", "brcm,bcm2711-hdmi-i2c",
+                # the mini UART: emulated, but its interrupt locks a CPU (EMULATOR_ARGS)
+                "brcm,bcm2835-aux-uart",
+                # the Bluetooth chip on the PL011 (QEMU has no radio): while it is there, the
+                # PL011 belongs to serdev and is no tty, and it is the console here
+                "brcm,bcm43438-bt")
+
+
+# Added to the card's command line for QEMU only: an early console on the PL011, and the PL011
+# (ttyAMA0, serial0.log) as the console, since the mini UART (ttyS1) is disabled in the DTB copy
+# (NOT_EMULATED). With it, Debian's kernel reached the initramfs ("Run /init as init process" at
+# 3.7 s) and went no further: the CPU taking the mini UART's interrupt was stuck from the moment
+# a program opened the console ("soft lockup - CPU#0 stuck for 27s!", PID 1 in
+# __setup_irq <- serial8250_do_startup <- tty_open with nosmp; in arch_cpu_idle with four
+# cores), repeating until the time-out: as far as the traces show, an interrupt of QEMU 10.0's
+# bcm2835 aux UART that is never cleared.
+EMULATOR_ARGS = "earlycon=pl011,mmio32,0xfe201000 console=ttyAMA0,115200"
+
+
+# The Pi 4's GPIO expander is driven through the firmware's mailbox (raspberrypi-exp-gpio);
+# QEMU 10.0's raspi4b firmware model does not answer its GPIO properties ("Failed to get GPIO 6
+# config (0 86)"), so everything wired to it failed with -EIO: the SD card's supplies
+# (reg-fixed-voltage sd_vcc_reg, gpio-regulator sd_io_1v8_reg) and the Wi-Fi host's power
+# sequence (pwrseq_simple: the Arasan SDHCI, where QEMU puts the card, never probed), and
+# initramfs-tools gave up waiting for root. In the copy, expander pin N becomes the SoC's GPIO
+# 22 + N (header pins 22-29, unused here; QEMU emulates that controller): the same drivers
+# (modules that must be in the initramfs) bind the same way, through GPIOs that answer.
+# (Deleting the references instead failed: gpio-regulator without gpios, -ENOMEM.)
+EXPANDER = "raspberrypi,firmware-gpio"
+SOC_GPIO = "brcm,bcm2711-gpio"
+SOC_PIN_BASE = 22
 
 
 def qemu_dtb(src: Path, dest: Path) -> Path:
@@ -105,11 +135,27 @@ def qemu_dtb(src: Path, dest: Path) -> Path:
     nodes = [tree.root]
     for _path, children, _props in tree.walk():
         nodes.extend(children)
+    phandles: dict[str, int] = {}
     for node in nodes:
         prop = node.get_property("compatible")
         names = list(getattr(prop, "data", [])) if prop is not None else []
         if any(n in NOT_EMULATED for n in names):
             node.set_property("status", "disabled")
+        for kind in (EXPANDER, SOC_GPIO):
+            if kind in names and node.get_property("phandle") is not None:
+                phandles[kind] = node.get_property("phandle").value
+    if EXPANDER in phandles and SOC_GPIO in phandles:
+        for node in nodes:
+            for prop in list(node.props):
+                if not (prop.name in ("gpio", "gpios") or prop.name.endswith("-gpios")):
+                    continue
+                cells = list(getattr(prop, "data", []))
+                if len(cells) % 3 or phandles[EXPANDER] not in cells[0::3]:
+                    continue
+                for i in range(0, len(cells), 3):  # <&phandle pin flags> (#gpio-cells = 2)
+                    if cells[i] == phandles[EXPANDER]:
+                        cells[i:i + 2] = [phandles[SOC_GPIO], SOC_PIN_BASE + cells[i + 1]]
+                node.set_property(prop.name, cells)
     dest.write_bytes(tree.to_dtb(version=17))
     return dest
 
@@ -132,8 +178,9 @@ def boot(card: Path, out: Path, *, tools: Path, timeout: float = 3600) -> dict[s
     cmd = [*base, "-M", "raspi4b", "-kernel", str(files["vmlinuz"]),
            "-initrd", str(files["initrd.img"]), "-dtb", str(files["dtb"]),
            # the card's cmdline.txt, plus an early console on the PL011 (serial0) so that a
-           # kernel that stops before its serial driver binds still says where
-           "-append", f"{files['cmdline']} earlycon=pl011,mmio32,0xfe201000",
+           # kernel that stops before its serial driver binds still says where, and the PL011
+           # as the console (EMULATOR_ARGS)
+           "-append", f"{files['cmdline']} {EMULATOR_ARGS}",
            "-drive", f"file={card},format=raw,if=sd",
            # serial0: the PL011 (Bluetooth on a Pi 4), serial1: the mini UART = ttyS1, the
            # console cmdline.txt names (GPIO 14/15 on the real board)
