@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,6 +101,11 @@ def wait_for(what: str, check, timeout: float, every: float = 3.0,  # type: igno
     raise TimeoutError(f"{what}: not within {timeout:.0f} s (last: {last!r})")
 
 
+# ssh could not reach the guest's sshd (nothing ran in the guest): worth another try
+CONNECT_FAILED = re.compile(r"banner exchange|Connection (timed out|refused|reset|closed)|"
+                            r"kex_exchange_identification")
+
+
 class Guest:
     def __init__(self, key: Path, port: int) -> None:
         self.key, self.port = key, port
@@ -107,12 +113,21 @@ class Guest:
     def ssh_args(self) -> list[str]:
         return ["-i", str(self.key), "-o", "StrictHostKeyChecking=no", "-o",
                 "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o",
-                "ConnectTimeout=10", "-o", "BatchMode=yes"]
+                "ConnectTimeout=30", "-o", "BatchMode=yes"]
 
-    def run(self, command: str, timeout: float = 600) -> str:
-        result = subprocess.run(["ssh", *self.ssh_args(), "-p", str(self.port),
-                                 "root@127.0.0.1", command], capture_output=True, text=True,
-                                timeout=timeout, check=False)
+    def run(self, command: str, timeout: float = 600, connect_tries: int = 4) -> str:
+        """``command`` as root in the guest. ssh's own failures to connect (exit 255 before the
+        command ran: "Connection timed out during banner exchange" when the emulated guest is
+        starved on a loaded machine) are retried; the command's failures are not."""
+        for attempt in range(connect_tries):
+            result = subprocess.run(["ssh", *self.ssh_args(), "-p", str(self.port),
+                                     "root@127.0.0.1", command], capture_output=True,
+                                    text=True, timeout=timeout, check=False)
+            if result.returncode == 255 and CONNECT_FAILED.search(result.stderr) \
+                    and attempt + 1 < connect_tries:
+                time.sleep(5)
+                continue
+            break
         if result.returncode != 0:
             raise RuntimeError(f"guest: {command[:60]}: {result.stderr.strip()[-300:]}")
         return result.stdout
@@ -338,7 +353,7 @@ def check_stale_clock(guest: Guest, qemu: subprocess.Popen[bytes], card: Path, s
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         return {"passed": False, "error": f"set-up: {err}"[-1500:]}, qemu
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-        guest.run("systemctl poweroff", timeout=30)  # the connection may drop meanwhile
+        guest.run("systemctl poweroff", timeout=30, connect_tries=1)  # may drop meanwhile
     try:
         qemu.wait(300)  # -no-reboot: qemu exits when the guest powers off
     except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@ directory (no mmdebstrap, no chroot): files, user, enabled units, then a whole i
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -106,3 +107,35 @@ def test_image_test_stops_at_once_with_qemus_message_when_the_guest_dies(tmp_pat
         wait_for("ssh in the guest", lambda: False, 900, 0.2, guest=proc, log=log)
     assert time.monotonic() - start < 30
     assert "qemu exited with" in str(err.value)
+
+
+def test_guest_commands_survive_a_starved_sshd(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A loaded machine starves the emulated guest: ssh gave up with "Connection timed out
+    during banner exchange" (exit 255) in the middle of a fresh-clone image-test run. Such a
+    failure to connect is retried; a failing command is not (it ran: running it again could
+    do harm)."""
+    from fleet.imagetest import Guest
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "ssh"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"echo x >> {calls}\n"
+        f'n=$(wc -l < {calls})\n'
+        'case "$*" in\n'
+        '  *fails*) echo "no such file" >&2; exit 1 ;;\n'
+        "esac\n"
+        'if [ "$n" -lt 3 ]; then\n'
+        '  echo "Connection timed out during banner exchange" >&2; exit 255\n'
+        "fi\n"
+        "echo ran\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr("fleet.imagetest.time.sleep", lambda _s: None)
+    guest = Guest(tmp_path / "key", 2222)
+    assert guest.run("true") == "ran\n"
+    assert len(calls.read_text().splitlines()) == 3
+    calls.write_text("x\nx\nx\n")
+    with pytest.raises(RuntimeError, match="no such file"):
+        guest.run("fails")
+    assert len(calls.read_text().splitlines()) == 4  # once
