@@ -18,6 +18,7 @@ from cloud_sync.aggregator.cli import app as cli
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.services import releases as svc
 from cloud_sync.aggregator.services.common import ServiceError
+from cloud_sync.aggregator.services.devices import add_device
 from tests.cloud_sync.aggregator.conftest import World
 from tests.cloud_sync.test_release_manifest import WHEEL, small_bundle
 
@@ -36,14 +37,15 @@ def office(tmp_path: Path) -> tuple[Path, Any]:
 
 
 def heartbeat(world: World, device_id: str, room: str, version: str = "0.9",
-              update: dict[str, Any] | None = None) -> dict[str, Any]:
+              update: dict[str, Any] | None = None,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"v": 1, "device_id": device_id, "room_id": room,
                             "software_version": version,
                             "sent_at": datetime.now(UTC).isoformat(), "uptime_s": 5,
                             "outbox_depth": 0}
     if update is not None:
         body["update"] = update
-    headers = world.device if device_id == world.device_id else world.other
+    headers = headers or (world.device if device_id == world.device_id else world.other)
     r = world.client.post("/api/v1/heartbeat", json=body, headers=headers)
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
@@ -104,8 +106,20 @@ def test_release_served_and_rolled_out(world: World, sessions: Any,
     assert offer["files_url"] == "/api/v1/releases/files/"
     assert heartbeat(world, "pi-302", "LAB-302").get("release") is None  # not yet
     assert c.get("/api/v1/releases/assigned", headers=world.other).status_code == 204
-    # the canary confirms (its report in the heartbeat): the rollout reaches everyone
+    # a second canary on trial heartbeats with the new version: not a confirmation; the
+    # first one's confirmation does not end the stage
+    with sessions() as session:
+        _, key = add_device(session, "LAB-301", "pi-301b")
+    second = {"Authorization": f"Bearer {key}"}
+    assert heartbeat(world, "pi-301b", "LAB-301", version=V1, update=report("trial"),
+                     headers=second).get("release") is None
     heartbeat(world, "pi-301", "LAB-301", update=report("confirmed"))
+    assert c.get("/api/v1/releases", headers=world.admin).json()["rollouts"][0]["stage"] == \
+        "canary"
+    assert heartbeat(world, "pi-302", "LAB-302").get("release") is None
+    # the second canary confirms too (its report in the heartbeat): the rollout reaches all
+    heartbeat(world, "pi-301b", "LAB-301", version=V1, update=report("confirmed"),
+              headers=second)
     assert c.get("/api/v1/releases", headers=world.admin).json()["rollouts"][0]["stage"] == "all"
     assert heartbeat(world, "pi-301", "LAB-301", version=V1).get("release") is None
     assert c.get("/api/v1/releases/assigned", headers=world.other).json()["version"] == V1
