@@ -1,4 +1,4 @@
-"""``appliance update ...``: releases on this device (run as root; docs/OPERATIONS.md 6.4, 6.8)."""
+"""``appliance update ...``: releases on this device (run as root; docs/OPERATIONS.md 6.4, 6.10)."""
 
 from __future__ import annotations
 

@@ -294,3 +294,51 @@ def test_console_devices_page(world: World, sessions: Any, settings: AggregatorS
     r = c.post("/releases/rollout/resume", data={"csrf": csrf_of(text)},
                follow_redirects=False)
     assert r.status_code == 403
+
+
+def test_devices_page_in_chromium(tmp_path: Path, office: tuple[Path, bytes]) -> None:
+    """The Devices page with a halted rollout, at desktop and phone width (no horizontal
+    scroll at 390 px); screenshots in test-output/console/releases."""
+    from cloud_sync.aggregator import config as aggregator_config
+    from cloud_sync.aggregator.console import accounts
+    from cloud_sync.aggregator.db.models import Room
+    from cloud_sync.aggregator.services.common import utcnow
+    from tests.cloud_sync.aggregator.console_helpers import live_aggregator, shoot, submit
+    from tests.conftest import REPO, require
+    from tests.support.chromium import Chromium, chromium_binary
+
+    binary = chromium_binary()
+    require(binary is not None, "chromium not installed (apt-get install chromium)")
+    assert binary is not None
+    bundle, public = office
+    settings = aggregator_config.load(None, database_url=f"sqlite:///{tmp_path / 'a.db'}",
+                                      data_dir=tmp_path / "data", rate_limit_per_min=100000)
+    password = "correct horse battery"
+    with live_aggregator(settings) as (url, app), Chromium(binary, 1280, 900) as browser:
+        with app.state.ctx.sessions() as session:
+            accounts.add_user(session, "office", "admin", password)
+            for room in ("LAB-301", "LAB-302"):
+                session.add(Room(id=room, name=room, site="north", timezone="UTC",
+                                 created_at=utcnow()))
+            session.commit()
+            for name, room in (("pi-lab-301", "LAB-301"), ("pi-lab-302", "LAB-302"),
+                               ("pi-lab-302-b", "LAB-302")):
+                add_device(session, room, name)
+            svc.trust_key(session, public, "office")
+            svc.add_release(session, settings, bundle, "cli:office")
+            svc.start_rollout(session, V1, "LAB-301", 50, "cli:office")
+            at = datetime.now(UTC)
+            for state in ("downloading", "installing", "trial"):
+                svc.record_report(session, "pi-lab-301", svc.UpdateReport(
+                    state=state, version=V1, running="0.9", at=at))  # type: ignore[arg-type]
+                at += timedelta(seconds=5)
+            svc.record_report(session, "pi-lab-301", svc.UpdateReport(
+                state="reverted", version=V1, running="0.9", at=at,  # type: ignore[arg-type]
+                reason="not healthy within 180 s: camera unhealthy: camera failed"))
+        browser.navigate(f"{url}/login")
+        submit(browser, "form[action='/login']", {"name": "office", "password": password})
+        browser.navigate(f"{url}/devices")
+        text = browser.evaluate("document.body.innerText")
+        assert f"Rollout of {V1}: halted" in text
+        assert "pi-lab-301 reverted" in text and "camera failed" in text
+        shoot(browser, REPO / "test-output" / "console" / "releases", "devices-rollout")
