@@ -86,7 +86,8 @@ class TrackState:
     embedded: int = 0
     best_quality: float = -1.0
     last_embed_frame: int = -(10**9)
-    candidate: tuple[float, np.ndarray, Detection, int] | None = None  # quality, crop, det, frame
+    # quality, crop, detection in the crop, frame, whether to refine it before embedding
+    candidate: tuple[float, np.ndarray, Detection, int, bool] | None = None
     label: str | None = None
     in_flight: bool = False  # a crop of this track is queued for / in the embedding thread
     desc_sum: np.ndarray | None = None  # quality-weighted sum of the track's descriptors
@@ -167,6 +168,23 @@ def crop_for_embedding(frame: np.ndarray, det: Detection,
     return crop, moved
 
 
+def refine_for_embedding(detector: Detector, crop: np.ndarray, det: Detection,
+                         quality: Callable[[np.ndarray, Detection], float], min_quality: float
+                         ) -> tuple[Detection, float] | None:
+    """A crop picked for a descriptor whose face was small in the detector's scaled-down
+    input: its landmarks again from a detector pass on the full-resolution crop
+    (``detector.refine_landmarks``, YuNet), and its quality judged again on them. Returns the
+    detection to embed and its quality, or None when the refined crop is below
+    ``min_quality`` (no descriptor). A detector without ``refine``, or a refine pass that
+    finds no face, keeps ``det``."""
+    refine = getattr(detector, "refine", None)
+    refined = refine(crop, det) if refine is not None else None
+    if refined is None:
+        return det, float(quality(crop, det))
+    q = float(quality(crop, refined))
+    return (refined, q) if q >= min_quality else None
+
+
 # --- the pipeline -----------------------------------------------------------------------------
 
 class Pipeline:
@@ -225,6 +243,13 @@ class Pipeline:
         # frames stamped by the clock (live, or a file at its own pace), not by a file's time
         self._clock_stamped = src.live or paced
         self.tracker = Tracker()
+        # detection every Nth frame, at once after a cut (detector.detect_every_frames)
+        self.detect_every = max(1, settings.detector.detect_every_frames)
+        self._refine = (settings.detector.refine_landmarks
+                        and hasattr(self.detector, "needs_refine"))
+        self._last_detect_frame: int | None = None
+        self.detected_frames = 0
+        self.refined = 0  # crops whose landmarks were refined at full resolution
         self.cut_detector = CutDetector()
         self.placement = PlacementStats()  # face sizes per class (the status page's check)
         self.splits = 0  # tracks whose face changed (descriptors disagreed): new identity
@@ -402,19 +427,33 @@ class Pipeline:
         self._refresh_roster(now)
         self._wait_for_lagging(frame.index)
         image = frame.image
+        if image.ndim != 3 or image.shape[2] != 3 or image.size == 0:
+            # checked here, not only by the detector: it does not see every frame
+            raise ValueError(f"expected a BGR image (h, w, 3), got shape {image.shape}")
         t0 = time.perf_counter()
-        detections = self.detector.detect(image)
-        t1 = time.perf_counter()
         self._now = (now, frame.pts_s)
-        if self.cut_detector.update(image):
+        cut = self.cut_detector.update(image)
+        if cut:
             ended = self.tracker.cut()
             self.placement.ended(ended)
             _LOGGER.debug("frame %d: camera cut, %d tracks ended", frame.index, len(ended))
-        tracks = self.tracker.update(detections, frame.index, at=now, pts_s=frame.pts_s)
-        self.placement.ended(self.tracker.expired)
-        observe_live(tracks)
+        detect = (cut or self._last_detect_frame is None
+                  or frame.index - self._last_detect_frame >= self.detect_every
+                  or frame.index < self._last_detect_frame)
+        t1 = time.perf_counter()
+        if detect:
+            detections = self.detector.detect(image)
+            t1 = time.perf_counter()
+            self._last_detect_frame = frame.index
+            self.detected_frames += 1
+            tracks = self.tracker.update(detections, frame.index, at=now, pts_s=frame.pts_s)
+            self.placement.ended(self.tracker.expired)
+            observe_live(tracks)
+        else:  # the tracks carried as they are; no crop comes from a frame not detected on
+            tracks = list(self.tracker.tracks)
         t2 = time.perf_counter()
-        self._schedule(image, tracks, frame.index)
+        if detect:
+            self._schedule(image, tracks, frame.index)
         t3 = time.perf_counter()
         embed_ms = self._collect()
         self._decide_without_roster(tracks)
@@ -426,7 +465,8 @@ class Pipeline:
             "embed": (t3 - t2) * 1e3 + embed_ms, "match": (t4 - t3) * 1e3,
         }
         metrics.FRAMES_PROCESSED.inc()
-        metrics.DETECTION_SECONDS.observe(t1 - t0)
+        if detect:
+            metrics.DETECTION_SECONDS.observe(t1 - t0)
         with self._lock:
             self.timer.add(ms)
             self._frames += 1
@@ -497,7 +537,9 @@ class Pipeline:
             q = float(self.quality(image, track.detection))
             if q >= rcfg.min_quality and (state.candidate is None or q > state.candidate[0]):
                 crop, det = crop_for_embedding(image, track.detection)
-                state.candidate = (q, crop, det, frame_index)
+                refine = self._refine and self.detector.needs_refine(  # type: ignore[attr-defined]
+                    track.detection, image.shape[1])
+                state.candidate = (q, crop, det, frame_index, refine)
             if state.candidate is None or state.in_flight:
                 continue
             since = frame_index - state.last_embed_frame
@@ -514,10 +556,25 @@ class Pipeline:
                 due.append((q, track, state))
         due.sort(key=lambda item: item[0], reverse=True)
         recheck.sort(key=lambda item: item[0], reverse=True)
+        return self._dispatch((due + recheck)[: rcfg.max_embeddings_per_frame], frame_index)
+
+    def _dispatch(self, picked: Sequence[tuple[float, Track, TrackState]],
+                  frame_index: int) -> int:
+        """Hand the picked tracks' candidate crops to the embedding thread (refined first
+        where ``detector.refine_landmarks`` applies); returns how many were queued."""
+        rcfg = self.settings.recognition
         queued = 0
-        for q, track, state in (due + recheck)[: rcfg.max_embeddings_per_frame]:
+        for q, track, state in picked:
             assert state.candidate is not None
-            _, crop, det, _ = state.candidate
+            _, crop, det, _, refine = state.candidate
+            if refine:
+                refined = refine_for_embedding(self.detector, crop, det, self.quality,
+                                               rcfg.min_quality)
+                self.refined += 1
+                if refined is None:  # not good enough once its landmarks are exact
+                    state.candidate = None
+                    continue
+                det, q = refined
             try:
                 self._jobs.put_nowait(_EmbedJob(track, state, q, crop, det, frame_index))
             except queue.Full:  # the embedding thread is behind: keep the crop for later

@@ -83,6 +83,8 @@ def replay_video(
         "track_splits": pipeline.splits,
         "reverified": pipeline.reverified,
         "embeddings": pipeline.embeddings,
+        "detected_frames": pipeline.detected_frames,  # detector.detect_every_frames
+        "refined": pipeline.refined,  # crops refined at full resolution before a descriptor
         "roster_size": pipeline.roster_size,
         "peak_rss_mb": peak_rss_mb(),  # this process
         "embedder_peak_rss_mb": round(pipeline.embedder.peak_rss_mb, 1),  # descriptor child

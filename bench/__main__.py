@@ -2,7 +2,7 @@
 
     python -m bench                 # all
     python -m bench pipeline        # one or more by name: pipeline, door, recognition, aggregator,
-                                    # cost, scaleout, sync, recordings, update
+                                    # cost, scaleout, sync, recordings
     python -m bench --out FILE      # also write the JSON to FILE
 """
 
@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("pipeline", "door", "recognition", "aggregator", "cost", "scaleout", "sync", "recordings",
-          "update")
+SUITES = ("pipeline", "door", "recognition", "aggregator", "cost", "scaleout", "sync", "recordings")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,10 @@ goes in the upper part, where the scene has no faces), with sensor-like noise an
 75. Face width = the BlazeFace full-range box of the face in the original photo (about 16 cm
 of a real face: the unit docs/OPERATIONS.md's placement guide uses; YuNet's box is ~0.85 of it).
 
+The shipped variant does what the pipeline does before a descriptor: a face that was small in
+YuNet's scaled-down input is detected again on its full-resolution crop
+(``detector.refine_landmarks``) and the quality gate judges it again on those landmarks.
+
 Per detector variant, frame size and face size: detection recall (a detection centred in the
 pasted face), and for the variants that identify, what the pipeline does with the face: the
 quality gate (``recognition.min_quality``), the crop from the full-resolution frame, the
@@ -62,11 +66,14 @@ class Variant:
     options: dict[str, int] = field(default_factory=dict)
     identify: bool = True
     shipped: bool = False
+    refine: bool = True  # detector.refine_landmarks where the detector has it
     note: str = ""
 
 
 VARIANTS = (
     Variant("shipped", shipped=True, note="the configured defaults (detector + recognition)"),
+    Variant("shipped_no_refine", "yunet", {"input_width": 640, "min_face_px": 24},
+            refine=False, note="YuNet on a 640 px copy without detector.refine_landmarks"),
     Variant("yunet_full_res", "yunet", {"input_width": 0, "min_face_px": 24},
             note="YuNet on the whole full-resolution frame"),
     Variant("yunet_480", "yunet", {"input_width": 480, "min_face_px": 24},
@@ -175,7 +182,7 @@ def _init(model_dir: str, root: str) -> None:
 
 def _cell(job: tuple[str, int, list[Item], int]) -> list[dict[str, Any]]:
     """One frame size x face size x chunk of items: per item and variant, what happened."""
-    from appliance.pipeline import crop_for_embedding
+    from appliance.pipeline import crop_for_embedding, refine_for_embedding
     from appliance.vision.enroll import load_image
     from appliance.vision.quality import face_quality
 
@@ -202,6 +209,19 @@ def _cell(job: tuple[str, int, list[Item], int]) -> list[dict[str, Any]]:
                 det = found[0]
                 r["gated"] = face_quality(frame, det) >= min_quality
                 crop, moved = crop_for_embedding(frame, det)
+                detector = _STATE["detectors"][v.name]
+                if (v.refine and settings.detector.refine_landmarks
+                        and hasattr(detector, "needs_refine")
+                        and detector.needs_refine(det, frame.shape[1])):
+                    # as the pipeline does before a descriptor: landmarks from the
+                    # full-resolution crop, the gate again on them
+                    refined = refine_for_embedding(detector, crop, moved, face_quality,
+                                                   min_quality)
+                    r["refined"] = True
+                    if refined is None:
+                        r["gated"] = False
+                    else:
+                        moved = refined[0]
                 r["embedding"] = _STATE["embedder"].embed(crop, [moved])[0]
             row[v.name] = r
         out.append(row)
@@ -441,7 +461,8 @@ def _walkthroughs(root: Path, model_dir: Path) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for name, overrides in (("shipped", None),
-                            ("blazeface_before", {"model": "full_range", "min_face_px": 40})):
+                            ("blazeface_before", {"model": "full_range", "min_face_px": 40,
+                                                 "detect_every_frames": 1})):
         with tempfile.TemporaryDirectory(prefix="bench-walk-") as tmp:
             result = walkthrough.run(root, model_dir, Path(tmp), overrides)
         result.pop("placement", None)

@@ -194,7 +194,9 @@ def events_cost(roster: Path, clip: Path) -> tuple[dict[str, Any], dict[str, Any
 
 
 # the detector settings before issue 22 (BlazeFace full range, faces from 40 px)
-BEFORE_DOOR = {"APPLIANCE_DETECTOR__MODEL": "full_range", "APPLIANCE_DETECTOR__MIN_FACE_PX": "40"}
+# and detection on every frame (no detector.detect_every_frames schedule)
+BEFORE_DOOR = {"APPLIANCE_DETECTOR__MODEL": "full_range", "APPLIANCE_DETECTOR__MIN_FACE_PX": "40",
+               "APPLIANCE_DETECTOR__DETECT_EVERY_FRAMES": "1"}
 RESOLUTION_ROUNDS = 2
 TARGET_720P_CPU_RATIO = 1.5
 

@@ -36,6 +36,11 @@ _LOGGER = logging.getLogger(__name__)
 
 MODEL_NAME = "yunet_int8"
 TOP_K = 200  # candidates kept before NMS (a doorway has a handful of faces)
+# A face narrower than this in the detector's (scaled-down) input gets its landmarks again from
+# a pass on its full-resolution crop before alignment (refine): a 50 px face of a 720p frame is
+# 25 px in the 640 px copy, where YuNet's landmarks are off by a pixel or two of the 112 px
+# chip's eye distance; measured on the door benchmark (docs/RECOGNITION.md).
+REFINE_BELOW_INPUT_PX = 48.0
 
 
 def _keypoints(row: np.ndarray, scale: float) -> np.ndarray:
@@ -71,9 +76,11 @@ class YuNetDetector:
         self.threads = threads
         self.tiles = 1
         self._size: tuple[int, int] = (320, 320)
-        self._net = cv2.FaceDetectorYN.create(
-            str(model_path(MODEL_NAME, model_dir)), "", self._size, score_threshold, nms_iou,
-            TOP_K)
+        self._model_file = str(model_path(MODEL_NAME, model_dir))
+        self._net = cv2.FaceDetectorYN.create(self._model_file, "", self._size,
+                                              score_threshold, nms_iou, TOP_K)
+        self._refine_net: cv2.FaceDetectorYN | None = None  # its own input size
+        self._refine_size: tuple[int, int] = (0, 0)
         _LOGGER.info("YuNet loaded: threshold %.2f, input width %s", score_threshold,
                      input_width or "full")
 
@@ -113,3 +120,43 @@ class YuNetDetector:
                 continue
             detections.append(Detection((x1, y1, x2, y2), float(row[14]), _keypoints(row, scale)))
         return detections
+
+    def needs_refine(self, det: Detection, frame_width: int) -> bool:
+        """Whether ``det`` (from a frame ``frame_width`` wide) was small in the detector's
+        scaled-down input, so :meth:`refine` on its full-resolution crop gives better
+        landmarks. False when the detector ran at full resolution."""
+        scale = self.input_scale(frame_width)
+        return scale < 1.0 and det.width * scale < REFINE_BELOW_INPUT_PX
+
+    def refine(self, crop_bgr: np.ndarray, det: Detection) -> Detection | None:
+        """The face of ``det`` (coordinates in ``crop_bgr``, a full-resolution crop around it,
+        e.g. :func:`appliance.pipeline.crop_for_embedding`'s) detected again on the crop at
+        its own resolution: the detection nearest to ``det``'s centre whose width is within
+        half to twice ``det``'s, or None (keep ``det``)."""
+        if crop_bgr.ndim != 3 or crop_bgr.shape[2] != 3 or crop_bgr.size == 0:
+            return None
+        h, w = crop_bgr.shape[:2]
+        if self._refine_net is None:
+            self._refine_net = cv2.FaceDetectorYN.create(
+                self._model_file, "", (w, h), self.score_threshold, self.nms_iou, TOP_K)
+            self._refine_size = (w, h)
+        elif self._refine_size != (w, h):
+            self._refine_net.setInputSize((w, h))
+            self._refine_size = (w, h)
+        cv2.setNumThreads(self.threads)
+        _, faces = self._refine_net.detect(np.ascontiguousarray(crop_bgr))
+        if faces is None:
+            return None
+        cx, cy = det.center
+        best: Detection | None = None
+        best_d = float("inf")
+        for row in faces:
+            x, y, bw, bh = (float(v) for v in row[:4])
+            if not 0.5 * det.width <= bw <= 2.0 * det.width:
+                continue
+            d = (x + bw / 2 - cx) ** 2 + (y + bh / 2 - cy) ** 2
+            if d < best_d and d <= (0.5 * det.width) ** 2:
+                best_d = d
+                box = (max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh))
+                best = Detection(box, float(row[14]), _keypoints(row, 1.0))
+        return best

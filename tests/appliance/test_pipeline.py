@@ -175,6 +175,11 @@ def test_report_is_json(hamilton: Path, model_dir: Path, roster_file: Path,
     assert report["frames"] == 275 and report["complete"]
     assert report["embeddings"] <= report["tracks"] * 6
     assert report["embeddings"] < report["frames"] / 5  # never every face in every frame
+    # detector.detect_every_frames (3): every 3rd frame, and the frame after each of the
+    # clip's 3 cuts at once (the tracks ended there)
+    assert report["cuts"] == 3
+    assert 275 / 3 <= report["detected_frames"] <= 275 / 3 + 1 + report["cuts"]
+    assert any(r["student_id"] == "S001" for r in report["records"])
 
 
 @pytest.mark.parametrize("name", ["sface", "dlib"])

@@ -69,6 +69,30 @@ def test_track_expires_and_new_face_gets_new_id() -> None:
     assert [t.track_id for t in tracker.flush()] == [2, 3] and tracker.tracks == []
 
 
+def test_detection_every_third_frame_keeps_an_approaching_face() -> None:
+    """detector.detect_every_frames = 3: the tracker sees frames 0, 3, 6, ... A face coming
+    towards the camera grows 10 % per frame (33 % between two detections) while moving 12 px
+    per frame: one track. The allowed change of size and the predicted box are counted over
+    the frames since the face was seen, not one frame per detector pass."""
+    tracker = Tracker()
+    ids = set()
+    for i in range(0, 24, 3):
+        tracks = tracker.update([det(300 + 12 * i, 200, size=30 * 1.1 ** i)], i)
+        assert len(tracks) == 1
+        ids.add(tracks[0].track_id)
+    assert ids == {1}
+
+
+def test_expiry_counts_frames_not_detector_passes() -> None:
+    """Detections every 3rd frame, max_missed 8: a face unseen since frame 0 is gone at frame
+    9 (9 frames), after three detector passes without it."""
+    tracker = Tracker(max_missed=8)
+    tracker.update([det(100, 100)], 0)
+    assert [t.track_id for t in tracker.update([], 3)] == [1]
+    assert [t.track_id for t in tracker.update([], 6)] == [1]
+    assert tracker.update([], 9) == [] and [t.track_id for t in tracker.expired] == [1]
+
+
 def test_size_jump_is_not_associated() -> None:
     tracker = Tracker()
     tracker.update([det(200, 200, size=40)], 0)

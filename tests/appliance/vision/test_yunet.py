@@ -84,6 +84,41 @@ def test_small_faces_in_a_720p_frame(model_dir: Path, faces_dir: Path) -> None:
     assert len(blaze.detect(frame)) <= 2
 
 
+def test_refine_gives_full_resolution_landmarks(model_dir: Path, faces_dir: Path) -> None:
+    """Faces 50 px wide in a 1280x720 frame (25 px in the 640 px copy YuNet runs on): the
+    landmarks from a pass on the full-resolution crop (detector.refine_landmarks) are nearer
+    to those of the person's photo at its own size than the landmarks from the copy are."""
+    from appliance.pipeline import crop_for_embedding
+
+    truth_detector = YuNetDetector(model_dir, min_face_px=10, input_width=0)
+    shipped = YuNetDetector(model_dir, min_face_px=10, input_width=640)
+    coarse_err, refined_err = [], []
+    for person in sorted((faces_dir / "lfw_dev").iterdir())[:12]:
+        photo = cv2.imread(str(sorted(person.glob("*.jpg"))[0]))
+        (truth, *_) = truth_detector.detect(photo)
+        s = 50.0 / truth.width
+        small = cv2.resize(photo, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        frame = np.full((720, 1280, 3), 80, np.uint8)
+        x, y = 517, 203  # odd offsets: no alignment with the 2x downscale's grid
+        frame[y:y + small.shape[0], x:x + small.shape[1]] = small
+        want = truth.keypoints[:4] * s + np.array([x, y], np.float32)
+        found = [d for d in shipped.detect(frame) if d.width > 30]
+        if not found:
+            continue
+        det = found[0]
+        assert shipped.needs_refine(det, 1280)
+        assert not truth_detector.needs_refine(det, 1280)  # full resolution already
+        crop, moved = crop_for_embedding(frame, det)
+        refined = shipped.refine(crop, moved)
+        assert refined is not None
+        offset = np.array([det.box[0] - moved.box[0], det.box[1] - moved.box[1]], np.float32)
+        eye = float(np.linalg.norm(want[1] - want[0]))
+        coarse_err.append(float(np.abs(det.keypoints[:4] - want).mean()) / eye)
+        refined_err.append(float(np.abs(refined.keypoints[:4] + offset - want).mean()) / eye)
+    assert len(coarse_err) >= 10
+    assert np.mean(refined_err) < 0.8 * np.mean(coarse_err), (coarse_err, refined_err)
+
+
 def test_no_faces_in_a_plain_or_noisy_frame(yunet: YuNetDetector) -> None:
     rng = np.random.default_rng(3)
     assert yunet.detect(np.full((480, 640, 3), 128, np.uint8)) == []
