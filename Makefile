@@ -79,7 +79,8 @@ FLASH_ARGS = --aggregator "$(AGGREGATOR)" \
 	$(if $(WIFI_COUNTRY),--wifi-country "$(WIFI_COUNTRY)") $(if $(NTP),--ntp "$(NTP)") \
 	$(if $(CAMERA),--camera-source "$(CAMERA)") $(if $(DEVICES_CSV),--devices-csv "$(DEVICES_CSV)") \
 	$(if $(ADMIN_TOKEN_FILE),--admin-token-file "$(ADMIN_TOKEN_FILE)") \
-	$(if $(ADMIN_URL),--admin-url "$(ADMIN_URL)")
+	$(if $(ADMIN_URL),--admin-url "$(ADMIN_URL)") \
+	$(if $(RELEASE_PUBKEY),--release-key "$(RELEASE_PUBKEY)")
 
 lock: venv
 	$(BIN)/python -m fleet lock $(if $(UPGRADE),--upgrade)
@@ -87,7 +88,7 @@ lock: venv
 image: setup
 	bash scripts/ensure-system-deps.sh $(if $(BASE),image-base,image)
 	$(BIN)/python -m fleet image $(if $(BASE),--base "$(BASE)") $(if $(TARGET),--target "$(TARGET)") \
-		$(IMAGE_ARGS)
+		$(if $(RELEASE_PUBKEY),--release-key "$(RELEASE_PUBKEY)") $(IMAGE_ARGS)
 
 # WIFI_PSK goes through the environment, not the command line (ps would show it)
 flash: setup

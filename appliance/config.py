@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cloud_sync.protocol import Identifier
@@ -935,7 +935,27 @@ class UpdateConfig(Section):
         title="Update request file",
         description="When the heartbeat reply names a release, the appliance touches this "
         "file and classroom-update.path starts `appliance update check` as root (the "
-        "appliance runs unprivileged). Unset: a detached `appliance update check` child.",
+        "appliance runs unprivileged). Empty (\"\"): a detached `appliance update check` "
+        "child instead (a host without systemd).",
+    )
+
+    @field_validator("request_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    reboot_command: str = Field(
+        default="systemctl reboot",
+        max_length=500,
+        title="Reboot command",
+        description="What `appliance update reboot-if-needed` runs when a security update "
+        "asked for a reboot and no class is in session or about to start.",
+    )
+    reboot_required_file: Path = Field(
+        default=Path("/run/reboot-required"),
+        title="Reboot-required flag",
+        description="The file unattended-upgrades (Debian's security suite) leaves when an "
+        "installed update needs a reboot.",
     )
     check_interval_s: float = Field(
         default=900,

@@ -2,7 +2,7 @@
 
     python -m bench                 # all
     python -m bench pipeline        # one or more by name: pipeline, door, recognition, aggregator,
-                                    # cost, scaleout, sync, recordings
+                                    # cost, scaleout, sync, recordings, update
     python -m bench --out FILE      # also write the JSON to FILE
 """
 
@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("pipeline", "door", "recognition", "aggregator", "cost", "scaleout", "sync", "recordings")
+SUITES = ("pipeline", "door", "recognition", "aggregator", "cost", "scaleout", "sync", "recordings",
+          "update")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,11 +80,15 @@ def image(
     target: Annotated[str | None, typer.Option(
         help="With --base: the Raspberry Pi OS release (trixie, or bookworm for an older "
              "one). Default: trixie with --base, bookworm without.")] = None,
+    release_key: Annotated[list[Path] | None, typer.Option(
+        envvar="RELEASE_PUBKEY", help="Public key(s) pulled releases must be signed with "
+        "(`aggregator releases keygen`'s .pub; never the private key).")] = None,
 ) -> None:
     """make image: the flashable image (Debian arm64), or a customised Raspberry Pi OS Lite."""
     from fleet.image import build_image, customize_raspios
 
     _setup_logging()
+    release_keys = _release_keys(release_key)
     version = release_version()
     existing = out or image_path(version, "-raspios" if base else "")
     if reuse and existing.exists():
@@ -114,7 +118,8 @@ def image(
             timings["base root (cached after the first build)"] = round(time.monotonic() - t, 1)
             target = out or image_path(version)
             build_image(target, base_tar=Path(tarball), bundle=bundle_dir,
-                        units_dir=REPO / "systemd", workdir=work, timings=timings)
+                        units_dir=REPO / "systemd", workdir=work, timings=timings,
+                        release_keys=release_keys)
     except (BundleError, LockError, disk.DiskError, subprocess.CalledProcessError,
             OSError) as err:
         raise _fail(err) from err
@@ -123,6 +128,20 @@ def image(
     for name, seconds in timings.items():
         typer.echo(f"{name:<45} {seconds:8.1f} s")
     typer.echo(target)
+
+
+def _release_keys(paths: list[Path] | None) -> list[Path]:
+    """The release public keys given, each checked (a private key or garbage: exit 2)."""
+    from cloud_sync import release_manifest as rm
+
+    for path in paths or []:
+        try:
+            rm.load_public_key(path.expanduser().read_bytes())
+        except (OSError, rm.ReleaseError) as err:
+            typer.echo(f"error: release key {path}: {err} (give release-signing.pub, the "
+                       "public key)", err=True)
+            raise typer.Exit(2) from err
+    return [p.expanduser() for p in paths or []]
 
 
 def _latest_image() -> Path:
@@ -167,6 +186,9 @@ def flash(
         help="File with the admin token (default: env AGGREGATOR_ADMIN_TOKEN).")] = None,
     admin_url: Annotated[str | None, typer.Option(
         help="Where this machine reaches the admin API, if not at --aggregator.")] = None,
+    release_key: Annotated[list[Path] | None, typer.Option(
+        envvar="RELEASE_PUBKEY", help="Public key(s) pulled releases must be signed with "
+        "(installed at first boot beside the image's).")] = None,
 ) -> None:
     """make flash: the image plus this card's settings (the device key comes from the API)."""
     from fleet.flash import CardRequest, FlashError, flash_batch, read_csv
@@ -180,7 +202,8 @@ def flash(
                        wifi_ssid=wifi_ssid, wifi_psk=wifi_psk, ssh_key=key,
                        camera_source=camera_source,
                        wifi_country=wifi_country.upper() if wifi_country else None,
-                       ntp=ntp.split() if ntp else None)
+                       ntp=ntp.split() if ntp else None,
+                       release_keys=[p.read_text() for p in _release_keys(release_key)] or None)
     try:
         if devices_csv is not None:
             done = flash_batch(source, read_csv(devices_csv), aggregator=aggregator,

@@ -220,6 +220,23 @@ def _ssh(settings: DeviceSettings, root: Path, report: Report) -> None:
     report.ok("ssh", f"{len(settings.ssh_authorized_keys)} key(s)")
 
 
+RELEASE_KEYS_DIR = Path("etc/classroom-attendance/release-keys")
+
+
+def _release_keys(settings: DeviceSettings, root: Path, report: Report) -> None:
+    """The flashed release keys beside the image's (docs/OPERATIONS.md 6.10)."""
+    if not settings.release_keys:
+        report.ok("release keys", "none flashed (the image's, if any)")
+        return
+    keys = root / RELEASE_KEYS_DIR
+    keys.mkdir(parents=True, exist_ok=True)
+    for n, pem in enumerate(settings.release_keys, 1):
+        path = keys / f"flashed-{n}.pub"
+        path.write_text(pem if pem.endswith("\n") else pem + "\n")
+        path.chmod(0o644)
+    report.ok("release keys", f"{len(settings.release_keys)} key(s)")
+
+
 def grow_root(report: Report) -> None:
     """Grow the root partition and its file system to the end of the card (growpart)."""
     source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"], capture_output=True,
@@ -306,7 +323,7 @@ def provision(root: Path = Path("/"), *, wait_s: float = 120.0, grow: bool = Tru
     _write_secret(root / CONFIG_DIR / "appliance.toml", appliance_toml(settings), root,
                   service=True)
     for name, apply in (("hostname", _hostname), ("wifi", _wifi), ("ssh", _ssh),
-                        ("time", _time)):
+                        ("time", _time), ("release keys", _release_keys)):
         try:
             apply(settings, root, report)
         except Exception as err:  # one step's failure is recorded; the others still run

@@ -43,6 +43,7 @@ class CardRequest:
     camera_source: str | None = None
     wifi_country: str | None = None
     ntp: list[str] | None = None
+    release_keys: list[str] | None = None
 
     def resolved_id(self) -> str:
         return self.device_id or f"pi-{self.room_id.lower()}"
@@ -197,7 +198,7 @@ def flash(image: Path, request: CardRequest, *, aggregator: str, admin_token: st
                  hostname=request.hostname or device_id.lower(), wifi_ssid=request.wifi_ssid,
                  wifi_psk=request.wifi_psk, ssh_authorized_keys=ssh_keys,
                  camera_source=request.camera_source, wifi_country=request.wifi_country,
-                 ntp=request.ntp or [])
+                 ntp=request.ntp or [], release_keys=request.release_keys or [])
     DeviceSettings.model_validate({**draft, "device_key": "x" * 16})
     key = obtain_device_key(admin_url or aggregator, admin_token, device_id, request.room_id,
                             client=client)

@@ -28,10 +28,11 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from cloud_sync import release_manifest as rm
 from fleet import disk
 from fleet.bundle import bundle_version
 
@@ -44,12 +45,12 @@ FIRSTRUN_DIR = "classroom"
 UNITS = ("classroom-appliance.service", "classroom-firstboot.service",
          "classroom-sshkeys.service", "classroom-release-confirm.service",
          "classroom-console.service", "classroom-update.service", "classroom-update.timer",
-         "classroom-update.path")
+         "classroom-update.path", "classroom-reboot.service", "classroom-reboot.timer")
 # classroom-update.service has no [Install]: its timer and path start it
 ENABLED = ("classroom-appliance.service", "classroom-firstboot.service",
            "classroom-sshkeys.service", "classroom-release-confirm.service",
            "classroom-console.service", "classroom-update.timer", "classroom-update.path",
-           "systemd-networkd.service", "systemd-resolved.service",
+           "classroom-reboot.timer", "systemd-networkd.service", "systemd-resolved.service",
            "systemd-timesyncd.service", "ssh.service")
 
 FSTAB = """\
@@ -80,6 +81,21 @@ WATCHDOG = """\
 RuntimeWatchdogSec=15s
 RebootWatchdogSec=2min
 """
+
+# Debian's security suite, installed by unattended-upgrades (in the base root file system);
+# never rebooting by itself: classroom-reboot.timer reboots outside class time
+SECURITY_SOURCE = "deb http://security.debian.org/debian-security bookworm-security main\n"
+UNATTENDED = """\
+// classroom-attendance (fleet/image.py): the security suite only; the appliance's own code
+// comes as signed releases from the aggregator (docs/OPERATIONS.md 6.10)
+Unattended-Upgrade::Origins-Pattern {
+        "origin=Debian,codename=${distro_codename}-security,label=Debian-Security";
+};
+Unattended-Upgrade::Automatic-Reboot "false";
+Unattended-Upgrade::Remove-Unused-Dependencies "true";
+Unattended-Upgrade::MinimalSteps "true";
+"""
+AUTO_UPGRADES = 'APT::Periodic::Update-Package-Lists "1";\nAPT::Periodic::Unattended-Upgrade "1";\n'
 
 NETWORK = {
     "20-wired.network": "[Match]\nName=e*\n\n[Network]\nDHCP=yes\n",
@@ -129,14 +145,24 @@ def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def configure_root(root: Path, units_dir: Path, *, hostname: str = "classroom-appliance") -> None:
-    """Files, user and units of the appliance layer (no foreign code runs here)."""
+def configure_root(root: Path, units_dir: Path, *, hostname: str = "classroom-appliance",
+                   release_keys: Sequence[Path] = ()) -> None:
+    """Files, user and units of the appliance layer (no foreign code runs here).
+    ``release_keys``: public keys pulled releases must be signed with (make image
+    RELEASE_PUBKEY=...), checked to be ed25519 public keys."""
     _write(root, "etc/fstab", FSTAB)
     _write(root, "etc/systemd/journald.conf.d/50-classroom-sdcard.conf", JOURNALD)
     _write(root, "etc/systemd/system.conf.d/50-classroom-watchdog.conf", WATCHDOG)
     for name, text in NETWORK.items():
         _write(root, f"etc/systemd/network/{name}", text)
     _write(root, "etc/ssh/sshd_config.d/50-classroom.conf", SSHD)
+    for source in release_keys:
+        key = rm.load_public_key(source.read_bytes())  # a private key or garbage: refused
+        _write(root, f"etc/classroom-attendance/release-keys/{rm.key_id(key)}.pub",
+               rm.public_pem(key).decode())
+    _write(root, "etc/apt/sources.list.d/debian-security.list", SECURITY_SOURCE)
+    _write(root, "etc/apt/apt.conf.d/52classroom-unattended-upgrades", UNATTENDED)
+    _write(root, "etc/apt/apt.conf.d/20auto-upgrades", AUTO_UPGRADES)
     _write(root, "etc/hostname", hostname + "\n")
     _write(root, "etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
            "::1\t\tlocalhost ip6-localhost ip6-loopback\n")
@@ -257,7 +283,7 @@ def compress(image: Path, out: Path) -> None:
 
 
 def build_image(out: Path, *, base_tar: Path, bundle: Path, units_dir: Path, workdir: Path,
-                timings: dict[str, float]) -> Path:
+                timings: dict[str, float], release_keys: Sequence[Path] = ()) -> Path:
     """The whole ``make image`` after the cached steps: appliance layer, boot files, assembly."""
     root = workdir / "root"
     with step("extract base root", timings):
@@ -266,7 +292,7 @@ def build_image(out: Path, *, base_tar: Path, bundle: Path, units_dir: Path, wor
         root.mkdir(parents=True)
         disk.run(["tar", "-x", "-p", "--numeric-owner", "-f", str(base_tar), "-C", str(root)])
     with step("appliance layer", timings):
-        configure_root(root, units_dir)
+        configure_root(root, units_dir, release_keys=release_keys)
         install_bundle(root, bundle)
         # the service user's state directory (systemd's StateDirectory= would make it too)
         state = root / "var/lib/classroom-attendance"

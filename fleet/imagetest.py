@@ -283,7 +283,11 @@ def aggregator_env(work: Path) -> dict[str, str]:
             "AGGREGATOR_DATA_DIR": str(work / "aggregator-data")}
 
 
-STALE_DAYS = 365  # the guest's clock at the reboot of check_stale_clock
+STALE_DAYS = 365  # the guest's real-time clock at the reboot of check_stale_clock
+# The system clock the device sees is less far behind: systemd advances a clock before its own
+# build time to that time ("System time before build time, advancing clock"), as on a Pi; in the
+# first run (2026-12-07, Debian's systemd 252.39) the guest's clock was 224 days behind.
+MIN_BEHIND_DAYS = 30
 DOOR_CLIP = "/var/lib/classroom-attendance/door-test.avi"
 
 
@@ -393,7 +397,7 @@ def check_stale_clock(guest: Guest, qemu: subprocess.Popen[bytes], card: Path, s
             at = at.replace(tzinfo=UTC)
         report["record_at_minus_now_s"] = round((at - datetime.now(UTC)).total_seconds())
         report["passed"] = bool(
-            report["guest_clock_behind_days"] > STALE_DAYS - 2  # type: ignore[operator]
+            report["guest_clock_behind_days"] > MIN_BEHIND_DAYS  # type: ignore[operator]
             and clock.get("source") == "aggregator" and first.get("room_id") == "LAB-301"
             and -3 * 3600 < report["record_at_minus_now_s"] <= 60)  # type: ignore[operator]
     except (TimeoutError, GuestDiedError, RuntimeError, ValueError, KeyError) as err:

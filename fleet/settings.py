@@ -55,6 +55,13 @@ class DeviceSettings(BaseModel):
         pattern=r"^(ssh-|ecdsa-|sk-)[^\n]+$", max_length=4096)]] = Field(
         default_factory=list, title="SSH keys", max_length=20,
         description="Public keys allowed to log in as root (for make deploy); none = no SSH.")
+    release_keys: list[Annotated[str, StringConstraints(
+        pattern=r"^-----BEGIN PUBLIC KEY-----\n[A-Za-z0-9+/=\n]+-----END PUBLIC KEY-----\n?$",
+        max_length=1000)]] = Field(
+        default_factory=list, title="Release keys", max_length=5,
+        description="Public keys (PEM, ed25519) the device's pulled releases must be signed "
+                    "with (`aggregator releases keygen`'s .pub); installed into "
+                    "/etc/classroom-attendance/release-keys at first boot.")
     camera_source: str | None = Field(default=None, title="Camera source", max_length=512,
                                       description="Overrides camera.source (default: USB 0).")
 

@@ -34,7 +34,7 @@ sed -i -E '/^[^#].*[[:space:]]\/[[:space:]]+ext4/ s/defaults([^,[:space:]]*)/def
 systemctl enable classroom-firstboot.service classroom-appliance.service \
   classroom-release-confirm.service classroom-console.service ssh.service
 # pulled updates (docs/OPERATIONS.md 6.10): the timer and the heartbeat's request
-for unit in classroom-update.timer classroom-update.path; do
+for unit in classroom-update.timer classroom-update.path classroom-reboot.timer; do
   if [ -f "/etc/systemd/system/$unit" ]; then systemctl enable "$unit"; fi
 done
 rm -rf "$here/bundle"   # frees the FAT partition

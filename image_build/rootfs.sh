@@ -2,7 +2,8 @@
 # The cached arm64 base root file system of the SD card image (Debian bookworm, ~17 min under
 # qemu-user on 2 cores). Wi-Fi at first boot needs rfkill (unblock), iw and wireless-regdb (the
 # regulatory database: without it the radio stays in the world domain, channels 12-13 and 5 GHz
-# DFS channels unusable). Only this script and initramfs-modules are the cache key: a code change
+# DFS channels unusable). unattended-upgrades installs Debian's security suite on the device
+# (configured in fleet/image.py; reboots by classroom-reboot.timer, outside class time). Only this script and initramfs-modules are the cache key: a code change
 # of the appliance never rebuilds it (the appliance layer goes on top in fleet/image.py).
 #   usage: image_build/rootfs.sh OUT_DIR   -> prints the path of OUT_DIR/rootfs-<key>.tar
 set -euo pipefail
@@ -30,6 +31,7 @@ base_packages=(
   cloud-guest-utils fdisk e2fsprogs dosfstools
   initramfs-tools firmware-brcm80211 raspi-firmware
   v4l-utils less
+  unattended-upgrades
 )
 kernel_packages=(linux-image-arm64 systemd-resolved)
 tmp="$out_dir/partial-rootfs-$key.tar"

@@ -8,7 +8,8 @@
 #         sessions: upload check, browser copy); for the fleet tests the disk
 #         tools (sfdisk, mkfs.vfat/fsck.vfat, mtools, mkfs.ext4/e2fsck/debugfs, xz), sshd and
 #         ssh-keygen (two test hosts), systemd-analyze; depmod (kmod: the initramfs check indexes
-#         the image's kernel package)
+#         the image's kernel package); libfaketime (faketime: the device restarted "tomorrow"
+#         without its aggregator, test_offline_restart_e2e)
 #   image: make image (Debian arm64 from this machine): mmdebstrap, qemu-user-static and
 #         binfmt-support (foreign binaries), arch-test, and the disk tools
 #   image-base: make image BASE=... (no foreign code runs): the disk tools
@@ -45,6 +46,7 @@ case "$what" in
     command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
     command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
     command -v depmod >/dev/null 2>&1 || [ -x /sbin/depmod ] || need+=(kmod)
+    ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || need+=(faketime)
     ;;
   image)
     disk_tools

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: the aggregator and an appliance that syncs with it, on embedded defaults.
+# `make run`: the aggregator, its recording worker and an appliance that syncs with it, on
+# embedded defaults.
 #
 # - The aggregator runs on this machine: SQLite under ./data/aggregator, on
 #   127.0.0.1:${AGGREGATOR_PORT:-8000}.
@@ -164,6 +165,9 @@ fi
     exec "$BIN/appliance" run "${app_args[@]}"
 ) &
 pids+=($!)
+# A worker for recorded sessions (uploaded in the console): without one they stay "queued".
+"$BIN/aggregator" worker "${agg_args[@]}" --name "run-local-worker" &
+pids+=($!)
 
 # The next steps, once the status page answers (or at once without one).
 case "$WEB_HOST" in 0.0.0.0|""|::) SHOWN_HOST=127.0.0.1 ;; *) SHOWN_HOST=$WEB_HOST ;; esac
@@ -184,7 +188,7 @@ if kill -0 "${pids[1]}" 2>/dev/null; then
     conf=${AGG_CONFIG:+ --config $AGG_CONFIG}
     cat <<EOF
 
-run-local: running. Next steps (Ctrl-C stops both):
+run-local: running (and a recording worker). Next steps (Ctrl-C stops them all):
   Status page   $page
   Aggregator    $AGG_URL/docs (the API)
                 an admin token for it: $agg admin create-token --name me$conf

@@ -117,7 +117,11 @@ class KeyKeeper:
             self._header = self.file.header()
         except WrappedKeyError:
             self._header = None
-        if self.kind is None and self.file.exists():
+        board_allowed = (cfg.board_key != "off" or cfg.board_key_file is not None) \
+            and cfg.board_unlock_days > 0
+        if not board_allowed and cfg.offline_unlock_days == 0 and self.file.exists():
+            # the settings allow no offline unlock at all (a board key that cannot be read
+            # now, e.g. a firmware error, deletes nothing: the next contact re-seals)
             self._wipe("no offline unlock is allowed on this device (" + self.policy_line() + ")")
         store.unlock_info = self.describe
         _LOGGER.info("store key: %s; %s", self.board_line, self.policy_line())

@@ -1,4 +1,4 @@
-"""``appliance update ...``: releases on this device (run as root; docs/OPERATIONS.md 6.4, 6.8)."""
+"""``appliance update ...``: releases on this device (run as root; docs/OPERATIONS.md 6.4, 6.10)."""
 
 from __future__ import annotations
 
@@ -147,3 +147,15 @@ def watch(config: ConfigOption = None) -> None:
         with contextlib.suppress(typer.Exit):
             check(config=config, offer=None, now=False)
         time.sleep(settings.update.check_interval_s)
+
+
+@app.command("reboot-if-needed")
+def reboot_if_needed(config: ConfigOption = None) -> None:
+    """Reboot for a security update (/run/reboot-required) only when no class is in session
+    or about to start in this room (classroom-reboot.timer, hourly)."""
+    from datetime import UTC, datetime
+
+    from appliance.update.reboot import reboot_if_needed as decide
+
+    _logging()
+    typer.echo(decide(load_settings(config), datetime.now(UTC)))

@@ -288,10 +288,26 @@ class ReleaseManager:
     def install(self, bundle: Path, version: str) -> Path:
         """The release venv (a no-op when installed). The bundle's files stay in bundles/ (the
         dependency wheels too): a later release that changes one dependency needs only that
-        wheel sent."""
+        wheel sent. Then the new release reads this device's settings (before any switch)."""
         if not self.layout.installed(version):
             self._run_installer(bundle, version)
+        self.check_settings(version)
         return self.layout.release(version)
+
+    def check_settings(self, version: str) -> None:
+        """Refuse a release whose settings model does not accept this device's configuration
+        file (a key renamed or removed, a bound tightened): it would not start after the
+        switch. Its ``appliance config show`` loads the file exactly as its service will."""
+        config = type(self.settings).toml_path
+        program = self.layout.release(version) / "bin" / "appliance"
+        if config is None or not program.is_file():
+            return
+        done = subprocess.run([str(program), "config", "show", "--config", str(config)],
+                              capture_output=True, text=True, check=False, timeout=120)
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise refused(f"release {version} does not accept this device's settings "
+                          f"({config}): {tail}")
 
     def _run_installer(self, bundle: Path, version: str) -> None:
         python, _, site = self.interpreter()

@@ -154,6 +154,10 @@ class Updater:
     def download(self, offer: ReleaseOffer) -> Path:
         """update/download/<version> with the manifest, its signature (checked) and every
         file this device lacks (checked by sha256). Raises :class:`UpdateError`."""
+        for url in (offer.manifest_url, offer.signature_url, offer.files_url):
+            if not url.startswith("/api/") or "//" in url or ".." in url:
+                # relative to the aggregator only: the device key goes to no other host
+                raise UpdateError("failed", f"offer URL {url[:100]!r} is not on the aggregator")
         target = self.manager.layout.download / offer.version
         target.mkdir(parents=True, exist_ok=True)
         try:

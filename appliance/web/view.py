@@ -31,6 +31,7 @@ from appliance.health import (
 )
 from appliance.store import STORE_ERRORS
 from appliance.system import SystemSnapshot
+from cloud_sync.words import match_label
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -52,19 +53,6 @@ def _zone(name: str) -> tzinfo:
     except (ZoneInfoNotFoundError, ValueError):
         _LOGGER.warning("unknown time zone %r; showing UTC", name)
         return UTC
-
-
-def match_label(confidence: float | None) -> str | None:
-    """The match confidence in words for a teacher. ``confidence`` is 0.5 when the face is
-    just at the recognition threshold and 1 when it is twice as close; lower than 0.5 when
-    another student is nearly as close."""
-    if confidence is None:
-        return None
-    if confidence >= 0.75:
-        return "clear"
-    if confidence >= 0.5:
-        return "good"
-    return "borderline"
 
 
 def preview_note(state: str, frames: int, error: str | None) -> str | None:

@@ -205,3 +205,37 @@ def test_a_reboot_during_the_trial_resumes_it_and_reverts_after_too_many(
     assert outcome is not None and outcome.state == "reverted"
     assert "rebooted 2 times" in str(outcome.reason)
     assert manager.current() == "2.0"
+
+
+def test_a_release_that_refuses_the_device_settings_is_not_switched(
+        tmp_path: Path, device: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new release's own `appliance config show` reads the device's configuration file
+    before the switch: a release whose settings model rejects it is refused."""
+    manager, _, key = device
+    assert manager.apply(make_bundle(tmp_path / "b1", "1.0", key)).state == "confirmed"
+    config = tmp_path / "appliance.toml"
+    config.write_text("[device]\nroom_id = 'LAB-301'\n")
+    monkeypatch.setattr(type(manager.settings), "toml_path", config)  # as loaded from it
+    strict = INSTALLER.replace('echo "$r"', (
+        "printf '#!/bin/sh\\necho \"update.prefix: unknown key\" >&2\\nexit 2\\n' "
+        '> "$r/bin/appliance"; chmod +x "$r/bin/appliance"; echo "$r"'))
+    bundle = make_bundle(tmp_path / "b2", "2.0", None)
+    (bundle / "install-release.sh").write_text(strict)
+    rm.write_manifest(bundle, version="2.0", platform="native",
+                      project_wheel="wheels/classroom_attendance-2.0-py3-none-any.whl")
+    rm.sign_bundle(bundle, key)
+    outcome = manager.apply(bundle)
+    assert outcome.state == "refused", outcome
+    assert "does not accept this device's settings" in str(outcome.reason)
+    assert "unknown key" in str(outcome.reason)
+    assert manager.current() == "1.0"
+    # a release whose program accepts the file goes through
+    ok = INSTALLER.replace('echo "$r"', (
+        "printf '#!/bin/sh\\nexit 0\\n' > \"$r/bin/appliance\"; chmod +x \"$r/bin/appliance\"; "
+        'echo "$r"'))
+    bundle = make_bundle(tmp_path / "b3", "3.0", None)
+    (bundle / "install-release.sh").write_text(ok)
+    rm.write_manifest(bundle, version="3.0", platform="native",
+                      project_wheel="wheels/classroom_attendance-3.0-py3-none-any.whl")
+    rm.sign_bundle(bundle, key)
+    assert manager.apply(bundle).state == "confirmed"

@@ -223,6 +223,19 @@ def test_waits_for_class_to_end(fleet: Fleet, device: tuple) -> None:
     assert outcome is not None and outcome.state == "confirmed"
 
 
+def test_offer_urls_stay_on_the_aggregator(fleet: Fleet, device: tuple) -> None:
+    from cloud_sync.protocol import ReleaseOffer
+
+    updater, _ = device
+    for url in ("http://evil.example/x", "//evil.example/x", "/api/v1/../../x"):
+        offer = ReleaseOffer(version="2.0", manifest_url=url, signature_url="/api/v1/s",
+                             files_url="/api/v1/releases/files/", allowed_now=True)
+        outcome = updater.check(offer)
+        assert outcome is not None and outcome.state == "failed"
+        assert "not on the aggregator" in str(outcome.reason)
+    assert updater.manager.current() == "1.0"
+
+
 def test_throttle_bounds_the_rate() -> None:
     throttle = Throttle(200_000)
     start = time.monotonic()
@@ -230,3 +243,42 @@ def test_throttle_bounds_the_rate() -> None:
         throttle.take(10_000)
     assert time.monotonic() - start >= 0.45
     assert upd.CHUNK <= 64 * 1024
+
+
+def test_security_reboot_only_outside_class_time(fleet: Fleet, tmp_path: Path) -> None:
+    from appliance.update.reboot import reboot_if_needed
+
+    flag = tmp_path / "reboot-required"
+    rebooted = tmp_path / "rebooted"
+    settings = appliance_config.load(None, device={"device_id": "pi-301", "room_id": "LAB-301"},
+                                     sync={"aggregator_url": "http://testserver",
+                                           "api_key": fleet.device_key},
+                                     update={"reboot_required_file": flag,
+                                             "reboot_command": f"touch {rebooted}"})
+    http = TestClient(fleet.client.app,
+                      headers={"Authorization": f"Bearer {fleet.device_key}"})
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    assert reboot_if_needed(settings, now, http) == "no reboot needed"
+    flag.touch()
+    assert fleet.client.post("/api/v1/courses", json={"id": "CS101", "name": "CS"},
+                             headers=fleet.admin).status_code == 201
+    # a class from an hour from now: now is free, 40 minutes before it too, 20 minutes not
+    start = now + timedelta(hours=1)
+    if start.date() != now.date() or (start + timedelta(hours=1)).date() != now.date():
+        pytest.skip("the class would cross midnight")
+    r = fleet.client.post("/api/v1/schedules", headers=fleet.admin, json={
+        "course_id": "CS101", "room_id": "LAB-301", "weekday": now.weekday(),
+        "start_time": start.strftime("%H:%M"),
+        "end_time": (start + timedelta(hours=1)).strftime("%H:%M")})
+    assert r.status_code == 201, r.text
+    waiting = reboot_if_needed(settings, start - timedelta(minutes=20), http)
+    assert "class CS101" in waiting and not rebooted.exists()
+    assert "class CS101" in reboot_if_needed(settings, start + timedelta(minutes=30), http)
+    assert not rebooted.exists()
+    # offline: it waits
+    offline = TestClient(fleet.client.app, headers={"Authorization": "Bearer dk_wrong"})
+    assert "waiting" in reboot_if_needed(settings, now, offline)
+    assert not rebooted.exists()
+    assert reboot_if_needed(settings, start - timedelta(minutes=40), http) == \
+        "rebooting for a security update"
+    assert rebooted.exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from cloud_sync import release_manifest as rm
 from fleet import disk, firstboot
 from fleet.flash import CardRequest, FlashError, check_device, flash, image_size, read_csv
 from fleet.settings import SETTINGS_FILE, DeviceSettings, dump, load
@@ -75,13 +76,16 @@ def test_assembled_image_checks_clean(tmp_path: Path) -> None:
     assert "Fast link dest: \"python3\"" in sh("debugfs", "-R", "stat /usr/bin/python", str(ext4))
 
 
+RELEASE_PUB = rm.generate_keypair()[1].decode()
+
+
 def test_flash_image_only_writes_settings_and_first_boot_applies_them(
         tmp_path: Path, small_image: tuple[Path, disk.Layout], aggregator: Aggregator) -> None:
     xz, layout = small_image
     out = tmp_path / "card.img"
     settings = flash(xz, CardRequest(room_id="LAB-301", wifi_ssid="school", wifi_psk="s3cret-psk",
                                      wifi_country="GB", ntp=["ntp.school.lan", "10.0.0.1"],
-                                     ssh_key=SSH_KEY + "\n"),
+                                     ssh_key=SSH_KEY + "\n", release_keys=[RELEASE_PUB]),
                      aggregator=aggregator.url, admin_token=aggregator.admin_token,
                      image_only=out, client=aggregator.client)
     assert settings.device_id == "pi-lab-301" and settings.hostname == "pi-lab-301"
@@ -125,6 +129,9 @@ def test_flash_image_only_writes_settings_and_first_boot_applies_them(
     assert (root / "etc/hostname").read_text() == "pi-lab-301\n"
     assert "127.0.1.1\tpi-lab-301" in (root / "etc/hosts").read_text()
     assert (root / "root/.ssh/authorized_keys").read_text() == SSH_KEY + "\n"
+    # the flashed release key, where the device's updater reads its trusted keys
+    trusted = rm.load_public_keys([root / "etc/classroom-attendance/release-keys"])
+    assert list(trusted) == [rm.key_id(rm.load_public_key(RELEASE_PUB.encode()))]
     status = json.loads((root / "var/lib/classroom-attendance/provisioning.json").read_text())
     assert status["provisioned"] is True and status["device_id"] == "pi-lab-301"
     assert "schedule pulled" in status["steps"]["aggregator"]

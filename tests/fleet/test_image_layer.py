@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_sync import release_manifest as rm
 from fleet import disk
 from fleet.image import CMDLINE, ENABLED, boot_files, configure_root
 from tests.fleet.conftest import fabricated_root
@@ -44,7 +45,15 @@ def debian_like(root: Path) -> Path:
 
 def test_appliance_layer_and_boot_partition(tmp_path: Path) -> None:
     root = debian_like(tmp_path / "root")
-    configure_root(root, UNITS)
+    private, public = rm.generate_keypair()
+    (tmp_path / "office.key").write_bytes(private)
+    (tmp_path / "office.pub").write_bytes(public)
+    with pytest.raises(rm.ReleaseError):  # the private key never goes into an image
+        configure_root(root, UNITS, release_keys=[tmp_path / "office.key"])
+    configure_root(root, UNITS, release_keys=[tmp_path / "office.pub"])
+    # the release key the device's updater trusts (make image RELEASE_PUBKEY=...)
+    trusted = rm.load_public_keys([root / "etc/classroom-attendance/release-keys"])
+    assert list(trusted) == [rm.key_id(rm.load_public_key(public))]
     passwd = (root / "etc/passwd").read_text()
     assert "attendance:" in passwd and "/usr/sbin/nologin" in passwd
     assert "video:x:44:attendance" in (root / "etc/group").read_text()
@@ -54,6 +63,12 @@ def test_appliance_layer_and_boot_partition(tmp_path: Path) -> None:
     journald = (root / "etc/systemd/journald.conf.d/50-classroom-sdcard.conf").read_text()
     assert "Storage=volatile" in journald and "RateLimitBurst" in journald
     assert "MaxRetentionSec=7day" in journald
+    # Debian's security suite by unattended-upgrades, never rebooting by itself
+    unattended = (root / "etc/apt/apt.conf.d/52classroom-unattended-upgrades").read_text()
+    assert "-security" in unattended and 'Automatic-Reboot "false"' in unattended
+    assert "bookworm-security" in (root / "etc/apt/sources.list.d/debian-security.list"
+                                   ).read_text()
+    assert 'Unattended-Upgrade "1"' in (root / "etc/apt/apt.conf.d/20auto-upgrades").read_text()
     watchdog = (root / "etc/systemd/system.conf.d/50-classroom-watchdog.conf").read_text()
     assert "RuntimeWatchdogSec=15s" in watchdog  # the most bcm2835_wdt can count
     assert not list((root / "etc/ssh").glob("ssh_host_*"))  # made per card at first boot

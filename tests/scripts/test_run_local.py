@@ -22,6 +22,19 @@ from tests.support.harness import free_port, wait_until
 pytestmark = pytest.mark.slow
 
 
+def _workers(db: Path) -> list[str]:
+    """The recording workers alive at the local aggregator (rows of job_workers)."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        return [r[0] for r in conn.execute("SELECT name FROM job_workers")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
 def _heartbeats(db: Path) -> int:
     if not db.exists():
         return 0
@@ -110,6 +123,9 @@ def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None
         assert "schedules add --room LAB-301 --course TRY --now" in banner
         assert "students add S001" in banner and "faces encode --batch" in banner
         assert "students consent S001 grant" in banner
+        # a recording worker runs too (uploaded recordings would otherwise stay "queued")
+        wait_until(lambda: _workers(db) == ["run-local-worker"], 60, "the recording worker",
+                   0.5)
         # the banner's promise: the device key opens the status page
         key = next(line.split("=", 1)[1] for line in sync_env.read_text().splitlines()
                    if line.startswith("APPLIANCE_SYNC__API_KEY="))
@@ -146,6 +162,7 @@ def test_make_run_starts_both_and_syncs(tmp_path: Path, model_dir: Path) -> None
         return [line for line in out.splitlines() if line.split()[1:2] != ["Z"]]
 
     wait_until(lambda: running() == [], 15, "every process of `make run` to end", 0.2)
+    assert _workers(db) == []  # the worker removed its row when it stopped
 
 
 @pytest.mark.mqtt

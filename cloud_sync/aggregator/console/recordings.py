@@ -29,7 +29,7 @@ from cloud_sync.aggregator.db.models import (
     Schedule,
     Student,
 )
-from cloud_sync.aggregator.services import events, reports
+from cloud_sync.aggregator.services import events, jobqueue, reports
 from cloud_sync.aggregator.services import recordings as svc
 from cloud_sync.aggregator.services.common import ForbiddenError, NotFoundError, ServiceError
 from cloud_sync.aggregator.services.timetable import zone
@@ -90,6 +90,12 @@ def _latest_jobs(session: DB, ids: list[str]) -> dict[str, RecordingJob]:
     return out
 
 
+def _workers(request: Request, session: DB) -> int | None:
+    """Workers alive (None: cannot tell): the pages say when queued jobs have nobody to run
+    them (issue 25 item 11)."""
+    return jobqueue.workers_alive(session, context(request).settings)
+
+
 @router.get("/recordings", response_class=HTMLResponse)
 def recordings_page(request: Request, who: User, session: DB) -> Response:
     courses = visible_courses(session, who)
@@ -108,7 +114,7 @@ def recordings_page(request: Request, who: User, session: DB) -> Response:
         .where(Enrollment.course_id.in_(ids or {""})).order_by(Student.name)).all()
     instructors = sorted({(sid, name) for sid, name, _ in people}, key=lambda p: p[1])
     return render(request, "recordings.html", who, rows=rows, jobs=jobs, courses=courses,
-                  rooms=rooms, instructors=instructors,
+                  rooms=rooms, instructors=instructors, workers=_workers(request, session),
                   chunk=context(request).settings.recording_chunk_max_bytes,
                   max_bytes=context(request).settings.recording_max_bytes)
 
@@ -226,7 +232,7 @@ def recording_page(request: Request, who: User, session: DB, recording_id: str) 
                   job=jobs[-1] if jobs else None, report=match, sources=sources,
                   timelines=_timelines(session, rec), instructor=instructor,
                   instructor_name=inst_name, local_start=rec.starts_at.astimezone(tz),
-                  chart_w=CHART_W, chart_h=CHART_H,
+                  chart_w=CHART_W, chart_h=CHART_H, workers=_workers(request, session),
                   refresh_s=2 if jobs and jobs[-1].status in ("queued", "running") else 0)
 
 
@@ -236,7 +242,8 @@ def job_fragment(request: Request, who: User, session: DB, recording_id: str) ->
     rec = _recording(session, who, recording_id)
     svc.fail_stale(session, context(request).settings.job_lease_s)
     jobs = svc.jobs_of(session, rec.id)
-    return render(request, "_job.html", who, rec=rec, job=jobs[-1] if jobs else None)
+    return render(request, "_job.html", who, rec=rec, job=jobs[-1] if jobs else None,
+                  workers=_workers(request, session))
 
 
 def _job_of(session: DB, who: ConsolePrincipal, recording_id: str, job_id: str) -> str:

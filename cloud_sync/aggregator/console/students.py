@@ -43,6 +43,11 @@ from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, u
 _LOGGER = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 MAX_PHOTOS_PER_REQUEST = 50
+# A photo scoring below this (size, sharpness and frontal pose: appliance/vision/quality.py) is
+# enrolled with a warning: its descriptor matches the student's real faces less reliably.
+LOW_QUALITY = 0.2
+LOW_QUALITY_WARNING = ("low quality (small, blurred or turned face): recognition may miss "
+                       "this student; add a sharper, frontal photo")
 PAGE = 200
 
 
@@ -154,7 +159,8 @@ def student_page(
     others = [c for c in visible_courses(session, who)
               if c.id not in enrolled] if who.is_admin else []
     return render(request, "student.html", who, student=student, report=report,
-                  faces=face_rows, negatives=negatives, other_courses=others)
+                  faces=face_rows, negatives=negatives, other_courses=others,
+                  low_quality=LOW_QUALITY)
 
 
 @router.get("/students/{student_id}/attendance.csv")
@@ -182,13 +188,16 @@ def enrol(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
     audit(session, who.name, "student.enrol", f"student:{student_id}", f"course {course_id}")
     session.commit()
     after_write(context(request), tasks, "students")
-    return back(f"/students/{student_id}", f"enrolled in {course_id}")
+    student, course = session.get(Student, student_id), session.get(Course, course_id)
+    return back(f"/students/{student_id}", f"{student.name if student else student_id} "
+                f"enrolled in {course.name if course else course_id}")
 
 
 def _encode_one(request: Request, student_id: str, name: str, data: bytes,
                 who: str) -> dict[str, object]:
     ctx = context(request)
-    result: dict[str, object] = {"file": name, "ok": False, "reason": None, "quality": None}
+    result: dict[str, object] = {"file": name, "ok": False, "reason": None, "quality": None,
+                                 "warning": None}
     try:
         if len(data) > ctx.settings.max_photo_bytes:
             raise ServiceError(f"larger than {ctx.settings.max_photo_bytes} bytes")
@@ -204,7 +213,9 @@ def _encode_one(request: Request, student_id: str, name: str, data: bytes,
     except ServiceError as err:
         result["reason"] = err.message
         return result
-    result.update(ok=True, quality=encoded.quality)
+    result.update(ok=True, quality=encoded.quality, warning=(
+        LOW_QUALITY_WARNING if encoded.quality is not None and encoded.quality < LOW_QUALITY
+        else None))
     return result
 
 
@@ -230,8 +241,10 @@ async def upload_photos(
     accepted = sum(1 for r in results if r["ok"])
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({"accepted": accepted, "results": results})
-    summary = "; ".join(f"{r['file']}: {'accepted' if r['ok'] else r['reason']}"
-                        for r in results)
+    summary = "; ".join(
+        f"{r['file']}: " + ((f"accepted, {r['warning']}" if r["warning"] else "accepted")
+                            if r["ok"] else str(r["reason"]))
+        for r in results)
     return back(f"/students/{student_id}", f"{accepted} of {len(results)} accepted — {summary}")
 
 
@@ -248,7 +261,10 @@ def consent(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB
         tasks.add_task(privacy.scrub, context(request).engine)
     session.commit()
     after_write(context(request), tasks, "students")
-    return back(f"/students/{student_id}", f"consent {state}")
+    student = session.get(Student, student_id)
+    name = student.name if student else student_id
+    return back(f"/students/{student_id}", f"consent to face recognition {state} for {name}"
+                + (": face data deleted" if state == "withdrawn" else ""))
 
 
 @router.post("/students/{student_id}/faces/delete")
@@ -265,7 +281,9 @@ def delete_face_data(request: Request, tasks: BackgroundTasks, who: PostUser, se
     session.commit()
     tasks.add_task(privacy.scrub, context(request).engine)
     after_write(context(request), tasks, "students")
-    return back(f"/students/{student_id}", f"face data of {student_id} deleted ({count})")
+    student = session.get(Student, student_id)
+    return back(f"/students/{student_id}", f"face data of {student.name if student else student_id}"
+                f" deleted ({count} descriptor{'' if count == 1 else 's'})")
 
 
 __all__ = ["Course", "router"]

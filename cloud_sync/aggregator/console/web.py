@@ -26,6 +26,7 @@ from cloud_sync.aggregator.api.deps import DB, context, db
 from cloud_sync.aggregator.console.accounts import ConsolePrincipal, load_session
 from cloud_sync.aggregator.services.common import ForbiddenError
 from cloud_sync.protocol import IDENTIFIER_CHARS
+from cloud_sync.words import match_label, recogniser
 
 _LOGGER = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -38,7 +39,14 @@ def _when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
     return "" if value is None else value.strftime(fmt)
 
 
+def _match(confidence: float | None) -> str:
+    """A match as the device's status page says it, then the number: ``good · 0.58``."""
+    return "" if confidence is None else f"{match_label(confidence)} · {confidence:.2f}"
+
+
 templates.env.filters["when"] = _when
+templates.env.filters["match"] = _match
+templates.env.filters["recogniser"] = recogniser
 # what an id field accepts, as the API checks it (an HTML pattern is anchored by itself)
 templates.env.globals["identifier_pattern"] = IDENTIFIER_CHARS
 

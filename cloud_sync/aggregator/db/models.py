@@ -463,6 +463,17 @@ class RecordingJob(Base):
                       Index("ix_recording_jobs_recording", "recording_id"))
 
 
+class JobWorker(Base):
+    """A running ``aggregator worker`` (database queue): it writes ``seen_at`` every poll and
+    removes its row when it stops. The recordings pages say when none is alive (jobs would
+    wait "queued" forever)."""
+
+    __tablename__ = "job_workers"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
 class ReleaseKey(Base):
     """A public key releases must be signed with (``aggregator releases trust``); the private
     key never comes here."""

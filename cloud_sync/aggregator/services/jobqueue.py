@@ -25,13 +25,15 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cloud_sync.aggregator.config import AggregatorSettings
-from cloud_sync.aggregator.db.models import RecordingJob
+from cloud_sync.aggregator.db.models import JobWorker, RecordingJob
+from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import recordings as svc
 from cloud_sync.aggregator.services.common import UnavailableError, utcnow
 
@@ -157,15 +159,59 @@ def work(settings: AggregatorSettings, engine: Any, sessions: sessionmaker[Sessi
                 RecordingJob.worker.like(f"{name}/%"), RecordingJob.finished_at >= started))
                 or 0)
     ran = 0
-    while not stop.is_set():
+    started = utcnow()
+    try:
+        while not stop.is_set():
+            with sessions() as session:
+                beat(session, name, started)
+                svc.fail_stale(session, settings.job_lease_s)
+                job_id = svc.claim_next(session, name)
+            if job_id is None:
+                if burst:
+                    break
+                stop.wait(settings.worker_poll_s)
+                continue
+            run_claimed(settings, sessions, job_id, name)
+            ran += 1
+    finally:
         with sessions() as session:
-            svc.fail_stale(session, settings.job_lease_s)
-            job_id = svc.claim_next(session, name)
-        if job_id is None:
-            if burst:
-                break
-            stop.wait(settings.worker_poll_s)
-            continue
-        run_claimed(settings, sessions, job_id, name)
-        ran += 1
+            begin_write(session)
+            session.execute(delete(JobWorker).where(JobWorker.name == name))
+            session.commit()
     return ran
+
+
+def beat(session: Session, name: str, started: datetime) -> None:
+    """The worker ``name`` is alive now (its row in ``job_workers``)."""
+    begin_write(session)
+    row = session.get(JobWorker, name)
+    if row is None:
+        session.add(JobWorker(name=name, started_at=started, seen_at=utcnow()))
+    else:
+        row.seen_at = utcnow()
+    session.commit()
+
+
+def alive_after(settings: AggregatorSettings) -> float:
+    """Seconds without a sign after which a worker counts as gone."""
+    return max(60.0, 3 * settings.worker_poll_s)
+
+
+def workers_alive(session: Session, settings: AggregatorSettings) -> int | None:
+    """How many workers are alive: database-queue workers seen lately, plus running jobs with
+    a fresh heartbeat (a worker busy with a long job does not poll); with Redis, RQ's own
+    worker registry. None when that cannot be told (Redis does not answer)."""
+    if settings.redis_url is not None:
+        try:
+            from rq import Worker
+
+            return int(Worker.count(connection=_redis(settings)))
+        except Exception:
+            return None
+    since = utcnow() - timedelta(seconds=alive_after(settings))
+    idle = session.scalar(select(func.count()).select_from(JobWorker).where(
+        JobWorker.seen_at >= since)) or 0
+    busy = session.scalar(select(func.count()).select_from(RecordingJob).where(
+        RecordingJob.status == "running",
+        RecordingJob.heartbeat_at >= utcnow() - timedelta(seconds=settings.job_lease_s))) or 0
+    return int(idle) + int(busy)

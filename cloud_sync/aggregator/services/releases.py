@@ -249,11 +249,10 @@ def eligible(rollout: Rollout, device_id: str, room_id: str) -> bool:
 
 
 def _running(session: Session, version: str) -> set[str]:
-    """Devices that confirmed ``version`` (or report it as their software)."""
-    confirmed = set(session.scalars(select(DeviceUpdate.device_id).where(
+    """Devices that confirmed ``version``. A heartbeat with the version is not enough: a
+    release on trial heartbeats too, and may still be reverted."""
+    return set(session.scalars(select(DeviceUpdate.device_id).where(
         DeviceUpdate.version == version, DeviceUpdate.state == "confirmed")))
-    return confirmed | set(session.scalars(select(Device.id).where(
-        Device.software_version == version)))
 
 
 def _advance(session: Session, rollout: Rollout) -> None:

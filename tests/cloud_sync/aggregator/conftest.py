@@ -34,7 +34,7 @@ TABLES = ("attendance", "attendance_keys", "heartbeats", "events", "face_embeddi
           "admin_tokens", "dead_letters", "audit_log", "console_users", "console_sessions",
           "course_teachers", "attendance_corrections", "face_negatives",
           "record_descriptors", "unknown_faces", "recording_jobs", "recordings",
-          "rate_buckets", "device_updates", "rollouts", "releases", "release_keys")
+          "rate_buckets", "device_updates", "rollouts", "releases", "release_keys", "job_workers")
 
 
 def _pg_connect(dbname: str = "postgres") -> Any:

@@ -471,3 +471,36 @@ def test_worker_cli_refuses_a_bad_option(settings: AggregatorSettings) -> None:
     assert nameless.exit_code == 2 and "--name" in nameless.output
     down = CliRunner().invoke(cli, ["worker", "--burst"], env=env)
     assert down.exit_code == 1 and "Redis unreachable" in down.output
+
+
+def test_pages_say_when_no_worker_is_alive(
+        world: World, settings: AggregatorSettings, clips: dict[str, Path],
+        app_client: TestClient, sessions: Any) -> None:
+    """Issue 25 item 11: a queued job with no worker alive says so (it stayed "queued" with
+    no hint under `make run`); a worker's row makes the notice go; an old one brings it back;
+    a worker that stops removes its row."""
+    from cloud_sync.aggregator.console import accounts
+    from cloud_sync.aggregator.db.models import JobWorker
+
+    from .console_helpers import login
+
+    w, c = world, world.client
+    up = upload(c, w.admin, clips["walking_short"], w.at(0, 9, 5))
+    with sessions() as session:
+        accounts.add_user(session, "office", "admin", "correct horse battery")
+    login(c, "office", "correct horse battery")
+    notice = "No recording worker is running"
+    assert notice in c.get("/recordings").text
+    assert notice in c.get(f"/recordings/{up['id']}/job").text
+    with sessions() as session:
+        jobqueue.beat(session, "w1", utcnow())
+    assert notice not in c.get("/recordings").text
+    assert notice not in c.get(f"/recordings/{up['id']}").text
+    with sessions() as session:
+        session.get(JobWorker, "w1").seen_at = utcnow() - timedelta(minutes=5)
+        session.commit()
+    assert notice in c.get(f"/recordings/{up['id']}/job").text
+    assert run_worker(app_client, settings, name="w2") == 1
+    with sessions() as session:
+        assert [r.name for r in session.query(JobWorker)] == ["w1"]  # w2 removed its own
+    assert notice not in c.get(f"/recordings/{up['id']}/job").text  # nothing queued now

@@ -18,6 +18,7 @@ from cloud_sync.aggregator.cli import app as cli
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.services import releases as svc
 from cloud_sync.aggregator.services.common import ServiceError
+from cloud_sync.aggregator.services.devices import add_device
 from tests.cloud_sync.aggregator.conftest import World
 from tests.cloud_sync.test_release_manifest import WHEEL, small_bundle
 
@@ -36,14 +37,15 @@ def office(tmp_path: Path) -> tuple[Path, Any]:
 
 
 def heartbeat(world: World, device_id: str, room: str, version: str = "0.9",
-              update: dict[str, Any] | None = None) -> dict[str, Any]:
+              update: dict[str, Any] | None = None,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"v": 1, "device_id": device_id, "room_id": room,
                             "software_version": version,
                             "sent_at": datetime.now(UTC).isoformat(), "uptime_s": 5,
                             "outbox_depth": 0}
     if update is not None:
         body["update"] = update
-    headers = world.device if device_id == world.device_id else world.other
+    headers = headers or (world.device if device_id == world.device_id else world.other)
     r = world.client.post("/api/v1/heartbeat", json=body, headers=headers)
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
@@ -104,8 +106,20 @@ def test_release_served_and_rolled_out(world: World, sessions: Any,
     assert offer["files_url"] == "/api/v1/releases/files/"
     assert heartbeat(world, "pi-302", "LAB-302").get("release") is None  # not yet
     assert c.get("/api/v1/releases/assigned", headers=world.other).status_code == 204
-    # the canary confirms (its report in the heartbeat): the rollout reaches everyone
+    # a second canary on trial heartbeats with the new version: not a confirmation; the
+    # first one's confirmation does not end the stage
+    with sessions() as session:
+        _, key = add_device(session, "LAB-301", "pi-301b")
+    second = {"Authorization": f"Bearer {key}"}
+    assert heartbeat(world, "pi-301b", "LAB-301", version=V1, update=report("trial"),
+                     headers=second).get("release") is None
     heartbeat(world, "pi-301", "LAB-301", update=report("confirmed"))
+    assert c.get("/api/v1/releases", headers=world.admin).json()["rollouts"][0]["stage"] == \
+        "canary"
+    assert heartbeat(world, "pi-302", "LAB-302").get("release") is None
+    # the second canary confirms too (its report in the heartbeat): the rollout reaches all
+    heartbeat(world, "pi-301b", "LAB-301", version=V1, update=report("confirmed"),
+              headers=second)
     assert c.get("/api/v1/releases", headers=world.admin).json()["rollouts"][0]["stage"] == "all"
     assert heartbeat(world, "pi-301", "LAB-301", version=V1).get("release") is None
     assert c.get("/api/v1/releases/assigned", headers=world.other).json()["version"] == V1
@@ -280,3 +294,51 @@ def test_console_devices_page(world: World, sessions: Any, settings: AggregatorS
     r = c.post("/releases/rollout/resume", data={"csrf": csrf_of(text)},
                follow_redirects=False)
     assert r.status_code == 403
+
+
+def test_devices_page_in_chromium(tmp_path: Path, office: tuple[Path, bytes]) -> None:
+    """The Devices page with a halted rollout, at desktop and phone width (no horizontal
+    scroll at 390 px); screenshots in test-output/console/releases."""
+    from cloud_sync.aggregator import config as aggregator_config
+    from cloud_sync.aggregator.console import accounts
+    from cloud_sync.aggregator.db.models import Room
+    from cloud_sync.aggregator.services.common import utcnow
+    from tests.cloud_sync.aggregator.console_helpers import live_aggregator, shoot, submit
+    from tests.conftest import REPO, require
+    from tests.support.chromium import Chromium, chromium_binary
+
+    binary = chromium_binary()
+    require(binary is not None, "chromium not installed (apt-get install chromium)")
+    assert binary is not None
+    bundle, public = office
+    settings = aggregator_config.load(None, database_url=f"sqlite:///{tmp_path / 'a.db'}",
+                                      data_dir=tmp_path / "data", rate_limit_per_min=100000)
+    password = "correct horse battery"
+    with live_aggregator(settings) as (url, app), Chromium(binary, 1280, 900) as browser:
+        with app.state.ctx.sessions() as session:
+            accounts.add_user(session, "office", "admin", password)
+            for room in ("LAB-301", "LAB-302"):
+                session.add(Room(id=room, name=room, site="north", timezone="UTC",
+                                 created_at=utcnow()))
+            session.commit()
+            for name, room in (("pi-lab-301", "LAB-301"), ("pi-lab-302", "LAB-302"),
+                               ("pi-lab-302-b", "LAB-302")):
+                add_device(session, room, name)
+            svc.trust_key(session, public, "office")
+            svc.add_release(session, settings, bundle, "cli:office")
+            svc.start_rollout(session, V1, "LAB-301", 50, "cli:office")
+            at = datetime.now(UTC)
+            for state in ("downloading", "installing", "trial"):
+                svc.record_report(session, "pi-lab-301", svc.UpdateReport(
+                    state=state, version=V1, running="0.9", at=at))  # type: ignore[arg-type]
+                at += timedelta(seconds=5)
+            svc.record_report(session, "pi-lab-301", svc.UpdateReport(
+                state="reverted", version=V1, running="0.9", at=at,  # type: ignore[arg-type]
+                reason="not healthy within 180 s: camera unhealthy: camera failed"))
+        browser.navigate(f"{url}/login")
+        submit(browser, "form[action='/login']", {"name": "office", "password": password})
+        browser.navigate(f"{url}/devices")
+        text = browser.evaluate("document.body.innerText")
+        assert f"Rollout of {V1}: halted" in text
+        assert "pi-lab-301 reverted" in text and "camera failed" in text
+        shoot(browser, REPO / "test-output" / "console" / "releases", "devices-rollout")

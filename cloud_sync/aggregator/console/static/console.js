@@ -50,7 +50,8 @@ function startUpload(form) {
         const data = await response.json();
         const result = (data.results || [])[0] || {ok: false, reason: data.detail || `HTTP ${response.status}`};
         item.className = result.ok ? "ok" : "bad";
-        item.textContent = `${file.name}: ${result.ok ? "accepted" + (result.quality != null ? ` (quality ${result.quality.toFixed(2)})` : "") : result.reason}`;
+        item.className = result.ok ? (result.warning ? "warn" : "ok") : "bad";
+        item.textContent = `${file.name}: ${result.ok ? "accepted" + (result.quality != null ? ` (quality ${result.quality.toFixed(2)})` : "") + (result.warning ? `, ${result.warning}` : "") : result.reason}`;
         if (result.ok) accepted += 1;
       } catch (err) {
         item.className = "bad";

@@ -1,0 +1,55 @@
+"""The console's words (issue 25 item 12): the match in the device's words beside the number,
+"absent" as in the CSV, recognisers by name (not "sface/sface-2021dec-int8bq" or "()"),
+notices naming students, a low-quality photo enrolled with a warning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cloud_sync.aggregator.console import accounts
+from cloud_sync.aggregator.services import faces
+from cloud_sync.words import match_label, recogniser
+
+from .conftest import World, batch, record
+from .console_helpers import csrf_of, login
+
+PW = "correct horse battery"
+
+
+def test_words_match_the_device_and_the_csv(world: World, sessions: Any) -> None:
+    c = world.client
+    with sessions() as session:
+        accounts.add_user(session, "office", "admin", PW)
+        settings = c.app.state.ctx.settings  # type: ignore[attr-defined]
+        faces.store_embedding(session, settings, "S002",
+                              {"sface/sface-2021dec-int8bq": np.ones(128, "<f4")}, 0.05,
+                              "test")
+    rec = record(world, "S001", world.at(0, 9, 2), confidence=0.58)
+    assert c.post("/api/v1/attendance", json=batch(world, [rec]),
+                  headers=world.device).json()["accepted"] == 1
+    login(c, "office", PW)
+    day = world.monday.date().isoformat()
+    page = c.get(f"/courses/CS101?date={day}").text
+    assert "good · 0.58" in page and ">Match<" in page  # the device's word for 0.58
+    assert "missing" not in page and "absent</td>" in page  # the CSV's word
+    assert ",absent," in c.get(f"/courses/CS101/day.csv?date={day}").text
+    student = c.get("/students/S002").text
+    assert "recognised with SFace" in student and "sface-2021dec" not in student
+    assert "low: add a sharper, frontal photo" in student  # quality 0.05
+    empty = c.get("/students/S003").text
+    assert "No face data: the devices cannot recognise Student 3" in empty
+    assert "()" not in empty
+    token = csrf_of(student)
+    r = c.post("/students/S003/consent", data={"csrf": token, "state": "withdrawn"})
+    assert "consent to face recognition withdrawn for Student 3" in r.text
+    r = c.post("/students/S005/enrol", data={"csrf": token, "course_id": "CS101"})
+    assert "Student 5 enrolled in Intro CS" in r.text
+
+
+def test_shared_words() -> None:
+    assert [match_label(x) for x in (0.9, 0.58, 0.4, None)] == [
+        "clear", "good", "borderline", None]
+    assert recogniser("sface/sface-2021dec-int8bq") == "SFace"
+    assert recogniser("dlib/dlib-resnet-v1") == "dlib" and recogniser(None) == "dlib"
