@@ -9,9 +9,10 @@
 
 Deleted face data is also scrubbed from the database files: SQLite runs with
 ``secure_delete`` (deleted content is zeroed) and its WAL is checkpointed and truncated after
-an erasure; PostgreSQL rewrites the face table (``VACUUM FULL``) so no dead tuple keeps a
-descriptor in the table's files, once every transaction older than the erasure has ended (the
-scrub waits up to ``SCRUB_WAIT_S`` for them).
+an erasure (in short attempts that never hold the write lock for long, for up to
+``SCRUB_WAIT_S``); PostgreSQL rewrites the face table (``VACUUM FULL``) so no dead tuple keeps
+a descriptor in the table's files, once every transaction older than the erasure has ended
+(the scrub waits up to ``SCRUB_WAIT_S`` for them).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ ErasurePolicy = Literal["delete", "pseudonymise"]
 FACE_TABLES = ("face_embeddings", "face_negatives", "record_descriptors")
 # How long a scrub waits for transactions older than the erasure to end (see _older_snapshots_gone)
 SCRUB_WAIT_S = 30.0
+# SQLite: one attempt of the WAL checkpoint waits this long for readers and writers (it holds
+# the write lock meanwhile), then the scrub lets go for SCRUB_RETRY_S and tries again.
+SCRUB_ATTEMPT_MS = 50
+SCRUB_RETRY_S = 0.2
 
 
 class ConsentOut(BaseModel):
@@ -216,8 +221,11 @@ def scrub(engine: Engine) -> None:
     """Make deleted face data unreadable in the database files (see the module docstring).
     Run after the transaction that deleted it committed."""
     if engine.dialect.name == "sqlite":
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        if not _sqlite_truncate_wal(engine):
+            _LOGGER.warning(
+                "privacy: a reader kept the WAL busy for %.0f s; deleted face data may stay "
+                "in it until the next scrub (the next withdrawal or erasure) or checkpoint",
+                SCRUB_WAIT_S)
         return
     if engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -228,6 +236,28 @@ def scrub(engine: Engine) -> None:
                     "until the next scrub (the next withdrawal or erasure)")
             for table in FACE_TABLES:
                 conn.execute(text(f"VACUUM FULL {table}"))
+
+
+def _sqlite_truncate_wal(engine: Engine, timeout_s: float = SCRUB_WAIT_S) -> bool:
+    """Checkpoint the WAL and truncate it to zero bytes; True once done. The checkpoint holds
+    the database's write lock while it waits for readers of the old WAL, and a reader that
+    wants to write next (a request that read, then writes) would wait for that lock: with the
+    connection's busy_timeout (10 s) both waited until the checkpoint gave up. So each attempt
+    waits at most SCRUB_ATTEMPT_MS, and between attempts nothing is held."""
+    deadline = time.monotonic() + timeout_s
+    with engine.connect() as conn:
+        saved = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={SCRUB_ATTEMPT_MS}")
+        try:
+            while True:
+                row = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+                if row is not None and row[0] == 0:  # (busy, WAL frames, checkpointed)
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(SCRUB_RETRY_S)
+        finally:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(saved or 10000)}")
 
 
 def _older_snapshots_gone(conn: Connection, timeout_s: float = SCRUB_WAIT_S) -> bool:

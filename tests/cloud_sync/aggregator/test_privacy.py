@@ -360,3 +360,41 @@ def test_scrub_waits_for_a_transaction_older_than_the_erasure(sessions: Any, db_
         older.close()
         reader.dispose()
     assert secret not in _database_bytes(sessions, db_url)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sqlite_scrub_does_not_hold_writers_behind_a_reader(sessions: Any, db_url: str) -> None:
+    """SQLite's WAL checkpoint holds the write lock while it waits for readers. A request that
+    read and then writes (a second withdrawal right after the first's scrub) waited for that
+    lock while the checkpoint waited for its read: both sat out the 10 s busy timeout. The
+    scrub now tries in short attempts: the writer goes through at once, and the WAL is still
+    truncated once the reader is gone."""
+    import threading
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    from cloud_sync.aggregator.db.session import WRITE
+    from cloud_sync.aggregator.services import privacy
+
+    engine = sessions.kw["bind"]
+    with sessions() as session:
+        session.add(Student(id="S901", name="Reader", created_at=utcnow()))
+        session.commit()
+    wal = Path(make_url(db_url).database + "-wal")
+    reader = engine.connect()
+    reader.begin()  # BEGIN (the engine's hook)
+    reader.exec_driver_sql("SELECT count(*) FROM students").all()  # a snapshot of the WAL
+    scrubber = threading.Thread(target=privacy.scrub, args=(engine,))
+    scrubber.start()
+    time.sleep(0.5)  # the checkpoint is waiting for the reader
+    started = time.monotonic()
+    with engine.connect().execution_options(**WRITE) as writer, writer.begin():
+        writer.exec_driver_sql("UPDATE students SET name = 'Writer' WHERE id = 'S901'")
+    waited = time.monotonic() - started
+    reader.rollback()
+    reader.close()
+    scrubber.join(timeout=20)
+    assert not scrubber.is_alive()
+    assert waited < 2.0, f"a writer waited {waited:.1f} s behind the scrub"
+    assert wal.stat().st_size == 0  # the writer's frames too: checkpointed once the reader left
