@@ -310,27 +310,37 @@ def session_instructor(_who: Admin, session: DB,
             and (r.result or {}).get("instructor")]
 
 
+MEDIA_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"description": "The browser copy is not made yet, or its transcoding failed."},
+    410: {"description": "The browser copy was deleted by retention."}}
+
+
 def _media_file(request: Request, recording_id: str, which: str) -> FileResponse:
     ctx = context(request)
     with ctx.sessions() as session:
         rec = svc.get_recording(session, recording_id)
     path = (svc.playback_path if which == "playback" else svc.poster_path)(ctx.settings, rec)
+    # The recording exists (an unknown id is 404 above): a copy deleted by retention is 410,
+    # one not made yet, or whose transcoding failed, 409 with its state.
+    if rec.file_deleted_at is not None:
+        raise HTTPException(410, "the browser copy of this recording was deleted by retention")
     if rec.playback != "ready" or not path.is_file():
-        raise HTTPException(404, "no browser copy of this recording (not processed yet, "
-                                 "transcoding failed, or deleted by retention)")
+        reason = ("its transcoding failed" if rec.playback == "failed"
+                  else "it is not processed yet")
+        raise HTTPException(409, f"no browser copy of this recording: {reason}")
     return FileResponse(path, media_type="video/mp4" if which == "playback" else "image/jpeg")
 
 
 @router.get("/recordings/{recording_id}/playback.mp4", response_class=FileResponse,
             summary="The browser copy (H.264/AAC MP4; Range requests work).",
-            responses={200: {"content": {"video/mp4": {}}}})
+            responses={200: {"content": {"video/mp4": {}}}, **MEDIA_ERRORS})
 def playback(request: Request, _who: Admin, recording_id: RecordingId) -> FileResponse:
     return _media_file(request, recording_id, "playback")
 
 
 @router.get("/recordings/{recording_id}/poster.jpg", response_class=FileResponse,
             summary="The poster frame (JPEG).",
-            responses={200: {"content": {"image/jpeg": {}}}})
+            responses={200: {"content": {"image/jpeg": {}}}, **MEDIA_ERRORS})
 def poster(request: Request, _who: Admin, recording_id: RecordingId) -> FileResponse:
     return _media_file(request, recording_id, "poster")
 

@@ -439,6 +439,12 @@ def test_retention_deletes_files_and_keeps_results(
         app_client: TestClient) -> None:
     w, c = world, world.client
     up = upload(c, w.admin, clips["walking_short"], w.at(0, 9, 5))
+    # an existing recording's copy not made yet is a 409 with the reason (an unknown id: 404)
+    for media in ("playback.mp4", "poster.jpg"):
+        early = c.get(f"/api/v1/recordings/{up['id']}/{media}", headers=w.admin)
+        assert early.status_code == 409 and "not processed yet" in early.json()["detail"]
+        assert c.get(f"/api/v1/recordings/{'0' * 32}/{media}",
+                     headers=w.admin).status_code == 404
     sessions = app_client.app.state.ctx.sessions  # type: ignore[attr-defined]
     with sessions() as session:
         row = session.get(Recording, up["id"])
@@ -451,6 +457,8 @@ def test_retention_deletes_files_and_keeps_results(
     assert not svc.folder(settings, up["id"]).exists()
     rec = c.get(f"/api/v1/recordings/{up['id']}", headers=w.admin).json()
     assert rec["file_deleted_at"] is not None and rec["result"] == {"attendance": {"accepted": 3}}
+    gone = c.get(f"/api/v1/recordings/{up['id']}/poster.jpg", headers=w.admin)
+    assert gone.status_code == 410 and "retention" in gone.json()["detail"]
     job = c.get(f"/api/v1/jobs/{up['job']['id']}", headers=w.admin).json()
     assert job["status"] == "cancelled" and "retention" in job["error"]
     assert c.post(f"/api/v1/jobs/{up['job']['id']}/retry", headers=w.admin).status_code == 409
