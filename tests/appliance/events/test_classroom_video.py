@@ -102,14 +102,18 @@ def test_strangers_raise_unknown_face_once_per_cooldown(faces_dir: Path, roster_
     alerts = [e for e in run(settings, clip, roster_file, store) if e.kind == "unknown_face"]
     # strangers walk by within seconds: one warning (the first), then one critical ("several"
     # = 2 here: 3 tracks are decided unknown, the last one sometimes only after the clip's
-    # last frame, when the pipeline no longer observes)
-    assert [a.severity for a in alerts] == ["warning", "critical"], alerts
-    assert alerts[1].data["alert_level"] == "CRITICAL"
-    assert alerts[1].data["details"]["unknown_faces"] >= 2
+    # last frame, when the pipeline no longer observes). The descriptors come back from the
+    # embedder process asynchronously: on a loaded machine the first two decisions can land
+    # between the same two frames, and then the critical alert is the first (no warning
+    # before it); never two of one severity within the cooldown.
+    severities = [a.severity for a in alerts]
+    assert severities in (["warning", "critical"], ["critical"]), alerts
+    assert alerts[-1].data["alert_level"] == "CRITICAL"
+    assert alerts[-1].data["details"]["unknown_faces"] >= 2
     assert alerts[0].session_id == f"{COURSE}@{alerts[0].at.date().isoformat()}"
     # the same clip again within the cooldown (a restart, same store): no new alert
     again = [e for e in run(settings, clip, roster_file, store) if e.kind == "unknown_face"]
-    assert len(again) == 2
+    assert len(again) == len(alerts)
 
 
 def test_unknown_cooldown_unit(tmp_path: Path) -> None:
