@@ -138,10 +138,23 @@ class _RefusedError(Exception):
 class MqttBridge:
     """Start with ``start()`` (non-blocking), stop with ``stop()``; ``state`` for /health."""
 
+    def _update_report(self, session: Session, device_id: str, hb: Heartbeat) -> None:
+        """The device's updater report the heartbeat repeats: kept once (a revert or refusal
+        halts the rollout, as over HTTP); the offer itself reaches MQTT devices through
+        classroom-update.timer (GET /api/v1/releases/assigned)."""
+        report = hb.update
+        if report is None or self._reports.get(device_id) == (report.state, report.at):
+            return
+        from cloud_sync.aggregator.services.releases import record_report
+
+        record_report(session, device_id, report)
+        self._reports[device_id] = (report.state, report.at)
+
     def __init__(
         self, settings: AggregatorSettings, session_factory: sessionmaker[Session],
         instance: str = "aggregator",
     ) -> None:
+        self._reports: dict[str, tuple[str, datetime]] = {}
         if settings.mqtt_url is None:
             raise ValueError("MqttBridge needs settings.mqtt_url")
         self._settings = settings
@@ -297,6 +310,7 @@ class MqttBridge:
                 try:
                     hb = Heartbeat.model_validate_json(payload)
                     record_heartbeat(session, device_id, hb)
+                    self._update_report(session, device_id, hb)
                 except ValidationError as err:
                     raise _RefusedError(f"invalid heartbeat: {_short(err)}") from err
                 except ServiceError as err:

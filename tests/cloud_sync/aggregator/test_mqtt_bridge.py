@@ -14,6 +14,7 @@ from cloud_sync.protocol import (
     BatchResult,
     Event,
     Heartbeat,
+    UpdateReport,
     device_topic,
     roster_topic,
 )
@@ -134,6 +135,15 @@ def test_events_and_heartbeats(
         assert agg.scalar("SELECT outbox_depth FROM heartbeats") == 3
         assert agg.scalar(
             "SELECT last_heartbeat_at IS NOT NULL FROM devices WHERE id = ?", DEVICE) == 1
+        # the updater's report it repeats: kept once in the device's update history
+        report = UpdateReport(state="refused", version="9.9", running="t", at=now,
+                              reason="bad signature")
+        for _ in range(2):
+            dev.publish(device_topic(SITE, ROOM, DEVICE, "heartbeat"),
+                        hb.model_copy(update={"update": report}).model_dump_json())
+        wait_until(lambda: agg.scalar("SELECT count(*) FROM heartbeats") == 3, 20, "heartbeats")
+        assert agg.scalar("SELECT count(*) FROM device_updates WHERE device_id = ? AND "
+                          "state = 'refused' AND version = '9.9'", DEVICE) == 1
     finally:
         dev.close()
 
