@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -87,7 +87,8 @@ def audit(session: Session, user: str, action: str, subject: str, detail: str = 
 
 
 def add_user(session: Session, name: str, role: str, password: str,
-             courses: list[str] | None = None) -> ConsoleUser:
+             courses: list[str] | None = None, by: str | None = None) -> ConsoleUser:
+    """A console account; ``by``: the console user who added it (None: the CLI's user)."""
     name = name.strip()
     if not name or len(name) > 100 or any(c.isspace() for c in name):
         raise ServiceError("a user name is 1 to 100 characters without spaces")
@@ -104,20 +105,20 @@ def add_user(session: Session, name: str, role: str, password: str,
         if session.get(Course, course_id) is None:
             raise NotFoundError(f"course {course_id!r} does not exist")
         session.add(CourseTeacher(user_id=user.id, course_id=course_id))
-    audit(session, audit_log.cli_actor(), "user.add", f"user:{name}", f"role {role}")
+    audit(session, by or audit_log.cli_actor(), "user.add", f"user:{name}", f"role {role}")
     session.commit()
     _LOGGER.info("console user %s (%s) added", name, role)
     return user
 
 
-def set_password(session: Session, name: str, password: str) -> None:
+def set_password(session: Session, name: str, password: str, by: str | None = None) -> None:
     hashed = hash_password(password)
     begin_write(session)
     user = find_user(session, name)
     user.password_hash = hashed
     # a new password ends every session of that user
     session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
-    audit(session, audit_log.cli_actor(), "user.password", f"user:{name}")
+    audit(session, by or audit_log.cli_actor(), "user.password", f"user:{name}")
     session.commit()
 
 
@@ -143,11 +144,28 @@ def assign_courses(session: Session, name: str, courses: list[str], by: str | No
     session.commit()
 
 
-def remove_user(session: Session, name: str) -> None:
+def remove_user(session: Session, name: str, by: str | None = None) -> None:
     begin_write(session)
     user = find_user(session, name)
+    if user.role == "admin" and session.scalar(select(func.count()).where(
+            ConsoleUser.role == "admin")) == 1:
+        raise ConflictError(f"{name} is the last administrator: add another one first")
     session.delete(user)
-    audit(session, audit_log.cli_actor(), "user.remove", f"user:{name}")
+    audit(session, by or audit_log.cli_actor(), "user.remove", f"user:{name}")
+    session.commit()
+
+
+def unassign_course(session: Session, name: str, course_id: str, by: str | None = None
+                    ) -> None:
+    """The teacher ``name`` no longer teaches ``course_id`` (nor sees its reports)."""
+    begin_write(session)
+    user = find_user(session, name)
+    row = session.get(CourseTeacher, (user.id, course_id))
+    if row is None:
+        raise NotFoundError(f"{name} does not teach {course_id}")
+    session.delete(row)
+    audit(session, by or audit_log.cli_actor(), "user.unassign", f"user:{name}",
+          f"course {course_id}")
     session.commit()
 
 

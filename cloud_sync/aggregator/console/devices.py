@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cloud_sync.aggregator.api.admin import _after_write as after_write
 from cloud_sync.aggregator.console import dashboard
@@ -22,13 +22,14 @@ from cloud_sync.aggregator.console.web import (
     render,
     require_admin,
 )
-from cloud_sync.aggregator.db.models import Device, EventRow, Room
+from cloud_sync.aggregator.db.models import Attendance, Device, EventRow, Room
+from cloud_sync.aggregator.db.session import begin_write
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import admin_schemas as schemas
 from cloud_sync.aggregator.services import csv_import
 from cloud_sync.aggregator.services import devices as device_svc
 from cloud_sync.aggregator.services import releases as release_svc
-from cloud_sync.aggregator.services.common import ServiceError, utcnow
+from cloud_sync.aggregator.services.common import ConflictError, ServiceError, utcnow
 from cloud_sync.aggregator.services.recordings import is_recording_device
 
 router = APIRouter(include_in_schema=False)
@@ -118,6 +119,25 @@ def rotate(request: Request, who: PostUser, session: DB, device_id: str) -> Resp
     context(request).invalidate()
     device = session.get(Device, device_id)
     return _key_page(request, who, device_id, device.room_id if device else "", key, True)
+
+
+@router.post("/devices/{device_id}/delete")
+def delete_device(request: Request, who: PostUser, session: DB, device_id: str) -> Response:
+    """A device taken out of service: its row, key, heartbeats and events go. One whose
+    attendance records are kept (they name it) is refused with what to do instead."""
+    require_admin(who)
+    begin_write(session)
+    records = session.scalar(select(func.count()).select_from(Attendance).where(
+        Attendance.device_id == device_id)) or 0
+    if records:
+        raise ConflictError(f"{device_id} made {records} attendance record"
+                            f"{'' if records == 1 else 's'}, kept with its name: it cannot be "
+                            "deleted. Rotate its key to lock it out instead.")
+    svc.delete_row(session, "devices", device_id)
+    audit(session, who.name, "device.delete", f"device:{device_id}")
+    session.commit()
+    context(request).invalidate()
+    return back("/devices", f"device {device_id} deleted: its key no longer works")
 
 
 @router.post("/devices/{device_id}/move")

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cloud_sync.aggregator.api.admin import _after_write as after_write
 from cloud_sync.aggregator.api.reports import PCT_HEADER, From, To, csv_response, pct_rows
+from cloud_sync.aggregator.console import accounts
 from cloud_sync.aggregator.console.accounts import ConsolePrincipal, audit
 from cloud_sync.aggregator.console.courses import visible_courses
 from cloud_sync.aggregator.console.web import (
@@ -191,6 +192,84 @@ def enrol(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
     student, course = session.get(Student, student_id), session.get(Course, course_id)
     return back(f"/students/{student_id}", f"{student.name if student else student_id} "
                 f"enrolled in {course.name if course else course_id}")
+
+
+@router.post("/students/{student_id}/unenrol")
+def unenrol(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+            student_id: str, course_id: Annotated[str, Form(max_length=64)]) -> Response:
+    """Take a student out of a course (the office's job): the course's rooms stop carrying
+    their descriptors; their past records stay."""
+    require_admin(who)
+    admin_service.delete_enrollment(session, student_id, course_id)
+    audit(session, who.name, "student.unenrol", f"student:{student_id}", f"course {course_id}")
+    session.commit()
+    after_write(context(request), tasks, "students")
+    student, course = session.get(Student, student_id), session.get(Course, course_id)
+    return back(f"/students/{student_id}", f"{student.name if student else student_id} "
+                f"no longer in {course.name if course else course_id}")
+
+
+@router.post("/students/{student_id}/rename")
+def rename(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+           student_id: str, name: Annotated[str, Form(max_length=200)]) -> Response:
+    require_admin(who)
+    try:
+        patch = schemas.StudentPatch(name=name)
+    except ValidationError as err:
+        raise ServiceError(csv_import.validation_message(err)) from err
+    old = session.get(Student, student_id)
+    before = old.name if old else student_id
+    admin_service.update_row(session, "students", student_id, patch)
+    audit(session, who.name, "student.rename", f"student:{student_id}",
+          f"{before} -> {patch.name}")
+    session.commit()
+    after_write(context(request), tasks, "students")
+    return back(f"/students/{student_id}", f"{before} is now {patch.name}")
+
+
+@router.post("/students/{student_id}/delete")
+def erase_student(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                  student_id: str) -> Response:
+    """The student leaves the school's records (the API's erasure, with the aggregator's
+    ``erasure_policy``): face data deleted, records deleted or pseudonymised."""
+    require_admin(who)
+    ctx = context(request)
+    student = session.get(Student, student_id)
+    name = student.name if student else student_id
+    out = privacy.erase(session, student_id, ctx.settings.erasure_policy,
+                        accounts.actor(who.name))
+    tasks.add_task(privacy.scrub, ctx.engine)
+    after_write(ctx, tasks, "students")
+    kept = (f"{out.attendance_pseudonymised} records kept without their name"
+            if ctx.settings.erasure_policy == "pseudonymise"
+            else f"{out.attendance_deleted} records deleted")
+    return back("/students", f"{name} ({student_id}) deleted: face data gone, {kept}")
+
+
+@router.post("/students/consent")
+def bulk_consent(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                 student_ids: Annotated[list[str], Form()],
+                 note: Annotated[str, Form(max_length=300)] = "") -> Response:
+    """Consent to face recognition recorded for every selected student in one transaction
+    (a class's signed forms at once)."""
+    require_admin(who)
+    if len(student_ids) > PAGE:
+        raise ServiceError(f"at most {PAGE} students at once")
+    begin_write(session)
+    done = 0
+    for sid in dict.fromkeys(student_ids):
+        student = session.get(Student, sid)
+        if student is None:
+            raise NotFoundError(f"no student {sid!r}")
+        if student.consent != "granted":
+            privacy.apply_consent(session, sid, "granted", accounts.actor(who.name),
+                                  note or "recorded for several students at once")
+            done += 1
+    session.commit()
+    after_write(context(request), tasks, "students")
+    return back("/students", f"consent recorded for {done} student{'' if done == 1 else 's'}"
+                + (f" ({len(student_ids) - done} already had it)"
+                   if done < len(student_ids) else ""))
 
 
 def _encode_one(request: Request, student_id: str, name: str, data: bytes,

@@ -116,6 +116,7 @@ def test_every_page_fits_a_phone_and_a_teacher_marks_in_place(tmp_path: Path) ->
                            ("student", "/students/S006"), ("timetable", "/timetable"),
                            ("devices", "/devices"), ("unknown", "/unknown"),
                            ("recordings", "/recordings"), ("audit", "/audit"),
+                           ("accounts", "/accounts"),
                            ("not-found", "/students/NOPE")):
             browser.navigate(url + path)
             check_page(browser, f"admin-{name}")
