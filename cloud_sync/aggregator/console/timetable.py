@@ -26,7 +26,7 @@ from cloud_sync.aggregator.console.web import (
 from cloud_sync.aggregator.db.models import ConsoleUser, Course, Room, Schedule
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import admin_schemas as schemas
-from cloud_sync.aggregator.services import csv_import
+from cloud_sync.aggregator.services import csv_import, privacy
 from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, utcnow
 from cloud_sync.aggregator.services.timetable import zone
 
@@ -213,11 +213,14 @@ async def import_csv(request: Request, tasks: BackgroundTasks, who: PostUser, se
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ServiceError(f"the file is not UTF-8 text ({err.reason})") from err
-    report = csv_import.import_csv(session, kind, text, context(request).settings.timezone)
+    report = csv_import.import_csv(session, kind, text, context(request).settings.timezone,
+                                   accounts.actor(who.name))
     audit(session, who.name, "import.csv", f"import:{kind}",
           f"{file.filename}: {report.rows} rows, {report.created} created, "
           f"{report.updated} updated, {len(report.errors)} errors")
     session.commit()
+    if kind == "students" and "withdrawn" in text.lower():  # face data deleted: scrub it
+        tasks.add_task(privacy.scrub, context(request).engine)
     after_write(context(request), tasks, kind if kind != "enrollments" else "students")
     return _page(request, who, session, report, filename=file.filename or "")
 

@@ -111,7 +111,8 @@ def validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") -> ImportReport:
+def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC",
+               actor: str = "csv-import") -> ImportReport:
     """Import ``text`` (CSV with a header row); every bad row is reported, the others kept."""
     if kind not in REQUIRED:
         raise ServiceError(f"unknown import kind {kind!r}")
@@ -128,6 +129,7 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
     allowed = set(schema.model_fields)
     report = ImportReport(kind=kind, rows=0, created=0, updated=0, unchanged=0, errors=[])
     parsed: list[tuple[int, BaseModel, bool]] = []
+    consents: dict[int, str] = {}  # students' optional consent column, by line
     try:
         for raw in reader:
             report.rows += 1
@@ -146,6 +148,14 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
                 report.errors.append(RowError(row=line, error=(
                     f"replace: {replace!r} is not yes or no")))
                 continue
+            consent = (str(raw.get("consent") or "").strip().lower()
+                       if kind == "students" else "")
+            if consent not in CONSENT_WORDS:
+                report.errors.append(RowError(row=line, error=(
+                    f"consent “{consent}” is not granted (or yes), withdrawn, or empty")))
+                continue
+            if CONSENT_WORDS[consent]:
+                consents[line] = CONSENT_WORDS[consent]
             try:
                 parsed.append((line, schema.model_validate(values), REPLACE_WORDS[replace]))
             except ValidationError as err:
@@ -160,6 +170,8 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
             with session.begin_nested():
                 outcome = (_apply_schedule(session, item, replace)  # type: ignore[arg-type]
                            if kind == "schedules" else apply(session, item, default_tz))
+                if line in consents and _consent(session, item, consents[line], actor):
+                    outcome = "updated" if outcome == "unchanged" else outcome
         except (ServiceError, IntegrityError) as err:
             message = err.message if isinstance(err, ServiceError) else "conflicts with data"
             report.errors.append(RowError(row=line, error=message))
@@ -170,6 +182,22 @@ def import_csv(session: Session, kind: str, text: str, default_tz: str = "UTC") 
     _LOGGER.info("import %s: %d rows, %d created, %d updated, %d errors", kind, report.rows,
                  report.created, report.updated, len(report.errors))
     return report
+
+
+# students' optional ``consent`` column: the signed forms of a whole class in one file
+CONSENT_WORDS = {"": None, "granted": "granted", "yes": "granted", "withdrawn": "withdrawn"}
+
+
+def _consent(session: Session, item: Any, state: str, actor: str) -> bool:
+    """Record the line's consent state if it changes anything (a withdrawal deletes the
+    student's face data, as everywhere). True when it changed."""
+    from cloud_sync.aggregator.services import privacy
+
+    student = session.get(Student, item.id)
+    if student is None or student.consent == state:
+        return False
+    privacy.apply_consent(session, item.id, state, actor, "CSV import")  # type: ignore[arg-type]
+    return True
 
 
 DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 
 from cloud_sync.aggregator.console import accounts
-from cloud_sync.aggregator.db.models import Enrollment, Student
+from cloud_sync.aggregator.db.models import AuditLog, Enrollment, Student
 
 from .conftest import World
 from .console_helpers import csrf_of, login
@@ -88,3 +88,20 @@ def test_csv_import_report_first_in_plain_words(world: World, sessions: Any) -> 
     assert "Line 3: weekday “Thrusday” is not a weekday (did you mean Thu?)" in page
     assert "Line 4: start time “1pm” is not a time of day: write HH:MM" in page
     assert "valid integer" not in page
+
+
+def test_csv_consent_column(world: World, sessions: Any) -> None:
+    """Issue 25 item 7: consent for a whole class from the students CSV's consent column."""
+    token = _office(world, sessions)
+    page = _import(world, token, "students",
+                   "id,name,consent\nS030,Ann,granted\nS031,Bob,\nS032,Cy,maybe\n"
+                   "S001,Student 1,withdrawn\n")
+    assert "3 of 4 lines imported" in page
+    assert "Line 4: consent “maybe” is not granted (or yes), withdrawn, or empty" in page
+    with sessions() as session:
+        assert session.get(Student, "S030").consent == "granted"
+        assert session.get(Student, "S031").consent is None
+        assert session.get(Student, "S001").consent == "withdrawn"
+        audit = session.scalars(select(AuditLog.actor).where(
+            AuditLog.action == "consent.grant", AuditLog.subject.contains("S030"))).all()
+    assert audit == ["console:office"]
