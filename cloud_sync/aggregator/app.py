@@ -246,7 +246,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
         credentials=CredentialCache(settings.auth_cache_s, trusted=lambda: trusted[0]()),
         limiter=make_limiter(settings, engine, settings.rate_limit_per_min),
         encoder=FaceEncoder(settings),
-        rules=Rules(settings.late_after_min, settings.early_arrival_min), live=live,
+        rules=Rules(settings.late_after_min, settings.early_arrival_min,
+                    settings.console_offline_after_s), live=live,
         write_watch=WriteWatch(engine), state=state,
         instance=f"{instance_name(settings)}:{os.getpid()}",
     )

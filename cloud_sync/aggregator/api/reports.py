@@ -44,12 +44,12 @@ def csv_response(name: str, header: list[str], rows: list[list[Any]]) -> Respons
 
 
 PCT_HEADER = ["student_id", "name", "course_id", "course_name", "held", "present", "late",
-              "absent", "percentage"]
+              "absent", "percentage", "no_data"]
 
 
 def pct_rows(items: list[reports.Percentage]) -> list[list[Any]]:
     return [[p.student_id, p.name, p.course_id, p.course_name, p.held, p.present, p.late,
-             p.absent, p.percentage] for p in items]
+             p.absent, p.percentage, p.no_data] for p in items]
 
 
 DAY_HEADER = ["course_id", "room_id", "starts_at", "ends_at", "student_id", "name", "status",

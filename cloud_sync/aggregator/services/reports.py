@@ -1,5 +1,14 @@
-"""Attendance reports: a course's day (present / late / absent), percentages per student per
-course, and a student's history.
+"""Attendance reports: a course's day (present / late / absent / not seen yet / no data / no
+face data), percentages per student per course, and a student's history.
+
+A class counts for a student only from their enrolment (a class that ended before the
+enrolment was made is not theirs), only when the student could be recognised at it (consent
+granted and a face descriptor stored before it ended; else ``no_face_data``: "take by hand")
+and only when a device of the room was online for it (heartbeats covering at least
+``online_share`` of the class, or any device record of the course in it; else ``no_data``).
+A class that has not ended yet is not held: a student not seen so far is ``not_seen_yet``.
+``no_data`` and ``no_face_data`` are left out of percentages and listed
+(:attr:`CourseSummary.unfilled`) so the office can fill them in by hand.
 
 A student is *present* at a class when a record of theirs counts for the course (``course_id``,
 decided on the corrected time at ingest) at a time in ``[start - early_arrival, end)``; *late*
@@ -19,7 +28,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from pydantic import BaseModel, Field
 from sqlalchemy import and_, exists, func, select
@@ -29,7 +38,10 @@ from cloud_sync.aggregator.db.models import (
     Attendance,
     AttendanceCorrection,
     Course,
+    Device,
     Enrollment,
+    FaceEmbedding,
+    Heartbeat,
     Schedule,
     Student,
 )
@@ -39,10 +51,18 @@ from cloud_sync.aggregator.services.timetable import Occurrence, course_timetabl
 MAX_RANGE_DAYS = 400
 
 
+STATUSES = ("present", "late", "absent", "not_seen_yet", "no_data", "no_face_data")
+SEEN = ("present", "late")
+UNCOUNTED = ("no_data", "no_face_data")  # not in percentages: for the office to fill by hand
+
+
 class StudentStatus(BaseModel):
     student_id: str
     name: str
-    status: str = Field(description="present | late | absent")
+    status: str = Field(description="present | late (seen or marked by hand) | absent (not "
+                        "seen, the room's device online) | not_seen_yet (the class has not "
+                        "ended) | no_data (no device of the room online for the class) | "
+                        "no_face_data (no consent or no face descriptor: take by hand)")
     first_seen_at: datetime | None = None
     confidence: float | None = Field(
         default=None, description="Confidence of the first sighting (None: absent or by hand)."
@@ -63,6 +83,12 @@ class SessionReport(BaseModel):
     present: int
     late: int
     absent: int
+    not_seen_yet: int = 0
+    no_data: int = 0
+    no_face_data: int = 0
+    ended: bool = Field(default=True, description="The class is over (else not held yet).")
+    device_online: bool = Field(
+        default=True, description="A device of the room was online for the class (so far).")
     students: list[StudentStatus]
 
 
@@ -79,16 +105,30 @@ class Percentage(BaseModel):
     name: str
     course_id: str
     course_name: str
-    held: int = Field(description="Classes held in the range (started).")
+    held: int = Field(description="Classes over in the range that count for the student "
+                      "(present + late + absent): from the enrolment, with data.")
     present: int
     late: int
     absent: int
+    no_data: int = Field(default=0, description="Classes over, from the enrolment, without "
+                         "data for the student (no device online, or no face data): not in "
+                         "the percentage, to fill in by hand.")
     percentage: float | None = Field(description="(present + late) / held * 100; None if none.")
 
 
 COUNTED_FROM = Field(description="Which day classes held are counted from, and why (the "
                      "requested `from`, the schedules' effective_from, or the course's "
                      "creation / first recorded session).")
+
+
+class UnfilledClass(BaseModel):
+    """A class over without data for some students: the office fills it in by hand."""
+
+    starts_at: datetime
+    ends_at: datetime
+    room_id: str
+    reason: str = Field(description="no_data (no device of the room online) | no_face_data")
+    student_ids: list[str]
 
 
 class CourseSummary(BaseModel):
@@ -99,6 +139,9 @@ class CourseSummary(BaseModel):
     counted_from: str = COUNTED_FROM
     late_after_min: float
     students: list[Percentage]
+    unfilled: list[UnfilledClass] = Field(
+        default_factory=list, description="Classes over in the range with students of status "
+        "no_data or no_face_data, oldest first: what to fill in by hand.")
 
 
 class RecordOut(BaseModel):
@@ -127,6 +170,19 @@ class StudentReport(BaseModel):
 class Rules:
     late_after_min: float
     early_arrival_min: float
+    offline_after_s: float = 180.0  # a heartbeat vouches for this long after it
+    online_share: float = 0.5  # of a class the room's devices must cover to give it data
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """An enrolled student as the reports see them: since when they count, and since when they
+    could be recognised (None: not now)."""
+
+    student_id: str
+    name: str
+    enrolled_at: datetime
+    recognisable_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +210,92 @@ def _classify(occ: Occurrence, seen: list[Sighting], rules: Rules) -> tuple[str,
         return "absent", None
     late = first.at > occ.starts_at + timedelta(minutes=rules.late_after_min)
     return ("late" if late else "present"), first
+
+
+def _status(occ: Occurrence, member: Member, seen: list[Sighting], rules: Rules, now: datetime,
+            online: bool) -> tuple[str, Sighting | None]:
+    """One student at one class (the order matters: a sighting wins over everything)."""
+    status, first = _classify(occ, seen, rules)
+    if first is not None:
+        return status, first
+    if member.recognisable_at is None or member.recognisable_at >= occ.ends_at:
+        return "no_face_data", None
+    if now < occ.ends_at:
+        return "not_seen_yet", None
+    if not online:
+        return "no_data", None
+    return "absent", None
+
+
+def members(session: Session, course_id: str,
+            student_id: str | None = None) -> list[Member]:
+    """The students of a course with their enrolment time and when they became recognisable
+    (consent granted and a first face descriptor)."""
+    first_face = (select(FaceEmbedding.student_id, func.min(FaceEmbedding.created_at)
+                         .label("first")).group_by(FaceEmbedding.student_id).subquery())
+    query = (select(Student.id, Student.name, Student.consent, Student.consent_at,
+                    Enrollment.created_at, first_face.c.first)
+             .join(Enrollment, Enrollment.student_id == Student.id)
+             .outerjoin(first_face, first_face.c.student_id == Student.id)
+             .where(Enrollment.course_id == course_id).order_by(Student.id))
+    if student_id is not None:
+        query = query.where(Student.id == student_id)
+    out = []
+    for sid, name, consent, consent_at, enrolled, face in session.execute(query):
+        recognisable = None
+        if consent == "granted" and face is not None:
+            face = face if face.tzinfo else face.replace(tzinfo=UTC)
+            recognisable = max(face, consent_at) if consent_at is not None else face
+        out.append(Member(sid, name, enrolled, recognisable))
+    return out
+
+
+def online_classes(session: Session, course_id: str, occurrences: list[Occurrence],
+                   rules: Rules) -> dict[tuple[str, datetime], bool]:
+    """Per class (room, start): whether a device of the room was online for it: its
+    heartbeats (each vouching for ``offline_after_s`` after it) cover at least
+    ``online_share`` of the class (of the part so far, for a class in progress), or a device
+    recorded anyone of the course in it."""
+    out: dict[tuple[str, datetime], bool] = {}
+    if not occurrences:
+        return out
+    now = utcnow()
+    vouch = timedelta(seconds=rules.offline_after_s)
+    early = timedelta(minutes=rules.early_arrival_min)
+    lo = min(o.starts_at for o in occurrences)
+    hi = max(o.ends_at for o in occurrences)
+    rooms = {o.room_id for o in occurrences}
+    beats: dict[str, list[datetime]] = defaultdict(list)
+    for room_id, at in session.execute(
+        select(Device.room_id, Heartbeat.received_at)
+        .join(Device, Device.id == Heartbeat.device_id)
+        .where(Device.room_id.in_(rooms), Heartbeat.received_at >= lo - vouch,
+               Heartbeat.received_at < hi)
+        .order_by(Heartbeat.received_at)
+    ):
+        beats[room_id].append(at)
+    records = session.scalars(
+        select(Attendance.at).where(Attendance.course_id == course_id,
+                                    Attendance.at >= lo - early, Attendance.at < hi)
+    ).all()
+    records = sorted(records)
+    for occ in occurrences:
+        start, end = occ.starts_at, min(occ.ends_at, max(now, occ.starts_at))
+        i = bisect.bisect_left(records, occ.starts_at - early)
+        if i < len(records) and records[i] < occ.ends_at:
+            out[(occ.room_id, occ.starts_at)] = True
+            continue
+        covered = timedelta(0)
+        reach = start
+        for at in beats.get(occ.room_id, []):
+            a, b = max(at, reach), min(at + vouch, end)
+            if b > a:
+                covered += b - a
+                reach = b
+        length = end - start
+        out[(occ.room_id, occ.starts_at)] = (
+            length > timedelta(0) and covered >= length * rules.online_share)
+    return out
 
 
 def _course(session: Session, course_id: str) -> Course:
@@ -210,32 +352,34 @@ def _occurrences(session: Session, course_id: str, start: date, end: date) -> li
 def course_day(session: Session, course_id: str, day: date, rules: Rules) -> CourseDayReport:
     course = _course(session, course_id)
     occurrences = _occurrences(session, course_id, day, day)
-    students = session.execute(
-        select(Student.id, Student.name).join(Enrollment, Enrollment.student_id == Student.id)
-        .where(Enrollment.course_id == course_id).order_by(Student.id)
-    ).all()
+    people = members(session, course_id)
+    now = utcnow()
     sessions: list[SessionReport] = []
     if occurrences:
         lo = min(o.starts_at for o in occurrences) - timedelta(minutes=rules.early_arrival_min)
         hi = max(o.ends_at for o in occurrences)
         seen = _sightings(session, course_id, lo, hi)
+        online = online_classes(session, course_id, occurrences, rules)
         for occ in occurrences:
+            up = online[(occ.room_id, occ.starts_at)]
             rows = []
-            for sid, name in students:
-                status, first = _classify(occ, seen.get(sid, []), rules)
+            for member in people:
+                if member.enrolled_at >= occ.ends_at:
+                    continue  # enrolled after this class: not theirs
+                status, first = _status(occ, member, seen.get(member.student_id, []), rules,
+                                        now, up)
                 rows.append(StudentStatus(
-                    student_id=sid, name=name, status=status,
+                    student_id=member.student_id, name=member.name, status=status,
                     first_seen_at=first.at if first else None,
                     confidence=first.confidence if first else None,
                     source=None if first is None else ("manual" if first.manual else "device"),
                     record_key=first.key if first else None,
                 ))
+            counts = {k: sum(r.status == k for r in rows) for k in STATUSES}
             sessions.append(SessionReport(
                 course_id=course_id, room_id=occ.room_id, starts_at=occ.starts_at,
-                ends_at=occ.ends_at, students=rows,
-                present=sum(r.status == "present" for r in rows),
-                late=sum(r.status == "late" for r in rows),
-                absent=sum(r.status == "absent" for r in rows),
+                ends_at=occ.ends_at, students=rows, ended=occ.ends_at <= now,
+                device_online=up, **counts,
             ))
     return CourseDayReport(course_id=course_id, course_name=course.name, date=day,
                            late_after_min=rules.late_after_min, sessions=sessions)
@@ -286,26 +430,47 @@ def resolve_range(
 
 
 def _percentages(
-    session: Session, course: Course, students: list[tuple[str, str]], start: date, end: date,
+    session: Session, course: Course, people: list[Member], start: date, end: date,
     rules: Rules, only_student: str | None = None,
+    unfilled: list[UnfilledClass] | None = None,
 ) -> list[Percentage]:
+    """Per student: the classes over in the range from their enrolment, by status; classes
+    without data for some student are appended to ``unfilled`` when given."""
     now = utcnow()
-    held = [o for o in _occurrences(session, course.id, start, end) if o.starts_at <= now]
+    held = [o for o in _occurrences(session, course.id, start, end) if o.ends_at <= now]
     seen: dict[str, list[Sighting]] = {}
+    online: dict[tuple[str, datetime], bool] = {}
     if held:
         lo = min(o.starts_at for o in held) - timedelta(minutes=rules.early_arrival_min)
         hi = max(o.ends_at for o in held)
         seen = _sightings(session, course.id, lo, hi, only_student)
+        online = online_classes(session, course.id, held, rules)
+    counts = {m.student_id: dict.fromkeys(STATUSES, 0) for m in people}
+    for occ in held:
+        missing: dict[str, list[str]] = defaultdict(list)
+        for member in people:
+            if member.enrolled_at >= occ.ends_at:
+                continue
+            status, _ = _status(occ, member, seen.get(member.student_id, []), rules, now,
+                                online[(occ.room_id, occ.starts_at)])
+            counts[member.student_id][status] += 1
+            if status in UNCOUNTED:
+                missing[status].append(member.student_id)
+        if unfilled is not None:
+            for reason, ids in sorted(missing.items()):
+                unfilled.append(UnfilledClass(starts_at=occ.starts_at, ends_at=occ.ends_at,
+                                              room_id=occ.room_id, reason=reason,
+                                              student_ids=ids))
     out = []
-    for sid, name in students:
-        counts = {"present": 0, "late": 0, "absent": 0}
-        for occ in held:
-            counts[_classify(occ, seen.get(sid, []), rules)[0]] += 1
-        attended = counts["present"] + counts["late"]
+    for member in people:
+        c = counts[member.student_id]
+        attended = c["present"] + c["late"]
+        counted = attended + c["absent"]
         out.append(Percentage(
-            student_id=sid, name=name, course_id=course.id, course_name=course.name,
-            held=len(held), **counts,
-            percentage=round(100.0 * attended / len(held), 1) if held else None,
+            student_id=member.student_id, name=member.name, course_id=course.id,
+            course_name=course.name, held=counted, present=c["present"], late=c["late"],
+            absent=c["absent"], no_data=c["no_data"] + c["no_face_data"],
+            percentage=round(100.0 * attended / counted, 1) if counted else None,
         ))
     return out
 
@@ -315,15 +480,14 @@ def course_summary(
 ) -> CourseSummary:
     course = _course(session, course_id)
     start, end, basis = resolve_range(session, [course], date_from, date_to)
-    students = [tuple(r) for r in session.execute(
-        select(Student.id, Student.name).join(Enrollment, Enrollment.student_id == Student.id)
-        .where(Enrollment.course_id == course_id).order_by(Student.id)
-    ).all()]
+    unfilled: list[UnfilledClass] = []
+    students = _percentages(session, course, members(session, course_id), start, end, rules,
+                            unfilled=unfilled)
     return CourseSummary(
         course_id=course_id, course_name=course.name, date_from=start, date_to=end,
-        counted_from=f"classes held are counted from {start.isoformat()}: {basis}",
-        late_after_min=rules.late_after_min,
-        students=_percentages(session, course, students, start, end, rules),  # type: ignore[arg-type]
+        counted_from=f"classes held are counted from {start.isoformat()}: {basis} "
+        "(for each student from their enrolment)",
+        late_after_min=rules.late_after_min, students=students, unfilled=unfilled,
     )
 
 
@@ -343,8 +507,8 @@ def student_report(
     for course in courses:
         first = start if date_from is not None else max(start, course_start(session, course)[0])
         percentages.extend(_percentages(
-            session, course, [(student.id, student.name)], first, end, rules, student.id
-        ))
+            session, course, members(session, course.id, student.id), first, end, rules,
+            student.id))
     lo = datetime.combine(start, datetime.min.time(), tzinfo=utcnow().tzinfo) - timedelta(days=1)
     hi = datetime.combine(end, datetime.min.time(), tzinfo=utcnow().tzinfo) + timedelta(days=2)
     records = session.scalars(

@@ -18,14 +18,16 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import text, update
 
 from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.app import create_app
 from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.migrate import upgrade_engine
+from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, Student
 from cloud_sync.aggregator.db.session import make_engine
 from cloud_sync.aggregator.services.devices import add_device, create_admin_token
+from cloud_sync.protocol import EMBEDDER_IDS
 from tests.conftest import require
 
 PG_ADMIN = os.environ.get("AGGREGATOR_TEST_PG", "host=127.0.0.1 port=5432 user=postgres")
@@ -154,7 +156,28 @@ def world(app_client: TestClient, sessions: Any) -> World:
     with sessions() as session:
         _, key = add_device(session, "LAB-301", "pi-301")
         _, other = add_device(session, "LAB-302", "pi-302")
+        # the term was set up a while ago: enrolments and consents count from then (reports
+        # count a class for a student only from their enrolment and consent)
+        term = last_monday() - timedelta(days=28)
+        session.execute(update(Enrollment).values(created_at=term))
+        session.execute(update(Student).values(consent_at=term))
+        session.commit()
     return World(c, admin, "pi-301", auth(key), "pi-302", auth(other), last_monday())
+
+
+def give_faces(sessions: Any, students: list[str], since: datetime | None = None) -> None:
+    """A face descriptor for each student (random: for reports, not recognition), stored
+    ``since`` (default: four weeks before last Monday), so reports count them as recognisable."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    when = since or last_monday() - timedelta(days=28)
+    with sessions() as session:
+        for sid in students:
+            session.add(FaceEmbedding(
+                student_id=sid, vector=rng.normal(size=128).astype("<f4").tobytes(),
+                embedder=EMBEDDER_IDS["sface"], source="test", quality=0.9, created_at=when))
+        session.commit()
 
 
 def record(world: World, student: str, seen_at: datetime, **extra: Any) -> dict[str, Any]:

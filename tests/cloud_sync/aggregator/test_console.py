@@ -22,7 +22,7 @@ from cloud_sync.aggregator.console import accounts
 from cloud_sync.aggregator.db.models import AuditLog, ConsoleUser
 from cloud_sync.aggregator.services.common import ServiceError
 
-from .conftest import World, batch, record
+from .conftest import World, batch, give_faces, record
 from .console_helpers import csrf_of, live_aggregator, login
 
 PW = "correct horse battery"
@@ -159,6 +159,7 @@ def test_corrections_change_the_api_report(world: World, sessions: Any) -> None:
     """Not this student: the record stops counting; marked present by hand: counts from the
     session start. The admin API's JSON and CSV and the console's CSV all agree."""
     _users(sessions)
+    give_faces(sessions, ["S001", "S002", "S003", "S004"])
     c = world.client
     recs = [record(world, "S001", world.at(0, 9, 2), confidence=0.8),
             record(world, "S002", world.at(0, 9, 20), confidence=0.7)]

@@ -158,7 +158,9 @@ def test_console_end_to_end(db_url: str, tmp_path: Path, faces_dir: Path,
         submit(browser, "tr[data-student='S002'] form.mark-wrong",
                 {"reason": "Joe was at home ill"})
         page = browser.evaluate("location.href + ' ' + document.body.innerText")
-        assert browser.evaluate(row.format("S002") + ".dataset.status") == "absent", page
+        # S002 has consent but no face data: not "missing" but "take by hand" (issue 25)
+        assert browser.evaluate(row.format("S002") + ".dataset.status") == "no_face_data", page
+        assert "no face data: take by hand" in browser.evaluate(row.format("S002") + ".innerText")
         assert "Joe was at home ill" in browser.evaluate("document.body.innerText")
         shoot(browser, out, "course")
 
@@ -169,7 +171,7 @@ def test_console_end_to_end(db_url: str, tmp_path: Path, faces_dir: Path,
         assert page_csv == api_csv
         lines = page_csv.strip().splitlines()
         assert any(",S001,Barack Obama,present," in line for line in lines), lines
-        assert any(",S002,Joe Biden,absent," in line for line in lines), lines
+        assert any(",S002,Joe Biden,no_face_data," in line for line in lines), lines
 
         # 9. audit trail
         browser.navigate(f"{url}/audit")

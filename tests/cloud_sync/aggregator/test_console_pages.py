@@ -7,17 +7,18 @@ the width, and the page does not reload (it stays where the teacher scrolled).""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import update
 
 from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.console import accounts
-from cloud_sync.aggregator.db.models import UnknownFace
+from cloud_sync.aggregator.db.models import Enrollment, UnknownFace
 from cloud_sync.aggregator.services.devices import add_device, create_admin_token
 from cloud_sync.protocol import EMBEDDING_DIM
 from tests.cloud_sync.aggregator.conftest import last_monday
@@ -88,6 +89,9 @@ def test_every_page_fits_a_phone_and_a_teacher_marks_in_place(tmp_path: Path) ->
         with ctx.sessions() as session:
             accounts.assign_courses(session, "ms-lee", ["CS101"])
             _, key = add_device(session, "LAB-301", "pi-301")
+            # enrolled before last Monday's class (a class counts from the enrolment)
+            session.execute(update(Enrollment).values(created_at=monday - timedelta(days=7)))
+            session.commit()
         device = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"},
                               timeout=30)
         seen = (monday.replace(hour=9, minute=2)).isoformat()
