@@ -235,8 +235,10 @@ def test_timetable_and_device_forms(world: World, sessions: Any) -> None:
     assert c.post(f"/timetable/schedules/{cs['id']}/delete",
                   data={"csrf": token}).status_code == 200
     assert c.get(f"/api/v1/schedules/{cs['id']}", headers=world.admin).status_code == 404
+    # replace: whatever the world's timetable has in LAB-301 at this hour (MA201 on Mondays
+    # 10:30-12:00) would otherwise refuse the class as an overlap, depending on the time of day
     r = c.post("/timetable/now", data={"csrf": token, "course_id": "PH1", "room_id": "LAB-301",
-                                       "minutes": 30})
+                                       "minutes": 30, "replace": "true"})
     assert r.status_code == 200 and "PH1 in LAB-301 from" in r.text
     r = c.post(f"/devices/{world.device_id}/move", data={"csrf": token, "room_id": "LAB-302"})
     assert r.status_code == 200
