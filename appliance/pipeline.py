@@ -173,16 +173,16 @@ def refine_for_embedding(detector: Detector, crop: np.ndarray, det: Detection,
                          ) -> tuple[Detection, float] | None:
     """A crop picked for a descriptor whose face was small in the detector's scaled-down
     input: its landmarks again from a detector pass on the full-resolution crop
-    (``detector.refine_landmarks``, YuNet), and its quality judged again on them. Returns the
-    detection to embed and its quality, or None when the refined crop is below
+    (``detector.refine_landmarks``, YuNet), and the quality gate judged on them only (the
+    coarse landmarks of a small face are too rough to judge its pose and chip sharpness by).
+    Returns the detection to embed and its quality, or None when that crop is below
     ``min_quality`` (no descriptor). A detector without ``refine``, or a refine pass that
-    finds no face, keeps ``det``."""
+    finds no face, keeps ``det``, gated on its own landmarks."""
     refine = getattr(detector, "refine", None)
     refined = refine(crop, det) if refine is not None else None
-    if refined is None:
-        return det, float(quality(crop, det))
-    q = float(quality(crop, refined))
-    return (refined, q) if q >= min_quality else None
+    picked = det if refined is None else refined
+    q = float(quality(crop, picked))
+    return (picked, q) if q >= min_quality else None
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -535,10 +535,13 @@ class Pipeline:
             if decided and frame_index - state.last_embed_frame < rcfg.reverify_frames // 2:
                 continue  # a re-verification crop is picked in the second half of the period
             q = float(self.quality(image, track.detection))
-            if q >= rcfg.min_quality and (state.candidate is None or q > state.candidate[0]):
+            refine = self._refine and self.detector.needs_refine(  # type: ignore[attr-defined]
+                track.detection, image.shape[1])
+            # a face small in the detector's input is gated on its refined landmarks only (in
+            # _dispatch); its coarse quality just ranks its crops
+            if ((refine or q >= rcfg.min_quality)
+                    and (state.candidate is None or q > state.candidate[0])):
                 crop, det = crop_for_embedding(image, track.detection)
-                refine = self._refine and self.detector.needs_refine(  # type: ignore[attr-defined]
-                    track.detection, image.shape[1])
                 state.candidate = (q, crop, det, frame_index, refine)
             if state.candidate is None or state.in_flight:
                 continue
@@ -571,7 +574,7 @@ class Pipeline:
                 refined = refine_for_embedding(self.detector, crop, det, self.quality,
                                                rcfg.min_quality)
                 self.refined += 1
-                if refined is None:  # not good enough once its landmarks are exact
+                if refined is None:  # below the gate on its full-resolution landmarks
                     state.candidate = None
                     continue
                 det, q = refined

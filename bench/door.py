@@ -11,7 +11,7 @@ of a real face: the unit docs/OPERATIONS.md's placement guide uses; YuNet's box 
 
 The shipped variant does what the pipeline does before a descriptor: a face that was small in
 YuNet's scaled-down input is detected again on its full-resolution crop
-(``detector.refine_landmarks``) and the quality gate judges it again on those landmarks.
+(``detector.refine_landmarks``) and the quality gate judges it on those landmarks only.
 
 Per detector variant, frame size and face size: detection recall (a detection centred in the
 pasted face), and for the variants that identify, what the pipeline does with the face: the
@@ -214,13 +214,12 @@ def _cell(job: tuple[str, int, list[Item], int]) -> list[dict[str, Any]]:
                         and hasattr(detector, "needs_refine")
                         and detector.needs_refine(det, frame.shape[1])):
                     # as the pipeline does before a descriptor: landmarks from the
-                    # full-resolution crop, the gate again on them
+                    # full-resolution crop, the gate on them only (not on the coarse ones)
                     refined = refine_for_embedding(detector, crop, moved, face_quality,
                                                    min_quality)
                     r["refined"] = True
-                    if refined is None:
-                        r["gated"] = False
-                    else:
+                    r["gated"] = refined is not None
+                    if refined is not None:
                         moved = refined[0]
                 r["embedding"] = _STATE["embedder"].embed(crop, [moved])[0]
             row[v.name] = r

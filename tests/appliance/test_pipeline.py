@@ -298,3 +298,95 @@ def test_dlib_embedder_still_recognises_lin(hamilton: Path, model_dir: Path,
     report = replay_video(settings, hamilton, dlib_roster_file)
     assert [r["student_id"] for r in report["records"]] == ["S001"]
     assert report["records"][0]["distance"] < settings.recognition.match_threshold()
+
+
+class _StillSource:
+    """A video-file-like source: the same BGR frame ``count`` times, then the end."""
+
+    description = "still frame"
+    live = False
+    fps = 15.0
+
+    def __init__(self, image: np.ndarray, count: int) -> None:
+        self.image, self.count, self._delivered = image, count, 0
+
+    def open(self) -> None:
+        self._delivered = 0
+
+    def read(self) -> np.ndarray | None:
+        if self._delivered >= self.count:
+            return None
+        self._delivered += 1
+        return self.image.copy()
+
+    def close(self) -> None:
+        pass
+
+
+# LFW people (lfw_dev, never enrolled) whose face, pasted at this width into a 1280x720 frame,
+# YuNet's 640 px copy finds with landmarks too rough for the quality gate, while the landmarks
+# from the full-resolution crop pass it: (person, face px wide, (x, y) in the frame)
+GATED_ONLY_WHEN_COARSE = [("Edward_James_Olmos", 70, (217, 203)), ("Emile_Lahoud", 70, (817, 203))]
+
+
+def test_small_faces_are_gated_on_their_refined_landmarks(faces_dir: Path, model_dir: Path,
+                                                           roster_file: Path,
+                                                           tmp_path: Path) -> None:
+    """Faces small in the detector's scaled-down input are judged by the quality gate on the
+    landmarks refined at full resolution (detector.refine_landmarks), not first on the coarse
+    ones: each of these faces, below the gate on its coarse landmarks and above it on its
+    refined ones, gets a descriptor."""
+    from appliance.vision.quality import face_quality
+    from appliance.vision.yunet import YuNetDetector
+
+    settings = settings_for(tmp_path, model_dir)
+    gate = settings.recognition.min_quality
+    truth_detector = YuNetDetector(model_dir, min_face_px=10, input_width=0)
+    frame = np.full((720, 1280, 3), 80, np.uint8)
+    boxes = []
+    for person, face_px, (x, y) in GATED_ONLY_WHEN_COARSE:
+        photo = cv2.imread(str(sorted((faces_dir / "lfw_dev" / person).glob("*.jpg"))[0]))
+        (truth, *_) = truth_detector.detect(photo)
+        x1, y1, x2, y2 = (int(v) for v in truth.box)
+        m = int(0.5 * truth.width)  # the face with some context, no face beside it
+        photo = photo[max(0, y1 - m):y2 + m, max(0, x1 - m):x2 + m]
+        s = face_px / truth.width
+        small = cv2.resize(photo, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        frame[y:y + small.shape[0], x:x + small.shape[1]] = small
+        boxes.append((x, y, x + small.shape[1], y + small.shape[0]))
+    pipeline = Pipeline(settings, Store(settings.paths.data_dir), FileRosterProvider(roster_file),
+                        source=_StillSource(frame, 30), every_frame=True, paced=False)
+    detector = pipeline.detector
+    found = detector.detect(frame)
+    assert len(found) == len(boxes), [(d.box, d.score) for d in found]
+    for det in found:  # the premise: coarse landmarks below the gate, refined ones above it
+        assert detector.needs_refine(det, 1280)  # type: ignore[attr-defined]
+        assert face_quality(frame, det) < gate
+        crop, moved = crop_for_embedding(frame, det)
+        refined = detector.refine(crop, moved)  # type: ignore[attr-defined]
+        assert refined is not None and face_quality(crop, refined) >= gate
+    pipeline.start()
+    try:
+        assert pipeline.wait_finished(60)
+    finally:
+        pipeline.stop()
+    assert pipeline.refined >= len(boxes)
+    assert pipeline.embeddings >= len(boxes)
+    assert pipeline.recorded == []  # neither is on the roster
+
+
+def test_a_face_the_refine_pass_loses_keeps_the_gate(model_dir: Path) -> None:
+    """When the full-resolution pass finds no face in the crop, the crop is judged on its
+    coarse landmarks: a flat, featureless crop gets no descriptor."""
+    from appliance.pipeline import refine_for_embedding
+    from appliance.vision.detector import Detection
+    from appliance.vision.quality import face_quality
+    from appliance.vision.yunet import YuNetDetector
+
+    detector = YuNetDetector(model_dir, min_face_px=24, input_width=640)
+    crop = np.full((150, 150, 3), 90, np.uint8)
+    kp = np.array([[62, 65], [88, 65], [75, 78], [75, 92], [66, 92], [84, 92]], np.float32)
+    det = Detection((50.0, 50.0, 100.0, 110.0), 0.9, kp)
+    assert detector.refine(crop, det) is None
+    assert refine_for_embedding(detector, crop, det, face_quality, 0.35) is None
+    assert refine_for_embedding(detector, crop, det, lambda c, d: 0.5, 0.35) == (det, 0.5)
