@@ -52,12 +52,29 @@ HALTING_STATES = ("reverted", "refused")
 API = "/api/v1/releases"
 
 
+def _rollback_on_error(func):  # type: ignore[no-untyped-def]
+    """A refused write (ServiceError after begin_write) ends its transaction at once: on
+    SQLite, BEGIN IMMEDIATE holds the write lock until the session ends otherwise."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(session: Session, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return func(session, *args, **kwargs)
+        except BaseException:
+            session.rollback()
+            raise
+
+    return wrapper
+
+
 def files_dir(settings: AggregatorSettings) -> Path:
     return settings.data_dir / "releases" / "files"
 
 
 # -- keys -------------------------------------------------------------------------------------
 
+@_rollback_on_error
 def trust_key(session: Session, pem: bytes, actor: str) -> str:
     """Add a public key releases may be signed with; returns its key id."""
     try:
@@ -81,6 +98,7 @@ def trusted_keys(session: Session) -> dict[str, object]:
 
 # -- releases ---------------------------------------------------------------------------------
 
+@_rollback_on_error
 def add_release(session: Session, settings: AggregatorSettings, bundle: Path,
                 actor: str) -> Release:
     """Verify ``bundle`` (signature by a trusted key, every file) and store it. Adding the same
@@ -157,6 +175,7 @@ def list_rollouts(session: Session, limit: int = 20) -> list[Rollout]:
     return list(session.scalars(select(Rollout).order_by(Rollout.id.desc()).limit(limit)))
 
 
+@_rollback_on_error
 def start_rollout(session: Session, version: str, canary_room: str, share_pct: int,
                   actor: str, *, during_class: bool = False,
                   max_bytes_per_s: int | None = None) -> Rollout:
@@ -187,6 +206,7 @@ def start_rollout(session: Session, version: str, canary_room: str, share_pct: i
     return row
 
 
+@_rollback_on_error
 def halt_rollout(session: Session, actor: str, reason: str) -> Rollout:
     begin_write(session)
     row = active_rollout(session)
@@ -199,6 +219,7 @@ def halt_rollout(session: Session, actor: str, reason: str) -> Rollout:
     return row
 
 
+@_rollback_on_error
 def resume_rollout(session: Session, actor: str) -> Rollout:
     """Clear a halt (after the cause is understood); the stage stays where it was."""
     begin_write(session)
@@ -214,6 +235,7 @@ def resume_rollout(session: Session, actor: str) -> Rollout:
     return row
 
 
+@_rollback_on_error
 def promote_rollout(session: Session, actor: str) -> Rollout:
     """Move the active rollout to its next stage now (without waiting for confirmations)."""
     begin_write(session)
@@ -352,6 +374,7 @@ def offer_for(session: Session, found: RolloutSnapshot | None, device_id: str, r
                         max_bytes_per_s=found.max_bytes_per_s)
 
 
+@_rollback_on_error
 def record_report(session: Session, device_id: str, report: UpdateReport) -> bool:
     """Keep a device's update report (once: the heartbeat repeats the last one); a revert or a
     refusal of the active rollout's release halts it, a confirmation may end a stage. Returns
