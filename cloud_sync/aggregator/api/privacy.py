@@ -30,10 +30,10 @@ class ConsentIn(BaseModel):
 
 
 def _after_face_change(ctx: AppContext, tasks: BackgroundTasks) -> None:
-    """Deleted face data: scrub the database files, then tell every room's devices to pull
-    their (changed) roster now."""
-    tasks.add_task(privacy.scrub, ctx.engine)
+    """Deleted face data: tell every room's devices to pull their (changed) roster now, then
+    scrub the database files (the scrub may wait for readers: the devices do not)."""
     tasks.add_task(notify_rosters, ctx)
+    tasks.add_task(privacy.scrub, ctx.engine)
 
 
 @router.get("/students/{student_id}/consent", response_model=privacy.ConsentOut,

@@ -219,9 +219,9 @@ async def import_csv(request: Request, tasks: BackgroundTasks, who: PostUser, se
           f"{file.filename}: {report.rows} rows, {report.created} created, "
           f"{report.updated} updated, {len(report.errors)} errors")
     session.commit()
-    if kind == "students" and "withdrawn" in text.lower():  # face data deleted: scrub it
-        tasks.add_task(privacy.scrub, context(request).engine)
     after_write(context(request), tasks, kind if kind != "enrollments" else "students")
+    if kind == "students" and "withdrawn" in text.lower():  # face data deleted: scrub it
+        tasks.add_task(privacy.scrub, context(request).engine)  # after the devices' notice
     return _page(request, who, session, report, filename=file.filename or "")
 
 
