@@ -7,13 +7,16 @@ test-output/console/recordings/."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.console import accounts
+from cloud_sync.aggregator.db.models import Enrollment
 from cloud_sync.aggregator.services import jobqueue
 from cloud_sync.aggregator.services.devices import create_admin_token
 from tests.cloud_sync.aggregator.conftest import last_monday
@@ -57,7 +60,9 @@ def test_teacher_uploads_a_recording_and_sees_its_results(
                             ).status_code == 201
             assert api.post("/api/v1/enrollments", json={"student_id": sid,
                                                          "course_id": "CS101"}).status_code == 201
-        with ctx.sessions() as session:
+        with ctx.sessions() as session:  # enrolled before last Monday's class (the term's)
+            session.execute(update(Enrollment).values(created_at=monday - timedelta(days=28)))
+            session.commit()
             accounts.add_user(session, "ms-lee", "teacher", PW, courses=["CS101"])
             accounts.add_user(session, "mr-kim", "teacher", PW, courses=["MA201"])
 
