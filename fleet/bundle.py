@@ -21,6 +21,8 @@ rebuilt after a code change.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -125,26 +128,39 @@ def build_project_wheel(dest: Path, version: str, src: Path = REPO,
     return wheels[-1]
 
 
+@contextlib.contextmanager
+def _building(out: Path) -> Iterator[None]:
+    """Hold ``out``'s build lock (an flock on ``<out>.lock`` beside it): two processes that
+    need the same cache entry at once (two test workers, two builds) would otherwise download
+    into the same ``.partial`` folder, each deleting the other's files; the second waits and
+    then finds the entry complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _native_wheels(cache: Path, src: Path) -> Path:
     """This machine's wheels (test hosts of ``make deploy``'s tests), resolved here, unpinned."""
     deps = dependencies(src)
     key = hashlib.sha256(("\n".join(deps) + sys.version).encode()).hexdigest()[:16]
     out = cache / f"wheels-native-{key}"
-    if (out / ".complete").exists():
+    with _building(out):  # one builder per entry (parallel tests, two makes)
+        if (out / ".complete").exists():
+            return out
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        binary = [d for d in deps if _name(d) not in SDIST_ONLY]
+        sdists = [d for d in deps if _name(d) in SDIST_ONLY]
+        _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+              "-d", str(partial), *binary])
+        if sdists:
+            _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                  "--disable-pip-version-check", "-w", str(partial), *sdists])
+        (partial / ".complete").touch()
+        partial.rename(out)
         return out
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    binary = [d for d in deps if _name(d) not in SDIST_ONLY]
-    sdists = [d for d in deps if _name(d) in SDIST_ONLY]
-    _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-          "-d", str(partial), *binary])
-    if sdists:
-        _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-              "--disable-pip-version-check", "-w", str(partial), *sdists])
-    (partial / ".complete").touch()
-    partial.rename(out)
-    return out
 
 
 def locked_wheels(cache: Path, tgt: Target, src: Path = REPO) -> Path:
@@ -157,29 +173,30 @@ def locked_wheels(cache: Path, tgt: Target, src: Path = REPO) -> Path:
     lock = tgt.lock_path_in(src)
     key = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
     out = cache / f"wheels-{tgt.name}-{key}"
-    if (out / ".complete").exists():
+    with _building(out):  # one builder per entry (parallel tests, two makes)
+        if (out / ".complete").exists():
+            return out
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        pins = read_lock(lock)
+        binary = partial / "binary.txt"
+        binary.write_text("".join(p.requirement() + "\n" for p in pins if not p.sdist_only))
+        _LOGGER.info("downloading %d locked wheels for %s", len(pins), tgt.name)
+        platform = ["--only-binary=:all:", *pip_target_args(tgt)]
+        _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+              "--no-deps", "--require-hashes", *platform, "-d", str(partial), "-r", str(binary)])
+        for pin in (p for p in pins if p.sdist_only):
+            for wheel in sdist_wheel(cache, pin).glob("*.whl"):
+                shutil.copy2(wheel, partial / wheel.name)
+        binary.unlink()
+        found = {_wheel_name(w) for w in partial.glob("*.whl")}
+        missing = [p.name for p in pins if p.name not in found]
+        if missing:
+            raise BundleError(f"no wheel for {tgt.name} of: {', '.join(missing)}")
+        (partial / ".complete").touch()
+        partial.rename(out)
         return out
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    pins = read_lock(lock)
-    binary = partial / "binary.txt"
-    binary.write_text("".join(p.requirement() + "\n" for p in pins if not p.sdist_only))
-    _LOGGER.info("downloading %d locked wheels for %s", len(pins), tgt.name)
-    platform = ["--only-binary=:all:", *pip_target_args(tgt)]
-    _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-          "--no-deps", "--require-hashes", *platform, "-d", str(partial), "-r", str(binary)])
-    for pin in (p for p in pins if p.sdist_only):
-        for wheel in sdist_wheel(cache, pin).glob("*.whl"):
-            shutil.copy2(wheel, partial / wheel.name)
-    binary.unlink()
-    found = {_wheel_name(w) for w in partial.glob("*.whl")}
-    missing = [p.name for p in pins if p.name not in found]
-    if missing:
-        raise BundleError(f"no wheel for {tgt.name} of: {', '.join(missing)}")
-    (partial / ".complete").touch()
-    partial.rename(out)
-    return out
 
 
 def sdist_wheel(cache: Path, pin: Pin) -> Path:
@@ -187,24 +204,25 @@ def sdist_wheel(cache: Path, pin: Pin) -> Path:
     packages are pure data or pure Python). The sdist is checked against the lock's hashes."""
     key = hashlib.sha256(pin.requirement().encode()).hexdigest()[:16]
     out = cache / f"sdist-{pin.name}-{pin.version}-{key}"
-    if (out / ".complete").exists():
+    with _building(out):  # one builder per entry (parallel tests, two makes)
+        if (out / ".complete").exists():
+            return out
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        sources = partial / "sdist"
+        sources.mkdir(parents=True)
+        wanted = partial / "pin.txt"
+        wanted.write_text(pin.requirement() + "\n")
+        _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+              "--no-deps", "--require-hashes", "--no-binary=:all:", "-d", str(sources),
+              "-r", str(wanted)])
+        _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+              "--disable-pip-version-check", "-w", str(partial), *map(str, sources.iterdir())])
+        shutil.rmtree(sources)
+        wanted.unlink()
+        (partial / ".complete").touch()
+        partial.rename(out)
         return out
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    sources = partial / "sdist"
-    sources.mkdir(parents=True)
-    wanted = partial / "pin.txt"
-    wanted.write_text(pin.requirement() + "\n")
-    _run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-          "--no-deps", "--require-hashes", "--no-binary=:all:", "-d", str(sources),
-          "-r", str(wanted)])
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-          "--disable-pip-version-check", "-w", str(partial), *map(str, sources.iterdir())])
-    shutil.rmtree(sources)
-    wanted.unlink()
-    (partial / ".complete").touch()
-    partial.rename(out)
-    return out
 
 
 def wheel_cache() -> Path:
