@@ -21,6 +21,7 @@ import csv
 import io
 import logging
 import secrets
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -62,6 +63,7 @@ SCRUB_WAIT_S = 30.0
 # the write lock meanwhile), then the scrub lets go for SCRUB_RETRY_S and tries again.
 SCRUB_ATTEMPT_MS = 50
 SCRUB_RETRY_S = 0.2
+_SCRUBBING = threading.Lock()
 
 
 class ConsentOut(BaseModel):
@@ -243,21 +245,29 @@ def _sqlite_truncate_wal(engine: Engine, timeout_s: float = SCRUB_WAIT_S) -> boo
     the database's write lock while it waits for readers of the old WAL, and a reader that
     wants to write next (a request that read, then writes) would wait for that lock: with the
     connection's busy_timeout (10 s) both waited until the checkpoint gave up. So each attempt
-    waits at most SCRUB_ATTEMPT_MS, and between attempts nothing is held."""
+    waits at most SCRUB_ATTEMPT_MS, and between attempts nothing is held. The PRAGMAs go
+    through the raw (autocommit) connection: through SQLAlchemy they ran inside a BEGIN, and
+    concurrent scrubs were each other's readers. One scrub at a time per process."""
     deadline = time.monotonic() + timeout_s
-    with engine.connect() as conn:
-        saved = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
-        conn.exec_driver_sql(f"PRAGMA busy_timeout={SCRUB_ATTEMPT_MS}")
+    with _SCRUBBING:
+        raw = engine.raw_connection()
         try:
-            while True:
-                row = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
-                if row is not None and row[0] == 0:  # (busy, WAL frames, checkpointed)
-                    return True
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(SCRUB_RETRY_S)
+            cur = raw.cursor()
+            saved = cur.execute("PRAGMA busy_timeout").fetchone()
+            cur.execute(f"PRAGMA busy_timeout={SCRUB_ATTEMPT_MS}")
+            try:
+                while True:
+                    row = cur.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    if row is not None and row[0] == 0:  # (busy, WAL frames, checkpointed)
+                        return True
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(SCRUB_RETRY_S)
+            finally:
+                cur.execute(f"PRAGMA busy_timeout={int(saved[0]) if saved else 10000}")
+                cur.close()
         finally:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={int(saved or 10000)}")
+            raw.close()
 
 
 def _older_snapshots_gone(conn: Connection, timeout_s: float = SCRUB_WAIT_S) -> bool:
