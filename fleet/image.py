@@ -87,7 +87,9 @@ RebootWatchdogSec=2min
 SECURITY_SOURCE = "deb http://security.debian.org/debian-security bookworm-security main\n"
 UNATTENDED = """\
 // classroom-attendance (fleet/image.py): the security suite only; the appliance's own code
-// comes as signed releases from the aggregator (docs/OPERATIONS.md 6.10)
+// comes as signed releases from the aggregator (docs/OPERATIONS.md 6.10). Debian's own
+// 50unattended-upgrades also allows the main suite (point releases): its list is cleared here.
+#clear Unattended-Upgrade::Origins-Pattern;
 Unattended-Upgrade::Origins-Pattern {
         "origin=Debian,codename=${distro_codename}-security,label=Debian-Security";
 };

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from cloud_sync import release_manifest as rm
 from fleet import disk
 from fleet.bundle import REPO
 from fleet.raspi4b import HEALTH_ANSWERED
@@ -157,6 +158,64 @@ def check_watchdog(guest: Guest) -> dict[str, object]:
     armed = fields.get("state", "").strip() == "active" and fields.get("systemd", "") != "0"
     return {"armed": armed, **{k: v.strip() for k, v in fields.items()},
             "journal": [ln for ln in out.splitlines() if "watchdog" in ln.lower()]}
+
+
+# issue 27, the device side: the units that pull releases and reboot for security updates
+UPDATE_UNITS = ("classroom-update.timer", "classroom-update.path", "classroom-reboot.timer",
+                "classroom-release-confirm.service", "apt-daily.timer",
+                "apt-daily-upgrade.timer")
+UPDATE_ACTIVE = ("classroom-update.timer", "classroom-update.path", "classroom-reboot.timer",
+                 "apt-daily-upgrade.timer")
+# the one origin unattended-upgrades may install from (Debian's own 50unattended-upgrades adds
+# the main suite's point releases unless fleet/image.py clears its list)
+SECURITY_ORIGIN = ('Unattended-Upgrade::Origins-Pattern:: "origin=Debian,'
+                   'codename=${distro_codename}-security,label=Debian-Security";')
+UNATTENDED_WANTED = (
+    'Unattended-Upgrade::Automatic-Reboot "false";',
+    'APT::Periodic::Update-Package-Lists "1";',
+    'APT::Periodic::Unattended-Upgrade "1";')
+TRUSTED_KEYS = ("import json\nfrom appliance import config\n"
+                "from appliance.update.manager import ReleaseManager\n"
+                "s=config.load('/etc/classroom-attendance/appliance.toml')\n"
+                "print(json.dumps({'keys_dir':str(s.update.keys_dir),'enabled':s.update.enabled,"
+                "'trusted':sorted(ReleaseManager(s).trusted_keys())}))\n")
+
+
+def check_updates(guest: Guest, key_id: str) -> dict[str, object]:
+    """Issue 27 on the booted card: the pull (classroom-update.timer/.path), trial and
+    security-reboot units enabled and armed; the release key flashed onto the card is one the
+    updater trusts (read through the updater's own settings and code); unattended-upgrades
+    installed, limited to Debian's security suite, never rebooting by itself; one run of
+    classroom-update.service asks the aggregator and finds nothing to do."""
+    def states(verb: str, units: tuple[str, ...]) -> dict[str, str]:
+        out = guest.run(f"systemctl {verb} {' '.join(units)} || true").split()
+        return dict(zip(units, out, strict=False))
+
+    enabled, active = states("is-enabled", UPDATE_UNITS), states("is-active", UPDATE_ACTIVE)
+    guest.put_text(TRUSTED_KEYS, "/root/trusted-keys.py")
+    keys = json.loads(guest.run(f"{HEALTH_PY} /root/trusted-keys.py"))
+    package = guest.run("dpkg-query -W -f='${Status}' unattended-upgrades 2>&1 || true").strip()
+    apt = guest.run("apt-config dump")
+    unattended: dict[str, object] = {line: line in apt.splitlines()
+                                     for line in UNATTENDED_WANTED}
+    origins = [ln for ln in apt.splitlines()
+               if ln.startswith("Unattended-Upgrade::Origins-Pattern::")]
+    run = guest.run("systemctl start classroom-update.service; "
+                    "systemctl show -p Result --value classroom-update.service; "
+                    "journalctl -b -u classroom-update.service -o cat | tail -5", timeout=900)
+    result, _, journal = run.partition("\n")
+    ok = (all(v == "enabled" for v in enabled.values()) and len(enabled) == len(UPDATE_UNITS)
+          and all(v == "active" for v in active.values()) and len(active) == len(UPDATE_ACTIVE)
+          and keys["enabled"] and key_id in keys["trusted"]
+          and package == "install ok installed" and all(unattended.values())
+          and origins == [SECURITY_ORIGIN]
+          and result.strip() == "success" and "nothing to do" in journal
+          and "update check:" not in journal)
+    return {"ok": ok, "enabled": enabled, "active": active, "release_keys": keys,
+            "flashed_key_id": key_id, "unattended_upgrades_package": package,
+            "unattended_config": unattended, "unattended_origins": origins,
+            "update_service_result": result.strip(),
+            "update_service_journal": journal.strip().splitlines()}
 
 
 def check_camera(guest: Guest, probe: str, watch: dict) -> dict[str, object]:  # type: ignore[type-arg]
@@ -480,6 +539,12 @@ def main() -> int:
     agg_port, ssh_port, web_port = free_port(), free_port(), free_port()
     key = OUT / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    # a release-signing key pair, as in the office (docs/OPERATIONS.md 6.10); the card gets the
+    # public key (make flash RELEASE_PUBKEY=...) and check_updates finds it trusted
+    release_pub = OUT / "release-keys" / "release-signing.pub"
+    subprocess.run([str(Path(sys.executable).with_name("aggregator")), "releases", "keygen",
+                    "--out", str(release_pub.parent)], check=True, capture_output=True)
+    release_key_id = rm.key_id(rm.load_public_key(release_pub.read_bytes()))
     aggregator, token = start_aggregator(OUT, agg_port)
     qemu: subprocess.Popen[bytes] | None = None
     try:
@@ -489,7 +554,8 @@ def main() -> int:
             [sys.executable, "-m", "fleet", "flash", "--image", str(image), "--image-only",
              str(card), "--room", "LAB-301", "--device-id", "pi-qemu",
              "--aggregator", f"http://10.0.2.2:{agg_port}",
-             "--admin-url", f"http://127.0.0.1:{agg_port}", "--ssh-key", f"{key}.pub"],
+             "--admin-url", f"http://127.0.0.1:{agg_port}", "--ssh-key", f"{key}.pub",
+             "--release-key", str(release_pub)],
             check=True, env={**os.environ, "AGGREGATOR_ADMIN_TOKEN": token})
         with card.open("r+b") as fh:  # a bigger card: first boot must grow the root partition
             fh.truncate(card.stat().st_size + 2048 * disk.MIB)
@@ -531,6 +597,10 @@ def main() -> int:
         report["watchdog"] = watchdog = check_watchdog(guest)
         checks["watchdog armed"] = watchdog["armed"]
         timer.mark("hardware watchdog armed")
+        report["updates"] = updates = check_updates(guest, release_key_id)
+        checks["updates: pull/reboot units armed, flashed release key trusted, "
+               "unattended-upgrades (security only), one update check"] = updates["ok"]
+        timer.mark("updates: units, release key, unattended-upgrades, classroom-update.service")
         report["camera"] = camera = check_camera(guest, probe, watch)
         checks["vivid camera healthy, frames counted"] = camera["ok"]
         timer.mark("virtual camera (vivid): healthy, frames counted")

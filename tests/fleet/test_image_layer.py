@@ -14,7 +14,14 @@ import pytest
 
 from cloud_sync import release_manifest as rm
 from fleet import disk
-from fleet.image import CMDLINE, ENABLED, boot_files, configure_root
+from fleet.image import CMDLINE, ENABLED, UNATTENDED, boot_files, configure_root
+from fleet.imagetest import (
+    SECURITY_ORIGIN,
+    UNATTENDED_WANTED,
+    UPDATE_ACTIVE,
+    UPDATE_UNITS,
+    check_updates,
+)
 from tests.fleet.conftest import fabricated_root
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
@@ -154,3 +161,85 @@ def test_guest_commands_survive_a_starved_sshd(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(RuntimeError, match="no such file"):
         guest.run("fails")
     assert len(calls.read_text().splitlines()) == 4  # once
+
+
+# Debian's own /etc/apt/apt.conf.d/50unattended-upgrades (bookworm, 2.9.1), its active lines
+DEBIAN_50_UNATTENDED = """\
+Unattended-Upgrade::Origins-Pattern {
+        "origin=Debian,codename=${distro_codename},label=Debian";
+        "origin=Debian,codename=${distro_codename},label=Debian-Security";
+        "origin=Debian,codename=${distro_codename}-security,label=Debian-Security";
+};
+Unattended-Upgrade::Package-Blacklist {
+};
+"""
+DEBIAN_MAIN_ORIGIN = ('Unattended-Upgrade::Origins-Pattern:: "origin=Debian,'
+                      'codename=${distro_codename},label=Debian";')
+
+
+class _UpdatesGuest:
+    """Canned answers of a booted card to check_updates' commands."""
+
+    def __init__(self, **override: str) -> None:
+        self.answers = {
+            "systemctl is-enabled": "\n".join("enabled" for _ in UPDATE_UNITS) + "\n",
+            "systemctl is-active": "\n".join("active" for _ in UPDATE_ACTIVE) + "\n",
+            "trusted-keys.py": '{"keys_dir": "/etc/classroom-attendance/release-keys", '
+                               '"enabled": true, "trusted": ["0123456789abcdef"]}\n',
+            "dpkg-query": "install ok installed",
+            "apt-config dump": "\n".join(["APT \"\";", SECURITY_ORIGIN, *UNATTENDED_WANTED]),
+            "systemctl start classroom-update.service":
+                "success\n2026-12-07 INFO x: starting\nnothing to do\n",
+            **override}
+        self.texts: dict[str, str] = {}
+
+    def run(self, command: str, timeout: float = 600) -> str:
+        for prefix, answer in self.answers.items():
+            if prefix in command:
+                return answer
+        raise AssertionError(command)
+
+    def put_text(self, text: str, remote: str) -> None:
+        self.texts[remote] = text
+
+
+@pytest.mark.parametrize("override", [
+    {},
+    {"systemctl is-enabled": "enabled\ndisabled\nenabled\nenabled\nenabled\nenabled\n"},
+    {"systemctl is-active": "active\nactive\ninactive\nactive\n"},
+    {"trusted-keys.py": '{"keys_dir": "/x", "enabled": true, "trusted": []}'},
+    {"dpkg-query": "dpkg-query: no packages found matching unattended-upgrades"},
+    {"apt-config dump": 'APT::Periodic::Unattended-Upgrade "1";\n'},
+    {"apt-config dump": "\n".join([DEBIAN_MAIN_ORIGIN, SECURITY_ORIGIN, *UNATTENDED_WANTED])},
+    {"systemctl start classroom-update.service":
+        "exit-code\nerror: something\n"},
+    {"systemctl start classroom-update.service":
+        "success\nWARNING appliance.update.updater: update check: 503\nnothing to do\n"},
+], ids=["healthy", "timer-disabled", "path-inactive", "key-untrusted", "no-unattended",
+        "security-origin-missing", "main-suite-too", "update-service-failed",
+        "aggregator-unreachable"])
+def test_image_test_update_check_fails_on_each_missing_piece(override: dict[str, str]) -> None:
+    """Issue 27's device side in make image-test: every piece is needed for a pass."""
+    guest = _UpdatesGuest(**override)
+    result = check_updates(guest, "0123456789abcdef")  # type: ignore[arg-type]
+    assert result["ok"] is (not override), result
+    assert "ReleaseManager" in guest.texts["/root/trusted-keys.py"]
+
+
+@pytest.mark.skipif(not shutil.which("apt-config"), reason="apt-config: a Debian machine")
+def test_unattended_upgrades_takes_the_security_suite_only(tmp_path: Path) -> None:
+    """The unattended-upgrades package installs Debian's 50unattended-upgrades, whose list also
+    allows the main suite (point releases); the image's 52classroom-unattended-upgrades must
+    leave Debian's security suite as the only origin (docs/OPERATIONS.md 6.10), as apt reads
+    the two files on the device."""
+    parts = tmp_path / "apt.conf.d"
+    parts.mkdir()
+    (parts / "50unattended-upgrades").write_text(DEBIAN_50_UNATTENDED)
+    (parts / "52classroom-unattended-upgrades").write_text(UNATTENDED)
+    main = tmp_path / "apt.conf"
+    main.write_text(f'Dir::Etc::Parts "{parts}";\n')
+    dump = subprocess.run(["apt-config", "dump"], env={**os.environ, "APT_CONFIG": str(main)},
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    origins = [ln for ln in dump if ln.startswith("Unattended-Upgrade::Origins-Pattern::")]
+    assert origins == [SECURITY_ORIGIN]
+    assert 'Unattended-Upgrade::Automatic-Reboot "false";' in dump
