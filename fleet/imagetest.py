@@ -200,9 +200,11 @@ def check_updates(guest: Guest, key_id: str) -> dict[str, object]:
                                      for line in UNATTENDED_WANTED}
     origins = [ln for ln in apt.splitlines()
                if ln.startswith("Unattended-Upgrade::Origins-Pattern::")]
+    # this run's own output only (the timer may have run it before: OnBootSec=10min)
     run = guest.run("systemctl start classroom-update.service; "
                     "systemctl show -p Result --value classroom-update.service; "
-                    "journalctl -b -u classroom-update.service -o cat | tail -5", timeout=900)
+                    "journalctl -b -o cat _SYSTEMD_INVOCATION_ID=$(systemctl show -p "
+                    "InvocationID --value classroom-update.service)", timeout=900)
     result, _, journal = run.partition("\n")
     ok = (all(v == "enabled" for v in enabled.values()) and len(enabled) == len(UPDATE_UNITS)
           and all(v == "active" for v in active.values()) and len(active) == len(UPDATE_ACTIVE)
