@@ -188,6 +188,8 @@ async def _retention_hourly(ctx: AppContext) -> None:
 
 
 RECOVER_PERIOD_S = 60.0
+# how long a stopping server lets a pending privacy scrub finish (services/privacy.py)
+SHUTDOWN_SCRUB_WAIT_S = 10.0
 
 
 async def _recover_checks(ctx: AppContext) -> None:
@@ -283,6 +285,8 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
                 ctx.bus.close()
                 ctx.bus = None
             ctx.live.relay = ctx.live.announce = None
+            # a scrub asked for by the last requests finishes before the engine goes
+            await anyio.to_thread.run_sync(ctx.scrubber.wait, SHUTDOWN_SCRUB_WAIT_S)
             state.close()
             engine.dispose()
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -392,6 +392,6 @@ def delete_face(request: Request, tasks: BackgroundTasks, who: Admin, session: D
     faces.delete_face(session, student_id, face_id)
     audit.record_now(session, actor(who), "face.delete", privacy.subject(student_id),
                      f"face={face_id}")
-    _after_write(context(request), tasks, "students")  # devices first: the scrub may wait
-    tasks.add_task(privacy.scrub, context(request).engine)
+    _after_write(context(request), tasks, "students")
+    context(request).scrubber.request()
     return Response(status_code=204)

@@ -18,6 +18,7 @@ from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.watch import WriteWatch
 from cloud_sync.aggregator.services.faces import FaceEncoder
 from cloud_sync.aggregator.services.live import LiveFeed
+from cloud_sync.aggregator.services.privacy import Scrubber
 from cloud_sync.aggregator.services.reports import Rules
 from cloud_sync.aggregator.state import AppState, TTLCache
 
@@ -68,6 +69,11 @@ class AppContext:
     # counts credential changes heard by this process (forget): open /ws/events sockets check
     # their token again when it moves
     credential_epoch: int = 0
+    # scrubs the database files after face data was deleted, off the request (privacy.py)
+    scrubber: Scrubber = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scrubber = Scrubber(self.engine)
 
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:

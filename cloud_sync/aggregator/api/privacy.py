@@ -30,10 +30,10 @@ class ConsentIn(BaseModel):
 
 
 def _after_face_change(ctx: AppContext, tasks: BackgroundTasks) -> None:
-    """Deleted face data: tell every room's devices to pull their (changed) roster now, then
-    scrub the database files (the scrub may wait for readers: the devices do not)."""
+    """Deleted face data: tell every room's devices to pull their (changed) roster now, and
+    scrub the database files (on the scrubber's thread: it may wait for readers)."""
     tasks.add_task(notify_rosters, ctx)
-    tasks.add_task(privacy.scrub, ctx.engine)
+    ctx.scrubber.request()
 
 
 @router.get("/students/{student_id}/consent", response_model=privacy.ConsentOut,

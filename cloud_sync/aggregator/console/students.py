@@ -238,8 +238,8 @@ def erase_student(request: Request, tasks: BackgroundTasks, who: PostUser, sessi
     name = student.name if student else student_id
     out = privacy.erase(session, student_id, ctx.settings.erasure_policy,
                         accounts.actor(who.name))
-    after_write(ctx, tasks, "students")  # devices first: the scrub may wait for readers
-    tasks.add_task(privacy.scrub, ctx.engine)
+    after_write(ctx, tasks, "students")
+    ctx.scrubber.request()
     kept = (f"{out.attendance_pseudonymised} records kept without their name"
             if ctx.settings.erasure_policy == "pseudonymise"
             else f"{out.attendance_deleted} records deleted")
@@ -337,9 +337,9 @@ def consent(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB
     # A withdrawal deletes the face data in the privacy service (the API's and CLI's rule).
     privacy.set_consent(session, student_id, state, f"console:{who.name}", note)  # type: ignore[arg-type]
     session.commit()
-    after_write(context(request), tasks, "students")  # devices first: the scrub may wait
+    after_write(context(request), tasks, "students")
     if state == "withdrawn":
-        tasks.add_task(privacy.scrub, context(request).engine)
+        context(request).scrubber.request()
     student = session.get(Student, student_id)
     name = student.name if student else student_id
     return back(f"/students/{student_id}", f"consent to face recognition {state} for {name}"
@@ -358,8 +358,8 @@ def delete_face_data(request: Request, tasks: BackgroundTasks, who: PostUser, se
     count, _ = privacy.delete_face_data(session, student_id)
     audit(session, who.name, "face.delete", f"student:{student_id}", f"{count} descriptors")
     session.commit()
-    after_write(context(request), tasks, "students")  # devices first: the scrub may wait
-    tasks.add_task(privacy.scrub, context(request).engine)
+    after_write(context(request), tasks, "students")
+    context(request).scrubber.request()
     student = session.get(Student, student_id)
     return back(f"/students/{student_id}", f"face data of {student.name if student else student_id}"
                 f" deleted ({count} descriptor{'' if count == 1 else 's'})")

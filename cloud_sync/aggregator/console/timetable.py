@@ -26,7 +26,7 @@ from cloud_sync.aggregator.console.web import (
 from cloud_sync.aggregator.db.models import ConsoleUser, Course, Room, Schedule
 from cloud_sync.aggregator.services import admin as svc
 from cloud_sync.aggregator.services import admin_schemas as schemas
-from cloud_sync.aggregator.services import csv_import, privacy
+from cloud_sync.aggregator.services import csv_import
 from cloud_sync.aggregator.services.common import NotFoundError, ServiceError, utcnow
 from cloud_sync.aggregator.services.timetable import zone
 
@@ -221,7 +221,7 @@ async def import_csv(request: Request, tasks: BackgroundTasks, who: PostUser, se
     session.commit()
     after_write(context(request), tasks, kind if kind != "enrollments" else "students")
     if kind == "students" and "withdrawn" in text.lower():  # face data deleted: scrub it
-        tasks.add_task(privacy.scrub, context(request).engine)  # after the devices' notice
+        context(request).scrubber.request()
     return _page(request, who, session, report, filename=file.filename or "")
 
 

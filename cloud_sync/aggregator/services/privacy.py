@@ -223,7 +223,7 @@ def scrub(engine: Engine) -> None:
     """Make deleted face data unreadable in the database files (see the module docstring).
     Run after the transaction that deleted it committed."""
     if engine.dialect.name == "sqlite":
-        if not _sqlite_truncate_wal(engine):
+        if not truncate_sqlite_wal(engine):
             _LOGGER.warning(
                 "privacy: a reader kept the WAL busy for %.0f s; deleted face data may stay "
                 "in it until the next scrub (the next withdrawal or erasure) or checkpoint",
@@ -240,7 +240,55 @@ def scrub(engine: Engine) -> None:
                 conn.execute(text(f"VACUUM FULL {table}"))
 
 
-def _sqlite_truncate_wal(engine: Engine, timeout_s: float = SCRUB_WAIT_S) -> bool:
+class Scrubber:
+    """Runs :func:`scrub` on a thread of its own after a request deleted face data.
+
+    Not in the request (a background task): FastAPI runs background tasks before it closes
+    the request's session, and a session that read after its commit is a reader of the old
+    WAL (SQLite) or an older snapshot (PostgreSQL), so every scrub waited ``SCRUB_WAIT_S`` for
+    its own request; meanwhile the request kept its database connection and its worker
+    thread, and the client's keep-alive connection waited too. A burst of withdrawals (a
+    consent CSV, a fuzzer) exhausted the connection pool and the next login got 503.
+    Requests coalesce: a scrub started after the last deletion covers every earlier one."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._wanted = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.runs = 0  # scrubs done (for /metrics-like checks and tests)
+
+    def request(self) -> None:
+        """Scrub soon (returns at once). Call after the deleting transaction committed."""
+        with self._lock:
+            self._idle.clear()
+            self._wanted.set()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="privacy-scrub",
+                                                daemon=True)
+                self._thread.start()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until no scrub is wanted or running; False if ``timeout_s`` passed first."""
+        return self._idle.wait(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                scrub(self._engine)
+            except Exception:  # the next request tries again; the thread stays
+                _LOGGER.exception("privacy: scrubbing the database files failed")
+            self.runs += 1
+            with self._lock:
+                if not self._wanted.is_set():
+                    self._idle.set()
+
+
+def truncate_sqlite_wal(engine: Engine, timeout_s: float = SCRUB_WAIT_S) -> bool:
     """Checkpoint the WAL and truncate it to zero bytes; True once done. The checkpoint holds
     the database's write lock while it waits for readers of the old WAL, and a reader that
     wants to write next (a request that read, then writes) would wait for that lock: with the

@@ -42,7 +42,7 @@ from cloud_sync.aggregator.db.models import (
     UnknownFace,
 )
 from cloud_sync.aggregator.db.session import begin_write
-from cloud_sync.aggregator.services import audit, recordings
+from cloud_sync.aggregator.services import audit, privacy, recordings
 from cloud_sync.aggregator.services.common import utcnow
 from cloud_sync.aggregator.services.events import prune_events
 
@@ -83,9 +83,10 @@ def scrub_biometric(engine: Engine) -> None:
     """After expired descriptors and crops were deleted: no copy left in the WAL (SQLite;
     ``secure_delete`` zeroes the rows in the main file), dead tuples freed for reuse
     (PostgreSQL ``VACUUM``; a withdrawal or erasure rewrites with ``VACUUM FULL``)."""
-    if engine.dialect.name == "sqlite":
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    if engine.dialect.name == "sqlite":  # in short attempts: never holds writers for long
+        if not privacy.truncate_sqlite_wal(engine):
+            _LOGGER.warning("retention: a reader kept the WAL busy; expired face data may stay "
+                            "in it until the next scrub or checkpoint")
     elif engine.dialect.name == "postgresql":
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             for table in BIOMETRIC:

@@ -191,6 +191,8 @@ def test_erasure_leaves_no_descriptor_in_the_database_files(
         out = answer.json()
         assert out["policy"] == policy and out["descriptors_deleted"] == 2
         assert out["events_scrubbed"] == 1
+        scrubber = client.app.state.ctx.scrubber  # type: ignore[attr-defined]
+        assert scrubber.wait(40), "the scrub after the erasure did not finish"
         files = _database_bytes(sessions, url)
         assert not any(v in files for v in secret), "an erased descriptor is still in the files"
         with sessions() as session:
@@ -398,3 +400,33 @@ def test_sqlite_scrub_does_not_hold_writers_behind_a_reader(sessions: Any, db_ur
     assert not scrubber.is_alive()
     assert waited < 2.0, f"a writer waited {waited:.1f} s behind the scrub"
     assert wal.stat().st_size == 0  # the writer's frames too: checkpointed once the reader left
+
+
+def test_a_withdrawal_answers_at_once_and_is_scrubbed_promptly(
+        world: World, client: TestClient, faces_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scrub ran as the request's background task, before FastAPI closed the request's
+    session; that session had read after its commit (the answer), so the scrub waited
+    SCRUB_WAIT_S (30 s) for its own request's snapshot while the request kept its connection,
+    its thread and the client's connection: the answer came after 30 s, and a burst of
+    withdrawals exhausted the pool (the next login got 503). Now a scrubber thread does it
+    once the request is done: the answer is immediate and the files are scrubbed within
+    seconds, with no "reader kept the WAL busy" / "transaction older" warning."""
+    import time
+
+    assert _enrol(client, world, "S001", _photo(faces_dir, "obama.jpg")).status_code == 201
+    scrubber = client.app.state.ctx.scrubber  # type: ignore[attr-defined]
+    started = time.monotonic()
+    for _ in range(3):  # a burst: the scrubs coalesce
+        answer = _consent(client, world, "S001", "withdrawn")
+        assert answer.status_code == 200, answer.text
+        assert _consent(client, world, "S001", "granted").status_code == 200
+    answered = time.monotonic() - started
+    assert scrubber.wait(20)
+    scrubbed = time.monotonic() - started
+    assert answered < 5.0, f"three withdrawals took {answered:.1f} s to answer"
+    assert scrubbed < 10.0, f"the scrub finished {scrubbed:.1f} s after the first withdrawal"
+    assert 1 <= scrubber.runs <= 3
+    warned = [r.getMessage() for r in caplog.records if r.name.endswith("privacy")
+              and r.levelname == "WARNING"]
+    assert not warned, warned
