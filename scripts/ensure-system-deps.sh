@@ -82,5 +82,8 @@ else
 fi
 echo "installing system packages: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq || true
-$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Wait for another apt (unattended-upgrades on a fresh Raspberry Pi OS, a second checkout's
+# `make test`) instead of failing at once on the dpkg lock.
+APT=(apt-get -o DPkg::Lock::Timeout=600)
+$SUDO "${APT[@]}" update -qq || true
+$SUDO "${APT[@]}" install -y -qq --no-install-recommends "${need[@]}" >/dev/null
