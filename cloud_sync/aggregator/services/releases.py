@@ -206,12 +206,18 @@ def start_rollout(session: Session, version: str, canary_room: str, share_pct: i
     return row
 
 
-@_rollback_on_error
-def halt_rollout(session: Session, actor: str, reason: str) -> Rollout:
+def _active_for_change(session: Session) -> Rollout:
+    """The active rollout, in a write transaction (halt, resume, promote); 404 without one."""
     begin_write(session)
     row = active_rollout(session)
     if row is None:
         raise NotFoundError("no active rollout")
+    return row
+
+
+@_rollback_on_error
+def halt_rollout(session: Session, actor: str, reason: str) -> Rollout:
+    row = _active_for_change(session)
     if row.halted_at is None:
         row.halted_at, row.halted_reason = utcnow(), f"halted by {actor}: {reason}"[:700]
         audit.record(session, actor, "rollout.halt", f"release:{row.version}", reason)
@@ -222,10 +228,7 @@ def halt_rollout(session: Session, actor: str, reason: str) -> Rollout:
 @_rollback_on_error
 def resume_rollout(session: Session, actor: str) -> Rollout:
     """Clear a halt (after the cause is understood); the stage stays where it was."""
-    begin_write(session)
-    row = active_rollout(session)
-    if row is None:
-        raise NotFoundError("no active rollout")
+    row = _active_for_change(session)
     if row.halted_at is not None:
         audit.record(session, actor, "rollout.resume", f"release:{row.version}",
                      row.halted_reason or "")
@@ -238,10 +241,7 @@ def resume_rollout(session: Session, actor: str) -> Rollout:
 @_rollback_on_error
 def promote_rollout(session: Session, actor: str) -> Rollout:
     """Move the active rollout to its next stage now (without waiting for confirmations)."""
-    begin_write(session)
-    row = active_rollout(session)
-    if row is None:
-        raise NotFoundError("no active rollout")
+    row = _active_for_change(session)
     if row.halted_at is not None:
         raise ConflictError(f"the rollout is halted ({row.halted_reason}); resume it first")
     if row.stage != "done":
