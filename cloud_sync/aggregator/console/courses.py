@@ -3,13 +3,15 @@ confidence, missing) with corrections, a range summary, and the CSV downloads (t
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy import func, select
 
+from cloud_sync.aggregator.api.notify import notify_rosters
 from cloud_sync.aggregator.api.reports import (
     PCT_HEADER,
     From,
@@ -26,6 +28,8 @@ from cloud_sync.aggregator.db.models import (
     Course,
     CourseTeacher,
     Enrollment,
+    Room,
+    Schedule,
     Student,
 )
 from cloud_sync.aggregator.db.session import begin_write
@@ -78,8 +82,15 @@ def course_page(request: Request, who: User, session: DB, course_id: str,
     day = day or utcnow().date()
     report = reports.course_day(session, course_id, day, context(request).rules)
     history = corrections.history(session, course_id, 50)
+    struck: dict[tuple[int, str], object] = {}
+    if report.sessions:
+        lo = min(s.starts_at for s in report.sessions)
+        hi = max(s.starts_at for s in report.sessions) + timedelta(seconds=1)
+        for row in corrections.active_strikes(session, course_id, lo, hi):
+            struck[(int(row.at.timestamp()), row.student_id)] = row
+    pending = corrections.pending_counts(session, [c.id for c in history])
     return render(request, "course.html", who, report=report, day=day, history=history,
-                  now=utcnow())
+                  now=utcnow(), struck=struck, pending=pending)
 
 
 @router.get("/courses/{course_id}/day.csv")
@@ -164,7 +175,10 @@ def mark_all_present(
     found = next((s for s in report.sessions if s.starts_at == starts_at), None)
     if found is None:
         raise NotFoundError(f"no class of {course_id} starts at {starts_at.isoformat()}")
-    todo = [st for st in found.students if st.status not in SEEN]
+    # a student marked "not this student" in this class was not there: left to the teacher
+    struck = {row.student_id for row in corrections.active_strikes(
+        session, course_id, starts_at, starts_at + timedelta(seconds=1))}
+    todo = [st for st in found.students if st.status not in SEEN and st.student_id not in struck]
     if not todo:
         raise ConflictError("everyone is already present")
     corrections.mark_all_present(session, who, course_id, [st.student_id for st in todo],
@@ -174,11 +188,79 @@ def mark_all_present(
 
 @router.post("/courses/{course_id}/wrong")
 def mark_wrong(
-    who: PostUser, session: DB, course_id: str,
+    request: Request, who: PostUser, session: DB, course_id: str,
     record_key: Annotated[str, Form(max_length=64)],
     day: Annotated[date, Form(alias="date")],
     reason: Annotated[str, Form(max_length=500)] = "",
 ) -> Response:
-    row = corrections.mark_wrong(session, who, record_key, reason)
-    return back(f"/courses/{course_id}?date={day.isoformat()}",
-                f"recognition of {row.student_id} marked wrong")
+    """"Not this student": the student's attendance for the whole class is struck; the face
+    is held (pending) until the teacher confirms it on the correction's page."""
+    row = corrections.mark_wrong(session, who, record_key, reason, context(request).rules)
+    name = session.scalar(select(Student.name).where(Student.id == row.student_id))
+    held = corrections.pending_counts(session, [row.id]).get(row.id, 0)
+    message = (f"{name or row.student_id} struck for the whole class"
+               + (f"; the face is held until you confirm it (correction {row.id})" if held
+                  else ""))
+    return back(f"/courses/{course_id}?date={day.isoformat()}", message)
+
+
+CorrectionId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+
+@router.get("/courses/{course_id}/corrections/{correction_id}", response_class=HTMLResponse)
+def correction_page(request: Request, who: User, session: DB, course_id: str,
+                    correction_id: CorrectionId) -> Response:
+    """A correction: what it struck, the faces it holds and what they would turn away on the
+    devices; confirm them (teacher of the course or admin), or undo the correction."""
+    _check(who, course_id)
+    found = corrections.review(session, who, correction_id, course_id)
+    return render(request, "correction.html", who, review=found, course_id=course_id,
+                  zone=_zone(session, course_id))
+
+
+def _zone(session: DB, course_id: str) -> ZoneInfo:
+    """The time zone of the course's (first) room, for times in plain words."""
+    tz = session.scalar(select(Room.timezone).join(Schedule, Schedule.room_id == Room.id)
+                        .where(Schedule.course_id == course_id).limit(1))
+    try:
+        return ZoneInfo(tz or "UTC")
+    except (ValueError, KeyError):
+        return ZoneInfo("UTC")
+
+
+def _class_day(row_at: datetime, session: DB, course_id: str) -> str:
+    return row_at.astimezone(_zone(session, course_id)).date().isoformat()
+
+
+@router.post("/courses/{course_id}/corrections/{correction_id}/confirm")
+def confirm_correction(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                       course_id: str, correction_id: CorrectionId) -> Response:
+    _check(who, course_id)
+    count = corrections.confirm_negatives(session, who, correction_id, course_id)
+    tasks.add_task(notify_rosters, context(request))
+    return back(f"/courses/{course_id}/corrections/{correction_id}",
+                f"confirmed: the room devices get {count} face{'' if count == 1 else 's'} "
+                "at their next roster pull")
+
+
+@router.post("/courses/{course_id}/corrections/{correction_id}/undo")
+def undo_correction(request: Request, tasks: BackgroundTasks, who: PostUser, session: DB,
+                    course_id: str, correction_id: CorrectionId,
+                    back_to: Annotated[str, Form(max_length=16)] = "course") -> Response:
+    """Undo any correction: the attendance is as it was before it; its negatives are deleted
+    (the roster changes back when one had been confirmed)."""
+    _check(who, course_id)
+    done = corrections.undo(session, who, correction_id, course_id)
+    if done.roster_changed:
+        tasks.add_task(notify_rosters, context(request))
+    name = session.scalar(select(Student.name).where(Student.id == done.row.student_id))
+    name = name or done.row.student_id
+    what = (f"{name} marked present by hand" if done.row.kind == "present"
+            else f"“not {name}” in this class")
+    message = f"undone: {what}; attendance restored"
+    if done.roster_changed:
+        message += "; the room devices get the restored roster at their next pull"
+    if back_to == "review":
+        return back(f"/courses/{course_id}/corrections/{correction_id}", message)
+    return back(f"/courses/{course_id}?date={_class_day(done.row.at, session, course_id)}",
+                message)

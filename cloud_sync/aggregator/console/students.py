@@ -154,13 +154,16 @@ def student_page(
         report.courses = [p for p in report.courses if who.can_see_course(p.course_id)]
         report.records = [r for r in report.records if who.can_see_course(r.course_id)]
     face_rows = faces.list_faces(session, student_id)
-    negatives = session.scalar(select(func.count()).where(FaceNegative.student_id == student_id))
+    negatives = session.scalar(select(func.count()).where(
+        FaceNegative.student_id == student_id, FaceNegative.state == "confirmed"))
+    pending = session.scalar(select(func.count()).where(
+        FaceNegative.student_id == student_id, FaceNegative.state == "pending"))
     enrolled = {p.course_id for p in report.courses}
     # the office enrols students in courses (docs/PRIVACY.md, "Who may do what")
     others = [c for c in visible_courses(session, who)
               if c.id not in enrolled] if who.is_admin else []
     return render(request, "student.html", who, student=student, report=report,
-                  faces=face_rows, negatives=negatives, other_courses=others,
+                  faces=face_rows, negatives=negatives, pending=pending, other_courses=others,
                   low_quality=LOW_QUALITY)
 
 

@@ -329,11 +329,15 @@ class ConsoleSession(Base):
 
 
 class AttendanceCorrection(Base):
-    """A person's correction of attendance, kept as an audit trail (rows are never updated).
+    """A person's correction of attendance, kept as an audit trail (rows are never deleted;
+    an undo only stamps ``undone_at``/``undone_by``, and the audit log has each step).
 
     ``present``: the student counts as seen in ``course_id`` at ``at`` (marked by hand);
-    ``not_student``: the record ``attendance_key`` was a wrong recognition and no longer counts.
-    Reports (API, CSV and console) read attendance through these corrections."""
+    ``not_student``: the record ``attendance_key`` was a wrong recognition: it and every record
+    of the student for the course in ``[span_from, span_to)`` (the class meeting, early arrival
+    included; NULL span: that record alone, corrections from before issue 25) no longer count.
+    An undone correction counts for nothing. Reports (API, CSV and console) read attendance
+    through these corrections."""
 
     __tablename__ = "attendance_corrections"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -347,6 +351,13 @@ class AttendanceCorrection(Base):
     reason: Mapped[str] = mapped_column(String(500))
     by_user: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    span_from: Mapped[datetime | None] = mapped_column(
+        UtcDateTime(), default=None, doc="not_student: the struck class meeting's start "
+        "(minus early arrival); NULL: the one record")
+    span_to: Mapped[datetime | None] = mapped_column(
+        UtcDateTime(), default=None, doc="not_student: the struck class meeting's end")
+    undone_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    undone_by: Mapped[str | None] = mapped_column(String(100), default=None)
     __table_args__ = (
         Index("ix_corrections_course_at", "course_id", "at"),
         Index("ix_corrections_student", "student_id", "at"),
@@ -355,8 +366,10 @@ class AttendanceCorrection(Base):
 
 
 class FaceNegative(Base):
-    """A descriptor that is NOT this student (a recognition marked wrong). Rosters carry these
-    as ``negatives`` so a device can refuse the same face for that student."""
+    """A descriptor that is NOT this student (a recognition marked wrong). Rosters carry the
+    ``confirmed`` ones as ``negatives`` so a device can refuse the same face for that student;
+    a ``pending`` one waits for the course's teacher (or an admin) to confirm it on the page
+    that shows what it would turn away. Undoing the correction deletes its negatives."""
 
     __tablename__ = "face_negatives"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -365,7 +378,14 @@ class FaceNegative(Base):
     embedder: Mapped[str] = mapped_column(String(100), doc="`name/model_version` of the vector")
     source: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
-    __table_args__ = (Index("ix_face_negatives_student", "student_id"),)
+    state: Mapped[str] = mapped_column(String(16), default="pending",
+                                       doc="pending | confirmed (only these reach rosters)")
+    correction_id: Mapped[int | None] = mapped_column(
+        ForeignKey("attendance_corrections.id", ondelete="CASCADE"), default=None)
+    confirmed_by: Mapped[str | None] = mapped_column(String(100), default=None)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    __table_args__ = (Index("ix_face_negatives_student", "student_id"),
+                      Index("ix_face_negatives_correction", "correction_id"))
 
 
 class RecordDescriptor(Base):

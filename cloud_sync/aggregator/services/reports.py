@@ -19,8 +19,10 @@ counts from its schedules' ``effective_from``, else from its creation or first r
 (``course_start``); the report says which.
 
 Every report reads attendance through the console's corrections (``attendance_corrections``):
-a record marked "not this student" does not count, a student marked present by hand counts
-from the time given (see :func:`_sightings`).
+a record marked "not this student" does not count, nor does any other record of that student
+for the course in the same class meeting (the whole class is struck); a student marked present
+by hand counts from the time given (see :func:`_sightings`); an undone correction counts for
+nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from pydantic import BaseModel, Field
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import (
@@ -306,10 +308,18 @@ def _course(session: Session, course_id: str) -> Course:
 
 
 def not_wrong() -> object:
-    """SQL condition: the attendance row has no "not this student" correction."""
+    """SQL condition: no "not this student" correction (not undone) strikes the attendance row:
+    none names its key, and none covers its student, course and time (the whole class)."""
     return ~exists().where(and_(
         AttendanceCorrection.kind == "not_student",
-        AttendanceCorrection.attendance_key == Attendance.key,
+        AttendanceCorrection.undone_at.is_(None),
+        or_(
+            AttendanceCorrection.attendance_key == Attendance.key,
+            and_(AttendanceCorrection.student_id == Attendance.student_id,
+                 AttendanceCorrection.course_id == Attendance.course_id,
+                 AttendanceCorrection.span_from <= Attendance.at,
+                 AttendanceCorrection.span_to > Attendance.at),
+        ),
     ))
 
 
@@ -325,6 +335,7 @@ def _sightings(
     manual = select(AttendanceCorrection.student_id, AttendanceCorrection.at).where(
         AttendanceCorrection.kind == "present", AttendanceCorrection.course_id == course_id,
         AttendanceCorrection.at >= lo, AttendanceCorrection.at < hi,
+        AttendanceCorrection.undone_at.is_(None),
     )
     if student_id is not None:
         query = query.where(Attendance.student_id == student_id)
@@ -347,6 +358,17 @@ def _occurrences(session: Session, course_id: str, start: date, end: date) -> li
         out.extend(table.occurrences(day))
         day += timedelta(days=1)
     return out
+
+
+def class_at(session: Session, course_id: str, at: datetime, rules: Rules) -> Occurrence | None:
+    """The class meeting of ``course_id`` a sighting at ``at`` counts for: the one whose
+    ``[start - early_arrival, end)`` holds it (None: outside every class)."""
+    early = timedelta(minutes=rules.early_arrival_min)
+    day = at.astimezone(UTC).date()
+    for occ in _occurrences(session, course_id, day - timedelta(days=1), day + timedelta(days=1)):
+        if occ.starts_at - early <= at < occ.ends_at:
+            return occ
+    return None
 
 
 def course_day(session: Session, course_id: str, day: date, rules: Rules) -> CourseDayReport:

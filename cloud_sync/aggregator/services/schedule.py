@@ -67,14 +67,16 @@ MAX_NEGATIVES = 100  # per student, the newest (RosterEntry.negatives' bound)
 
 def _negatives(session: Session, student_ids: set[str],
                embedder: str) -> dict[str, list[list[float]]]:
-    """Descriptors of ``embedder`` marked "not this student" (console corrections), newest
-    first."""
+    """Descriptors of ``embedder`` marked "not this student" (console corrections) and
+    confirmed by the course's teacher or an admin (a pending one never reaches a device),
+    newest first."""
     out: dict[str, list[list[float]]] = defaultdict(list)
     if not student_ids:
         return out
     for student_id, vector in session.execute(
         select(FaceNegative.student_id, FaceNegative.vector)
-        .where(FaceNegative.student_id.in_(student_ids), FaceNegative.embedder == embedder)
+        .where(FaceNegative.student_id.in_(student_ids), FaceNegative.embedder == embedder,
+               FaceNegative.state == "confirmed")
         .order_by(FaceNegative.id.desc())
     ):
         if len(out[student_id]) < MAX_NEGATIVES:

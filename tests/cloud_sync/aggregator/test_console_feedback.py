@@ -1,7 +1,8 @@
 """A wrong recognition fed back: the device sent the descriptor it matched with the record; a
-teacher marks it "not this student"; the descriptor becomes a negative example in the student's
-roster entry, and the device's matcher no longer gives that face to the student while the
-student's own photos still match. Real photos (face_recognition examples), real encoder."""
+teacher marks it "not this student" and confirms the face it holds; the descriptor becomes a
+negative example in the student's roster entry, and the device's matcher no longer gives that
+face to the student while the student's own photos still match. Real photos (face_recognition
+examples), real encoder."""
 
 from __future__ import annotations
 
@@ -79,7 +80,12 @@ def test_not_this_student_becomes_a_negative(world: World, faces_dir: Path, mode
                                                        "date": day, "reason": "that was Joe"})
         assert r.status_code == 200
         with sessions() as session:
-            assert session.scalar(select(func.count()).select_from(FaceNegative)) == 1
+            negative = session.scalars(select(FaceNegative)).one()
+            assert negative.state == "pending"  # held until the teacher confirms it
+        assert "S001" not in _roster(client, world).negatives
+        r = client.post(f"/courses/CS101/corrections/{negative.correction_id}/confirm",
+                        data={"csrf": token})
+        assert r.status_code == 200, r.text
 
         roster = _roster(client, world)
         assert "S001" in roster.negatives
