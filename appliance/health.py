@@ -78,6 +78,7 @@ class SyncStatusLike(Protocol):
     aggregator_reachable: bool
     mqtt_connected: bool | None
     credentials_refused: bool
+    room_mismatch: str | None
 
 
 SyncStatusFn = Callable[[], SyncStatusLike | None]
@@ -249,6 +250,10 @@ def check_aggregator(settings: ApplianceSettings, sync: SyncStatusLike | None,
         return ComponentHealth(DEGRADED, "sync agent not running; records kept locally")
     age = _age_s(sync.last_success_at, now)
     details = {"last_success_age_s": None if age is None else round(age, 1)}
+    if sync.room_mismatch:
+        return ComponentHealth(
+            DEGRADED, f"reachable, but it refuses this device's room: {sync.room_mismatch}; "
+            "records kept locally", details)
     if sync.credentials_refused:
         return ComponentHealth(
             DEGRADED, "reachable, but it refuses this device's key (HTTP 401/403): check "

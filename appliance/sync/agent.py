@@ -42,6 +42,7 @@ from appliance.sync.errors import (
     BatchRefusedError,
     CredentialsRefusedError,
     NotSupportedError,
+    RoomMismatchError,
     TransportError,
 )
 from appliance.sync.http_transport import HttpTransport
@@ -79,6 +80,8 @@ class SyncStatus:
     aggregator_reachable: bool
     mqtt_connected: bool | None
     credentials_refused: bool = False  # the aggregator answers, but refuses this device's key
+    # the aggregator takes the key but has the device registered to another room: what to do
+    room_mismatch: str | None = None
 
 
 @dataclass
@@ -207,7 +210,9 @@ class SyncAgent:
             last_error=self._last_error,
             aggregator_reachable=reachable,
             mqtt_connected=mqtt_connected,
-            credentials_refused=bool(self._http and self._http.refused),
+            credentials_refused=bool(self._http and self._http.refused
+                                     and not self._http.room_mismatch),
+            room_mismatch=self._http.room_mismatch if self._http else None,
         )
 
     def request_roster_refresh(self) -> None:
@@ -282,6 +287,13 @@ class SyncAgent:
         """One line per kind of failure every few minutes (with a count), not one per retry;
         a refused key is one warning that says what to do, whichever request met it."""
         refused = self._http.refused if self._http is not None else None
+        mismatch = self._http.room_mismatch if self._http is not None else None
+        if mismatch:
+            self._failure_log.log(
+                _LOGGER, logging.WARNING, "refused",
+                "the aggregator refuses device %s's requests: %s; records are kept and sent "
+                "once the rooms agree", self._settings.device.device_id, mismatch)
+            return
         if refused:
             self._failure_log.log(
                 _LOGGER, logging.WARNING, "refused",
@@ -326,6 +338,12 @@ class SyncAgent:
         batch = AttendanceBatch(device_id=self._settings.device.device_id, records=records)
         try:
             result = self._uplink.send_batch(batch)
+        except RoomMismatchError as err:
+            if not self._made_elsewhere(err):
+                raise  # still configured for a room it is not registered to: kept, retried
+            for record in records:
+                self._park(record.key, f"refused: {err}")
+            return
         except BatchRefusedError as err:
             if len(records) == 1:
                 self._park(records[0].key, f"refused: {err.reason}")
@@ -367,6 +385,12 @@ class SyncAgent:
         _LOGGER.debug("batch of %d: %d accepted, %d duplicate, %d rejected", len(records),
                       result.accepted, result.duplicate, len(rejected))
 
+    def _made_elsewhere(self, err: RoomMismatchError) -> bool:
+        """The refused data names a room the device is no longer configured for: made before
+        an operator corrected ``device.room_id``, the aggregator will never take it. Parked
+        (kept on the device, with the reason) instead of blocking the outbox forever."""
+        return err.configured_room != self._settings.device.room_id
+
     def _park(self, key: uuid.UUID, reason: str) -> None:
         _LOGGER.warning("parking record %s: %s", key, reason)
         self._store.park(key, reason[:500])
@@ -385,6 +409,11 @@ class SyncAgent:
                 return False
             except BatchRefusedError as err:
                 self._park(event.key, f"refused: {err.reason}")
+                continue
+            except RoomMismatchError as err:
+                if not self._made_elsewhere(err):
+                    raise
+                self._park(event.key, f"refused: {err}")
                 continue
             self._store.mark_sent([event.key])
             self.stats.events += 1

@@ -22,6 +22,7 @@ from appliance.sync.errors import (
     BatchRefusedError,
     CredentialsRefusedError,
     NotSupportedError,
+    RoomMismatchError,
     TransportError,
 )
 from cloud_sync.protocol import (
@@ -74,6 +75,31 @@ def _reason(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {str(detail)[:300]}"
 
 
+ROOM_MISMATCH = "room_mismatch"
+
+
+def _room_mismatch(response: httpx.Response) -> tuple[str, str] | None:
+    """(registered room, configured room) when the aggregator's 403 says the device's key is
+    valid but it is registered to another room (``code`` ``room_mismatch``), else None."""
+    if response.status_code != 403:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("code") != ROOM_MISMATCH:
+        return None
+    return str(body.get("registered_room", "?"))[:64], str(body.get("configured_room", "?"))[:64]
+
+
+def room_mismatch_text(registered: str, configured: str) -> str:
+    """What the status page and the log say about a room mismatch."""
+    return (f"room mismatch: the aggregator has this device registered to room {registered}, "
+            f"but it is configured for {configured} (device.room_id): set device.room_id to "
+            f"{registered}, or move the device to {configured} on the aggregator (console "
+            "Devices > Manage > Move); its key is fine")
+
+
 class HttpTransport:
     """Talks to the aggregator's REST API; raises :class:`TransportError` on anything retryable."""
 
@@ -98,6 +124,8 @@ class HttpTransport:
         )
         self.reachable = False
         self.refused: str | None = None  # "HTTP 401 ..." while the aggregator refuses the key
+        # while it refuses the device's room (403 room_mismatch; ``refused`` is set too)
+        self.room_mismatch: str | None = None
 
     def close(self) -> None:
         self._client.close()
@@ -114,12 +142,18 @@ class HttpTransport:
         status = response.status_code
         if self._clock is not None and status < 400:  # answered as this device's aggregator
             self._clock.offer_server_time(response.headers.get("date"), sent, received)
-        self.refused = f"HTTP {status}: {_reason(response)}" if status in (401, 403) else None
+        self.refused = _reason(response) if status in (401, 403) else None
+        rooms = _room_mismatch(response)
+        self.room_mismatch = room_mismatch_text(*rooms) if rooms else None
         if self._on_contact is not None and (status < 400 or self.refused):
-            try:
-                self._on_contact(self.refused is None)
+            try:  # a room mismatch took the key: not a refusal of the device
+                self._on_contact(self.refused is None or rooms is not None)
             except Exception:  # the upload must go on whatever the keeper does
                 _LOGGER.exception("store key keeper failed on an answer of the aggregator")
+        if rooms is not None:
+            # A configuration problem an operator must fix: records kept, retried slowly.
+            raise RoomMismatchError(f"{method} {path}: {self.room_mismatch}", *rooms,
+                                    retry_after_s=_retry_after(response))
         if status in (401, 403):
             # A key problem an operator must fix (deregistered, rotated): keep the records and
             # retry slowly; the agent wipes its cached rosters (not ours to keep any more).

@@ -324,7 +324,7 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, err: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": err.message}, status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(IntegrityError)
     async def integrity_error(_request: Request, err: IntegrityError) -> JSONResponse:

@@ -58,7 +58,8 @@ from cloud_sync.aggregator.config import AggregatorSettings
 from cloud_sync.aggregator.db.models import Attendance, Device, Room
 from cloud_sync.aggregator.leader import HA_PUBLISHER_LOCK_ID, Leader
 from cloud_sync.aggregator.metrics import REGISTRY
-from cloud_sync.aggregator.services.common import ServiceError, utcnow
+from cloud_sync.aggregator.services.common import RoomMismatchError, ServiceError, utcnow
+from cloud_sync.aggregator.services.devices import note_refusal
 from cloud_sync.aggregator.services.events import latest_occupancy, new_alerts
 from cloud_sync.aggregator.services.ingest import (
     DEFAULT_EARLY_ARRIVAL_MIN,
@@ -283,7 +284,11 @@ class MqttBridge:
         if device is None:
             raise _RefusedError(f"unknown device {device_id!r}")
         if device.room_id != room_id:
-            raise _RefusedError(f"device {device_id!r} is not in room {room_id!r}")
+            # its key... its topic names the room it is configured for: say so, and record
+            # the refused contact on its row (the console names the cause, issue 25 item 8)
+            err = RoomMismatchError(device_id, device.room_id, room_id)
+            note_refusal(session, device_id, err.code, room_id)
+            raise _RefusedError(err.message)
         room = session.get(Room, room_id)
         if room is None or room.site != site:
             raise _RefusedError(f"room {room_id!r} is not on site {site!r}")
@@ -302,7 +307,10 @@ class MqttBridge:
                     raise _RefusedError(f"invalid batch: {_short(err)}") from err
                 if batch.device_id != device_id:
                     raise _RefusedError(f"batch device_id {batch.device_id!r} is not the topic's")
-                result = ingest_batch(session, device_id, batch)
+                try:
+                    result = ingest_batch(session, device_id, batch)
+                except RoomMismatchError as err:
+                    raise _RefusedError(err.message) from err
                 result = result.model_copy(update={"batch_id": batch.batch_id})
                 self._ack(client, site, room_id, device_id, result)
                 MESSAGES.labels(leaf, "ok").inc()

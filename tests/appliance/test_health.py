@@ -25,6 +25,7 @@ class Sync:
     aggregator_reachable: bool = True
     mqtt_connected: bool | None = None
     credentials_refused: bool = False
+    room_mismatch: str | None = None
 
 
 def client(settings, pipeline, store, host, sync=None) -> TestClient:

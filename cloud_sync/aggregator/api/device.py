@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NoReturn
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -12,11 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from cloud_sync.aggregator.api import releases as releases_api
-from cloud_sync.aggregator.api.context import DevicePrincipal
+from cloud_sync.aggregator.api.context import AppContext, DevicePrincipal
 from cloud_sync.aggregator.api.deps import DB, Device, DeviceOrAdmin, context
 from cloud_sync.aggregator.api.openapi import IsoDateTime
 from cloud_sync.aggregator.services import devices as device_service
 from cloud_sync.aggregator.services import ingest
+from cloud_sync.aggregator.services.common import RoomMismatchError
 from cloud_sync.aggregator.services.schedule import build_schedule, build_window, render
 from cloud_sync.protocol import (
     EMBEDDER_IDS,
@@ -49,6 +50,27 @@ async def _body(request: Request) -> bytes:
         raise HTTPException(400, "the client disconnected before its body arrived") from err
 
 
+ROOM_MISMATCH_DOC = (
+    "A device spoke for another room than the one it is registered to: `code` "
+    "`room_mismatch` with `registered_room` and `configured_room` (change the device's "
+    "`device.room_id`, or move the device on the aggregator); recorded on the device's row "
+    "for the console.")
+
+
+async def _refuse_room(ctx: AppContext, err: RoomMismatchError) -> NoReturn:
+    """Record the refused contact on the device's row (the console names the cause), then
+    answer 403 ``room_mismatch``."""
+    sessions = ctx.sessions
+
+    def note() -> None:
+        with sessions() as session:
+            device_service.note_refusal(session, err.device_id, err.code,
+                                        err.configured_room)
+
+    await run_in_threadpool(note)
+    raise err
+
+
 def _etag_matches(header: str | None, etag: str) -> bool:
     if not header:
         return False
@@ -61,7 +83,7 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     "/schedule",
     response_model=ScheduleResponse,
     responses={304: {"description": "Not modified (If-None-Match matched the ETag)."},
-               403: {"description": "A device asked for another room."}},
+               403: {"description": ROOM_MISMATCH_DOC}},
     summary="The room's day: current course, sessions and rosters (enrolled students only).",
 )
 async def get_schedule(
@@ -74,9 +96,9 @@ async def get_schedule(
         "descriptors. Default: the aggregator's first configured embedder.")] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    if isinstance(who, DevicePrincipal) and who.room_id != room_id:
-        raise HTTPException(403, "a device may only read its own room's schedule")
     ctx = context(request)
+    if isinstance(who, DevicePrincipal) and who.room_id != room_id:
+        await _refuse_room(ctx, RoomMismatchError(who.device_id, who.room_id, room_id))
     embedder_id = _embedder_id(ctx.settings.embedders, embedder)
     sessions = ctx.sessions
 
@@ -95,7 +117,7 @@ async def get_schedule(
     "/schedule/days",
     response_model=ScheduleWindow,
     responses={304: {"description": "Not modified (If-None-Match matched the ETag)."},
-               403: {"description": "A device asked for another room."}},
+               403: {"description": ROOM_MISMATCH_DOC}},
     summary="Today and the room's next school days, with each course's roster once (what a "
             "device caches to recognise offline across a night or a weekend).",
 )
@@ -110,9 +132,9 @@ async def get_schedule_days(
         description="The device's embedder (`recognition.embedder`).")] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    if isinstance(who, DevicePrincipal) and who.room_id != room_id:
-        raise HTTPException(403, "a device may only read its own room's schedule")
     ctx = context(request)
+    if isinstance(who, DevicePrincipal) and who.room_id != room_id:
+        await _refuse_room(ctx, RoomMismatchError(who.device_id, who.room_id, room_id))
     embedder_id = _embedder_id(ctx.settings.embedders, embedder)
     sessions = ctx.sessions
 
@@ -152,7 +174,9 @@ BATCH_BODY = {
     "/attendance",
     response_model=BatchResult,
     summary="A batch of up to 1,000 records; idempotent on the records' keys.",
-    responses={403: {"description": "The batch claims another device."},
+    responses={403: {"description": "The batch claims another device; or every record "
+                                    "names another room than the device's: "
+                                    + ROOM_MISMATCH_DOC},
                422: {"description": "Malformed batch (nothing stored)."}},
     openapi_extra=BATCH_BODY,
 )
@@ -168,19 +192,22 @@ async def post_attendance(request: Request, who: Device) -> Response:
         raise HTTPException(403, "batch device_id is not the authenticated device")
     ctx = context(request)
     result = None
-    device = ingest.cached_device(ctx.state, who.device_id)
-    if device is not None:  # the whole batch in the group committer's transaction
-        result = await ingest.ingest_cached_batch(
-            ctx.state, device, who.device_id, batch, ctx.settings.early_arrival_min,
-            ctx.settings.record_descriptor_days > 0, ctx.live)
-    if result is None:  # not cached, or a month's partition to make first
-        sessions = ctx.sessions
+    try:
+        device = ingest.cached_device(ctx.state, who.device_id)
+        if device is not None:  # the whole batch in the group committer's transaction
+            result = await ingest.ingest_cached_batch(
+                ctx.state, device, who.device_id, batch, ctx.settings.early_arrival_min,
+                ctx.settings.record_descriptor_days > 0, ctx.live)
+        if result is None:  # not cached, or a month's partition to make first
+            sessions = ctx.sessions
 
-        def work() -> BatchResult:
-            with sessions() as session:
-                return ingest.ingest_batch(session, who.device_id, batch)
+            def work() -> BatchResult:
+                with sessions() as session:
+                    return ingest.ingest_batch(session, who.device_id, batch)
 
-        result = await run_in_threadpool(work)
+            result = await run_in_threadpool(work)
+    except RoomMismatchError as err:
+        await _refuse_room(ctx, err)
     return Response(result.model_dump_json(), media_type="application/json")
 
 
@@ -225,7 +252,8 @@ def _validation_error(err: ValidationError) -> RequestValidationError:
     "/heartbeat", response_model=HeartbeatReply,
     summary="Device status; also corrects clocks. The reply names the release meant for the "
     "device (`release`, docs/OPERATIONS.md 6.10) while a rollout includes it.",
-    responses={422: {"description": "Malformed heartbeat (nothing stored)."}},
+    responses={403: {"description": ROOM_MISMATCH_DOC},
+               422: {"description": "Malformed heartbeat (nothing stored)."}},
     openapi_extra=HEARTBEAT_BODY,
 )
 async def post_heartbeat(request: Request, who: Device) -> Response:
@@ -237,19 +265,22 @@ async def post_heartbeat(request: Request, who: Device) -> Response:
         raise _validation_error(err) from err
     ctx = context(request)
     device = ingest.cached_device(ctx.state, who.device_id)
-    if device is None:
-        sessions = ctx.sessions
+    try:
+        if device is None:
+            sessions = ctx.sessions
 
-        def work() -> None:
-            with sessions() as session:
-                ingest.record_heartbeat(session, who.device_id, heartbeat)
+            def work() -> None:
+                with sessions() as session:
+                    ingest.record_heartbeat(session, who.device_id, heartbeat)
 
-        await run_in_threadpool(work)
-    else:
-        job = ingest.heartbeat_job(device, who.device_id, heartbeat,
-                                   ctx.settings.early_arrival_min)
-        changed = await ctx.state.committer().submit_async(job, 1, order=who.device_id)
-        ingest.heartbeat_stored(who.device_id, heartbeat, changed)
+            await run_in_threadpool(work)
+        else:
+            job = ingest.heartbeat_job(device, who.device_id, heartbeat,
+                                       ctx.settings.early_arrival_min)
+            changed = await ctx.state.committer().submit_async(job, 1, order=who.device_id)
+            ingest.heartbeat_stored(who.device_id, heartbeat, changed)
+    except RoomMismatchError as err:
+        await _refuse_room(ctx, err)
     offer = await releases_api.heartbeat_offer(ctx, who.device_id, who.room_id, heartbeat)
     if offer is None:
         return Response(STORED, media_type="application/json")
@@ -267,7 +298,8 @@ EVENT_BODY = {
 
 @router.post(
     "/events", response_model=Stored, summary="A device event (idempotent on key).",
-    responses={422: {"description": "Malformed event, or an event schema version this "
+    responses={403: {"description": ROOM_MISMATCH_DOC},
+               422: {"description": "Malformed event, or an event schema version this "
                                     "aggregator does not read (kept as a dead letter)."}},
     openapi_extra=EVENT_BODY,
 )
@@ -290,14 +322,17 @@ async def post_event(request: Request, who: Device) -> Response:
     except ValidationError as err:
         raise _validation_error(err) from err
     device = ingest.cached_device(ctx.state, who.device_id)
-    if device is None:
-        def work() -> bool:
-            with sessions() as session:
-                return ingest.record_event(session, who.device_id, event)
+    try:
+        if device is None:
+            def work() -> bool:
+                with sessions() as session:
+                    return ingest.record_event(session, who.device_id, event)
 
-        inserted = await run_in_threadpool(work)
-    else:
-        job = ingest.event_job(device, who.device_id, event)
-        inserted = await ctx.state.committer().submit_async(job, 1)
-        ingest.event_stored(ctx.live, event, inserted)
+            inserted = await run_in_threadpool(work)
+        else:
+            job = ingest.event_job(device, who.device_id, event)
+            inserted = await ctx.state.committer().submit_async(job, 1)
+            ingest.event_stored(ctx.live, event, inserted)
+    except RoomMismatchError as err:
+        await _refuse_room(ctx, err)
     return Response(STORED if inserted else DUPLICATE, media_type="application/json")

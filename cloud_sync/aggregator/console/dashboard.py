@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.console.accounts import ConsolePrincipal
 from cloud_sync.aggregator.db.models import Device, EventRow, Heartbeat, Room
+from cloud_sync.aggregator.services.common import ROOM_MISMATCH
 from cloud_sync.aggregator.services.recordings import is_recording_device
 from cloud_sync.aggregator.services.reports import Rules, course_day
 from cloud_sync.aggregator.services.timetable import Occurrence, room_timetable, zone
@@ -34,6 +35,8 @@ class DeviceView:
     alerts: list[EventRow] = field(default_factory=list)
     placement: PlacementReport | None = None  # the camera's placement check (issue 22)
     store_unlock: StoreUnlockReport | None = None  # how its store was opened (issue 26)
+    refused_at: datetime | None = None  # its last refused contact, newer than any heartbeat
+    refusal: str | None = None  # why, for people (issue 25 item 8)
 
     @property
     def offline_unlock(self) -> bool:
@@ -157,8 +160,23 @@ def device_views(session: Session, devices: list[Device], now: datetime,
             alerts=alerts.get(device.id, []),
             placement=_placement(beat.placement if beat else None),
             store_unlock=_store_unlock(beat.store_unlock if beat else None),
+            refused_at=device.refused_at if _refusal(device) else None,
+            refusal=_refusal(device),
         ))
     return views
+
+
+def _refusal(device: Device) -> str | None:
+    """Why the aggregator refuses a device that talks to it with a valid key, while that is
+    newer than its last accepted heartbeat (None: nothing refused since)."""
+    refused = device.refused_at
+    if refused is None or (device.last_heartbeat_at is not None
+                           and device.last_heartbeat_at >= refused):
+        return None
+    if device.refused_reason == ROOM_MISMATCH and device.refused_room != device.room_id:
+        return (f"registered to {device.room_id}, configured for {device.refused_room}: "
+                "change config or re-register")
+    return None
 
 
 def build(session: Session, who: ConsolePrincipal, now: datetime, rules: Rules,

@@ -142,6 +142,13 @@ class Device(Base):
         LargeBinary, default=None,
         doc="the key of the device's encrypted store (32 random bytes, made at its first "
         "request; deleted with the device, which makes a stolen card's copy unreadable)")
+    refused_at: Mapped[datetime | None] = mapped_column(
+        UtcDateTime(), default=None,
+        doc="the last contact refused although the key was valid (issue 25 item 8)")
+    refused_reason: Mapped[str | None] = mapped_column(
+        String(32), default=None, doc="why: room_mismatch")
+    refused_room: Mapped[str | None] = mapped_column(
+        String(ID_LEN), default=None, doc="the room the device said it was in")
 
 
 class FaceEmbedding(Base):

@@ -239,6 +239,12 @@ class DeviceOut(BaseModel):
     last_heartbeat_at: datetime | None
     software_version: str | None
     clock_offset_s: float | None
+    refused_at: datetime | None = Field(
+        None, description="The last contact refused although the device's key was valid.")
+    refused_reason: str | None = Field(
+        None, description="Why: `room_mismatch` (the device spoke for `refused_room`, not "
+        "`room_id`; docs/OPERATIONS.md troubleshooting).")
+    refused_room: str | None = Field(None, description="The room the device said it was in.")
 
 
 class DeviceCreated(DeviceOut):

@@ -133,6 +133,32 @@ def rotate_device_key(session: Session, device_id: str) -> str:
     return key
 
 
+REFUSAL_RESOLUTION = timedelta(seconds=10)
+
+
+def note_refusal(session: Session, device_id: str, reason: str, claimed_room: str) -> None:
+    """Record on the device's row that a contact with its valid key was refused (``reason``:
+    ``room_mismatch``; ``claimed_room``: the room it said it was in), so the console can say
+    why a device that talks to us is "offline". At most one write per device every
+    REFUSAL_RESOLUTION (a refused device retries every minute per kind of request);
+    bookkeeping only: a failure is logged, never raised."""
+    session.rollback()
+    now = utcnow()
+    try:
+        begin_write(session)
+        table = Device.__table__
+        session.execute(
+            update(table).where(
+                table.c.id == device_id,
+                (table.c.refused_at.is_(None)) | (table.c.refused_at < now - REFUSAL_RESOLUTION)
+                | (table.c.refused_room != claimed_room[:64]),
+            ).values(refused_at=now, refused_reason=reason[:32], refused_room=claimed_room[:64]))
+        session.commit()
+    except SQLAlchemyError as err:
+        session.rollback()
+        _LOGGER.warning("device %s: refused contact not recorded (%s)", device_id, err)
+
+
 STORE_KEY_BYTES = 32
 
 

@@ -2,7 +2,10 @@
 
 Every function takes the device id the caller authenticated (an API key over HTTP, the topic
 over MQTT) and refuses data claiming another device or room. ``ingest_batch`` never raises on
-bad records: each one is rejected with a reason and the rest are stored. It is idempotent on
+bad records: each one is rejected with a reason and the rest are stored; the one exception is a
+batch whose every record names the same room other than the device's (the device is configured
+for a room it is not registered to): ``RoomMismatchError`` (403 ``room_mismatch``) for the
+whole batch, so the device keeps the records instead of parking them. It is idempotent on
 the records' keys (bulk ``INSERT ... ON CONFLICT DO NOTHING RETURNING``).
 
 Clock correction. A record made while the device clock was not synchronised
@@ -52,6 +55,7 @@ from cloud_sync.aggregator.services import group_commit, live
 from cloud_sync.aggregator.services.common import (
     ForbiddenError,
     NotFoundError,
+    RoomMismatchError,
     ServiceError,
     utcnow,
 )
@@ -322,6 +326,13 @@ def prepare_batch(device: _DeviceContext | None, device_id: str,
         return _reject_all(
             batch, f"batch device_id {batch.device_id!r} is not the authenticated device"
         )
+    rooms = {rec.room_id for rec in batch.records}
+    if len(rooms) == 1 and device.room_id not in rooms and all(
+            rec.device_id == device_id for rec in batch.records):
+        # every record says another room: the device is configured for a room it is not
+        # registered to. Refuse the whole batch (403 room_mismatch): the device keeps its
+        # records until an operator fixes the config or the registration, none is parked.
+        raise RoomMismatchError(device_id, device.room_id, rooms.pop())
     rejected: list[RecordRejection] = []
     candidates: list[AttendanceRecord] = []
     seen: set[uuid.UUID] = set()
@@ -334,7 +345,8 @@ def prepare_batch(device: _DeviceContext | None, device_id: str,
             ))
         elif rec.room_id != device.room_id:
             rejected.append(RecordRejection(
-                key=str(rec.key), reason=f"room_id {rec.room_id!r} is not the device's room",
+                key=str(rec.key), reason=f"room mismatch: room_id {rec.room_id!r} is not "
+                f"the device's room {device.room_id!r}",
             ))
         elif not _time_ok(rec.seen_at):
             rejected.append(RecordRejection(
@@ -435,7 +447,8 @@ def batch_stored(prepared: PreparedBatch, stored: _Stored,
 
 def ingest_batch(session: Session, device_id: str, batch: AttendanceBatch) -> BatchResult:
     """Store a device's batch; see the module docstring. Durable when this returns (call it
-    on a fresh session)."""
+    on a fresh session). Raises ``RoomMismatchError`` when the whole batch names another
+    room."""
     prepared = prepare_batch(_device_context(session, device_id), device_id, batch)
     if isinstance(prepared, BatchResult):
         session.rollback()
@@ -485,7 +498,7 @@ def _claimed(device: _DeviceContext | None, device_id: str, claimed_device: str,
     if claimed_device != device_id:
         raise ForbiddenError(f"device_id {claimed_device!r} is not the authenticated device")
     if room_id != device.room_id:
-        raise ForbiddenError(f"room_id {room_id!r} is not the device's room")
+        raise RoomMismatchError(device_id, device.room_id, room_id)
     return device
 
 

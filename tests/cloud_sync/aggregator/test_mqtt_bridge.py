@@ -97,15 +97,25 @@ def test_malformed_and_foreign_messages_are_dead_lettered(
         agg.execute("UPDATE devices SET room_id = ? WHERE id = ?", OTHER_ROOM, DEVICE)
         dev.publish(topic, AttendanceBatch(device_id=DEVICE,
                                            records=make_records(1)).model_dump_json())
-        wait_until(lambda: agg.scalar("SELECT count(*) FROM dead_letters") >= 4, 20,
-                   "four dead letters")
-        reasons = " | ".join(
-            r for (r,) in __import__("sqlite3").connect(str(agg.db_path)).execute(
-                "SELECT reason FROM dead_letters ORDER BY id")
-        )
+        # its heartbeat too: a dead letter that names the real cause, and the refused
+        # contact on the device's row for the console (issue 25 item 8)
+        dev.publish(device_topic(SITE, ROOM, DEVICE, "heartbeat"), Heartbeat(
+            device_id=DEVICE, room_id=ROOM, sent_at=datetime.now(UTC), clock_synced=True,
+            software_version="t", uptime_s=1, outbox_depth=0).model_dump_json())
+        wait_until(lambda: agg.scalar("SELECT count(*) FROM dead_letters") >= 5, 20,
+                   "five dead letters")
+        rows = __import__("sqlite3").connect(str(agg.db_path)).execute(
+            "SELECT source, reason FROM dead_letters ORDER BY id").fetchall()
+        reasons = " | ".join(r for (_, r) in rows)
         assert "invalid batch" in reasons
         assert "is not the topic's" in reasons
-        assert f"not in room {ROOM!r}" in reasons
+        mismatch = (f"room mismatch: device {DEVICE!r} is registered to room {OTHER_ROOM!r} "
+                    f"but configured for {ROOM!r}")
+        assert [s.rsplit("/", 1)[-1] for (s, r) in rows if r.startswith(mismatch)] == [
+            "attendance", "heartbeat"]
+        assert agg.scalar("SELECT refused_reason FROM devices WHERE id = ?",
+                          DEVICE) == "room_mismatch"
+        assert agg.scalar("SELECT refused_room FROM devices WHERE id = ?", DEVICE) == ROOM
         assert agg.attendance_keys() == []
         assert _acks(dev) == []  # nothing is acknowledged that was not stored
         assert counted() - before == 4
