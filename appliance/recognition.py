@@ -33,6 +33,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from appliance.negatives import veto_negatives
+from cloud_sync.calibration import distance_confidence
 from cloud_sync.protocol import LEGACY_EMBEDDER, RosterEntry
 
 _LOGGER = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def pairwise_distances(queries: np.ndarray, embeddings: np.ndarray) -> np.ndarra
 def confidence(distance: float, gap: float, threshold: float, margin: float) -> float:
     """0..1 for an accepted match: 0.5 at the threshold, 1 at half of it; scaled down towards
     0.5x when the gap to the second student is only just the margin."""
-    dist_c = float(np.clip((1.5 * threshold - distance) / threshold, 0.0, 1.0))
+    dist_c = distance_confidence(distance, threshold)
     ref = max(margin, 0.05)
     gap_c = float(np.clip(0.5 + gap / (4.0 * ref), 0.5, 1.0)) if math.isfinite(gap) else 1.0
     return dist_c * gap_c

@@ -25,6 +25,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from appliance.vision.detector import Detection
+from cloud_sync.calibration import CALIBRATION
 from cloud_sync.protocol import EMBEDDER_IDS
 
 EmbedderName = Literal["sface", "dlib"]
@@ -60,10 +61,14 @@ class EmbedderSpec:
         return f"{self.name}/{self.model_version}"
 
 
+# threshold and margin: the default operating point of cloud_sync.calibration (the measured
+# false-accept points the console's and the status page's match words come from too)
 CALIBRATED: dict[str, EmbedderSpec] = {
-    "sface": EmbedderSpec("sface", EMBEDDER_IDS["sface"].split("/")[1], "cosine", 0.50, 0.0,
+    "sface": EmbedderSpec("sface", EMBEDDER_IDS["sface"].split("/")[1], "cosine",
+                          CALIBRATION["sface"].threshold, CALIBRATION["sface"].margin,
                           ("sface_int8",), 0.65),
-    "dlib": EmbedderSpec("dlib", EMBEDDER_IDS["dlib"].split("/")[1], "euclidean", 0.48, 0.04,
+    "dlib": EmbedderSpec("dlib", EMBEDDER_IDS["dlib"].split("/")[1], "euclidean",
+                         CALIBRATION["dlib"].threshold, CALIBRATION["dlib"].margin,
                          ("dlib_shape_predictor_5", "dlib_face_recognition_resnet"), 0.6),
 }
 

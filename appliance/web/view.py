@@ -31,7 +31,7 @@ from appliance.health import (
 )
 from appliance.store import STORE_ERRORS
 from appliance.system import SystemSnapshot
-from cloud_sync.words import match_label
+from cloud_sync.words import MatchBands, match_bands, match_label, recogniser
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class StatusView:
                  system: Callable[[], SystemSnapshot],
                  clock: ClockSource | None = None) -> None:
         self.settings = settings
+        rec = settings.recognition  # the match words of this device's embedder and threshold
+        self.bands: MatchBands = match_bands(rec.embedder, rec.threshold)
         self.clock = clock
         self.pipeline = pipeline
         self.store = store
@@ -163,9 +165,12 @@ class StatusView:
             "present": [
                 {"student_id": p.student_id, "name": p.name,
                  "first_seen": self._local(p.first_seen),
-                 "confidence": _round(p.confidence, 2), "match": match_label(p.confidence)}
+                 "confidence": _round(p.confidence, 2),
+                 "match": match_label(p.confidence, self.bands)}
                 for p in present
             ],
+            "match_bands": {"recogniser": recogniser(self.bands.embedder),
+                            "clear": self.bands.clear, "good": self.bands.good},
             "unknown_count": st.unknown_count,
             "tracks_active": st.tracks_active,
             "sync": {

@@ -18,6 +18,8 @@ from urllib.parse import quote, urlsplit
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from jinja2 import pass_context
+from jinja2.runtime import Context
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,7 +28,7 @@ from cloud_sync.aggregator.api.deps import DB, context, db
 from cloud_sync.aggregator.console.accounts import ConsolePrincipal, load_session
 from cloud_sync.aggregator.services.common import ForbiddenError
 from cloud_sync.protocol import IDENTIFIER_CHARS
-from cloud_sync.words import match_label, recogniser
+from cloud_sync.words import match_bands, match_label, recogniser
 
 _LOGGER = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -39,9 +41,16 @@ def _when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
     return "" if value is None else value.strftime(fmt)
 
 
-def _match(confidence: float | None) -> str:
-    """A match as the device's status page says it, then the number: ``good · 0.58``."""
-    return "" if confidence is None else f"{match_label(confidence)} · {confidence:.2f}"
+@pass_context
+def _match(page: Context, confidence: float | None) -> str:
+    """A match as the device's status page says it, then the number: ``good · 0.58``; in
+    the bands of the fleet's embedder (the aggregator's first ``embedders``) at its
+    calibrated threshold (cloud_sync.words)."""
+    if confidence is None:
+        return ""
+    settings = page.get("settings")
+    embedder = settings.embedders[0] if settings is not None else "sface"
+    return f"{match_label(confidence, match_bands(embedder))} · {confidence:.2f}"
 
 
 templates.env.filters["when"] = _when

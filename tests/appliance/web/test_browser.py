@@ -175,7 +175,7 @@ def test_page_without_a_camera_in_chromium(settings, pipeline, store) -> None:
     pipeline.set(camera_source="0", camera_state="failed", frames=0, fps=0.0,
                  last_frame_at=None, stage_ms={}, camera_error="cannot open camera 0",
                  present=[Present("s-1", "Ada Lovelace", now, 0.91),
-                          Present("s-2", "Alan Turing", now, 0.49)])
+                          Present("s-2", "Alan Turing", now, 0.3)])
     pipeline.jpeg = None  # /preview.jpg answers 204
     server = WebServer(settings, pipeline, store)
     server.start()
@@ -213,8 +213,11 @@ def test_page_without_a_camera_in_chromium(settings, pipeline, store) -> None:
                 "[...document.querySelectorAll('#present tr')].map(r => r.innerText)")
             assert any("Ada Lovelace" in r and "clear" in r for r in rows), rows
             assert any("Alan Turing" in r and "borderline" in r for r in rows), rows
-            assert "0.5 is exactly at the limit" in browser.evaluate(
-                "document.getElementById('match-legend').innerText")
+            legend = browser.evaluate("document.getElementById('match-legend').innerText")
+            assert "0.5 is exactly at the recognition limit" in legend
+            # SFace's bands from its calibration (cloud_sync/calibration.py), not 0.75 / 0.5
+            assert "clear (confidence 0.50 or more)" in legend and "good (0.34 or more)" in legend
+            assert "SFace's measured risk" in legend
             browser.screenshot(OUT / "status-no-camera-1280.png")
             browser.emulate(390, 844, mobile=True, scale=2)
             browser.navigate(f"{server.url}/")

@@ -13,7 +13,7 @@ from sqlalchemy import update
 from cloud_sync.aggregator.console import accounts
 from cloud_sync.aggregator.db.models import FaceEmbedding
 from cloud_sync.aggregator.services import faces
-from cloud_sync.words import match_label, recogniser
+from cloud_sync.words import match_bands, match_label, recogniser
 
 from .conftest import World, batch, last_monday, record
 from .console_helpers import csrf_of, login
@@ -34,13 +34,23 @@ def test_words_match_the_device_and_the_csv(world: World, sessions: Any) -> None
         session.execute(update(FaceEmbedding).where(FaceEmbedding.student_id == "S002")
                         .values(created_at=last_monday() - timedelta(days=28)))
         session.commit()
-    rec = record(world, "S001", world.at(0, 9, 2), confidence=0.58)
+    rec = record(world, "S001", world.at(0, 9, 2), confidence=0.45)
     assert c.post("/api/v1/attendance", json=batch(world, [rec]),
                   headers=world.device).json()["accepted"] == 1
     login(c, "office", PW)
     day = world.monday.date().isoformat()
     page = c.get(f"/courses/CS101?date={day}").text
-    assert "good · 0.58" in page and ">Match<" in page  # the device's word for 0.58
+    # the device's word for 0.45 in the bands of the fleet's embedder (SFace: "good", within
+    # its 1 % false-accept point; the same number from a dlib fleet is "borderline")
+    assert match_label(0.45, match_bands("sface")) == "good"
+    assert match_label(0.45, match_bands("dlib")) == "borderline"
+    assert "good · 0.45" in page and ">Match<" in page
+    # a dlib fleet (the aggregator's first embedder): the console reads the number in dlib's
+    # bands, as a dlib device's status page does
+    ctx = c.app.state.ctx  # type: ignore[attr-defined]
+    ctx.settings = ctx.settings.model_copy(update={"embedders": ["dlib", "sface"]})
+    assert "borderline · 0.45" in c.get(f"/courses/CS101?date={day}").text
+    ctx.settings = ctx.settings.model_copy(update={"embedders": ["sface", "dlib"]})
     assert "missing" not in page and "absent</td>" in page  # the CSV's word
     assert ",absent," in c.get(f"/courses/CS101/day.csv?date={day}").text
     student = c.get("/students/S002").text
@@ -57,7 +67,10 @@ def test_words_match_the_device_and_the_csv(world: World, sessions: Any) -> None
 
 
 def test_shared_words() -> None:
-    assert [match_label(x) for x in (0.9, 0.58, 0.4, None)] == [
+    sface, dlib = match_bands("sface"), match_bands("dlib")
+    assert [match_label(x, sface) for x in (0.9, 0.45, 0.3, None)] == [
+        "clear", "good", "borderline", None]
+    assert [match_label(x, dlib) for x in (0.9, 0.5, 0.45, None)] == [
         "clear", "good", "borderline", None]
     assert recogniser("sface/sface-2021dec-int8bq") == "SFace"
     assert recogniser("dlib/dlib-resnet-v1") == "dlib" and recogniser(None) == "dlib"
