@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from pydantic import BaseModel, Field
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from cloud_sync.aggregator.db.models import (
@@ -307,30 +307,56 @@ def _course(session: Session, course_id: str) -> Course:
     return course
 
 
-def not_wrong() -> object:
+def not_wrong(spans: bool = True) -> object:
     """SQL condition: no "not this student" correction (not undone) strikes the attendance row:
-    none names its key, and none covers its student, course and time (the whole class)."""
-    return ~exists().where(and_(
+    none names its key and (``spans``) none covers its student, course and time (the whole
+    class). :func:`_sightings` leaves the spans out and applies them itself (:func:`_struck`):
+    a probe per row costs several times the key's on a term's records."""
+    by_key = ~exists().where(and_(
+        AttendanceCorrection.attendance_key == Attendance.key,
         AttendanceCorrection.kind == "not_student",
         AttendanceCorrection.undone_at.is_(None),
-        or_(
-            AttendanceCorrection.attendance_key == Attendance.key,
-            and_(AttendanceCorrection.student_id == Attendance.student_id,
-                 AttendanceCorrection.course_id == Attendance.course_id,
-                 AttendanceCorrection.span_from <= Attendance.at,
-                 AttendanceCorrection.span_to > Attendance.at),
-        ),
     ))
+    if not spans:
+        return by_key
+    return and_(by_key, ~exists().where(and_(
+        AttendanceCorrection.student_id == Attendance.student_id,
+        AttendanceCorrection.kind == "not_student",
+        AttendanceCorrection.undone_at.is_(None),
+        AttendanceCorrection.course_id == Attendance.course_id,
+        AttendanceCorrection.span_from <= Attendance.at,
+        AttendanceCorrection.span_to > Attendance.at,
+    )))
+
+
+def _struck(session: Session, course_id: str, lo: datetime, hi: datetime,
+            student_id: str | None = None) -> dict[str, list[tuple[datetime, datetime]]]:
+    """Per student: the class meetings of ``course_id`` struck "not this student" (not undone)
+    that overlap ``[lo, hi)``."""
+    query = select(AttendanceCorrection.student_id, AttendanceCorrection.span_from,
+                   AttendanceCorrection.span_to).where(
+        AttendanceCorrection.kind == "not_student", AttendanceCorrection.undone_at.is_(None),
+        AttendanceCorrection.course_id == course_id, AttendanceCorrection.span_from < hi,
+        AttendanceCorrection.span_to > lo,
+    )
+    if student_id is not None:
+        query = query.where(AttendanceCorrection.student_id == student_id)
+    out: dict[str, list[tuple[datetime, datetime]]] = defaultdict(list)
+    for sid, span_from, span_to in session.execute(query):
+        out[sid].append((span_from, span_to))
+    return out
 
 
 def _sightings(
     session: Session, course_id: str, lo: datetime, hi: datetime, student_id: str | None = None
 ) -> dict[str, list[Sighting]]:
     """Corrected sightings per student, sorted by time: device records minus those marked
-    "not this student", plus the students marked present by hand."""
+    "not this student" (the record, and the student's whole class meeting), plus the students
+    marked present by hand (corrections undone count for nothing)."""
     query = select(Attendance.student_id, Attendance.at, Attendance.confidence,
                    Attendance.key).where(
-        Attendance.course_id == course_id, Attendance.at >= lo, Attendance.at < hi, not_wrong()
+        Attendance.course_id == course_id, Attendance.at >= lo, Attendance.at < hi,
+        not_wrong(spans=False),
     )
     manual = select(AttendanceCorrection.student_id, AttendanceCorrection.at).where(
         AttendanceCorrection.kind == "present", AttendanceCorrection.course_id == course_id,
@@ -340,8 +366,12 @@ def _sightings(
     if student_id is not None:
         query = query.where(Attendance.student_id == student_id)
         manual = manual.where(AttendanceCorrection.student_id == student_id)
+    struck = _struck(session, course_id, lo, hi, student_id)
     out: dict[str, list[Sighting]] = defaultdict(list)
     for sid, at, confidence, key in session.execute(query):
+        spans = struck.get(sid)
+        if spans and any(a <= at < b for a, b in spans):
+            continue
         out[sid].append(Sighting(at, confidence, str(key), False))
     for sid, at in session.execute(manual):
         out[sid].append(Sighting(at, None, None, True))
