@@ -7,7 +7,10 @@ changes. On SQLite and PostgreSQL (the ``db_url`` fixture)."""
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -263,3 +266,69 @@ def test_migration_0016_keeps_earlier_negatives_in_the_rosters(db_url: str) -> N
             conn.execute(text("DELETE FROM students WHERE id = 'M1'"))
     finally:
         engine.dispose()
+
+
+def test_confirm_and_undo_push_a_roster_notice(world: World, sessions: Any, settings: Any,
+                                               tmp_path: Path) -> None:
+    """With the MQTT bridge (real Mosquitto of our own): confirming the faces and undoing the
+    correction each publish the room's retained roster notice with the schedule's current
+    ETag, so devices pull at once instead of at their next poll."""
+    from fastapi.testclient import TestClient
+
+    from cloud_sync.aggregator import config as aggregator_config
+    from cloud_sync.aggregator.app import create_app
+    from cloud_sync.protocol import roster_topic
+    from tests.conftest import require
+    from tests.support.harness import MOSQUITTO, MOSQUITTO_PASSWD, Broker, wait_until
+    from tests.support.mqtt_client import TestClient as MqttClient
+
+    require(MOSQUITTO.exists() and MOSQUITTO_PASSWD.exists(), "mosquitto is not installed")
+    give_faces(sessions, ["S001", "S002", "S003", "S004"])
+    with sessions() as session:
+        accounts.add_user(session, "lee", "teacher", PW, ["CS101"])
+    rec = record(world, "S001", world.at(0, 9, 2), descriptor=_unit(np.ones(128)),
+                 descriptor_embedder=SFACE)
+    _send(world, [rec])
+    broker = Broker(tmp_path / "broker", ["aggregator", "watcher"])
+    broker.start()
+    topic = roster_topic("north", "LAB-301")
+    try:
+        configured = aggregator_config.load(None, database_url=settings.database_url,
+                                            mqtt_url=broker.url("aggregator"))
+        with TestClient(create_app(configured)) as c:
+            wait_until(lambda: c.get("/health").json()["mqtt"] == "connected", 15,
+                       "bridge connected")
+            watcher = MqttClient(broker, "watcher")
+            watcher.wait_connected()
+            watcher.subscribe(topic)
+
+            def notices() -> list[str]:
+                return [json.loads(p)["etag"] for t, p, _ in watcher.messages if t == topic]
+
+            def current() -> str:
+                return str(c.get("/api/v1/schedule", params={"room_id": "LAB-301"},
+                                 headers=world.device).headers["etag"])
+
+            day = world.monday.date().isoformat()
+            login(c, "lee", PW)
+            token = csrf_of(c.get(f"/courses/CS101?date={day}").text)
+            r = c.post("/courses/CS101/wrong", data={"csrf": token, "record_key": rec["key"],
+                                                      "date": day, "reason": "a look-alike"})
+            assert r.status_code == 200
+            with sessions() as session:
+                correction = session.scalars(select(FaceNegative.correction_id)).one()
+            time.sleep(0.5)
+            seen = len(notices())  # a pending face is no roster change: nothing published
+            r = c.post(f"/courses/CS101/corrections/{correction}/confirm", data={"csrf": token})
+            assert r.status_code == 200
+            wait_until(lambda: len(notices()) > seen, 15, "roster notice after confirm")
+            assert notices()[-1] == current()
+            seen = len(notices())
+            r = c.post(f"/courses/CS101/corrections/{correction}/undo", data={"csrf": token})
+            assert r.status_code == 200
+            wait_until(lambda: len(notices()) > seen, 15, "roster notice after undo")
+            assert notices()[-1] == current()
+            watcher.client.loop_stop()
+            watcher.client.disconnect()
+    finally:
+        broker.stop()
