@@ -129,9 +129,10 @@ def find_user(session: Session, name: str) -> ConsoleUser:
     return user
 
 
-def assign_courses(session: Session, name: str, courses: list[str], by: str | None = None
-                   ) -> None:
-    """Give a teacher courses; ``by``: the console user who did it (None: the CLI's user)."""
+def assign_courses(session: Session, name: str, courses: list[str], by: str | None = None,
+                   *, commit: bool = True) -> None:
+    """Give a teacher courses; ``by``: the console user who did it (None: the CLI's user);
+    ``commit=False``: in the caller's transaction (it commits)."""
     begin_write(session)
     user = find_user(session, name)
     for course_id in courses:
@@ -141,7 +142,8 @@ def assign_courses(session: Session, name: str, courses: list[str], by: str | No
             session.add(CourseTeacher(user_id=user.id, course_id=course_id))
     audit(session, by or audit_log.cli_actor(), "user.assign", f"user:{name}",
           "courses " + ", ".join(courses))
-    session.commit()
+    if commit:
+        session.commit()
 
 
 def remove_user(session: Session, name: str, by: str | None = None) -> None:

@@ -49,9 +49,14 @@ def require_row(session: Session, model: type, key: str, what: str) -> None:
         raise NotFoundError(f"{what} {key!r} does not exist")
 
 
-def commit_or_conflict(session: Session) -> None:
+def commit_or_conflict(session: Session, commit: bool = True) -> None:
+    """Commit (``commit=False``: flush only, the caller adds to the transaction and commits);
+    a constraint refusal is a ConflictError (rolled back)."""
     try:
-        session.commit()
+        if commit:
+            session.commit()
+        else:
+            session.flush()
     except IntegrityError as err:
         session.rollback()
         raise ConflictError(f"conflicts with existing data: {err.orig}") from err
@@ -81,7 +86,8 @@ def get_row(session: Session, kind: str, key: str) -> Any:
     return _out(out, row)
 
 
-def create_row(session: Session, kind: str, data: BaseModel, default_tz: str = "UTC") -> Any:
+def create_row(session: Session, kind: str, data: BaseModel, default_tz: str = "UTC",
+               *, commit: bool = True) -> Any:
     model, out = SIMPLE[kind]
     begin_write(session)
     values = data.model_dump()
@@ -92,7 +98,7 @@ def create_row(session: Session, kind: str, data: BaseModel, default_tz: str = "
         values["timezone"] = values["timezone"] or default_tz
     row = model(**values, created_at=utcnow())
     session.add(row)
-    commit_or_conflict(session)
+    commit_or_conflict(session, commit)
     return _out(out, row)
 
 
@@ -241,21 +247,22 @@ def create_schedule(session: Session, data: ScheduleIn, replace: bool = False) -
     return create_schedule_replacing(session, data, replace)[0]
 
 
-def create_schedule_replacing(session: Session, data: ScheduleIn,
-                              replace: bool = False) -> tuple[ScheduleOut, list[str]]:
-    """:func:`create_schedule`, with what the new slot replaced (in words)."""
+def create_schedule_replacing(session: Session, data: ScheduleIn, replace: bool = False, *,
+                              commit: bool = True) -> tuple[ScheduleOut, list[str]]:
+    """:func:`create_schedule`, with what the new slot replaced (in words); ``commit=False``:
+    the caller commits (one transaction with its audit entry)."""
     begin_write(session)
     require_row(session, Course, data.course_id, "course")
     require_row(session, Room, data.room_id, "room")
     data, replaced = resolve_overlaps(session, data, None, replace)
     row = Schedule(**data.model_dump())
     session.add(row)
-    commit_or_conflict(session)
+    commit_or_conflict(session, commit)
     return _out(ScheduleOut, row), replaced
 
 
 def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch,
-                    replace: bool = False) -> ScheduleOut:
+                    replace: bool = False, *, commit: bool = True) -> ScheduleOut:
     begin_write(session)
     row = session.get(Schedule, schedule_id)
     if row is None:
@@ -271,7 +278,7 @@ def update_schedule(session: Session, schedule_id: int, patch: SchedulePatch,
     checked, _ = resolve_overlaps(session, checked, schedule_id, replace)
     for name, value in checked.model_dump().items():
         setattr(row, name, value)
-    commit_or_conflict(session)
+    commit_or_conflict(session, commit)
     return _out(ScheduleOut, row)
 
 

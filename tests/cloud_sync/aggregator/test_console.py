@@ -231,7 +231,8 @@ def test_timetable_and_device_forms(world: World, sessions: Any) -> None:
     r = c.post(f"/timetable/schedules/{cs['id']}", data={
         "csrf": token, "course_id": "CS101", "room_id": "LAB-302", "weekday": 2,
         "start_time": "14:00", "end_time": "13:00"})
-    assert r.status_code == 400 and "end_time" in r.text  # a clear reason, as a page
+    # a clear reason beside the field, the edit kept as typed (issue 25 item 5)
+    assert r.status_code == 422 and f'id="err-schedule-{cs["id"]}-end_time"' in r.text
     assert c.post(f"/timetable/schedules/{cs['id']}/delete",
                   data={"csrf": token}).status_code == 200
     assert c.get(f"/api/v1/schedules/{cs['id']}", headers=world.admin).status_code == 404
