@@ -275,9 +275,11 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
             raise ReleaseError(f"{entry.path}: missing")
         size = path.stat().st_size
         if size != entry.size:
-            raise ReleaseError(f"{entry.path}: {size} bytes, the manifest says {entry.size}")
+            raise ReleaseError(f"{entry.path}: changed since signing ({size} bytes, the "
+                               f"manifest says {entry.size})")
         if sha256_file(path) != entry.sha256:
-            raise ReleaseError(f"{entry.path}: sha256 differs from the manifest")
+            raise ReleaseError(f"{entry.path}: changed since signing (sha256 differs from "
+                               "the manifest)")
 
 
 def verify_bundle(bundle: Path, keys: Mapping[str, Ed25519PublicKey] | None, *,

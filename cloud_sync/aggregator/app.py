@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -319,6 +320,10 @@ def create_app(settings: AggregatorSettings) -> FastAPI:
     limits[VIDEO_ROUTE] = settings.max_video_bytes + MULTIPART_OVERHEAD
     limits[recordings.CHUNK_ROUTE] = settings.recording_chunk_max_bytes
     limits["/recordings/{recording_id}/content"] = settings.recording_chunk_max_bytes  # console
+    # console: a signed release's archive. The route bounds its own body (the Content-Length
+    # announced, then the bytes received: release_upload_max_bytes) to refuse with a page
+    # that says why; the guard's plain 413 would replace that page (console/releases.py)
+    limits["/releases/add"] = sys.maxsize
     app.add_middleware(GuardMiddleware, router=app.router, default_limit=MAX_JSON_BYTES,
                        limits=limits)
 

@@ -291,6 +291,16 @@ class AggregatorSettings(TomlSettings):
         description="Largest enrolment video accepted, in bytes (413 above); a few seconds of "
         "phone video is 5-20 MB.",
     )
+    release_upload_max_bytes: int = Field(
+        default=2_000_000_000,
+        ge=1_000_000,
+        le=64_000_000_000,
+        title="Largest release archive",
+        description="A signed release bundle uploaded in the console (Devices, Add a release) "
+        "as a .tar or .tar.gz is refused above this many bytes, and so is one that unpacks to "
+        "more; it is streamed to a temporary file under data_dir/releases/incoming (a bundle "
+        "is ~300 MB).",
+    )
     detector_model: Literal["yunet", "full_range", "short_range"] = Field(
         default="yunet",
         title="Enrollment detector model",

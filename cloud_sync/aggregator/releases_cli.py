@@ -52,13 +52,25 @@ def keygen(
 def sign(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (make image / fleet bundle).")],
     key: Annotated[Path, typer.Option(help="The private key file from `releases keygen`.")],
+    archive: Annotated[Path | None, typer.Option(
+        help="Also write the signed bundle as one archive file (OUT.tar, or OUT.tar.gz "
+             "compressed) to upload in the console's Devices page.")] = None,
 ) -> None:
     """Check every file of BUNDLE against its manifest and write manifest.sig."""
+    from cloud_sync import release_archive
+
     try:
         kid = rm.sign_bundle(bundle, rm.load_private_key(key.read_bytes()))
     except (rm.ReleaseError, OSError) as err:
         raise _fail(str(err)) from err
     typer.echo(f"signed {bundle} with key {kid}")
+    if archive is not None:
+        try:
+            files = release_archive.write_archive(bundle, archive)
+        except (rm.ReleaseError, OSError) as err:
+            raise _fail(str(err)) from err
+        typer.echo(f"archive {archive}: {files} files, {archive.stat().st_size / 1e6:.1f} MB "
+                   "(upload it in the console: Devices, Add a release)")
 
 
 @app.command("verify")

@@ -2,7 +2,8 @@
 FastAPI + Jinja2, one small plain script, every asset served locally).
 
 :func:`mount` adds its pages to the aggregator app: ``/`` (dashboard), ``/login``, ``/logout``,
-``/courses...``, ``/students...``, ``/timetable...``, ``/devices...``, ``/unknown...``,
+``/courses...``, ``/students...``, ``/timetable...``, ``/devices...``, ``/releases...``,
+``/unknown...``,
 ``/recordings...``, ``/accounts...``, ``/audit``, ``POST /api/v1/unknown-faces`` (devices), and the
 static files under ``/console/static``. API paths (``/api/...``) keep their JSON errors.
 """
@@ -23,6 +24,7 @@ from cloud_sync.aggregator.console import (
     courses,
     devices,
     recordings,
+    releases,
     staff,
     students,
     timetable,
@@ -149,8 +151,8 @@ def mount(app: FastAPI) -> None:
         make_limiter(settings, ctx.engine, settings.console_login_max_per_address))
     app.mount("/console/static", StaticFiles(directory=str(HERE / "static")),
               name="console-static")
-    for module in (core, courses, students, timetable, devices, unknown, recordings,
-                   staff):
+    for module in (core, courses, students, timetable, devices, releases, unknown,
+                   recordings, staff):
         app.include_router(module.router)
     app.include_router(unknown.api_router)
     errors = _ErrorPages(app)

@@ -1,9 +1,10 @@
 """Devices page (admin): register a device (its key shown once), rotate its key, move it to
-another room, see its health (last heartbeat, version, temperature, outbox) and last error."""
+another room, see its health (last heartbeat, version, temperature, outbox) and last error;
+the releases held and the rollout (its forms: console/releases.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Form, Request
 from fastapi.responses import HTMLResponse, Response
@@ -12,7 +13,7 @@ from sqlalchemy import func, select
 
 from cloud_sync.aggregator.api.admin import _after_write as after_write
 from cloud_sync.aggregator.console import dashboard
-from cloud_sync.aggregator.console.accounts import audit
+from cloud_sync.aggregator.console.accounts import ConsolePrincipal, audit
 from cloud_sync.aggregator.console.web import (
     DB,
     PostUser,
@@ -52,6 +53,13 @@ def _last_errors(session: DB, device_ids: list[str]) -> dict[str, EventRow]:
 @router.get("/devices", response_class=HTMLResponse)
 def devices_page(request: Request, who: User, session: DB) -> Response:
     require_admin(who)
+    return page(request, who, session)
+
+
+def page(request: Request, who: ConsolePrincipal, session: DB, status: int = 200,
+         **forms: Any) -> Response:
+    """The Devices page; ``forms``: what a refused release form keeps (its ``*_form`` values
+    and ``*_errors`` beside the fields, see console/releases.py)."""
     devices = [d for d in session.scalars(select(Device).order_by(Device.id))
                if not is_recording_device(d.id)]  # recorded sessions' virtual devices
     ctx = context(request)
@@ -65,7 +73,9 @@ def devices_page(request: Request, who: User, session: DB) -> Response:
                   updates=release_svc.device_updates(session, [d.id for d in devices]),
                   rollout=rollout, releases=release_svc.list_releases(session)[:5],
                   stage_of={d.id: release_svc.stage_of(rollout, d.id, d.room_id)
-                            for d in devices} if rollout else {})
+                            for d in devices} if rollout else {},
+                  upload_max_mb=ctx.settings.release_upload_max_bytes / 1e6, status=status,
+                  **{"add_errors": {}, "rollout_form": {}, "rollout_errors": {}, **forms})
 
 
 @router.post("/releases/rollout/{action}")

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,6 +73,11 @@ def files_dir(settings: AggregatorSettings) -> Path:
     return settings.data_dir / "releases" / "files"
 
 
+def incoming_dir(settings: AggregatorSettings) -> Path:
+    """Uploads and unpacked archives on their way in (removed once added or refused)."""
+    return settings.data_dir / "releases" / "incoming"
+
+
 # -- keys -------------------------------------------------------------------------------------
 
 @_rollback_on_error
@@ -107,6 +113,7 @@ def add_release(session: Session, settings: AggregatorSettings, bundle: Path,
     if not keys:
         raise ServiceError("no trusted release key: run `aggregator releases trust "
                            "release-signing.pub` first (the public key only)")
+    _check_signer(bundle, keys)
     try:
         manifest, signer = rm.verify_bundle(bundle, keys, require_signature=True)  # type: ignore[arg-type]
         data = (bundle / rm.MANIFEST).read_bytes()
@@ -143,6 +150,40 @@ def add_release(session: Session, settings: AggregatorSettings, bundle: Path,
     _LOGGER.info("release %s added (%d files, signed by %s)", manifest.version,
                  len(manifest.files), signer)
     return row
+
+
+def _check_signer(bundle: Path, keys: dict[str, object]) -> None:
+    """The plain refusal of a bundle signed by a key the aggregator does not trust."""
+    try:
+        sig = rm.Signature.model_validate_json((bundle / rm.SIGNATURE).read_bytes())
+    except (OSError, ValueError):
+        return  # missing or unreadable: verify_bundle says which
+    if sig.key_id not in keys:
+        raise ServiceError(f"refused: not signed by a trusted key (signed by key {sig.key_id}, "
+                           "which the aggregator does not trust; trusted: "
+                           f"{', '.join(sorted(keys))})")
+
+
+@_rollback_on_error
+def add_release_archive(session: Session, settings: AggregatorSettings, archive: Path,
+                        actor: str) -> Release:
+    """``add_release`` of the bundle in ``archive`` (.tar/.tar.gz, untrusted: unpacked by
+    ``release_archive.unpack``'s checks into a directory of its own under ``incoming_dir``,
+    removed again whatever happens)."""
+    from cloud_sync import release_archive
+
+    incoming = incoming_dir(settings)
+    incoming.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="unpacked-", dir=incoming))
+    try:
+        try:
+            bundle = release_archive.unpack(archive, work,
+                                            max_bytes=settings.release_upload_max_bytes)
+        except release_archive.ArchiveError as err:
+            raise ServiceError(f"refused: {err}") from err
+        return add_release(session, settings, bundle, actor)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def get_release(session: Session, version: str) -> Release:
