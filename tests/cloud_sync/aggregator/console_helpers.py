@@ -88,6 +88,19 @@ def shoot(browser: Chromium, out: Path, name: str) -> None:
     browser.emulate(1280, 900, mobile=False)
 
 
+def check_page(browser: Chromium, out: Path, name: str) -> None:
+    """Screenshots at 1280 and 390 px into ``out``; at each width the page is no wider than
+    the viewport (no horizontal scroll). Leaves the browser at 1280 px."""
+    for width, height, mobile in ((1280, 900, False), (390, 844, True)):
+        browser.emulate(width, height, mobile=mobile)
+        browser.wait_for(f"document.documentElement.clientWidth === {width}")
+        wide = browser.evaluate("Math.max(document.documentElement.scrollWidth, "
+                                "document.body.scrollWidth)")
+        browser.screenshot(out / f"{name}-{width}.png")
+        assert wide <= width, f"{name}: {wide} px wide in a {width} px viewport"
+    browser.emulate(1280, 900, mobile=False)
+
+
 def set_files(browser: Chromium, selector: str, paths: list[Path]) -> None:
     found = browser.send("Runtime.evaluate", {
         "expression": f"document.querySelector({json.dumps(selector)})"})

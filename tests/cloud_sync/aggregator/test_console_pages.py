@@ -25,6 +25,7 @@ from tests.cloud_sync.aggregator.conftest import last_monday
 from tests.conftest import REPO, require
 from tests.support.chromium import Chromium, chromium_binary
 
+from .console_helpers import check_page as fits_both_widths
 from .console_helpers import live_aggregator, set_files, submit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -37,14 +38,7 @@ NAMES = ["Ada Lovelace", "Grace Hopper", "Alan Turing", "Katherine Johnson",
 
 def check_page(browser: Chromium, name: str) -> None:
     """Screenshots at 1280 and 390 px; at each width the page is no wider than the viewport."""
-    for width, height, mobile in ((1280, 900, False), (390, 844, True)):
-        browser.emulate(width, height, mobile=mobile)
-        browser.wait_for(f"document.documentElement.clientWidth === {width}")
-        wide = browser.evaluate("Math.max(document.documentElement.scrollWidth, "
-                                "document.body.scrollWidth)")
-        browser.screenshot(OUT / f"{name}-{width}.png")
-        assert wide <= width, f"{name}: {wide} px wide in a {width} px viewport"
-    browser.emulate(1280, 900, mobile=False)
+    fits_both_widths(browser, OUT, name)
 
 
 def _login(browser: Chromium, url: str, name: str, password: str) -> None:
