@@ -353,7 +353,13 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             "S001": (2, 2, 0, 0, 0, 100.0), "S002": (2, 2, 0, 0, 0, 100.0),
             "S003": (2, 1, 0, 1, 0, 50.0), "S004": (2, 1, 0, 1, 0, 50.0)}
         assert math["unfilled"] == []
-        browser.navigate(f"{url}/students/S004")
+        browser.navigate(f"{url}/students/S006?from={mon}&to={fri}")
+        courses = browser.evaluate("""[...document.querySelectorAll('table tbody tr')].map(
+            tr => [...tr.cells].map(td => td.innerText.trim()))""")
+        assert courses[:2] == [["Biology", "0", "0", "0", "0", "3", DASH],
+                               ["History", "0", "0", "0", "0", "0", DASH]], courses
+        check_page(browser, OUT, "office-student-no-consent-week")
+        browser.navigate(f"{url}/students/S004?from={mon}&to={fri}")
         check_page(browser, OUT, "office-student")
 
         # ---- today: History in the hall from now; the hall's device is online ----
@@ -367,6 +373,11 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             "sent_at": now.isoformat(), "uptime_s": 600, "outbox_depth": 0})
         assert beat.status_code < 300, beat.text
         seen("pi-hall", ("S001", now))
+        browser.navigate(f"{url}/")
+        hall = "document.querySelector('.room[data-room=\"HALL\"]')"
+        assert browser.evaluate(f"{hall}.querySelector('.present').textContent") == "1"
+        assert browser.evaluate(f"{hall}.querySelector('.expected').textContent") == "4"
+        assert browser.evaluate(f"{hall}.querySelector('li.device.online') !== null")
         check_page(browser, OUT, "office-dashboard-class-now")
         today = now.astimezone(zone).date().isoformat()
         _logout(browser)
