@@ -31,6 +31,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import numpy as np
 import pytest
 from sqlalchemy import update
 
@@ -38,6 +39,7 @@ from cloud_sync.aggregator import config as aggregator_config
 from cloud_sync.aggregator.console import accounts
 from cloud_sync.aggregator.db.models import Enrollment, FaceEmbedding, Student
 from cloud_sync.aggregator.services.devices import create_admin_token
+from cloud_sync.protocol import EMBEDDER_IDS
 from tests.cloud_sync.aggregator.conftest import last_monday
 from tests.conftest import REPO, require
 from tests.support.chromium import Chromium, chromium_binary
@@ -49,6 +51,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 OUT = REPO / "test-output" / "console" / "first-week"
 OFFICE_PW = "office password 1"
 TEACHER_PW = "teacher password 1"
+SFACE = EMBEDDER_IDS["sface"]
 DASH = "\u2013"  # the pages' en dash (no percentage; a time range)
 # a zone where it is day time now (local 08:00-20:00): one of these always is
 ZONES = ("Europe/Paris", "America/New_York", "Asia/Tokyo", "America/Los_Angeles")
@@ -92,6 +95,26 @@ def _import(browser: Chromium, url: str, path: Path, kind: str) -> str:
     report = _text(browser, "#import-report")
     assert f"Import of {path.name}:" in report, report
     return report
+
+
+def _phone(browser: Chromium) -> None:
+    browser.emulate(390, 844, mobile=True)
+    browser.wait_for("document.documentElement.clientWidth === 390")
+
+
+def _on_screen(browser: Chromium, selector: str) -> None:
+    """The element is visible within the phone's 390 px width."""
+    box = browser.evaluate(f"(() => {{ const b = document.querySelector({selector!r})"
+                           ".getBoundingClientRect(); return [b.left, b.right, b.width]; })()")
+    assert box[2] > 0 and box[0] >= 0 and box[1] <= 390, (selector, box)
+
+
+def _click(browser: Chromium, selector: str) -> None:
+    """A click on a button or link (confirmation dialogs answered yes); waits for the page."""
+    browser.events.clear()
+    browser.evaluate(f"window.confirm = () => true; document.querySelector({selector!r})"
+                     ".click(), true")
+    browser.wait_event("Page.loadEventFired", 60)
 
 
 def _rows(browser: Chromium, section: int = 0) -> dict[str, tuple[str, str]]:
@@ -320,6 +343,16 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
              ("S003", at("thu", 11, 2)), ("S004", at("thu", 11, 9)))
         seen("pi-lab", ("S001", at("fri", 13, 1)), ("S002", at("fri", 13, 2)),
              ("S003", at("fri", 13, 4)), ("S004", at("fri", 13, 25)))
+        # Tim was away on Friday; a visitor was taken for him, twice in the class
+        lookalike = np.random.default_rng(25).normal(size=128)
+        lookalike = [float(x) for x in lookalike / np.linalg.norm(lookalike)]
+        r = devices["pi-lab"].post("/api/v1/attendance", json={
+            "v": 1, "device_id": "pi-lab", "records": [{
+                "key": str(uuid.uuid4()), "student_id": "S007", "room_id": "LAB-301",
+                "device_id": "pi-lab", "seen_at": at("fri", 13, mm).astimezone(UTC).isoformat(),
+                "confidence": 0.62, "descriptor": lookalike, "descriptor_embedder": SFACE}
+                for mm in (10, 41)]})
+        assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
         wed = days["wed"].isoformat()
         browser.navigate(f"{url}/courses/BIO1?date={wed}")
         assert {s: v[0] for s, v in _rows(browser).items()} == {
@@ -335,7 +368,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             "S001": (2, 2, 0, 0, 1, 100.0), "S002": (2, 1, 1, 0, 1, 100.0),
             "S003": (2, 2, 0, 0, 1, 100.0), "S004": (2, 0, 1, 1, 1, 50.0),
             "S005": (0, 0, 0, 0, 3, None), "S006": (0, 0, 0, 0, 3, None),
-            "S007": (2, 1, 0, 1, 1, 50.0)}
+            "S007": (2, 2, 0, 0, 1, 100.0)}  # the visitor on Friday: see the teacher
         assert _numbers(week) == expected
         assert [(u["starts_at"][:10], u["reason"], u["student_ids"]) for u in week["unfilled"]
                 ] == [(mon, "no_face_data", ["S005", "S006"]),
@@ -414,6 +447,62 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         browser.navigate(f"{url}/courses/BIO1/summary?from={mon}&to={fri}")
         assert _summary_table(browser)["S006"] == ["1", "1", "0", "0", "2", "100.0"]
         check_page(browser, OUT, "teacher-bio1-summary-week")
+
+        # Friday's Biology: "not this student" for Tim strikes him for the whole class; the
+        # visitor's face reaches the lab's device only once the teacher confirms it; undo
+        def roster() -> tuple[list[Any], str]:
+            r = devices["pi-lab"].get("/api/v1/schedule", params={
+                "room_id": "LAB-301", "at": at("fri", 13, 30).isoformat(), "embedder": "sface"})
+            assert r.status_code == 200, r.text
+            tim = next(e for e in r.json()["rosters"]["BIO1"] if e["student_id"] == "S007")
+            return tim["negatives"], r.headers["etag"]
+
+        def tim() -> tuple[Any, ...]:  # Tim's week in Biology
+            return _numbers(api.get("/api/v1/attendance/course/BIO1", params={
+                "from": mon, "to": fri}).json())["S007"]
+
+        negatives, etag_before = roster()
+        assert negatives == []
+        row = "tr[data-student='S007']"
+        _phone(browser)
+        browser.navigate(f"{url}/courses/BIO1?date={fri}")
+        assert _rows(browser)["S007"] == ("present", "present")
+        browser.evaluate(f"document.querySelector(\"{row} details\").open = true")
+        _on_screen(browser, f"{row} form.mark-wrong button")
+        browser.evaluate(f"document.querySelector(\"{row} form.mark-wrong [name=reason]\")"
+                         ".value = 'Tim was on a trip: a visitor'")
+        _click(browser, f"{row} form.mark-wrong button")
+        assert "Tim Berners-Lee struck for the whole class" in _text(browser)
+        assert _rows(browser)["S007"] == ("absent", "absent")
+        assert "confirm the face: 2 waiting" in _text(browser, row)
+        assert _text(browser, "section.session p") == (
+            "3 present · 1 late · 1 absent · 2 no face data: take by hand")
+        assert tim() == (2, 1, 0, 1, 1, 50.0)
+        assert roster() == ([], etag_before)  # nothing reaches the device yet
+        check_page(browser, OUT, "teacher-struck")
+        _phone(browser)
+        _click(browser, f"{row} a.review")
+        assert "2 faces waiting for your confirmation" in _text(browser, "main")
+        check_page(browser, OUT, "teacher-correction-pending")
+        _phone(browser)
+        _on_screen(browser, "#confirm button")
+        _click(browser, "#confirm button")
+        assert "Confirmed by ms-lee" in _text(browser)
+        negatives, etag_confirmed = roster()
+        assert len(negatives) == 2 and etag_confirmed != etag_before
+        check_page(browser, OUT, "teacher-correction-confirmed")
+        _phone(browser)
+        browser.navigate(f"{url}/courses/BIO1?date={fri}")
+        _on_screen(browser, f"{row} form.undo button")
+        _click(browser, f"{row} form.undo button")
+        assert "attendance restored" in _text(browser), _text(browser)
+        assert _rows(browser)["S007"] == ("present", "present")
+        assert browser.evaluate(f"document.querySelector(\"{row} form.undo\")") is None
+        assert tim() == (2, 2, 0, 0, 1, 100.0)
+        negatives, etag_undone = roster()
+        assert negatives == [] and etag_undone == etag_before
+        check_page(browser, OUT, "teacher-undone")
+
         for name, path in (("dashboard", "/"), ("courses", "/courses"),
                            ("students", "/students")):
             browser.navigate(url + path)
