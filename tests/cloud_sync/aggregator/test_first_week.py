@@ -1,25 +1,31 @@
 """Issue 25 "Done when": a realistic first week at a school, walked in Debian's headless
-Chromium against the real aggregator (uvicorn), as the office and a teacher would.
+Chromium against the real aggregator (uvicorn), on SQLite and on PostgreSQL, as the office and
+a teacher would.
 
 The office prepares the term from CSV files with mistakes in them (results at the top of the
 page in plain words; a student id twice in one file is refused; a class overlapping another in
 its room is refused naming the other class, from the CSV, the form and the API), registers the
 rooms' devices and enrols photos. Then a week of classes happens, the devices sending what they
-saw through the real device API; the device of the science lab is offline for Wednesday's
-class. The office and the teacher read the reports on day one and after the week, and the
-numbers are checked exactly: held, present, late, absent, no data, percentages, the classes
-listed to fill in by hand; a student without consent or without a photo is "no face data: take
-by hand", never missing; during today's class a student not seen so far is "not seen yet".
-The teacher takes a student by hand on a phone (390 px). Every page visited is screenshotted at
-1280 and 390 px into test-output/console/first-week/, and none is wider than the viewport.
+saw through the real device API; the science lab's device is offline for Wednesday's class; a
+student joins on Wednesday noon; on Friday a visitor is taken for a student who was away. The
+office and the teacher read the reports on day one and after the week, and the numbers are
+checked exactly: held, present, late, absent, no data, percentages, the classes listed to fill
+in by hand; a student without consent or without a photo is "no face data: take by hand", never
+missing; during today's class a student not seen so far is "not seen yet". The teacher, on a
+phone (390 px), takes a student by hand, and marks Friday's visitor "not this student": the
+student is struck for the whole class, the face reaches the device's roster only once
+confirmed, and undo restores the attendance and the roster. Every page visited is
+screenshotted at 1280 and 390 px into test-output/console/first-week/<backend>/, and none is
+wider than the viewport.
 
 Time: the week is last week (``last_monday``), so every class of it is over. What the office
-did "the Friday before" (enrolments, consents, photos) is done now through the console and
-the API, then its timestamps are moved to that Friday in the database: the one thing the real
-interfaces cannot do is act in the past. Nothing else is written to the database directly. A
-device is online for a past class when it recorded someone of the course in it (heartbeats,
-which the aggregator stamps with its own clock, cannot be sent for last week). The school's
-time zone is one where it is now day time, so that "a class from now" fits in today.
+did "the Friday before" (enrolments, consents, photos) and the newcomer's enrolment "on
+Wednesday" are done now through the console and the API, then their timestamps are moved back
+in the database: the one thing the real interfaces cannot do is act in the past. Nothing else
+is written to the database directly. A device is online for a past class when it recorded
+someone of the course in it (heartbeats, which the aggregator stamps with its own clock,
+cannot be sent for last week). The school's time zone is one where it is now day time, so that
+"a class from now" fits in today.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from tests.support.chromium import Chromium, chromium_binary
 from .console_helpers import check_page, set_files, submit
 from .console_helpers import live_aggregator as serve
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
-OUT = REPO / "test-output" / "console" / "first-week"
+pytestmark = [pytest.mark.browser, pytest.mark.slow(seconds=22)]  # each backend, load ~4.5
+SHOTS = REPO / "test-output" / "console" / "first-week"  # /sqlite, /postgres
 OFFICE_PW = "office password 1"
 TEACHER_PW = "teacher password 1"
 SFACE = EMBEDDER_IDS["sface"]
@@ -138,13 +144,15 @@ def _numbers(summary: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
                               p["percentage"]) for p in summary["students"]}
 
 
-def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path) -> None:
+def test_first_week_at_a_school(db_url: str, tmp_path: Path, faces_dir: Path,
+                                model_dir: Path) -> None:
     binary = chromium_binary()
     require(binary is not None, "chromium not installed (apt-get install chromium)")
     assert binary is not None
     photos = faces_dir / "face_recognition" / "examples" / "knn_examples" / "train"
     require(all((photos / p).is_file() for p in PHOTOS.values()), f"photos missing in {photos}")
     zone = _school_zone()
+    out = SHOTS / ("postgres" if db_url.startswith("postgresql") else "sqlite")
     monday: date = last_monday().date()  # day one of the term, last week
     friday_before = datetime.combine(monday - timedelta(days=3), time(16), tzinfo=zone)
     days = {name: monday + timedelta(days=i) for i, name in enumerate(
@@ -154,7 +162,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         return datetime.combine(days[day], time(hh, mm), tzinfo=zone)
 
     settings = aggregator_config.load(
-        None, database_url=f"sqlite:///{tmp_path / 'agg.db'}", data_dir=tmp_path / "data",
+        None, database_url=db_url, data_dir=tmp_path / "data",
         model_dir=model_dir, rate_limit_per_min=100000, timezone=zone.key)
     with serve(settings) as (url, app), Chromium(binary, 1280, 900) as browser:
         ctx = app.state.ctx
@@ -165,9 +173,9 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"},
                            timeout=60)
         browser.navigate(f"{url}/")
-        check_page(browser, OUT, "login")
+        check_page(browser, out, "login")
         _login(browser, url, "office", OFFICE_PW)
-        check_page(browser, OUT, "office-dashboard-empty")
+        check_page(browser, out, "office-dashboard-empty")
 
         # ---- the Friday before: the term from the office's CSV files, mistakes and all ----
         files = tmp_path / "csv"
@@ -181,7 +189,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         report = _import(browser, url, files / "rooms.csv", "rooms")
         assert "3 of 4 lines imported" in report and "3 rooms added" in report, report
         assert "Line 5: id “LAB 302” may use only letters, digits" in report, report
-        check_page(browser, OUT, "office-import-rooms")
+        check_page(browser, out, "office-import-rooms")
 
         (files / "courses.csv").write_text(
             "id,name\nBIO1,Biology\nMATH2,Mathematics\nHIST1,History\nART1,\n")
@@ -200,7 +208,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         assert ("Line 8: id “S007” is also on line 9 of this file: none of them is imported"
                 in report), report
         assert "Line 9: id “S007” is also on line 8" in report, report
-        check_page(browser, OUT, "office-import-students-duplicate")
+        check_page(browser, out, "office-import-students-duplicate")
         (files / "students-fixed.csv").write_text(students)  # the office keeps one S007
         report = _import(browser, url, files / "students-fixed.csv", "students")
         assert "7 of 7 lines imported" in report, report
@@ -231,7 +239,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         assert "Line 6: weekday “Thrusday” is not a weekday (did you mean Thu?)" in report
         assert ("Line 7: LAB-301 already has Biology (BIO1) Wed 09:00-10:30 from "
                 f"{first}") in report, report
-        check_page(browser, OUT, "office-import-schedules")
+        check_page(browser, out, "office-import-schedules")
 
         # the Thursday class through the form; History over Biology is refused there too
         browser.navigate(f"{url}/timetable")
@@ -245,7 +253,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             "end_time": "11:00", "effective_from": first})
         refused = _text(browser)
         assert "LAB-301 already has Biology (BIO1) Mon 09:00-10:30" in refused, refused
-        check_page(browser, OUT, "office-overlap-refused")
+        check_page(browser, out, "office-overlap-refused")
         r = api.post("/api/v1/schedules", json={
             "course_id": "HIST1", "room_id": "LAB-301", "weekday": 4, "start_time": "14:00",
             "end_time": "15:00"})
@@ -261,7 +269,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         browser.navigate(f"{url}/timetable")
         submit(browser, "form[action='/timetable/teachers']",
                {"teacher": "ms-lee", "course_id": "HIST1"})
-        check_page(browser, OUT, "office-timetable")
+        check_page(browser, out, "office-timetable")
 
         # a device a room, each key shown once
         keys = {}
@@ -270,7 +278,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             submit(browser, "form[action='/devices']", {"room_id": room, "device_id": device})
             keys[device] = browser.evaluate("document.querySelector('#api-key').textContent")
             assert keys[device].startswith("dk_")
-        check_page(browser, OUT, "office-device-key")
+        check_page(browser, out, "office-device-key")
         devices = {d: httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"},
                                    timeout=30) for d, k in keys.items()}
         rooms = {"pi-lab": "LAB-301", "pi-12": "RM-12", "pi-hall": "HALL"}
@@ -286,7 +294,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         assert r.status_code == 409, r.text  # no consent: no photo either
         browser.navigate(f"{url}/students/S006")
         assert "No face data" in _text(browser), _text(browser)
-        check_page(browser, OUT, "office-student-no-consent")
+        check_page(browser, out, "office-student-no-consent")
         # all of it happened the Friday before the week (see the module's docstring)
         with ctx.sessions() as session:
             session.execute(update(Enrollment).values(created_at=friday_before))
@@ -319,7 +327,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         counts = _text(browser, "section.session p")
         assert counts == ("3 present · 1 late · 1 absent · 2 no face data: take by hand"), counts
         assert "missing" not in _text(browser).lower()
-        check_page(browser, OUT, "office-bio1-day-one")
+        check_page(browser, out, "office-bio1-day-one")
         browser.navigate(f"{url}/courses/BIO1/summary?from={mon}&to={mon}")
         table = _summary_table(browser)
         assert table == {
@@ -331,18 +339,45 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
                                     ".map(li => [li.dataset.reason, li.innerText])")
         assert unfilled == [["no_face_data", f"{mon} 09:00{DASH}10:30 · room LAB-301 · no face "
                              "data: 2 students"]], unfilled
-        check_page(browser, OUT, "office-bio1-summary-day-one")
+        check_page(browser, out, "office-bio1-summary-day-one")
         browser.navigate(f"{url}/courses/MATH2/summary?from={mon}&to={mon}")
         assert _summary_table(browser) == {
             "S001": ["1", "1", "0", "0", "0", "100.0"], "S002": ["1", "1", "0", "0", "0", "100.0"],
             "S003": ["1", "0", "0", "1", "0", "0.0"], "S004": ["1", "0", "0", "1", "0", "0.0"]}
         assert browser.evaluate("document.querySelector('#unfilled')") is None
 
+        # ---- Wednesday noon: a new student joins Biology (the add-student form, consent
+        # signed, a photo); her Monday and Wednesday classes are not hers
+        browser.navigate(f"{url}/students")
+        browser.events.clear()
+        browser.evaluate("""(() => { const f = document.querySelector('#add-student');
+            f.querySelector('[name=student_id]').value = 'S008';
+            f.querySelector('[name=name]').value = 'Barbara Liskov';
+            f.querySelector('[name=course_id]').value = 'BIO1';
+            f.querySelector('[name=consent]').checked = true;
+            f.requestSubmit(); return true; })()""")
+        browser.wait_event("Page.loadEventFired", 60)
+        assert browser.evaluate("location.pathname") == "/students/S008", _text(browser)
+        newcomer = faces_dir / "face_recognition" / "examples" / "lin-manuel-miranda.png"
+        r = api.post("/api/v1/students/S008/faces",
+                     files={"photo": (newcomer.name, newcomer.read_bytes(), "image/png")})
+        assert r.status_code == 201, r.text
+        joined = at("wed", 12)
+        with ctx.sessions() as session:  # done on Wednesday at noon (see the docstring)
+            session.execute(update(Enrollment).where(Enrollment.student_id == "S008")
+                            .values(created_at=joined))
+            session.execute(update(Student).where(Student.id == "S008")
+                            .values(consent_at=joined))
+            session.execute(update(FaceEmbedding).where(FaceEmbedding.student_id == "S008")
+                            .values(created_at=joined))
+            session.commit()
+
         # ---- the rest of the week: the lab's device is offline for Wednesday's class ----
         seen("pi-12", ("S001", at("thu", 10, 58)), ("S002", at("thu", 11, 1)),
              ("S003", at("thu", 11, 2)), ("S004", at("thu", 11, 9)))
         seen("pi-lab", ("S001", at("fri", 13, 1)), ("S002", at("fri", 13, 2)),
-             ("S003", at("fri", 13, 4)), ("S004", at("fri", 13, 25)))
+             ("S003", at("fri", 13, 4)), ("S004", at("fri", 13, 25)),
+             ("S008", at("fri", 13, 3)))
         # Tim was away on Friday; a visitor was taken for him, twice in the class
         lookalike = np.random.default_rng(25).normal(size=128)
         lookalike = [float(x) for x in lookalike / np.linalg.norm(lookalike)]
@@ -361,14 +396,15 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         assert _text(browser, "section.session p") == (
             "0 present · 0 late · 0 absent · 5 no data · 2 no face data: take by hand")
         assert "No device of room LAB-301 was online for this class" in _text(browser)
-        check_page(browser, OUT, "office-bio1-device-offline")
+        check_page(browser, out, "office-bio1-device-offline")
         fri = days["fri"].isoformat()
         week = api.get("/api/v1/attendance/course/BIO1", params={"from": mon, "to": fri}).json()
         expected = {  # held, present, late, absent, no data, %
             "S001": (2, 2, 0, 0, 1, 100.0), "S002": (2, 1, 1, 0, 1, 100.0),
             "S003": (2, 2, 0, 0, 1, 100.0), "S004": (2, 0, 1, 1, 1, 50.0),
             "S005": (0, 0, 0, 0, 3, None), "S006": (0, 0, 0, 0, 3, None),
-            "S007": (2, 2, 0, 0, 1, 100.0)}  # the visitor on Friday: see the teacher
+            "S007": (2, 2, 0, 0, 1, 100.0),  # the visitor on Friday: see the teacher
+            "S008": (1, 1, 0, 0, 0, 100.0)}  # from Wednesday noon: Friday only
         assert _numbers(week) == expected
         assert [(u["starts_at"][:10], u["reason"], u["student_ids"]) for u in week["unfilled"]
                 ] == [(mon, "no_face_data", ["S005", "S006"]),
@@ -380,7 +416,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             sid: [str(v) for v in nums[:5]] + [DASH if nums[5] is None else str(nums[5])]
             for sid, nums in expected.items()}
         assert "no device online: 5 students" in _text(browser, "#unfilled")
-        check_page(browser, OUT, "office-bio1-summary-week")
+        check_page(browser, out, "office-bio1-summary-week")
         math = api.get("/api/v1/attendance/course/MATH2", params={"from": mon, "to": fri}).json()
         assert _numbers(math) == {
             "S001": (2, 2, 0, 0, 0, 100.0), "S002": (2, 2, 0, 0, 0, 100.0),
@@ -391,9 +427,9 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             tr => [...tr.cells].map(td => td.innerText.trim()))""")
         assert courses[:2] == [["Biology", "0", "0", "0", "0", "3", DASH],
                                ["History", "0", "0", "0", "0", "0", DASH]], courses
-        check_page(browser, OUT, "office-student-no-consent-week")
+        check_page(browser, out, "office-student-no-consent-week")
         browser.navigate(f"{url}/students/S004?from={mon}&to={fri}")
-        check_page(browser, OUT, "office-student")
+        check_page(browser, out, "office-student")
 
         # ---- today: History in the hall from now; the hall's device is online ----
         browser.navigate(f"{url}/timetable")
@@ -411,7 +447,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         assert browser.evaluate(f"{hall}.querySelector('.present').textContent") == "1"
         assert browser.evaluate(f"{hall}.querySelector('.expected').textContent") == "4"
         assert browser.evaluate(f"{hall}.querySelector('li.device.online') !== null")
-        check_page(browser, OUT, "office-dashboard-class-now")
+        check_page(browser, out, "office-dashboard-class-now")
         today = now.astimezone(zone).date().isoformat()
         _logout(browser)
 
@@ -424,7 +460,7 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
             "S001": "present", "S002": "not seen yet",
             "S005": "no face data: take by hand", "S006": "no face data: take by hand"}
         assert "Class in progress: not held yet." in _text(browser)
-        check_page(browser, OUT, "teacher-hist1-now")
+        check_page(browser, out, "teacher-hist1-now")
         browser.emulate(390, 844, mobile=True)
         # Monday's Biology: Margaret (no consent) was there, the teacher takes her by hand
         browser.navigate(f"{url}/courses/BIO1?date={mon}")
@@ -438,15 +474,15 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         browser.wait_for("document.querySelector('tr[data-student=\"S006\"]')"
                          ".dataset.status === 'present'")
         assert "Margaret Hamilton marked present" in _text(browser, "#inplace-notice")
-        browser.screenshot(OUT / "teacher-phone-marked-390.png", full_page=False)
+        browser.screenshot(out / "teacher-phone-marked-390.png", full_page=False)
         browser.navigate(f"{url}/courses/BIO1?date={mon}")
         assert _rows(browser)["S006"] == ("present", "present")
         assert _text(browser, "section.session p") == (
             "4 present · 1 late · 1 absent · 1 no face data: take by hand")
-        check_page(browser, OUT, "teacher-bio1-day-one-after")
+        check_page(browser, out, "teacher-bio1-day-one-after")
         browser.navigate(f"{url}/courses/BIO1/summary?from={mon}&to={fri}")
         assert _summary_table(browser)["S006"] == ["1", "1", "0", "0", "2", "100.0"]
-        check_page(browser, OUT, "teacher-bio1-summary-week")
+        check_page(browser, out, "teacher-bio1-summary-week")
 
         # Friday's Biology: "not this student" for Tim strikes him for the whole class; the
         # visitor's face reaches the lab's device only once the teacher confirms it; undo
@@ -476,21 +512,21 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         assert _rows(browser)["S007"] == ("absent", "absent")
         assert "confirm the face: 2 waiting" in _text(browser, row)
         assert _text(browser, "section.session p") == (
-            "3 present · 1 late · 1 absent · 2 no face data: take by hand")
+            "4 present · 1 late · 1 absent · 2 no face data: take by hand")
         assert tim() == (2, 1, 0, 1, 1, 50.0)
         assert roster() == ([], etag_before)  # nothing reaches the device yet
-        check_page(browser, OUT, "teacher-struck")
+        check_page(browser, out, "teacher-struck")
         _phone(browser)
         _click(browser, f"{row} a.review")
         assert "2 faces waiting for your confirmation" in _text(browser, "main")
-        check_page(browser, OUT, "teacher-correction-pending")
+        check_page(browser, out, "teacher-correction-pending")
         _phone(browser)
         _on_screen(browser, "#confirm button")
         _click(browser, "#confirm button")
         assert "Confirmed by ms-lee" in _text(browser)
         negatives, etag_confirmed = roster()
         assert len(negatives) == 2 and etag_confirmed != etag_before
-        check_page(browser, OUT, "teacher-correction-confirmed")
+        check_page(browser, out, "teacher-correction-confirmed")
         _phone(browser)
         browser.navigate(f"{url}/courses/BIO1?date={fri}")
         _on_screen(browser, f"{row} form.undo button")
@@ -501,12 +537,12 @@ def test_first_week_at_a_school(tmp_path: Path, faces_dir: Path, model_dir: Path
         assert tim() == (2, 2, 0, 0, 1, 100.0)
         negatives, etag_undone = roster()
         assert negatives == [] and etag_undone == etag_before
-        check_page(browser, OUT, "teacher-undone")
+        check_page(browser, out, "teacher-undone")
 
         for name, path in (("dashboard", "/"), ("courses", "/courses"),
                            ("students", "/students")):
             browser.navigate(url + path)
-            check_page(browser, OUT, f"teacher-{name}")
+            check_page(browser, out, f"teacher-{name}")
         week = api.get("/api/v1/attendance/course/BIO1", params={"from": mon, "to": fri}).json()
         assert _numbers(week)["S006"] == (1, 1, 0, 0, 2, 100.0)
         first_unfilled = week["unfilled"][0]
