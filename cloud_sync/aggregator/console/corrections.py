@@ -1,6 +1,7 @@
-"""Attendance corrections: mark a student present by hand, or a recognition "not this student".
+"""Attendance corrections: mark a student present by hand, absent by hand (a class without
+data filled in from the register), or a recognition "not this student".
 
-Both are rows of ``attendance_corrections`` (never deleted: the audit trail) that the reports
+All are rows of ``attendance_corrections`` (never deleted: the audit trail) that the reports
 read through.
 
 "Not this student" applies to the whole class meeting: every record of that student for the
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 from sqlalchemy import delete, select, update
@@ -39,6 +40,7 @@ from cloud_sync.aggregator.db.models import (
     Student,
 )
 from cloud_sync.aggregator.db.session import begin_write
+from cloud_sync.aggregator.services import reports
 from cloud_sync.aggregator.services.common import (
     ConflictError,
     ForbiddenError,
@@ -50,6 +52,8 @@ from cloud_sync.aggregator.services.reports import Rules, class_at
 
 _LOGGER = logging.getLogger(__name__)
 MAX_REASON = 500
+KIND_WORDS = {"present": "marked present", "absent": "marked absent",
+              "not_student": "not this student"}
 
 
 def _reason(text: str) -> str:
@@ -91,6 +95,51 @@ def mark_all_present(session: Session, who: ConsolePrincipal, course_id: str,
               f"course {course_id} at {at.isoformat()}: {reason}")
     session.commit()
     _LOGGER.info("%s marked %d present in %s at %s", who.name, len(rows), course_id, at)
+    return rows
+
+
+def mark_absent(session: Session, who: ConsolePrincipal, course_id: str,
+                student_ids: list[str], starts_at: datetime, reason: str, rules: Rules
+                ) -> list[AttendanceCorrection]:
+    """Each of ``student_ids`` was absent from the class of ``course_id`` starting at
+    ``starts_at``, which has no data for them (``no_data``: no device of the room online;
+    ``no_face_data``): the office fills it in by hand from the register. One transaction (all
+    or none), one correction row and one audit line per student. Refused (409) for a class not
+    over yet, a student seen or marked present (undo that first), or already absent."""
+    if not who.can_see_course(course_id):
+        raise ForbiddenError("you do not teach this course")
+    reason = _reason(reason)
+    if not student_ids:
+        raise ServiceError("nobody to mark absent")
+    begin_write(session)  # read the class and write the marks in one transaction
+    report = reports.course_day(session, course_id, starts_at.astimezone(UTC).date(), rules)
+    found = next((s for s in report.sessions if s.starts_at == starts_at), None)
+    if found is None:
+        raise NotFoundError(f"no class of {course_id} starts at {starts_at.isoformat()}")
+    if not found.ended:
+        raise ConflictError("the class is not over yet: a student not seen so far is "
+                            "\"not seen yet\", not absent")
+    status = {st.student_id: st for st in found.students}
+    rows = []
+    for student_id in dict.fromkeys(student_ids):
+        st = status.get(student_id)
+        if st is None:
+            raise NotFoundError(f"student {student_id!r} is not in this class of {course_id!r}")
+        if st.status in ("present", "late"):
+            raise ConflictError(f"{st.name} counts as {st.status} in this class "
+                                f"({'marked by hand' if st.source == 'manual' else 'seen'}): "
+                                "undo that correction, or use “not this student”, first")
+        if st.status == "absent":
+            raise ConflictError(f"{st.name} is already absent from this class")
+        row = AttendanceCorrection(kind="absent", student_id=student_id, course_id=course_id,
+                                   at=starts_at, reason=reason, by_user=who.name,
+                                   created_at=utcnow())
+        session.add(row)
+        rows.append(row)
+        audit(session, who.name, "attendance.mark_absent", f"student:{student_id}",
+              f"course {course_id} class of {starts_at.isoformat()} ({st.status}): {reason}")
+    session.commit()
+    _LOGGER.info("%s marked %d absent in %s at %s", who.name, len(rows), course_id, starts_at)
     return rows
 
 
@@ -251,7 +300,7 @@ def undo(session: Session, who: ConsolePrincipal, correction_id: int,
             FaceNegative.id.in_([n.id for n in negatives])))
     row.undone_at = utcnow()
     row.undone_by = who.name
-    what = "marked present" if row.kind == "present" else "not this student"
+    what = KIND_WORDS.get(row.kind, row.kind)
     audit(session, who.name, "attendance.undo", f"student:{row.student_id}",
           f"course {row.course_id} correction {row.id} ({what}, by {row.by_user}) undone: "
           f"attendance restored, {len(negatives)} negative example(s) deleted"

@@ -186,6 +186,58 @@ def mark_all_present(
     return _marked(request, course_id, starts_at, [st.name for st in todo])
 
 
+def _marked_absent(request: Request, course_id: str, starts_at: datetime, names: list[str]
+                   ) -> Response:
+    message = (f"{names[0]} marked absent" if len(names) == 1
+               else f"{len(names)} students marked absent")
+    if _wants_json(request):
+        return JSONResponse({"marked": len(names), "message": message})
+    return back(f"/courses/{course_id}?date={starts_at.date().isoformat()}", message)
+
+
+ABSENT_REASON = "absent on the class register"
+
+
+@router.post("/courses/{course_id}/absent")
+def mark_absent(
+    request: Request, who: PostUser, session: DB, course_id: str,
+    student_id: Annotated[str, Form(max_length=64)],
+    starts_at: Annotated[datetime, Form()],
+    reason: Annotated[str, Form(max_length=500)] = ABSENT_REASON,
+) -> Response:
+    """A student of a class without data (no device online, or no face data) was absent: the
+    office fills it in by hand (it then counts in the percentages)."""
+    _check(who, course_id)
+    rows = corrections.mark_absent(session, who, course_id, [student_id], _aware(starts_at),
+                                   reason, context(request).rules)
+    name = session.scalar(select(Student.name).where(Student.id == rows[0].student_id))
+    return _marked_absent(request, course_id, starts_at, [name or student_id])
+
+
+@router.post("/courses/{course_id}/absent-rest")
+def mark_rest_absent(
+    request: Request, who: PostUser, session: DB, course_id: str,
+    starts_at: Annotated[datetime, Form()],
+    reason: Annotated[str, Form(max_length=500)] = ABSENT_REASON,
+) -> Response:
+    """Every student of the class at ``starts_at`` still without data (``no_data`` or
+    ``no_face_data``, none struck): absent by hand, in one transaction. The office marks
+    those on the register present first, then the rest absent."""
+    _check(who, course_id)
+    starts_at = _aware(starts_at)
+    report = reports.course_day(session, course_id, starts_at.date(), context(request).rules)
+    found = next((s for s in report.sessions if s.starts_at == starts_at), None)
+    if found is None:
+        raise NotFoundError(f"no class of {course_id} starts at {starts_at.isoformat()}")
+    todo = [st for st in found.students if st.status in reports.UNCOUNTED]
+    if not todo:
+        raise ConflictError("nobody in this class is without data")
+    session.rollback()  # mark_absent reads the class again in its own write transaction
+    corrections.mark_absent(session, who, course_id, [st.student_id for st in todo],
+                            starts_at, reason, context(request).rules)
+    return _marked_absent(request, course_id, starts_at, [st.name for st in todo])
+
+
 @router.post("/courses/{course_id}/wrong")
 def mark_wrong(
     request: Request, who: PostUser, session: DB, course_id: str,

@@ -340,6 +340,8 @@ class AttendanceCorrection(Base):
     an undo only stamps ``undone_at``/``undone_by``, and the audit log has each step).
 
     ``present``: the student counts as seen in ``course_id`` at ``at`` (marked by hand);
+    ``absent``: the student was absent from the class of ``course_id`` starting at ``at``, which
+    had no data for them (marked by hand from the register; a sighting still wins);
     ``not_student``: the record ``attendance_key`` was a wrong recognition: it and every record
     of the student for the course in ``[span_from, span_to)`` (the class meeting, early arrival
     included; NULL span: that record alone, corrections from before issue 25) no longer count.
@@ -348,7 +350,7 @@ class AttendanceCorrection(Base):
 
     __tablename__ = "attendance_corrections"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16), doc="present | not_student")
+    kind: Mapped[str] = mapped_column(String(16), doc="present | absent | not_student")
     student_id: Mapped[str] = mapped_column(ForeignKey("students.id", ondelete="CASCADE"))
     course_id: Mapped[str | None] = mapped_column(
         ForeignKey("courses.id", ondelete="CASCADE"), default=None

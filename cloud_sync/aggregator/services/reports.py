@@ -21,8 +21,10 @@ counts from its schedules' ``effective_from``, else from its creation or first r
 Every report reads attendance through the console's corrections (``attendance_corrections``):
 a record marked "not this student" does not count, nor does any other record of that student
 for the course in the same class meeting (the whole class is struck); a student marked present
-by hand counts from the time given (see :func:`_sightings`); an undone correction counts for
-nothing.
+by hand counts from the time given (see :func:`_sightings`); a student marked absent by hand
+for a class without data (``no_data`` / ``no_face_data``: the office fills it in from the
+paper register) is ``absent`` there and counts in the percentages (a sighting still wins); an
+undone correction counts for nothing.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class StudentStatus(BaseModel):
         default=None, description="Confidence of the first sighting (None: absent or by hand)."
     )
     source: str | None = Field(
-        default=None, description="device | manual (marked present by hand); None: absent."
+        default=None, description="device | manual (marked present, or absent, by hand); "
+        "None: not seen.",
     )
     record_key: str | None = Field(
         default=None, description="Key of the first sighting's record (device sightings)."
@@ -215,11 +218,14 @@ def _classify(occ: Occurrence, seen: list[Sighting], rules: Rules) -> tuple[str,
 
 
 def _status(occ: Occurrence, member: Member, seen: list[Sighting], rules: Rules, now: datetime,
-            online: bool) -> tuple[str, Sighting | None]:
-    """One student at one class (the order matters: a sighting wins over everything)."""
+            online: bool, absent_by_hand: bool = False) -> tuple[str, Sighting | None]:
+    """One student at one class (the order matters: a sighting wins over everything, then a
+    mark "absent" by hand)."""
     status, first = _classify(occ, seen, rules)
     if first is not None:
         return status, first
+    if absent_by_hand:
+        return "absent", None
     if member.recognisable_at is None or member.recognisable_at >= occ.ends_at:
         return "no_face_data", None
     if now < occ.ends_at:
@@ -380,6 +386,20 @@ def _sightings(
     return out
 
 
+def absences(session: Session, course_id: str, lo: datetime, hi: datetime,
+             student_id: str | None = None) -> set[tuple[str, datetime]]:
+    """(student, class start) of the students marked absent by hand (not undone) for classes
+    of ``course_id`` starting in ``[lo, hi)``."""
+    query = select(AttendanceCorrection.student_id, AttendanceCorrection.at).where(
+        AttendanceCorrection.kind == "absent", AttendanceCorrection.course_id == course_id,
+        AttendanceCorrection.at >= lo, AttendanceCorrection.at < hi,
+        AttendanceCorrection.undone_at.is_(None),
+    )
+    if student_id is not None:
+        query = query.where(AttendanceCorrection.student_id == student_id)
+    return {(sid, at) for sid, at in session.execute(query)}
+
+
 def _occurrences(session: Session, course_id: str, start: date, end: date) -> list[Occurrence]:
     table = course_timetable(session, course_id)
     out: list[Occurrence] = []
@@ -411,6 +431,7 @@ def course_day(session: Session, course_id: str, day: date, rules: Rules) -> Cou
         lo = min(o.starts_at for o in occurrences) - timedelta(minutes=rules.early_arrival_min)
         hi = max(o.ends_at for o in occurrences)
         seen = _sightings(session, course_id, lo, hi)
+        marked = absences(session, course_id, lo, hi)
         online = online_classes(session, course_id, occurrences, rules)
         for occ in occurrences:
             up = online[(occ.room_id, occ.starts_at)]
@@ -418,13 +439,15 @@ def course_day(session: Session, course_id: str, day: date, rules: Rules) -> Cou
             for member in people:
                 if member.enrolled_at >= occ.ends_at:
                     continue  # enrolled after this class: not theirs
+                by_hand = (member.student_id, occ.starts_at) in marked
                 status, first = _status(occ, member, seen.get(member.student_id, []), rules,
-                                        now, up)
+                                        now, up, by_hand)
                 rows.append(StudentStatus(
                     student_id=member.student_id, name=member.name, status=status,
                     first_seen_at=first.at if first else None,
                     confidence=first.confidence if first else None,
-                    source=None if first is None else ("manual" if first.manual else "device"),
+                    source=(("manual" if by_hand and status == "absent" else None)
+                            if first is None else ("manual" if first.manual else "device")),
                     record_key=first.key if first else None,
                 ))
             counts = {k: sum(r.status == k for r in rows) for k in STATUSES}
@@ -492,10 +515,12 @@ def _percentages(
     held = [o for o in _occurrences(session, course.id, start, end) if o.ends_at <= now]
     seen: dict[str, list[Sighting]] = {}
     online: dict[tuple[str, datetime], bool] = {}
+    marked: set[tuple[str, datetime]] = set()
     if held:
         lo = min(o.starts_at for o in held) - timedelta(minutes=rules.early_arrival_min)
         hi = max(o.ends_at for o in held)
         seen = _sightings(session, course.id, lo, hi, only_student)
+        marked = absences(session, course.id, lo, hi, only_student)
         online = online_classes(session, course.id, held, rules)
     counts = {m.student_id: dict.fromkeys(STATUSES, 0) for m in people}
     for occ in held:
@@ -504,7 +529,8 @@ def _percentages(
             if member.enrolled_at >= occ.ends_at:
                 continue
             status, _ = _status(occ, member, seen.get(member.student_id, []), rules, now,
-                                online[(occ.room_id, occ.starts_at)])
+                                online[(occ.room_id, occ.starts_at)],
+                                (member.student_id, occ.starts_at) in marked)
             counts[member.student_id][status] += 1
             if status in UNCOUNTED:
                 missing[status].append(member.student_id)
