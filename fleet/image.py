@@ -82,16 +82,31 @@ RuntimeWatchdogSec=15s
 RebootWatchdogSec=2min
 """
 
-# Debian's security suite, installed by unattended-upgrades (in the base root file system);
-# never rebooting by itself: classroom-reboot.timer reboots outside class time
+# Debian's security suite, installed by unattended-upgrades (in the base root file system; on
+# Raspberry Pi OS installed by raspios-firstrun.sh, which writes this same text from the card's
+# FAT partition); never rebooting by itself: classroom-reboot.timer reboots outside class time.
+# The Raspberry Pi archive (archive.raspberrypi.com) has no security suite of its own: the Pi 5's
+# kernel and firmware fixes come only from its one suite, so it is allowed too (the Debian image
+# has no such source, so the pattern matches nothing there), with the camera's userland held
+# back: the release's venv imports python3-picamera2 from the OS (--system-site-packages), and a
+# new picamera2/libcamera would reach the running appliance without a release's trial/revert.
 SECURITY_SOURCE = "deb http://security.debian.org/debian-security bookworm-security main\n"
 UNATTENDED = """\
-// classroom-attendance (fleet/image.py): the security suite only; the appliance's own code
-// comes as signed releases from the aggregator (docs/OPERATIONS.md 6.10). Debian's own
+// classroom-attendance (fleet/image.py): security updates only; the appliance's own code comes
+// as signed releases from the aggregator (docs/OPERATIONS.md 6.10). Debian's own
 // 50unattended-upgrades also allows the main suite (point releases): its list is cleared here.
+// The Raspberry Pi archive (Raspberry Pi OS only): the Pi's kernel and firmware, which have no
+// security suite; the camera's userland is held back (operator's upgrade or a new release).
 #clear Unattended-Upgrade::Origins-Pattern;
 Unattended-Upgrade::Origins-Pattern {
         "origin=Debian,codename=${distro_codename}-security,label=Debian-Security";
+        "origin=Raspberry Pi Foundation,codename=${distro_codename},label=Raspberry Pi Foundation";
+};
+Unattended-Upgrade::Package-Blacklist {
+        "libcamera";
+        "python3-libcamera";
+        "python3-picamera2";
+        "rpicam-apps";
 };
 Unattended-Upgrade::Automatic-Reboot "false";
 Unattended-Upgrade::Remove-Unused-Dependencies "true";
@@ -323,6 +338,13 @@ RASPIOS_ARGS = (" systemd.run=/boot/firmware/classroom/firstrun.sh "
                 "systemd.run_success_action=reboot systemd.unit=kernel-command-line.target")
 
 
+def write_unattended(stage: Path) -> None:
+    """The Debian image's unattended-upgrades policy, beside firstrun.sh (which installs it):
+    one text for both kinds of card."""
+    (stage / "unattended-upgrades.conf").write_text(UNATTENDED)
+    (stage / "auto-upgrades.conf").write_text(AUTO_UPGRADES)
+
+
 def fat_free_bytes(image: Path, boot: disk.Partition) -> int:
     out = disk.run(["mdir", "-i", disk.fat_spec(image, boot), "::"]).stdout
     for line in out.splitlines():
@@ -358,6 +380,7 @@ def customize_raspios(base: Path, out: Path, *, bundle: Path, workdir: Path,
         (stage / "firstrun.sh").write_text(FIRSTRUN)
         (stage / "journald.conf").write_text(JOURNALD)
         (stage / "watchdog.conf").write_text(WATCHDOG)
+        write_unattended(stage)
         disk.fat_copy_tree(raw, layout.boot, stage, FIRSTRUN_DIR)
         cmdline = disk.fat_read(raw, layout.boot, "cmdline.txt").decode().strip()
         if "systemd.run=" not in cmdline:

@@ -166,10 +166,14 @@ UPDATE_UNITS = ("classroom-update.timer", "classroom-update.path", "classroom-re
                 "apt-daily-upgrade.timer")
 UPDATE_ACTIVE = ("classroom-update.timer", "classroom-update.path", "classroom-reboot.timer",
                  "apt-daily-upgrade.timer")
-# the one origin unattended-upgrades may install from (Debian's own 50unattended-upgrades adds
-# the main suite's point releases unless fleet/image.py clears its list)
+# the origins unattended-upgrades may install from (Debian's own 50unattended-upgrades adds
+# the main suite's point releases unless fleet/image.py clears its list): Debian's security
+# suite, and Raspberry Pi's archive (kernel and firmware; only Raspberry Pi OS has it)
 SECURITY_ORIGIN = ('Unattended-Upgrade::Origins-Pattern:: "origin=Debian,'
                    'codename=${distro_codename}-security,label=Debian-Security";')
+RPI_ORIGIN = ('Unattended-Upgrade::Origins-Pattern:: "origin=Raspberry Pi Foundation,'
+              'codename=${distro_codename},label=Raspberry Pi Foundation";')
+ALLOWED_ORIGINS = (SECURITY_ORIGIN, RPI_ORIGIN)
 UNATTENDED_WANTED = (
     'Unattended-Upgrade::Automatic-Reboot "false";',
     'APT::Periodic::Update-Package-Lists "1";',
@@ -210,7 +214,7 @@ def check_updates(guest: Guest, key_id: str) -> dict[str, object]:
           and all(v == "active" for v in active.values()) and len(active) == len(UPDATE_ACTIVE)
           and keys["enabled"] and key_id in keys["trusted"]
           and package == "install ok installed" and all(unattended.values())
-          and origins == [SECURITY_ORIGIN]
+          and origins == list(ALLOWED_ORIGINS)
           and result.strip() == "success" and "nothing to do" in journal
           and "update check:" not in journal)
     return {"ok": ok, "enabled": enabled, "active": active, "release_keys": keys,

@@ -8,7 +8,11 @@ trixie root shaped like Raspberry Pi OS Lite (image_build/raspios-like-root.sh),
    arguments removed from cmdline.txt, the bundle deleted from the FAT partition;
 3. the release's venv imports numpy from the OS (what picamera2's simplejpeg is built against),
    and ``appliance identify`` gives the same students as on this machine (image-test's photos
-   and roster).
+   and roster);
+4. security updates: unattended-upgrades installed from the OS's archive (Debian's mirror
+   here), ``apt-config dump`` in the root shows only the allowed origins (Debian's security
+   suite, Raspberry Pi's archive) and Automatic-Reboot false, and the units that pull
+   releases and reboot outside class time (and apt's own timers) are enabled.
 
 /sys is not bind-mounted (see ../shared/ARM64.md: XNNPACK would read the host's CPUs).
 Run: ``python -m fleet.raspios_chroot`` (root; the report in build/image-test/raspios/).
@@ -23,15 +27,38 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fleet import disk
 from fleet.bundle import REPO, build_bundle
-from fleet.image import CHROOT_ENV, FIRSTRUN, FIRSTRUN_DIR, JOURNALD, WATCHDOG
+from fleet.image import CHROOT_ENV, FIRSTRUN, FIRSTRUN_DIR, JOURNALD, WATCHDOG, write_unattended
 
 _LOGGER = logging.getLogger(__name__)
 OUT = REPO / "build" / "image-test" / "raspios"
 RELEASE = "/opt/classroom-attendance/current"
+# enabled by firstrun.sh (the Debian image's update units where they apply) or by apt's package
+UPDATE_UNITS = ("classroom-update.timer", "classroom-update.path", "classroom-reboot.timer",
+                "classroom-release-confirm.service", "classroom-unattended-install.service",
+                "apt-daily.timer", "apt-daily-upgrade.timer")
+
+
+def check_security_updates(run: Callable[[str], str]) -> dict[str, object]:
+    """unattended-upgrades installed, apt's configuration as the device reads it (only the
+    allowed origins, never rebooting by itself, the periodic run on), the units enabled."""
+    from fleet.imagetest import ALLOWED_ORIGINS, UNATTENDED_WANTED
+
+    package = run("dpkg-query -W -f='${Status}' unattended-upgrades 2>&1 || true").strip()
+    apt = run("apt-config dump").splitlines()
+    origins = [ln for ln in apt if ln.startswith("Unattended-Upgrade::Origins-Pattern::")]
+    wanted = {line: line in apt for line in UNATTENDED_WANTED}
+    states = run(f"systemctl is-enabled {' '.join(UPDATE_UNITS)} || true").split()
+    enabled = dict(zip(UPDATE_UNITS, states, strict=False))
+    ok = (package == "install ok installed" and origins == list(ALLOWED_ORIGINS)
+          and all(wanted.values()) and len(enabled) == len(UPDATE_UNITS)
+          and all(v == "enabled" for v in enabled.values()))
+    return {"ok": ok, "package": package, "origins": origins, "config": wanted,
+            "enabled": enabled}
 
 
 def base_root(cache: Path = REPO / "build" / "cache") -> Path:
@@ -77,6 +104,12 @@ def main() -> int:
     (stage / "firstrun.sh").write_text(FIRSTRUN)
     (stage / "journald.conf").write_text(JOURNALD)
     (stage / "watchdog.conf").write_text(WATCHDOG)
+    write_unattended(stage)
+    # a Pi's first run has its network's resolver; the chroot gets this machine's
+    resolv = root / "etc/resolv.conf"
+    if resolv.is_symlink() or not resolv.exists():
+        resolv.unlink(missing_ok=True)
+        shutil.copy2("/etc/resolv.conf", resolv)
     cmdline = root / "boot/firmware/cmdline.txt"
     cmdline.write_text(cmdline.read_text().strip() + " systemd.run=/boot/firmware/classroom/"
                        "firstrun.sh systemd.run_success_action=reboot "
@@ -96,6 +129,8 @@ def main() -> int:
                                  ).strip()
         report["enabled"] = chroot(root, "systemctl is-enabled classroom-appliance "
                                    "classroom-firstboot classroom-console || true").split()
+        report["security_updates"] = check_security_updates(lambda c: chroot(root, c))
+        mark("unattended-upgrades, apt-config, units checked")
         roster = build_roster(OUT)
         photos = [EXAMPLES / p for p in PROBES]
         here = identify_here(roster, photos)
@@ -115,7 +150,8 @@ def main() -> int:
         report["passed"] = bool(
             same and diffs and max(diffs) <= 1e-3 and "/usr/lib/python3/dist-packages"
             in str(report["numpy"]) and "systemd.run=" not in str(report["cmdline_after"])
-            and not report["bundle_left_on_fat"])
+            and not report["bundle_left_on_fat"]
+            and report["security_updates"]["ok"])  # type: ignore[index]
     except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as err:
         report["error"] = str(err)[-2000:]
         report["passed"] = False

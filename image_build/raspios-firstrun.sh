@@ -29,12 +29,35 @@ mkdir -p /etc/systemd/journald.conf.d
 install -m 0644 "$here/journald.conf" /etc/systemd/journald.conf.d/50-classroom-sdcard.conf
 mkdir -p /etc/systemd/system.conf.d
 install -m 0644 "$here/watchdog.conf" /etc/systemd/system.conf.d/50-classroom-watchdog.conf
+# security updates (docs/OPERATIONS.md, Raspberry Pi OS): unattended-upgrades from the OS's own
+# archives with the Debian image's policy, written beside this script from fleet/image.py's
+# UNATTENDED (Debian's security suite and Raspberry Pi's kernel/firmware, never rebooting by
+# itself: classroom-reboot.timer reboots outside class time)
+install -m 0644 "$here/unattended-upgrades.conf" /etc/apt/apt.conf.d/52classroom-unattended-upgrades
+install -m 0644 "$here/auto-upgrades.conf" /etc/apt/apt.conf.d/20auto-upgrades
+if ! grep -rqs 'debian-security' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+  echo "deb http://security.debian.org/debian-security $codename-security main" \
+    > /etc/apt/sources.list.d/debian-security.list
+fi
+# the first run usually has a network (Ethernet, or Imager's Wi-Fi); when it has none (Wi-Fi from
+# make flash comes at the next boot), classroom-unattended-install.service installs it once
+# online, at a later boot (a no-op once /usr/bin/unattended-upgrade exists)
+export DEBIAN_FRONTEND=noninteractive
+if apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends \
+    unattended-upgrades >/dev/null 2>&1; then
+  echo "unattended-upgrades installed"
+else
+  echo "unattended-upgrades: no archive reachable, installed later by classroom-unattended-install.service"
+fi
 grep -q '^tmpfs /tmp ' /etc/fstab || echo 'tmpfs /tmp tmpfs defaults,nosuid,nodev,size=128M,mode=1777 0 0' >> /etc/fstab
 sed -i -E '/^[^#].*[[:space:]]\/[[:space:]]+ext4/ s/defaults([^,[:space:]]*)/defaults,noatime\1/; s/noatime,noatime/noatime/' /etc/fstab
 systemctl enable classroom-firstboot.service classroom-appliance.service \
   classroom-release-confirm.service classroom-console.service ssh.service
-# pulled updates (docs/OPERATIONS.md 6.10): the timer and the heartbeat's request
-for unit in classroom-update.timer classroom-update.path classroom-reboot.timer; do
+# pulled updates (docs/OPERATIONS.md 6.10): the timer and the heartbeat's request; security
+# updates' reboots outside class time; unattended-upgrades' deferred install
+for unit in classroom-update.timer classroom-update.path classroom-reboot.timer \
+    classroom-unattended-install.service; do
   if [ -f "/etc/systemd/system/$unit" ]; then systemctl enable "$unit"; fi
 done
 rm -rf "$here/bundle"   # frees the FAT partition

@@ -16,7 +16,7 @@ from cloud_sync import release_manifest as rm
 from fleet import disk
 from fleet.image import CMDLINE, ENABLED, UNATTENDED, boot_files, configure_root
 from fleet.imagetest import (
-    SECURITY_ORIGIN,
+    ALLOWED_ORIGINS,
     UNATTENDED_WANTED,
     UPDATE_ACTIVE,
     UPDATE_UNITS,
@@ -177,6 +177,16 @@ DEBIAN_MAIN_ORIGIN = ('Unattended-Upgrade::Origins-Pattern:: "origin=Debian,'
                       'codename=${distro_codename},label=Debian";')
 
 
+def apt_config_dump(parts: Path) -> list[str]:
+    """``apt-config dump`` as apt on a device reads apt.conf.d: Debian's
+    50unattended-upgrades (from the package) beside the files already in ``parts``."""
+    (parts / "50unattended-upgrades").write_text(DEBIAN_50_UNATTENDED)
+    main = parts.parent / "apt.conf"
+    main.write_text(f'Dir::Etc::Parts "{parts}";\n')
+    return subprocess.run(["apt-config", "dump"], env={**os.environ, "APT_CONFIG": str(main)},
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+
+
 class _UpdatesGuest:
     """Canned answers of a booted card to check_updates' commands."""
 
@@ -187,7 +197,7 @@ class _UpdatesGuest:
             "trusted-keys.py": '{"keys_dir": "/etc/classroom-attendance/release-keys", '
                                '"enabled": true, "trusted": ["0123456789abcdef"]}\n',
             "dpkg-query": "install ok installed",
-            "apt-config dump": "\n".join(["APT \"\";", SECURITY_ORIGIN, *UNATTENDED_WANTED]),
+            "apt-config dump": "\n".join(["APT \"\";", *ALLOWED_ORIGINS, *UNATTENDED_WANTED]),
             "systemctl start classroom-update.service":
                 "success\n2026-12-07 INFO x: starting\nnothing to do\n",
             **override}
@@ -210,7 +220,7 @@ class _UpdatesGuest:
     {"trusted-keys.py": '{"keys_dir": "/x", "enabled": true, "trusted": []}'},
     {"dpkg-query": "dpkg-query: no packages found matching unattended-upgrades"},
     {"apt-config dump": 'APT::Periodic::Unattended-Upgrade "1";\n'},
-    {"apt-config dump": "\n".join([DEBIAN_MAIN_ORIGIN, SECURITY_ORIGIN, *UNATTENDED_WANTED])},
+    {"apt-config dump": "\n".join([DEBIAN_MAIN_ORIGIN, *ALLOWED_ORIGINS, *UNATTENDED_WANTED])},
     {"systemctl start classroom-update.service":
         "exit-code\nerror: something\n"},
     {"systemctl start classroom-update.service":
@@ -230,16 +240,15 @@ def test_image_test_update_check_fails_on_each_missing_piece(override: dict[str,
 def test_unattended_upgrades_takes_the_security_suite_only(tmp_path: Path) -> None:
     """The unattended-upgrades package installs Debian's 50unattended-upgrades, whose list also
     allows the main suite (point releases); the image's 52classroom-unattended-upgrades must
-    leave Debian's security suite as the only origin (docs/OPERATIONS.md 6.10), as apt reads
-    the two files on the device."""
+    leave Debian's security suite (and, on Raspberry Pi OS, Raspberry Pi's kernel/firmware
+    archive) as the only origins (docs/OPERATIONS.md 6.10), as apt reads the two files on the
+    device, with the camera's userland held back."""
     parts = tmp_path / "apt.conf.d"
     parts.mkdir()
-    (parts / "50unattended-upgrades").write_text(DEBIAN_50_UNATTENDED)
     (parts / "52classroom-unattended-upgrades").write_text(UNATTENDED)
-    main = tmp_path / "apt.conf"
-    main.write_text(f'Dir::Etc::Parts "{parts}";\n')
-    dump = subprocess.run(["apt-config", "dump"], env={**os.environ, "APT_CONFIG": str(main)},
-                          capture_output=True, text=True, check=True).stdout.splitlines()
+    dump = apt_config_dump(parts)
     origins = [ln for ln in dump if ln.startswith("Unattended-Upgrade::Origins-Pattern::")]
-    assert origins == [SECURITY_ORIGIN]
+    # Debian's security suite; Raspberry Pi's archive exists only on Raspberry Pi OS cards
+    assert origins == list(ALLOWED_ORIGINS)
     assert 'Unattended-Upgrade::Automatic-Reboot "false";' in dump
+    assert 'Unattended-Upgrade::Package-Blacklist:: "python3-picamera2";' in dump

@@ -4,13 +4,16 @@ FAT `bootfs` at sector 8192 (512 MiB), ext4 `rootfs` right after it (sector 1056
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from fleet import disk
-from fleet.image import FIRSTRUN_DIR, customize_raspios
+from fleet.image import AUTO_UPGRADES, FIRSTRUN, FIRSTRUN_DIR, UNATTENDED, customize_raspios
+from fleet.imagetest import ALLOWED_ORIGINS, UNATTENDED_WANTED
+from tests.fleet.test_image_layer import apt_config_dump
 
 CMDLINE = ("console=serial0,115200 console=tty1 root=PARTUUID=4e639091-02 rootfstype=ext4 "
            "fsck.repair=yes rootwait quiet init=/usr/lib/raspberrypi-sys-mods/firstboot")
@@ -74,8 +77,14 @@ def test_raspios_image_customised_on_its_fat_partition(tmp_path: Path) -> None:
     assert cmdline.startswith(CMDLINE + " systemd.run=/boot/firmware/classroom/firstrun.sh ")
     assert "systemd.run_success_action=reboot systemd.unit=kernel-command-line.target" in cmdline
     assert cmdline.count("\n") == 1  # one line, as the firmware wants
-    assert disk.fat_list(raw, layout.boot, FIRSTRUN_DIR) == ["bundle", "firstrun.sh",
-                                                             "journald.conf", "watchdog.conf"]
+    assert disk.fat_list(raw, layout.boot, FIRSTRUN_DIR) == [
+        "auto-upgrades.conf", "bundle", "firstrun.sh", "journald.conf",
+        "unattended-upgrades.conf", "watchdog.conf"]
+    # the Debian image's unattended-upgrades policy, the same text (fleet/image.py UNATTENDED)
+    assert disk.fat_read(raw, layout.boot, "classroom/unattended-upgrades.conf").decode() \
+        == UNATTENDED
+    assert disk.fat_read(raw, layout.boot, "classroom/auto-upgrades.conf").decode() \
+        == AUTO_UPGRADES
     assert b"RuntimeWatchdogSec=" in disk.fat_read(raw, layout.boot, "classroom/watchdog.conf")
     assert disk.fat_read(raw, layout.boot, "classroom/bundle/VERSION") == b"0.1.0+gtest\n"
     firstrun = disk.fat_read(raw, layout.boot, "classroom/firstrun.sh").decode()
@@ -99,6 +108,34 @@ def test_raspios_firstrun_script_edits_cmdline_once(tmp_path: Path) -> None:
     cmdline.write_text(CMDLINE + RASPIOS_ARGS + "\n")
     subprocess.run(["sh", "-c", line.replace('"$boot/cmdline.txt"', str(cmdline))], check=True)
     assert cmdline.read_text() == CMDLINE + "\n"
+
+
+@pytest.mark.skipif(not shutil.which("apt-config"), reason="apt-config: a Debian machine")
+def test_raspios_firstrun_installs_the_security_update_policy(tmp_path: Path) -> None:
+    """firstrun.sh's own lines put the staged policy where apt reads it; apt then allows only
+    Debian's security suite and Raspberry Pi's archive, and never reboots by itself
+    (classroom-reboot.timer does, outside class time)."""
+    stage = tmp_path / "classroom"
+    stage.mkdir()
+    from fleet.image import write_unattended
+
+    write_unattended(stage)
+    parts = tmp_path / "apt.conf.d"
+    parts.mkdir()
+    lines = [ln for ln in FIRSTRUN.splitlines()
+             if ln.startswith("install -m 0644 \"$here/") and "/etc/apt/apt.conf.d/" in ln]
+    assert len(lines) == 2
+    for line in lines:
+        subprocess.run(["sh", "-c", line.replace("/etc/apt/apt.conf.d", str(parts))],
+                       env={"here": str(stage), "PATH": "/usr/bin:/bin"}, check=True)
+    assert sorted(p.name for p in parts.iterdir()) == [
+        "20auto-upgrades", "52classroom-unattended-upgrades"]
+    dump = apt_config_dump(parts)
+    origins = [ln for ln in dump if ln.startswith("Unattended-Upgrade::Origins-Pattern::")]
+    assert origins == list(ALLOWED_ORIGINS)
+    assert all(line in dump for line in UNATTENDED_WANTED)
+    assert "apt-get install -y -q --no-install-recommends" in FIRSTRUN
+    assert "classroom-unattended-install.service" in FIRSTRUN
 
 
 def test_not_a_raspios_image(tmp_path: Path) -> None:
