@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -373,6 +374,16 @@ def door_clip(out: Path, seconds: float = 2.0, fps: float = 15.0) -> Path:
     return clip
 
 
+def midday_zone(now: datetime) -> str:
+    """A fixed-offset zone (Etc/GMT-12 .. Etc/GMT+11) in which ``now`` is 12:00-12:59, on the
+    same date as in UTC. The stale-clock check gives the room this zone before it schedules
+    the class ``--now``: the one-off class (180 minutes, cut at 23:59 room time) then never
+    ends before the record arrives, however near UTC midnight image-test runs."""
+    offset = 12 - now.astimezone(UTC).hour  # hours east of UTC: -11 .. 12
+    # POSIX-style names: Etc/GMT+11 is eleven hours *west* of UTC
+    return f"Etc/GMT{-offset:+d}" if offset else "Etc/GMT"
+
+
 def schedule_class_now(work: Path) -> dict[str, object]:
     """A class of course CLOCK in LAB-301 today, now (one-off: a clock on another day finds no
     class), student S001 enrolled, consent recorded, faces enrolled from two photos, all with
@@ -406,7 +417,7 @@ def check_stale_clock(guest: Guest, qemu: subprocess.Popen[bytes], card: Path, s
 
     Before the reboot the camera becomes a clip of S001 (door_clip) and the class, S001 and
     S001's faces are created at the aggregator. Returns the report and the new qemu process."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     try:
         guest.put(door_clip(OUT), DOOR_CLIP)
@@ -418,8 +429,13 @@ def check_stale_clock(guest: Guest, qemu: subprocess.Popen[bytes], card: Path, s
                   "/root/door-camera.conf /etc/systemd/system/classroom-appliance.service.d/ && "
                   "{ timedatectl set-ntp false || systemctl disable --now systemd-timesyncd; } "
                   "&& sync")
-        report: dict[str, object] = {"setup": schedule_class_now(OUT)}
-    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        # the room's day around the class: midday in the room, never crossing its midnight
+        zone = midday_zone(datetime.now(UTC))
+        httpx.patch(f"http://127.0.0.1:{agg_port}/api/v1/rooms/LAB-301",
+                    json={"timezone": zone},
+                    headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+        report: dict[str, object] = {"room_timezone": zone, "setup": schedule_class_now(OUT)}
+    except (RuntimeError, OSError, subprocess.SubprocessError, httpx.HTTPError) as err:
         return {"passed": False, "error": f"set-up: {err}"[-1500:]}, qemu
     with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
         guest.run("systemctl poweroff", timeout=30, connect_tries=1)  # may drop meanwhile

@@ -37,7 +37,9 @@ install -m 0644 "$here/unattended-upgrades.conf" /etc/apt/apt.conf.d/52classroom
 install -m 0644 "$here/auto-upgrades.conf" /etc/apt/apt.conf.d/20auto-upgrades
 if ! grep -rqs 'debian-security' /etc/apt/sources.list /etc/apt/sources.list.d/; then
   codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-  echo "deb http://security.debian.org/debian-security $codename-security main" \
+  keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  signed=""; if [ -f "$keyring" ]; then signed="[signed-by=$keyring] "; fi
+  echo "deb ${signed}http://security.debian.org/debian-security $codename-security main" \
     > /etc/apt/sources.list.d/debian-security.list
 fi
 # the first run usually has a network (Ethernet, or Imager's Wi-Fi); when it has none (Wi-Fi from
