@@ -123,6 +123,16 @@ def _click(browser: Chromium, selector: str) -> None:
     browser.wait_event("Page.loadEventFired", 60)
 
 
+def _percentages_fit_a_phone(browser: Chromium) -> None:
+    """At 390 px the percentages table shows every column, the % included, without scrolling
+    it sideways."""
+    _phone(browser)
+    wide, room = browser.evaluate("""(() => { const t = document.querySelector(
+        'table.percentages'); return [t.scrollWidth, t.parentElement.clientWidth]; })()""")
+    assert wide <= room, f"the percentages table is {wide} px wide in {room} px"
+    browser.emulate(1280, 900, mobile=False)
+
+
 def _rows(browser: Chromium, section: int = 0) -> dict[str, tuple[str, str]]:
     """The roster of the n-th class on a course page: student -> (status, status words)."""
     found = browser.evaluate(f"""[...document.querySelectorAll('section.session')[{section}]
@@ -338,7 +348,7 @@ def test_first_week_at_a_school(db_url: str, tmp_path: Path, faces_dir: Path,
         unfilled = browser.evaluate("[...document.querySelectorAll('#unfilled li')]"
                                     ".map(li => [li.dataset.reason, li.innerText])")
         assert unfilled == [["no_face_data", f"{mon} 09:00{DASH}10:30 · room LAB-301 · no face "
-                             "data: 2 students"]], unfilled
+                             "data: 2 students (Edsger Dijkstra, Margaret Hamilton)"]], unfilled
         check_page(browser, out, "office-bio1-summary-day-one")
         browser.navigate(f"{url}/courses/MATH2/summary?from={mon}&to={mon}")
         assert _summary_table(browser) == {
@@ -417,6 +427,7 @@ def test_first_week_at_a_school(db_url: str, tmp_path: Path, faces_dir: Path,
             for sid, nums in expected.items()}
         assert "no device online: 5 students" in _text(browser, "#unfilled")
         check_page(browser, out, "office-bio1-summary-week")
+        _percentages_fit_a_phone(browser)
         math = api.get("/api/v1/attendance/course/MATH2", params={"from": mon, "to": fri}).json()
         assert _numbers(math) == {
             "S001": (2, 2, 0, 0, 0, 100.0), "S002": (2, 2, 0, 0, 0, 100.0),
@@ -428,6 +439,7 @@ def test_first_week_at_a_school(db_url: str, tmp_path: Path, faces_dir: Path,
         assert courses[:2] == [["Biology", "0", "0", "0", "0", "3", DASH],
                                ["History", "0", "0", "0", "0", "0", DASH]], courses
         check_page(browser, out, "office-student-no-consent-week")
+        _percentages_fit_a_phone(browser)
         browser.navigate(f"{url}/students/S004?from={mon}&to={fri}")
         check_page(browser, out, "office-student")
 
@@ -482,6 +494,8 @@ def test_first_week_at_a_school(db_url: str, tmp_path: Path, faces_dir: Path,
         check_page(browser, out, "teacher-bio1-day-one-after")
         browser.navigate(f"{url}/courses/BIO1/summary?from={mon}&to={fri}")
         assert _summary_table(browser)["S006"] == ["1", "1", "0", "0", "2", "100.0"]
+        assert ("no face data: 1 student (Edsger Dijkstra)"
+                in _text(browser, "#unfilled li")), _text(browser, "#unfilled")
         check_page(browser, out, "teacher-bio1-summary-week")
 
         # Friday's Biology: "not this student" for Tim strikes him for the whole class; the
