@@ -162,6 +162,8 @@ def test_teacher_strikes_confirms_and_undoes_on_a_phone(db_url: str, tmp_path: P
         assert "confirm the face: 2 waiting" in browser.evaluate(
             f"document.querySelector(\"{row}\").innerText")
         _on_screen(browser, f"{row} form.undo button")
+        # and in the course's corrections list (it scrolled sideways, Undo off to the right)
+        _on_screen(browser, "table.corrections form.undo button")
         # "mark all present" is for those not seen: not for the student just struck
         assert browser.evaluate("document.querySelector('form.mark-all button').textContent"
                                 ) == "Mark all 1 present"
