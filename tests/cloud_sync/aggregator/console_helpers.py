@@ -88,17 +88,23 @@ def shoot(browser: Chromium, out: Path, name: str) -> None:
     browser.emulate(1280, 900, mobile=False)
 
 
-def check_page(browser: Chromium, out: Path, name: str) -> None:
+DESKTOP, PHONE = (1280, 900, False), (390, 844, True)
+
+
+def check_page(browser: Chromium, out: Path, name: str,
+               then: tuple[int, int, bool] = DESKTOP) -> None:
     """Screenshots at 1280 and 390 px into ``out``; at each width the page is no wider than
-    the viewport (no horizontal scroll). Leaves the browser at 1280 px."""
-    for width, height, mobile in ((1280, 900, False), (390, 844, True)):
+    the viewport (no horizontal scroll). Leaves the browser at ``then`` (desktop, or PHONE
+    for a walk on a phone)."""
+    for width, height, mobile in (DESKTOP, PHONE):
         browser.emulate(width, height, mobile=mobile)
         browser.wait_for(f"document.documentElement.clientWidth === {width}")
         wide = browser.evaluate("Math.max(document.documentElement.scrollWidth, "
                                 "document.body.scrollWidth)")
         browser.screenshot(out / f"{name}-{width}.png")
         assert wide <= width, f"{name}: {wide} px wide in a {width} px viewport"
-    browser.emulate(1280, 900, mobile=False)
+    browser.emulate(then[0], then[1], mobile=then[2])
+    browser.wait_for(f"document.documentElement.clientWidth === {then[0]}")
 
 
 def set_files(browser: Chromium, selector: str, paths: list[Path]) -> None:

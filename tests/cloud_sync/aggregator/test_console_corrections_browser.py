@@ -26,6 +26,7 @@ from tests.cloud_sync.aggregator.conftest import last_monday
 from tests.conftest import REPO, require
 from tests.support.chromium import Chromium, chromium_binary
 
+from . import console_helpers as helpers
 from .console_helpers import live_aggregator, submit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -34,16 +35,8 @@ SFACE = EMBEDDER_IDS["sface"]
 
 
 def check_page(browser: Chromium, out: Path, name: str) -> None:
-    """Screenshots at 1280 and 390 px; at each width the page is no wider than the viewport."""
-    for width, height, mobile in ((1280, 900, False), (390, 844, True)):
-        browser.emulate(width, height, mobile=mobile)
-        browser.wait_for(f"document.documentElement.clientWidth === {width}")
-        wide = browser.evaluate("Math.max(document.documentElement.scrollWidth, "
-                                "document.body.scrollWidth)")
-        browser.screenshot(out / f"{name}-{width}.png")
-        assert wide <= width, f"{name}: {wide} px wide in a {width} px viewport"
-    browser.emulate(390, 844, mobile=True)  # the teacher is on a phone
-    browser.wait_for("document.documentElement.clientWidth === 390")
+    """Both widths checked (console_helpers.check_page); the teacher stays on a phone."""
+    helpers.check_page(browser, out, name, then=helpers.PHONE)
 
 
 def _unit(v: np.ndarray) -> list[float]:
