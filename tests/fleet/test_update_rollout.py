@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -114,6 +115,10 @@ class Fleet:
 
     def cli(self, *args: str) -> tuple[int, str]:
         result = CliRunner().invoke(aggregator_cli, ["releases", *args], env=self.env)
+        error = result.exception
+        if error is not None and not isinstance(error, SystemExit):  # say what broke
+            return result.exit_code, result.output + "".join(
+                traceback.format_exception(error))
         return result.exit_code, result.output
 
     def api(self) -> httpx.Client:
